@@ -1,0 +1,313 @@
+//! Benchmarks: the pieces every benchmark shares.
+//!
+//! Each benchmark runs its baseline in the same process and the same run
+//! (see BENCHMARKS.md): the machines are shared and noisy, so only ratios
+//! between figures taken side by side mean much. This module holds the load
+//! generator's client side — TLS config, keep-alive HTTP/1.1 and multiplexed
+//! HTTP/2 connections made directly with hyper over tokio-rustls (no pool, so
+//! we control exactly how many connections exist) — and the latency figures
+//! derived from an HDR histogram.
+//!
+//! Benchmarks:
+//! - [`overhead`]: unary GET latency and throughput through breakwater vs direct.
+
+pub mod overhead;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// A failure of the load generator's client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad CA certificate PEM: {0}")]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} negotiated ALPN {got:?}, the benchmark asked for {wanted}")]
+    Alpn {
+        addr: SocketAddr,
+        wanted: &'static str,
+        got: Option<String>,
+    },
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// The HTTP version a benchmark client speaks (chosen by ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    fn alpn(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http/1.1",
+            Protocol::Http2 => "h2",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Http1 => "HTTP/1.1",
+            Protocol::Http2 => "HTTP/2",
+        })
+    }
+}
+
+/// A rustls client config trusting exactly the given CA certificates (PEM),
+/// offering only `proto` by ALPN so the server cannot silently pick the other.
+pub fn client_tls(
+    ca_pems: &[&str],
+    proto: Protocol,
+) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in ca_pems {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+    }
+    // An explicit provider: the process default is ambiguous when a dependency
+    // enables a second rustls backend.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![proto.alpn().as_bytes().to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Where and how to connect: everything a client needs to (re)connect.
+#[derive(Clone)]
+pub struct Connector {
+    pub addr: SocketAddr,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub proto: Protocol,
+}
+
+impl Connector {
+    /// One TLS connection with the negotiated protocol checked. The connection
+    /// driver runs on a spawned task and ends when every sender is dropped.
+    pub async fn connect(&self) -> Result<Conn, ClientError> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr,
+                source,
+            })?;
+        // Latency benchmarks must not measure Nagle's algorithm.
+        tcp.set_nodelay(true)
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr,
+                source,
+            })?;
+        let name = ServerName::IpAddress(self.addr.ip().into());
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr,
+                source,
+            })?;
+        let got = tls
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned());
+        if got.as_deref() != Some(self.proto.alpn()) {
+            return Err(ClientError::Alpn {
+                addr: self.addr,
+                wanted: self.proto.alpn(),
+                got,
+            });
+        }
+        let io = TokioIo::new(tls);
+        match self.proto {
+            Protocol::Http1 => {
+                let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "benchmark h1 connection ended");
+                    }
+                });
+                Ok(Conn::H1(sender))
+            }
+            Protocol::Http2 => {
+                let (sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "benchmark h2 connection ended");
+                    }
+                });
+                Ok(Conn::H2(sender))
+            }
+        }
+    }
+}
+
+/// One client connection. An h2 connection is shared between clients with
+/// [`Conn::share`], which multiplexes their requests as streams.
+pub enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Conn {
+    /// Sends one request when the connection is ready for it.
+    pub async fn send(
+        &mut self,
+        req: http::Request<Empty<Bytes>>,
+    ) -> Result<http::Response<Incoming>, hyper::Error> {
+        match self {
+            Conn::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Conn::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+
+    /// Another handle on the same connection: `Some` for HTTP/2 (streams are
+    /// multiplexed), `None` for HTTP/1.1 (one request at a time per connection).
+    pub fn share(&self) -> Option<Conn> {
+        match self {
+            Conn::H1(_) => None,
+            Conn::H2(s) => Some(Conn::H2(s.clone())),
+        }
+    }
+
+    /// The form of request URI this protocol wants: origin-form (`/path`) plus a
+    /// Host header for HTTP/1.1, absolute (`https://host/path`, giving the
+    /// :scheme and :authority pseudo-headers) for HTTP/2.
+    pub fn request_uri(&self, addr: SocketAddr, path_and_query: &str) -> String {
+        match self {
+            Conn::H1(_) => path_and_query.to_string(),
+            Conn::H2(_) => format!("https://{addr}{path_and_query}"),
+        }
+    }
+}
+
+/// A new latency histogram in microseconds: 1 µs to 60 s, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
+}
+
+/// Latency and throughput of one measured phase against one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figures {
+    /// What was measured, e.g. "direct" or "breakwater".
+    pub target: String,
+    /// Requests completed inside the measured window (successes and errors).
+    pub requests: u64,
+    /// Requests that failed: non-2xx answers and transport errors.
+    pub errors: u64,
+    /// Length of the measured window (after warm-up), seconds.
+    pub seconds: f64,
+    /// Completed requests per second.
+    pub rps: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+impl Figures {
+    /// Figures from a merged histogram of successful requests.
+    pub fn new(
+        target: &str,
+        hist: &Histogram<u64>,
+        requests: u64,
+        errors: u64,
+        seconds: f64,
+    ) -> Figures {
+        Figures {
+            target: target.to_string(),
+            requests,
+            errors,
+            seconds,
+            rps: if seconds > 0.0 {
+                requests as f64 / seconds
+            } else {
+                0.0
+            },
+            p50_us: hist.value_at_quantile(0.50),
+            p90_us: hist.value_at_quantile(0.90),
+            p99_us: hist.value_at_quantile(0.99),
+            p999_us: hist.value_at_quantile(0.999),
+            max_us: hist.max(),
+        }
+    }
+
+    /// Errors as a fraction of requests (0 when nothing ran).
+    pub fn error_fraction(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+}
+
+/// Microseconds in a human unit for tables: "842µs", "1.27ms", "2.10s".
+pub fn fmt_us(us: u64) -> String {
+    if us < 1_000 {
+        format!("{us}µs")
+    } else if us < 1_000_000 {
+        format!("{:.2}ms", us as f64 / 1_000.0)
+    } else {
+        format!("{:.2}s", us as f64 / 1_000_000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_take_percentiles_from_the_histogram() {
+        let mut h = latency_histogram();
+        for us in 1..=1000u64 {
+            h.record(us).expect("in range");
+        }
+        let f = Figures::new("direct", &h, 1000, 1, 2.0);
+        assert_eq!(f.rps, 500.0);
+        assert!((499..=501).contains(&f.p50_us), "{}", f.p50_us);
+        assert!((989..=991).contains(&f.p99_us), "{}", f.p99_us);
+        assert_eq!(f.max_us, 1000);
+        assert!((f.error_fraction() - 0.001).abs() < 1e-12);
+    }
+
+    #[test]
+    fn microseconds_print_in_a_readable_unit() {
+        assert_eq!(fmt_us(842), "842µs");
+        assert_eq!(fmt_us(1_270), "1.27ms");
+        assert_eq!(fmt_us(2_100_000), "2.10s");
+    }
+}

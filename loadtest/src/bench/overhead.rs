@@ -1,0 +1,723 @@
+//! The overhead benchmark: what does putting breakwater in front of the
+//! apiserver cost a plain unary GET?
+//!
+//! One process starts kube-sim (with one ConfigMap, `default/bench`) and the
+//! real `breakwater` binary as a child in front of it. N keep-alive TLS
+//! clients then GET that ConfigMap in a loop, authenticated with a
+//! ServiceAccount bearer token (which the proxy forwards upstream as is, so the
+//! same token works both ways): first straight to kube-sim (the baseline), then
+//! through breakwater, alternating for several rounds so both see the same
+//! machine noise; the best round of each is reported with the ratios
+//! proxy/direct. Each phase connects all clients first, then runs a warm-up
+//! whose requests are not recorded, then the measured window.
+//!
+//! HTTP/1.1: one connection per client, one request at a time (like wrk).
+//! HTTP/2: a few connections, the clients' requests multiplexed over them
+//! (like h2load, or client-go sharing one connection).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::header::{ACCEPT, AUTHORIZATION, HOST, USER_AGENT};
+use http::{HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Empty};
+use serde::Serialize;
+use serde_json::json;
+
+use super::{
+    ClientError, Conn, Connector, Figures, Protocol, client_tls, fmt_us, latency_histogram,
+};
+use crate::pki::Ca;
+use crate::proc::{BreakwaterProcess, RunArgs, StartOptions, StderrMode, find_breakwater};
+use crate::sim::resources;
+use crate::sim::store::StoreError;
+use crate::sim::{KubeSim, SimConfig, SimPki};
+
+/// The path every client GETs.
+pub const BENCH_PATH: &str = "/api/v1/namespaces/default/configmaps/bench";
+
+/// Errors above this fraction of requests fail the benchmark.
+pub const MAX_ERROR_FRACTION: f64 = 0.001;
+
+/// Options of [`run_overhead`].
+#[derive(Debug, Clone)]
+pub struct OverheadOpts {
+    /// Concurrent clients (each with one request in flight).
+    pub clients: usize,
+    /// Measured window per phase.
+    pub duration: Duration,
+    /// Unrecorded warm-up before each measured window.
+    pub warmup: Duration,
+    pub protocol: Protocol,
+    /// HTTP/2 only: connections the clients' streams are spread over.
+    pub h2_connections: usize,
+    /// Rounds of (direct, proxy); the best phase of each target is reported.
+    pub rounds: usize,
+    /// Upper bound on requests per phase (warm-up included), besides time.
+    pub max_requests: u64,
+    /// The breakwater binary; `None` = [`find_breakwater`]'s search.
+    pub breakwater: Option<PathBuf>,
+    /// Log filter for the proxy child (`BREAKWATER_LOG`). Default "warn": the
+    /// per-request access log would otherwise be part of what is measured
+    /// (pass "info" to measure it).
+    pub proxy_log: String,
+    /// Show the proxy's logs instead of keeping them for error messages.
+    pub proxy_stderr: StderrMode,
+}
+
+impl Default for OverheadOpts {
+    fn default() -> Self {
+        OverheadOpts {
+            clients: 64,
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            protocol: Protocol::Http1,
+            h2_connections: 4,
+            rounds: 2,
+            max_requests: 20_000_000,
+            breakwater: None,
+            proxy_log: "warn".to_string(),
+            proxy_stderr: StderrMode::Capture,
+        }
+    }
+}
+
+/// Proxy figure divided by direct figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    /// Throughput through the proxy as a fraction of direct (1.0 = no cost).
+    pub rps: f64,
+    /// Median latency through the proxy / direct (1.0 = no cost).
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// The result of [`run_overhead`]; serializes to the `--json` file.
+#[derive(Debug, Clone, Serialize)]
+pub struct OverheadReport {
+    pub protocol: Protocol,
+    pub clients: usize,
+    /// TCP/TLS connections per phase.
+    pub connections: usize,
+    pub duration_secs: f64,
+    pub warmup_secs: f64,
+    pub rounds: usize,
+    /// Every phase in the order run: direct, breakwater, direct, breakwater, …
+    pub phases: Vec<Figures>,
+    /// The direct phase with the highest req/s.
+    pub direct: Figures,
+    /// The breakwater phase with the highest req/s.
+    pub proxy: Figures,
+    pub ratios: Ratios,
+    /// GETs of configmaps kube-sim counted (all phases, warm-ups, probes):
+    /// proves the proxy phases really reached the upstream.
+    pub upstream_gets: u64,
+    pub breakwater_bin: PathBuf,
+    /// Seconds since the Unix epoch when the run finished.
+    pub finished_unix: u64,
+}
+
+impl OverheadReport {
+    /// Fails if any phase had more than [`MAX_ERROR_FRACTION`] errors.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for p in &self.phases {
+            ensure!(
+                p.error_fraction() <= MAX_ERROR_FRACTION,
+                "{}: {} errors in {} requests ({:.3}%) exceeds {:.1}%",
+                p.target,
+                p.errors,
+                p.requests,
+                p.error_fraction() * 100.0,
+                MAX_ERROR_FRACTION * 100.0
+            );
+        }
+        Ok(())
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "breakwater overhead: {}, {} clients over {} connections, {:.0}s measured after {:.0}s warm-up, {} rounds\n\n",
+            self.protocol,
+            self.clients,
+            self.connections,
+            self.duration_secs,
+            self.warmup_secs,
+            self.rounds
+        );
+        let header = format!(
+            "{:<6} {:<12} {:>10} {:>7} {:>10} {:>9} {:>9} {:>9}\n",
+            "round", "target", "requests", "errors", "req/s", "p50", "p99", "max"
+        );
+        out.push_str(&header);
+        let row = |round: &str, f: &Figures| {
+            format!(
+                "{:<6} {:<12} {:>10} {:>7} {:>10.0} {:>9} {:>9} {:>9}\n",
+                round,
+                f.target,
+                f.requests,
+                f.errors,
+                f.rps,
+                fmt_us(f.p50_us),
+                fmt_us(f.p99_us),
+                fmt_us(f.max_us)
+            )
+        };
+        for (i, f) in self.phases.iter().enumerate() {
+            out.push_str(&row(&(i / 2 + 1).to_string(), f));
+        }
+        out.push('\n');
+        out.push_str(&row("best", &self.direct));
+        out.push_str(&row("best", &self.proxy));
+        out.push_str(&format!(
+            "\nproxy/direct: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x   (upstream GETs counted by kube-sim: {})\n",
+            self.ratios.rps, self.ratios.p50, self.ratios.p99, self.upstream_gets
+        ));
+        out
+    }
+}
+
+/// Runs the benchmark end to end: kube-sim, breakwater, the rounds. Returns
+/// the figures even when errors exceed the threshold; call
+/// [`OverheadReport::check`] to apply it (the CLI does, after printing).
+pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> {
+    ensure!(opts.clients > 0, "--clients must be at least 1");
+    ensure!(opts.rounds > 0, "--rounds must be at least 1");
+    ensure!(!opts.duration.is_zero(), "--duration must be positive");
+    let bin = find_breakwater(opts.breakwater.as_deref())?;
+
+    let pki = SimPki::generate(&["127.0.0.1", "localhost"]).context("kube-sim PKI")?;
+    let sim = KubeSim::start(SimConfig::default(), pki)
+        .await
+        .context("start kube-sim")?;
+    let result = with_sim(&sim, &bin, &opts).await;
+    sim.shutdown().await;
+    result
+}
+
+async fn with_sim(
+    sim: &KubeSim,
+    bin: &std::path::Path,
+    opts: &OverheadOpts,
+) -> anyhow::Result<OverheadReport> {
+    seed(sim).context("seed kube-sim")?;
+    let token = sim.issue_token("default", "bench", Duration::from_secs(3600));
+
+    // The proxy's serving certificate, from a CA only this run trusts.
+    let proxy_ca = Ca::new("breakwater-bench-ca")?;
+    let proxy_cert = proxy_ca.issue_server(&["127.0.0.1", "localhost"])?;
+    let dir = ScratchDir::new()?;
+    let upstream_ca = dir.write("upstream-ca.crt", sim.pki().serving_ca.cert_pem())?;
+    let tls_cert = dir.write("breakwater.crt", &proxy_cert.cert_pem)?;
+    let tls_key = dir.write("breakwater.key", &proxy_cert.key_pem)?;
+
+    let args = RunArgs {
+        tls_cert,
+        tls_key,
+        upstream: sim.url(),
+        upstream_ca,
+        ..RunArgs::default()
+    };
+    let start = StartOptions {
+        stderr: opts.proxy_stderr,
+        // breakwater reads BREAKWATER_LOG; RUST_LOG too in case it ever does.
+        envs: vec![
+            ("BREAKWATER_LOG".into(), opts.proxy_log.clone().into()),
+            ("RUST_LOG".into(), opts.proxy_log.clone().into()),
+        ],
+        ..StartOptions::default()
+    };
+    let proxy = BreakwaterProcess::start(bin, args.to_args(), start)
+        .await
+        .with_context(|| format!("start {}", bin.display()))?;
+    tracing::info!(proxy = %proxy.listen_url(), upstream = %sim.url(), "breakwater is ready");
+
+    let tls = client_tls(
+        &[sim.pki().serving_ca.cert_pem(), proxy_ca.cert_pem()],
+        opts.protocol,
+    )?;
+    let direct = Connector {
+        addr: sim.addr(),
+        tls: tls.clone(),
+        proto: opts.protocol,
+    };
+    let through = Connector {
+        addr: proxy.listen_addr(),
+        tls,
+        proto: opts.protocol,
+    };
+    let auth = HeaderValue::from_str(&format!("Bearer {token}")).context("token header")?;
+
+    // Fail fast, with the answer in the message, if either path is broken.
+    probe(&direct, &auth)
+        .await
+        .context("probe GET direct to kube-sim")?;
+    if let Err(e) = probe(&through, &auth).await {
+        bail!(
+            "probe GET through breakwater failed: {e:#}\nbreakwater output:\n{}",
+            proxy.output_tail()
+        );
+    }
+
+    let mut phases = Vec::new();
+    let mut connections = 0;
+    for round in 1..=opts.rounds {
+        for (target, connector) in [("direct", &direct), ("breakwater", &through)] {
+            tracing::info!(round, target, "phase starts");
+            let (figures, conns) = run_phase(target, connector, &auth, opts).await?;
+            connections = conns;
+            eprintln!(
+                "round {round} {target:<10}: {:.0} req/s, p50 {}, p99 {}, {} errors",
+                figures.rps,
+                fmt_us(figures.p50_us),
+                fmt_us(figures.p99_us),
+                figures.errors
+            );
+            phases.push(figures);
+        }
+    }
+
+    if let Err(e) = proxy.shutdown(Duration::from_secs(10)).await {
+        tracing::warn!(error = %e, "stopping breakwater");
+    }
+
+    let best = |target: &str| {
+        phases
+            .iter()
+            .filter(|f| f.target == target)
+            .max_by(|a, b| a.rps.total_cmp(&b.rps))
+            .cloned()
+            .expect("at least one round ran")
+    };
+    let direct = best("direct");
+    let proxy = best("breakwater");
+    let ratio = |p: f64, d: f64| if d > 0.0 { p / d } else { f64::NAN };
+    let ratios = Ratios {
+        rps: ratio(proxy.rps, direct.rps),
+        p50: ratio(proxy.p50_us as f64, direct.p50_us as f64),
+        p99: ratio(proxy.p99_us as f64, direct.p99_us as f64),
+    };
+    Ok(OverheadReport {
+        protocol: opts.protocol,
+        clients: opts.clients,
+        connections,
+        duration_secs: opts.duration.as_secs_f64(),
+        warmup_secs: opts.warmup.as_secs_f64(),
+        rounds: opts.rounds,
+        phases,
+        direct,
+        proxy,
+        ratios,
+        upstream_gets: sim.request_count("GET", "configmaps"),
+        breakwater_bin: bin.to_path_buf(),
+        finished_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    })
+}
+
+/// Namespace `default` (if kube-sim does not make it), ServiceAccount
+/// `default/bench` (the token's subject) and ConfigMap `default/bench`, about
+/// 1 KiB like a typical small ConfigMap.
+fn seed(sim: &KubeSim) -> anyhow::Result<()> {
+    let find = |plural| {
+        resources::find("", "v1", plural).with_context(|| format!("kube-sim serves no v1 {plural}"))
+    };
+    let store = sim.store();
+    let tolerate_exists = |r: Result<_, StoreError>| match r {
+        Ok(_) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e),
+    };
+    tolerate_exists(store.create(
+        find("namespaces")?,
+        None,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
+    ))?;
+    tolerate_exists(store.create(
+        find("serviceaccounts")?,
+        Some("default"),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": "bench", "namespace": "default"}}),
+    ))?;
+    let data: serde_json::Map<String, serde_json::Value> = (0..16)
+        .map(|i| {
+            (
+                format!("key-{i:02}"),
+                json!(format!("value-{i:02}-{}", "x".repeat(40))),
+            )
+        })
+        .collect();
+    store.create(
+        find("configmaps")?,
+        Some("default"),
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "bench", "namespace": "default",
+                            "labels": {"app.kubernetes.io/name": "breakwater-bench"}},
+               "data": data}),
+    )?;
+    Ok(())
+}
+
+/// The benchmark request, built from shared header values (cheap clones).
+fn request(conn: &Conn, connector: &Connector, auth: &HeaderValue) -> Request<Empty<Bytes>> {
+    let mut b = Request::builder()
+        .method(Method::GET)
+        .uri(conn.request_uri(connector.addr, BENCH_PATH))
+        .header(AUTHORIZATION, auth.clone())
+        .header(ACCEPT, HeaderValue::from_static("application/json"))
+        .header(
+            USER_AGENT,
+            HeaderValue::from_static("breakwater-loadtest/bench"),
+        );
+    if matches!(conn, Conn::H1(_)) {
+        b = b.header(HOST, connector.addr.to_string());
+    }
+    b.body(Empty::new())
+        .expect("static request parts are valid")
+}
+
+/// One GET that must answer 200 with the seeded ConfigMap.
+async fn probe(connector: &Connector, auth: &HeaderValue) -> anyhow::Result<()> {
+    let mut conn = connector.connect().await?;
+    let resp = conn.send(request(&conn, connector, auth)).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    ensure!(
+        status.is_success(),
+        "GET {BENCH_PATH} answered {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&body).context("response is not JSON")?;
+    ensure!(
+        v["metadata"]["name"] == "bench" && v["kind"] == "ConfigMap",
+        "GET {BENCH_PATH} answered an unexpected object: {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(())
+}
+
+/// Shared by a phase's clients: when to record, when to stop.
+struct Clock {
+    measure_from: Instant,
+    end: Instant,
+    issued: AtomicU64,
+    max_requests: u64,
+}
+
+/// What one client saw inside the measured window.
+struct ClientStats {
+    hist: Histogram<u64>,
+    requests: u64,
+    errors: u64,
+    last_done: Option<Instant>,
+}
+
+/// One phase against one target: connect, warm up, measure. Returns the
+/// figures and the number of connections used.
+async fn run_phase(
+    target: &str,
+    connector: &Connector,
+    auth: &HeaderValue,
+    opts: &OverheadOpts,
+) -> anyhow::Result<(Figures, usize)> {
+    // Connect everything before the clock starts: handshakes are not requests.
+    let conns: Vec<Conn> = match opts.protocol {
+        Protocol::Http1 => connect_all(connector, opts.clients).await?,
+        Protocol::Http2 => {
+            let n = opts.h2_connections.clamp(1, opts.clients);
+            let shared = connect_all(connector, n).await?;
+            (0..opts.clients)
+                .map(|i| {
+                    shared[i % n]
+                        .share()
+                        .expect("HTTP/2 connections can be shared")
+                })
+                .collect()
+        }
+    };
+    let connections = match opts.protocol {
+        Protocol::Http1 => opts.clients,
+        Protocol::Http2 => opts.h2_connections.clamp(1, opts.clients),
+    };
+
+    let now = Instant::now();
+    let clock = Arc::new(Clock {
+        measure_from: now + opts.warmup,
+        end: now + opts.warmup + opts.duration,
+        issued: AtomicU64::new(0),
+        max_requests: opts.max_requests,
+    });
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|conn| tokio::spawn(client(conn, connector.clone(), auth.clone(), clock.clone())))
+        .collect();
+
+    let mut hist = latency_histogram();
+    let (mut requests, mut errors) = (0u64, 0u64);
+    let mut last_done = clock.measure_from;
+    for t in tasks {
+        let s = t.await.context("benchmark client task panicked")?;
+        hist.add(&s.hist).context("merge histograms")?;
+        requests += s.requests;
+        errors += s.errors;
+        if let Some(d) = s.last_done {
+            last_done = last_done.max(d);
+        }
+    }
+    let seconds = last_done.duration_since(clock.measure_from).as_secs_f64();
+    Ok((
+        Figures::new(target, &hist, requests, errors, seconds),
+        connections,
+    ))
+}
+
+async fn connect_all(connector: &Connector, n: usize) -> Result<Vec<Conn>, ClientError> {
+    let handshakes = (0..n).map(|_| {
+        let c = connector.clone();
+        tokio::spawn(async move { c.connect().await })
+    });
+    let mut conns = Vec::with_capacity(n);
+    for h in handshakes.collect::<Vec<_>>() {
+        let conn = h.await.map_err(|e| ClientError::Connect {
+            addr: connector.addr,
+            source: std::io::Error::other(e),
+        })??;
+        conns.push(conn);
+    }
+    Ok(conns)
+}
+
+/// One client: a request at a time until the clock ends or the request budget
+/// is spent. A transport error counts as an error and costs a reconnect; a
+/// failed reconnect ends the client (rather than spin on a dead target).
+async fn client(
+    mut conn: Conn,
+    connector: Connector,
+    auth: HeaderValue,
+    clock: Arc<Clock>,
+) -> ClientStats {
+    let mut s = ClientStats {
+        hist: latency_histogram(),
+        requests: 0,
+        errors: 0,
+        last_done: None,
+    };
+    loop {
+        let started = Instant::now();
+        if started >= clock.end
+            || clock.issued.fetch_add(1, Ordering::Relaxed) >= clock.max_requests
+        {
+            break;
+        }
+        let measured = started >= clock.measure_from;
+        let req = request(&conn, &connector, &auth);
+        let (ok, transport_failed) = match conn.send(req).await {
+            Ok(resp) => {
+                let success = resp.status().is_success();
+                // Read the whole body: the latency a client sees ends there.
+                match resp.into_body().collect().await {
+                    Ok(_) => (success, false),
+                    Err(_) => (false, true),
+                }
+            }
+            Err(_) => (false, true),
+        };
+        let done = Instant::now();
+        if measured {
+            s.requests += 1;
+            s.last_done = Some(done);
+            if ok {
+                let us =
+                    u64::try_from(done.duration_since(started).as_micros()).unwrap_or(u64::MAX);
+                s.hist.saturating_record(us.max(1));
+            } else {
+                s.errors += 1;
+            }
+        }
+        if transport_failed {
+            match connector.connect().await {
+                Ok(c) => conn = c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "benchmark client could not reconnect; it stops");
+                    if measured {
+                        s.errors += 1;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    s
+}
+
+/// A private temporary directory for the proxy's certificate files, removed
+/// on drop (no tempfile crate needed for three files).
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> std::io::Result<ScratchDir> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("breakwater-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(ScratchDir(dir))
+    }
+
+    fn write(&self, name: &str, contents: &str) -> std::io::Result<PathBuf> {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents)?;
+        Ok(p)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A TLS server (h1 and h2 by ALPN) that answers the bench path like
+    /// kube-sim when the bearer token is "good", 401 otherwise.
+    async fn fake_apiserver(ca: &Ca) -> SocketAddr {
+        let pair = ca.issue_server(&["127.0.0.1"]).expect("server cert");
+        let certs = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("cert pem");
+        let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes()).expect("key pem");
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                        let good = req.headers().get(AUTHORIZATION)
+                            == Some(&HeaderValue::from_static("Bearer good"))
+                            && req.uri().path() == BENCH_PATH;
+                        let (status, body) = if good {
+                            (
+                                200,
+                                r#"{"kind":"ConfigMap","apiVersion":"v1","metadata":{"name":"bench"}}"#,
+                            )
+                        } else {
+                            (401, r#"{"kind":"Status","code":401}"#)
+                        };
+                        http::Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from_static(body.as_bytes())))
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn opts(protocol: Protocol) -> OverheadOpts {
+        OverheadOpts {
+            clients: 4,
+            duration: Duration::from_millis(300),
+            warmup: Duration::from_millis(50),
+            protocol,
+            h2_connections: 2,
+            ..OverheadOpts::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_phase_counts_successes_for_both_protocols() {
+        let ca = Ca::new("test-ca").expect("ca");
+        let addr = fake_apiserver(&ca).await;
+        let good = HeaderValue::from_static("Bearer good");
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            let connector = Connector {
+                addr,
+                tls: client_tls(&[ca.cert_pem()], protocol).expect("tls"),
+                proto: protocol,
+            };
+            probe(&connector, &good).await.expect("probe");
+            let (f, conns) = run_phase("direct", &connector, &good, &opts(protocol))
+                .await
+                .expect("phase");
+            assert!(f.requests > 10, "{protocol}: {f:?}");
+            assert_eq!(f.errors, 0, "{protocol}: {f:?}");
+            assert!(f.p50_us > 0 && f.p50_us <= f.max_us, "{f:?}");
+            assert_eq!(conns, if protocol == Protocol::Http1 { 4 } else { 2 });
+        }
+    }
+
+    #[tokio::test]
+    async fn non_2xx_answers_are_errors_and_fail_the_check() {
+        let ca = Ca::new("test-ca").expect("ca");
+        let addr = fake_apiserver(&ca).await;
+        let bad = HeaderValue::from_static("Bearer bad");
+        let connector = Connector {
+            addr,
+            tls: client_tls(&[ca.cert_pem()], Protocol::Http1).expect("tls"),
+            proto: Protocol::Http1,
+        };
+        assert!(probe(&connector, &bad).await.is_err());
+        let (f, _) = run_phase("breakwater", &connector, &bad, &opts(Protocol::Http1))
+            .await
+            .expect("phase");
+        assert!(f.requests > 0);
+        assert_eq!(f.errors, f.requests);
+        let report = OverheadReport {
+            protocol: Protocol::Http1,
+            clients: 4,
+            connections: 4,
+            duration_secs: 0.3,
+            warmup_secs: 0.05,
+            rounds: 1,
+            phases: vec![f.clone()],
+            direct: f.clone(),
+            proxy: f,
+            ratios: Ratios {
+                rps: 1.0,
+                p50: 1.0,
+                p99: 1.0,
+            },
+            upstream_gets: 0,
+            breakwater_bin: PathBuf::new(),
+            finished_unix: 0,
+        };
+        assert!(report.check().is_err());
+        assert!(report.table().contains("proxy/direct"));
+    }
+}

@@ -1,0 +1,270 @@
+//! `loadtest`: run kube-sim on its own, or run Breakwater's benchmarks.
+//!
+//! Only argument parsing, output files and printing live here; the work is in
+//! the library (`breakwater_loadtest::sim`, `breakwater_loadtest::bench`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use breakwater_loadtest::bench::Protocol;
+use breakwater_loadtest::bench::overhead::{OverheadOpts, run_overhead};
+use breakwater_loadtest::proc::StderrMode;
+use breakwater_loadtest::sim::{KubeSim, SimConfig, SimPki, seed_demo};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "loadtest",
+    version,
+    about = "kube-sim and benchmarks for Breakwater"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run kube-sim, a simulated kube-apiserver, until Ctrl-C; writes a
+    /// kubeconfig and its certificates into --dir.
+    Sim(SimArgs),
+    /// Run a benchmark.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Directory for ca.crt, admin.crt, admin.key and kubeconfig (created if missing).
+    #[arg(long, default_value = "./kube-sim")]
+    dir: PathBuf,
+    /// Seed namespaces, nodes, pods, configmaps and ServiceAccount demo/agent.
+    #[arg(long)]
+    seed_demo: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Unary GET latency and throughput through breakwater vs direct to kube-sim.
+    Overhead(OverheadArgs),
+}
+
+#[derive(Args)]
+struct OverheadArgs {
+    /// Concurrent clients, each with one request in flight.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Measured time per phase (e.g. 10s, 1m).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Unrecorded warm-up before each measured phase.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Speak HTTP/2, the clients multiplexed over --h2-connections connections.
+    #[arg(long)]
+    http2: bool,
+    /// HTTP/2 connections per phase.
+    #[arg(long, default_value_t = 4)]
+    h2_connections: usize,
+    /// Rounds of (direct, breakwater); the best phase of each is reported.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Upper bound on requests per phase, besides time.
+    #[arg(long, default_value_t = 20_000_000)]
+    max_requests: u64,
+    /// The breakwater binary (default: $BREAKWATER_BIN, else next to this executable).
+    #[arg(long)]
+    breakwater: Option<PathBuf>,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Log filter for the breakwater child (BREAKWATER_LOG); "info" includes
+    /// its per-request access log in what is measured.
+    #[arg(long, default_value = "warn")]
+    proxy_log: String,
+    /// Show breakwater's logs (stderr) instead of keeping them for errors.
+    #[arg(long)]
+    show_proxy_logs: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Sim(a) => sim(a).await,
+        Cmd::Bench(BenchCmd::Overhead(a)) => overhead(a).await,
+    }
+}
+
+async fn sim(a: SimArgs) -> anyhow::Result<()> {
+    let ip = a.listen.ip().to_string();
+    let mut names = vec!["127.0.0.1", "localhost"];
+    if !a.listen.ip().is_unspecified() && !names.contains(&ip.as_str()) {
+        names.push(&ip);
+    }
+    let pki = SimPki::generate(&names).context("generate kube-sim certificates")?;
+    let admin = pki
+        .admin_client()
+        .context("issue the admin client certificate")?;
+    let cfg = SimConfig {
+        listen: a.listen,
+        ..SimConfig::default()
+    };
+    let sim = KubeSim::start(cfg, pki)
+        .await
+        .with_context(|| format!("start kube-sim on {}", a.listen))?;
+    if a.seed_demo {
+        seed_demo(sim.store()).context("seed demo objects")?;
+    }
+
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("create {}", a.dir.display()))?;
+    // Absolute paths in the kubeconfig so it works from any working directory.
+    let dir = a
+        .dir
+        .canonicalize()
+        .with_context(|| format!("resolve {}", a.dir.display()))?;
+    let ca = write(&dir, "ca.crt", sim.pki().serving_ca.cert_pem())?;
+    let cert = write(&dir, "admin.crt", &admin.cert_pem)?;
+    let key = write_private(&dir, "admin.key", &admin.key_pem)?;
+    // A wildcard listen address is not something a client can dial (nor is it
+    // in the serving certificate); point the kubeconfig at loopback instead.
+    let server = if a.listen.ip().is_unspecified() {
+        format!("https://127.0.0.1:{}", sim.addr().port())
+    } else {
+        sim.url()
+    };
+    let kubeconfig = write(&dir, "kubeconfig", &kubeconfig(&server, &ca, &cert, &key))?;
+
+    println!("kube-sim: serving on {server}");
+    println!(
+        "kube-sim: kubeconfig {} (user kubernetes-admin, group system:masters)",
+        kubeconfig.display()
+    );
+    println!(
+        "kube-sim: CA {}, client cert {}, key {}",
+        ca.display(),
+        cert.display(),
+        key.display()
+    );
+    if a.seed_demo {
+        let token = sim.issue_token("demo", "agent", Duration::from_secs(24 * 3600));
+        let token_file = write_private(&dir, "agent.token", &token)?;
+        println!(
+            "kube-sim: ServiceAccount demo/agent token (24h) in {}",
+            token_file.display()
+        );
+    }
+    println!();
+    println!("  KUBECONFIG={} kubectl get ns", kubeconfig.display());
+    println!();
+    println!("Ctrl-C stops it.");
+
+    wait_for_stop().await?;
+    println!("kube-sim: shutting down");
+    sim.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (a terminal closing, a process supervisor).
+async fn wait_for_stop() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn write(dir: &Path, name: &str, contents: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, contents).with_context(|| format!("write {}", p.display()))?;
+    Ok(p)
+}
+
+/// Like [`write`], readable by the owner only (keys, tokens).
+fn write_private(dir: &Path, name: &str, contents: &str) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)
+        .with_context(|| format!("write {}", p.display()))?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("write {}", p.display()))?;
+    Ok(p)
+}
+
+fn kubeconfig(server: &str, ca: &Path, cert: &Path, key: &Path) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: kube-sim
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: kubernetes-admin
+  user:
+    client-certificate: {cert}
+    client-key: {key}
+contexts:
+- name: kube-sim
+  context:
+    cluster: kube-sim
+    user: kubernetes-admin
+    namespace: default
+current-context: kube-sim
+",
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display()
+    )
+}
+
+async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
+    let opts = OverheadOpts {
+        clients: a.clients,
+        duration: a.duration,
+        warmup: a.warmup,
+        protocol: if a.http2 {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        },
+        h2_connections: a.h2_connections,
+        rounds: a.rounds,
+        max_requests: a.max_requests,
+        breakwater: a.breakwater,
+        proxy_log: a.proxy_log,
+        proxy_stderr: if a.show_proxy_logs {
+            StderrMode::Inherit
+        } else {
+            StderrMode::Capture
+        },
+    };
+    let report = run_overhead(opts).await?;
+    println!("{}", report.table());
+    if let Some(path) = a.json {
+        let json = serde_json::to_string_pretty(&report).context("serialize the report")?;
+        std::fs::write(&path, json + "\n").with_context(|| format!("write {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    report.check()
+}

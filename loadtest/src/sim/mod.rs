@@ -1,0 +1,455 @@
+//! kube-sim: a simulated kube-apiserver.
+//!
+//! Good enough that kubectl, client-go and kube-rs cannot tell the difference
+//! for the covered surface: discovery and OpenAPI, CRUD on the types in
+//! [`resources`], list with selectors and pagination, watch with the
+//! apiserver's resourceVersion semantics, bookmarks and 410, x509 and
+//! ServiceAccount token authentication, and the review APIs. The tests, the
+//! demo and the load tests all run it in-process with [`KubeSim::start`].
+//!
+//! Layout: [`store`] holds the objects and the watch fan-out, [`server`]
+//! speaks HTTP (TLS, routing, handlers), [`auth`] answers "who is this",
+//! [`metrics`] counts requests like the apiserver does, and the
+//! discovery/openapi/table/exec modules shape the rest of the surface.
+
+pub mod auth;
+pub mod discovery;
+pub mod exec;
+pub mod metrics;
+pub mod openapi;
+pub mod protobuf;
+pub mod resources;
+pub mod selectors;
+pub mod server;
+pub mod store;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::pki::{Ca, CertPair, PkiError};
+
+/// How long [`KubeSim::shutdown`] waits for connections to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// kube-sim's certificates and ServiceAccount signing key.
+pub struct SimPki {
+    /// Signs the serving certificate (kubeconfig `certificate-authority-data`).
+    pub serving_ca: Ca,
+    /// The serving certificate.
+    pub server: CertPair,
+    /// Signs x509 client certificates (users: CN = name, O = groups).
+    pub client_ca: Ca,
+    /// ServiceAccount token signing key (PKCS#8 PEM, ECDSA P-256).
+    pub sa_key_pem: String,
+    /// Its public key (SPKI PEM), what a verifier of SA tokens needs.
+    pub sa_public_pem: String,
+}
+
+impl std::fmt::Debug for SimPki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("SimPki").finish_non_exhaustive()
+    }
+}
+
+impl SimPki {
+    /// Fresh CAs, a serving cert for `server_names` (DNS names / IPs) and an SA signing key.
+    pub fn generate(server_names: &[&str]) -> Result<SimPki, PkiError> {
+        let serving_ca = Ca::new("kube-sim-serving-ca")?;
+        let server = serving_ca.issue_server(server_names)?;
+        let client_ca = Ca::new("kube-sim-client-ca")?;
+        let (sa_key_pem, sa_public_pem) = crate::pki::signing_key_pem()?;
+        Ok(SimPki {
+            serving_ca,
+            server,
+            client_ca,
+            sa_key_pem,
+            sa_public_pem,
+        })
+    }
+
+    /// CN=kubernetes-admin, O=system:masters, signed by client_ca.
+    pub fn admin_client(&self) -> Result<CertPair, PkiError> {
+        self.client_ca
+            .issue_client("kubernetes-admin", &["system:masters"])
+    }
+}
+
+/// kube-sim's settings.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Listen address; port 0 picks a free one (see [`KubeSim::addr`]).
+    pub listen: SocketAddr,
+    /// Events retained per resource type for watch-from-RV (older -> 410).
+    pub window: usize,
+    /// Bounded event queue per watcher; a watcher that overflows it is closed.
+    pub watcher_queue: usize,
+    /// How often watchers that allow bookmarks get one.
+    pub bookmark_interval: Duration,
+    /// The apiserver's `--min-request-timeout`: a watch without
+    /// `timeoutSeconds` ends after this × a random factor in [1, 2).
+    pub min_request_timeout: Duration,
+    /// ServiceAccount token issuer (`iss`).
+    pub issuer: String,
+    /// Audiences a token must carry to authenticate (`--api-audiences`).
+    pub api_audiences: Vec<String>,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        let issuer = "https://kubernetes.default.svc.cluster.local".to_string();
+        SimConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            window: 1000,
+            watcher_queue: 10_000,
+            bookmark_interval: Duration::from_secs(60),
+            min_request_timeout: Duration::from_secs(1800),
+            api_audiences: vec![issuer.clone()],
+            issuer,
+        }
+    }
+}
+
+/// Why kube-sim could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid PEM in {what}: {source}")]
+    Pem {
+        what: &'static str,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+}
+
+/// A running kube-sim. Dropping it stops the server without waiting;
+/// [`KubeSim::shutdown`] stops it gracefully.
+pub struct KubeSim {
+    addr: SocketAddr,
+    pki: SimPki,
+    state: Arc<server::State>,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for KubeSim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSim")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeSim {
+    /// Binds `cfg.listen` and serves HTTPS (h2 and HTTP/1.1) until shutdown.
+    pub async fn start(cfg: SimConfig, pki: SimPki) -> Result<KubeSim, SimError> {
+        let tls = server::tls_config(&pki)?;
+        let auth = auth::Authenticator::new(
+            &pki.sa_key_pem,
+            &pki.sa_public_pem,
+            cfg.issuer.clone(),
+            cfg.api_audiences.clone(),
+        )?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| SimError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| SimError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let tracker = TaskTracker::new();
+        let state = Arc::new(server::State {
+            store: store::Store::new(cfg.window, cfg.watcher_queue),
+            auth,
+            metrics: Arc::new(metrics::SimMetrics::default()),
+            min_request_timeout: cfg.min_request_timeout,
+            cancel: CancellationToken::new(),
+            tracker: tracker.clone(),
+        });
+        tracker.spawn(server::accept_loop(
+            listener,
+            tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            Arc::clone(&state),
+        ));
+        tracker.spawn(server::bookmark_loop(
+            Arc::clone(&state),
+            cfg.bookmark_interval,
+        ));
+        tracing::info!(%addr, "kube-sim listening");
+        Ok(KubeSim {
+            addr,
+            pki,
+            state,
+            tracker,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn pki(&self) -> &SimPki {
+        &self.pki
+    }
+
+    pub fn store(&self) -> &store::Store {
+        &self.state.store
+    }
+
+    /// A ServiceAccount token signed like `kubectl create token` makes (ES256
+    /// JWT, API audiences). The SA need not exist; its uid is used when it does.
+    pub fn issue_token(&self, namespace: &str, name: &str, ttl: Duration) -> String {
+        let uid = sa_uid(&self.state.store, namespace, name).unwrap_or_default();
+        self.state
+            .auth
+            .issue(namespace, name, &uid, &[], ttl)
+            .expect("invariant: the SA key loaded at start signs ES256")
+            .token
+    }
+
+    /// Prometheus text of /metrics.
+    pub fn metrics_text(&self) -> String {
+        self.state.metrics.render()
+    }
+
+    /// apiserver_request_total summed over codes for verb (e.g. "LIST","WATCH","GET") and resource.
+    pub fn request_count(&self, verb: &str, resource: &str) -> u64 {
+        self.state.metrics.request_count(verb, resource)
+    }
+
+    /// apiserver_longrunning_requests{verb="WATCH",resource} now.
+    pub fn open_watches(&self, resource: &str) -> i64 {
+        self.state.metrics.longrunning("WATCH", resource)
+    }
+
+    /// Stops accepting, ends every watch and asks connections to close, then
+    /// waits for them (at most a few seconds).
+    pub async fn shutdown(self) {
+        self.state.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("kube-sim: connections still open after the shutdown grace period");
+        }
+    }
+}
+
+impl Drop for KubeSim {
+    fn drop(&mut self) {
+        // A test that forgets shutdown() must not leave the server running.
+        self.state.cancel.cancel();
+    }
+}
+
+/// The uid of ServiceAccount `namespace/name`, if it exists.
+pub(crate) fn sa_uid(store: &store::Store, namespace: &str, name: &str) -> Option<String> {
+    let rt = resources::find("", "v1", "serviceaccounts")?;
+    let sa = store.get(rt, Some(namespace), name).ok()?;
+    sa.pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+/// Creates ServiceAccount `default` in `namespace` unless it exists (the
+/// apiserver's serviceaccount controller does this for every namespace).
+pub(crate) fn ensure_default_service_account(
+    store: &store::Store,
+    namespace: &str,
+) -> Result<(), store::StoreError> {
+    let rt = resource("serviceaccounts");
+    match store.create(
+        rt,
+        Some(namespace),
+        json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "default", "namespace": namespace},
+        }),
+    ) {
+        Ok(_) | Err(store::StoreError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A core/v1 or apps/v1 type the seed uses.
+fn resource(plural: &str) -> &'static resources::ResourceType {
+    resources::RESOURCES
+        .iter()
+        .find(|r| r.plural == plural)
+        .expect("invariant: the seeded types are in the resource table")
+}
+
+/// Seeds namespaces (default, kube-system, kube-public, kube-node-lease, demo), 3 nodes,
+/// a few pods on them (status.phase Running), configmaps, and ServiceAccount demo/agent.
+pub fn seed_demo(store: &store::Store) -> Result<(), store::StoreError> {
+    let namespaces = [
+        "default",
+        "kube-system",
+        "kube-public",
+        "kube-node-lease",
+        "demo",
+    ];
+    for ns in namespaces {
+        create_unless_exists(
+            store,
+            resource("namespaces"),
+            None,
+            json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}},
+                "spec": {"finalizers": ["kubernetes"]},
+                "status": {"phase": "Active"},
+            }),
+        )?;
+        ensure_default_service_account(store, ns)?;
+    }
+    let nodes = ["node-1", "node-2", "node-3"];
+    for (i, node) in nodes.iter().enumerate() {
+        create_unless_exists(
+            store,
+            resource("nodes"),
+            None,
+            json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": node,
+                    "labels": {
+                        "kubernetes.io/hostname": node,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                    },
+                },
+                "spec": {"podCIDR": format!("10.244.{}.0/24", i + 1)},
+                "status": {
+                    "addresses": [{"type": "InternalIP", "address": format!("172.18.0.{}", i + 2)}],
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+                    "nodeInfo": {"kubeletVersion": "v1.32.0", "osImage": "kube-sim", "architecture": "amd64", "operatingSystem": "linux"},
+                },
+            }),
+        )?;
+    }
+    let pods = [
+        ("demo", "web-0", "web", "nginx:1.27", 0),
+        ("demo", "web-1", "web", "nginx:1.27", 1),
+        ("demo", "web-2", "web", "nginx:1.27", 2),
+        ("demo", "agent-node-1", "agent", "telemetry-agent:1.0", 0),
+        ("demo", "agent-node-2", "agent", "telemetry-agent:1.0", 1),
+        ("demo", "agent-node-3", "agent", "telemetry-agent:1.0", 2),
+        ("kube-system", "coredns-0", "coredns", "coredns:1.11", 0),
+        ("kube-system", "coredns-1", "coredns", "coredns:1.11", 1),
+    ];
+    for (n, (ns, name, app, image, node)) in pods.iter().enumerate() {
+        create_unless_exists(
+            store,
+            resource("pods"),
+            Some(ns),
+            json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
+                "spec": {
+                    "nodeName": nodes[*node],
+                    "serviceAccountName": if *app == "agent" { "agent" } else { "default" },
+                    "containers": [{"name": app, "image": image}],
+                    "restartPolicy": "Always",
+                },
+                "status": {
+                    "phase": "Running",
+                    "hostIP": format!("172.18.0.{}", node + 2),
+                    "podIP": format!("10.244.{}.{}", node + 1, n + 10),
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                    "containerStatuses": [{
+                        "name": app,
+                        "image": image,
+                        "ready": true,
+                        "started": true,
+                        "restartCount": 0,
+                        "state": {"running": {"startedAt": auth::format_timestamp(auth::unix_now())}},
+                    }],
+                },
+            }),
+        )?;
+    }
+    let configmaps = [
+        (
+            "demo",
+            "app-config",
+            json!({"log-level": "info", "feature-x": "on"}),
+        ),
+        ("demo", "agent-config", json!({"interval": "10s"})),
+        ("kube-system", "kube-proxy", json!({"mode": "iptables"})),
+        (
+            "kube-public",
+            "cluster-info",
+            json!({"cluster": "kube-sim"}),
+        ),
+    ];
+    for (ns, name, data) in configmaps {
+        create_unless_exists(
+            store,
+            resource("configmaps"),
+            Some(ns),
+            json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": ns},
+                "data": data,
+            }),
+        )?;
+    }
+    create_unless_exists(
+        store,
+        resource("serviceaccounts"),
+        Some("demo"),
+        json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "agent", "namespace": "demo"},
+        }),
+    )?;
+    Ok(())
+}
+
+/// Seeding twice (or over objects the store made itself) is not an error.
+fn create_unless_exists(
+    store: &store::Store,
+    rt: &'static resources::ResourceType,
+    namespace: Option<&str>,
+    obj: Value,
+) -> Result<(), store::StoreError> {
+    match store.create(rt, namespace, obj) {
+        Ok(_) | Err(store::StoreError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

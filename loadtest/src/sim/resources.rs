@@ -1,0 +1,343 @@
+//! The resource types kube-sim serves, in one table.
+//!
+//! Discovery, OpenAPI, routing, Tables and storage all read this table, so a
+//! type is added in exactly one place. The shapes follow the apiserver's
+//! `APIResource` (see fixtures/discovery_*.body).
+
+/// One served resource (a plural name under a group/version).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceType {
+    /// API group; "" for the core group (`/api/v1`).
+    pub group: &'static str,
+    pub version: &'static str,
+    /// Plural, lower case: `pods`.
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub kind: &'static str,
+    /// `ListKind` is `{kind}List`.
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+    pub verbs: &'static [&'static str],
+    /// Subresources served for this type (e.g. `status`, `exec`, `token`).
+    pub subresources: &'static [Subresource],
+    pub categories: &'static [&'static str],
+}
+
+/// A subresource as discovery lists it (`pods/exec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subresource {
+    pub name: &'static str,
+    pub kind: &'static str,
+    /// Group/version of the subresource's own kind when it differs.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+/// The verbs of an ordinary stored type.
+pub const CRUD: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+/// Review-style types (TokenReview, SubjectAccessReview): create only.
+pub const CREATE_ONLY: &[&str] = &["create"];
+
+const STATUS: Subresource = Subresource {
+    name: "status",
+    kind: "",
+    group: "",
+    version: "",
+    verbs: &["get", "patch", "update"],
+};
+
+impl ResourceType {
+    /// `v1` or `apps/v1`.
+    pub fn group_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// The `apiVersion` field of objects of this type (same as group_version).
+    pub fn api_version(&self) -> String {
+        self.group_version()
+    }
+
+    /// `PodList`.
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+
+    /// Whether objects of this type are stored (have list/watch).
+    pub fn is_stored(&self) -> bool {
+        self.verbs.contains(&"watch")
+    }
+
+    /// URL prefix of the group/version: `/api/v1` or `/apis/apps/v1`.
+    pub fn prefix(&self) -> String {
+        if self.group.is_empty() {
+            format!("/api/{}", self.version)
+        } else {
+            format!("/apis/{}/{}", self.group, self.version)
+        }
+    }
+}
+
+/// Every type kube-sim serves.
+pub const RESOURCES: &[ResourceType] = &[
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        singular: "namespace",
+        kind: "Namespace",
+        namespaced: false,
+        short_names: &["ns"],
+        verbs: &[
+            "create", "delete", "get", "list", "patch", "update", "watch",
+        ],
+        subresources: &[STATUS],
+        categories: &[],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        singular: "node",
+        kind: "Node",
+        namespaced: false,
+        short_names: &["no"],
+        verbs: CRUD,
+        subresources: &[STATUS],
+        categories: &[],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "pods",
+        singular: "pod",
+        kind: "Pod",
+        namespaced: true,
+        short_names: &["po"],
+        verbs: CRUD,
+        subresources: &[
+            STATUS,
+            Subresource {
+                name: "exec",
+                kind: "PodExecOptions",
+                group: "",
+                version: "",
+                verbs: &["create", "get"],
+            },
+            Subresource {
+                name: "log",
+                kind: "Pod",
+                group: "",
+                version: "",
+                verbs: &["get"],
+            },
+        ],
+        categories: &["all"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        singular: "configmap",
+        kind: "ConfigMap",
+        namespaced: true,
+        short_names: &["cm"],
+        verbs: CRUD,
+        subresources: &[],
+        categories: &[],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "secrets",
+        singular: "secret",
+        kind: "Secret",
+        namespaced: true,
+        short_names: &[],
+        verbs: CRUD,
+        subresources: &[],
+        categories: &[],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "services",
+        singular: "service",
+        kind: "Service",
+        namespaced: true,
+        short_names: &["svc"],
+        verbs: CRUD,
+        subresources: &[STATUS],
+        categories: &["all"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "serviceaccounts",
+        singular: "serviceaccount",
+        kind: "ServiceAccount",
+        namespaced: true,
+        short_names: &["sa"],
+        verbs: CRUD,
+        subresources: &[Subresource {
+            name: "token",
+            kind: "TokenRequest",
+            group: "authentication.k8s.io",
+            version: "v1",
+            verbs: &["create"],
+        }],
+        categories: &[],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        short_names: &["ev"],
+        verbs: CRUD,
+        subresources: &[],
+        categories: &[],
+    },
+    ResourceType {
+        group: "apps",
+        version: "v1",
+        plural: "deployments",
+        singular: "deployment",
+        kind: "Deployment",
+        namespaced: true,
+        short_names: &["deploy"],
+        verbs: CRUD,
+        subresources: &[STATUS],
+        categories: &["all"],
+    },
+    ResourceType {
+        group: "apps",
+        version: "v1",
+        plural: "daemonsets",
+        singular: "daemonset",
+        kind: "DaemonSet",
+        namespaced: true,
+        short_names: &["ds"],
+        verbs: CRUD,
+        subresources: &[STATUS],
+        categories: &["all"],
+    },
+    ResourceType {
+        group: "coordination.k8s.io",
+        version: "v1",
+        plural: "leases",
+        singular: "lease",
+        kind: "Lease",
+        namespaced: true,
+        short_names: &[],
+        verbs: CRUD,
+        subresources: &[],
+        categories: &[],
+    },
+    ResourceType {
+        group: "authentication.k8s.io",
+        version: "v1",
+        plural: "tokenreviews",
+        singular: "tokenreview",
+        kind: "TokenReview",
+        namespaced: false,
+        short_names: &[],
+        verbs: CREATE_ONLY,
+        subresources: &[],
+        categories: &[],
+    },
+    ResourceType {
+        group: "authentication.k8s.io",
+        version: "v1",
+        plural: "selfsubjectreviews",
+        singular: "selfsubjectreview",
+        kind: "SelfSubjectReview",
+        namespaced: false,
+        short_names: &[],
+        verbs: CREATE_ONLY,
+        subresources: &[],
+        categories: &[],
+    },
+    ResourceType {
+        group: "authorization.k8s.io",
+        version: "v1",
+        plural: "subjectaccessreviews",
+        singular: "subjectaccessreview",
+        kind: "SubjectAccessReview",
+        namespaced: false,
+        short_names: &[],
+        verbs: CREATE_ONLY,
+        subresources: &[],
+        categories: &[],
+    },
+    ResourceType {
+        group: "authorization.k8s.io",
+        version: "v1",
+        plural: "selfsubjectaccessreviews",
+        singular: "selfsubjectaccessreview",
+        kind: "SelfSubjectAccessReview",
+        namespaced: false,
+        short_names: &[],
+        verbs: CREATE_ONLY,
+        subresources: &[],
+        categories: &[],
+    },
+];
+
+/// The distinct group/versions, in discovery order (core first).
+pub fn group_versions() -> Vec<(&'static str, &'static str)> {
+    let mut out: Vec<(&'static str, &'static str)> = Vec::new();
+    for r in RESOURCES {
+        if !out.contains(&(r.group, r.version)) {
+            out.push((r.group, r.version));
+        }
+    }
+    out
+}
+
+/// Looks a type up by group, version and plural.
+pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// Looks a type up by its `apiVersion` and `kind` (as found in a request body).
+pub fn find_kind(api_version: &str, kind: &str) -> Option<&'static ResourceType> {
+    RESOURCES
+        .iter()
+        .find(|r| r.kind == kind && r.api_version() == api_version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_is_found_by_its_own_coordinates() {
+        for r in RESOURCES {
+            assert_eq!(find(r.group, r.version, r.plural), Some(r));
+            assert_eq!(find_kind(&r.api_version(), r.kind), Some(r));
+        }
+    }
+
+    #[test]
+    fn core_group_comes_first_in_discovery_order() {
+        assert_eq!(group_versions()[0], ("", "v1"));
+    }
+}

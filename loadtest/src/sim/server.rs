@@ -1,0 +1,1273 @@
+//! kube-sim's HTTP front: TLS accept loop, request classification, handlers.
+//!
+//! One request goes through named phases, in order:
+//! 1. `public` — /healthz, /livez, /readyz and /version answer anyone, as the
+//!    apiserver's `system:public-info-viewer` role allows;
+//! 2. `authenticate` — client certificate first, then a Bearer SA token
+//!    (the apiserver's order), else a bare 401 Status;
+//! 3. non-resource paths — /metrics, discovery, OpenAPI;
+//! 4. `classify` — the apiserver's RequestInfo: group/version/resource,
+//!    namespace, name, subresource and verb (watch vs list);
+//! 5. the handler for the verb, whose errors become Status bodies.
+//!
+//! Watches stream: each event is written as its own frame the moment the
+//! store emits it (a small channel between a pump task and the response
+//! body, never a buffer of the whole stream), so a slow client pushes back on
+//! its store queue and the store evicts it as the apiserver would.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::auth::{self, Authenticator, UserInfo};
+use super::metrics::{RequestLabels, SimMetrics};
+use super::resources::{self, ResourceType};
+use super::store::{Event, EventType, ListOptions, ListResult, PatchKind, Store, StoreError};
+use super::{SimError, SimPki, discovery, exec, openapi, protobuf, table};
+
+/// Largest request body accepted (the apiserver's limit is 3 MiB).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Frames buffered between a watch pump and its response body. Small on
+/// purpose: when the client stops reading, the pump stops draining the
+/// store's per-watcher queue, and the store closes a watcher that overflows.
+const WATCH_FRAME_BUFFER: usize = 16;
+
+/// The apiserver sends the pre-timeout bookmark this long before a watch's
+/// deadline (cacher's `nextBookmarkTime`).
+const PRE_TIMEOUT_BOOKMARK: Duration = Duration::from_secs(2);
+
+/// The response body type of every kube-sim response.
+pub type ResBody = BoxBody<Bytes, Infallible>;
+
+/// State shared by every connection.
+pub(crate) struct State {
+    pub(crate) store: Store,
+    pub(crate) auth: Authenticator,
+    pub(crate) metrics: Arc<SimMetrics>,
+    pub(crate) min_request_timeout: Duration,
+    /// Cancelled on shutdown: stops the accept loop, ends watches, closes connections.
+    pub(crate) cancel: CancellationToken,
+    /// Every connection and watch pump, so shutdown can wait for them.
+    pub(crate) tracker: TaskTracker,
+}
+
+/// The rustls config: our serving cert, ALPN h2 + http/1.1, client certs
+/// optional but verified against the client CA when presented.
+pub(crate) fn tls_config(pki: &SimPki) -> Result<rustls::ServerConfig, SimError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = CertificateDer::pem_slice_iter(pki.server.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| SimError::Pem {
+            what: "server certificate",
+            source,
+        })?;
+    let key = PrivateKeyDer::from_pem_slice(pki.server.key_pem.as_bytes()).map_err(|source| {
+        SimError::Pem {
+            what: "server key",
+            source,
+        }
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(pki.client_ca.cert_pem().as_bytes()) {
+        let ca = ca.map_err(|source| SimError::Pem {
+            what: "client CA",
+            source,
+        })?;
+        roots.add(ca)?;
+    }
+    // Optional client certs: token users connect without one, as with the
+    // apiserver's --client-ca-file.
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .allow_unauthenticated()
+    .build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Accepts connections until shutdown. Accept errors (EMFILE, resets) are
+/// logged and retried after a short pause instead of ending the server.
+pub(crate) async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<State>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = state.cancel.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                state.tracker.spawn(serve_connection(
+                    tcp,
+                    peer,
+                    acceptor.clone(),
+                    Arc::clone(&state),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kube-sim accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Queues a bookmark into every bookmark-enabled watcher each `interval`
+/// (the apiserver does this roughly every minute).
+pub(crate) async fn bookmark_loop(state: Arc<State>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            _ = state.cancel.cancelled() => break,
+            _ = ticker.tick() => state.store.send_bookmarks(),
+        }
+    }
+}
+
+/// What a connection knows about its caller before any request.
+struct ConnInfo {
+    /// The user of a verified client certificate.
+    cert_user: Option<UserInfo>,
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<State>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "kube-sim TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "kube-sim TLS handshake timed out");
+            return;
+        }
+    };
+    // rustls already verified the chain against the client CA; only the
+    // subject is read here.
+    let cert_user = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|der| auth::user_from_cert(der));
+    let conn = Arc::new(ConnInfo { cert_user });
+    let svc_state = Arc::clone(&state);
+    let service = hyper::service::service_fn(move |req| {
+        let state = Arc::clone(&svc_state);
+        let conn = Arc::clone(&conn);
+        async move { Ok::<_, Infallible>(handle(&state, &conn, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "kube-sim connection ended with an error");
+            }
+        }
+        _ = state.cancel.cancelled() => {
+            // Finish in-flight requests (watches end on the same signal),
+            // then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// One request, start to finish, with an access log line (never a token).
+async fn handle(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> Response<ResBody> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = route(state, conn, req).await;
+    tracing::debug!(%method, %path, status = resp.status().as_u16(), "kube-sim request");
+    resp
+}
+
+async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> Response<ResBody> {
+    let path = req.uri().path();
+
+    // Phase 1: public endpoints, no credentials needed.
+    if let Some(resp) = public(path) {
+        state
+            .metrics
+            .record(non_resource_labels(), resp.status().as_u16());
+        return resp;
+    }
+
+    // Phase 2: who is calling.
+    let Some(user) = authenticate(&state.auth, conn, req.headers()) else {
+        return unauthorized();
+    };
+
+    // Phase 3: non-resource endpoints.
+    if let Some(resp) = non_resource(state, &req) {
+        state
+            .metrics
+            .record(non_resource_labels(), resp.status().as_u16());
+        return resp;
+    }
+
+    // Phase 4: classify like the apiserver's RequestInfo.
+    let info = match classify(req.method(), path, req.uri().query()) {
+        Ok(info) => info,
+        Err(Reject::NotFound) => return not_found(),
+        Err(Reject::MethodNotAllowed) => return method_not_allowed(),
+    };
+
+    // Phase 5: the handler. Watches count themselves when they end.
+    let labels = info.labels();
+    let resp = match info.verb {
+        Verb::Watch => return watch(state, &info, req.headers(), req.uri().query()),
+        _ => dispatch(state, &info, &user, req).await,
+    };
+    state.metrics.record(labels, resp.status().as_u16());
+    resp
+}
+
+fn public(path: &str) -> Option<Response<ResBody>> {
+    match path {
+        "/healthz" | "/livez" | "/readyz" => Some(text(StatusCode::OK, "ok")),
+        p if p.starts_with("/healthz/")
+            || p.starts_with("/livez/")
+            || p.starts_with("/readyz/") =>
+        {
+            Some(text(StatusCode::OK, "ok"))
+        }
+        "/version" => discovery::serve(path).map(bytes_response),
+        _ => None,
+    }
+}
+
+fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBody>> {
+    let path = req.uri().path();
+    if path == "/metrics" {
+        let mut resp = Response::new(full(state.metrics.render()));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return Some(resp);
+    }
+    if let Some(resp) = discovery::serve(path) {
+        return Some(bytes_response(resp));
+    }
+    openapi::serve(path, req.uri().query(), req.headers()).map(bytes_response)
+}
+
+/// Client certificate first, then a Bearer ServiceAccount token, as the
+/// apiserver's union authenticator orders them. `Impersonate-User` /
+/// `Impersonate-Group` then replace the identity (there is no RBAC yet, so
+/// every authenticated user may impersonate).
+fn authenticate(auth: &Authenticator, conn: &ConnInfo, headers: &HeaderMap) -> Option<UserInfo> {
+    let user = match &conn.cert_user {
+        Some(user) => user.clone(),
+        None => {
+            let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+            let token = value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))?
+                .trim();
+            match auth.authenticate(token) {
+                Ok(user) => user,
+                Err(e) => {
+                    tracing::debug!(error = %e, "kube-sim refused a bearer token");
+                    return None;
+                }
+            }
+        }
+    };
+    let Some(imp) = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Some(user);
+    };
+    let mut groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    if let Some(ns_name) = imp.strip_prefix("system:serviceaccount:") {
+        let ns = ns_name.split(':').next().unwrap_or("");
+        groups.push("system:serviceaccounts".to_string());
+        groups.push(format!("system:serviceaccounts:{ns}"));
+    }
+    groups.push("system:authenticated".to_string());
+    Some(UserInfo {
+        username: imp.to_string(),
+        uid: headers
+            .get("impersonate-uid")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        groups,
+    })
+}
+
+/// The verb of a resource request (the apiserver's RequestInfo.Verb).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Get,
+    List,
+    Watch,
+    Create,
+    Update,
+    Patch,
+    Delete,
+    DeleteCollection,
+    /// exec: an upgraded, long-running connection.
+    Connect,
+}
+
+impl Verb {
+    /// Lower case, as discovery lists verbs.
+    fn discovery_name(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::List => "list",
+            Verb::Watch => "watch",
+            Verb::Create | Verb::Connect => "create",
+            Verb::Update => "update",
+            Verb::Patch => "patch",
+            Verb::Delete => "delete",
+            Verb::DeleteCollection => "deletecollection",
+        }
+    }
+
+    /// Upper case, as `apiserver_request_total` reports it (CleanVerb).
+    fn metric_name(self) -> &'static str {
+        match self {
+            Verb::Get => "GET",
+            Verb::List => "LIST",
+            Verb::Watch => "WATCH",
+            Verb::Create => "POST",
+            Verb::Update => "PUT",
+            Verb::Patch => "PATCH",
+            Verb::Delete => "DELETE",
+            Verb::DeleteCollection => "DELETECOLLECTION",
+            Verb::Connect => "CONNECT",
+        }
+    }
+}
+
+/// A classified resource request.
+#[derive(Debug)]
+struct ReqInfo {
+    verb: Verb,
+    rt: &'static ResourceType,
+    namespace: Option<String>,
+    name: Option<String>,
+    /// A subresource this type serves (`status`, `exec`, `token`, `log`).
+    subresource: Option<&'static str>,
+    /// The query to parse list options from (legacy `/watch/` paths with a
+    /// name get a `metadata.name` field selector added).
+    list_query: String,
+}
+
+impl ReqInfo {
+    fn labels(&self) -> RequestLabels {
+        let scope = if self.name.is_some() || self.verb == Verb::Create {
+            "resource"
+        } else if self.namespace.is_some() {
+            "namespace"
+        } else {
+            "cluster"
+        };
+        RequestLabels {
+            verb: self.verb.metric_name(),
+            group: self.rt.group,
+            version: self.rt.version,
+            resource: self.rt.plural,
+            subresource: self.subresource.unwrap_or(""),
+            scope,
+        }
+    }
+
+    fn ns(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("")
+    }
+}
+
+/// Why a path is not a request kube-sim serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reject {
+    /// 404: no such resource path.
+    NotFound,
+    /// 405: the resource exists but not with this method.
+    MethodNotAllowed,
+}
+
+/// The apiserver's RequestInfo for `/api/v1/...` and `/apis/{g}/{v}/...`.
+fn classify(method: &Method, path: &str, query: Option<&str>) -> Result<ReqInfo, Reject> {
+    let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (group, version, mut rest) = match parts.as_slice() {
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return Err(Reject::NotFound),
+    };
+    let legacy_watch = rest.first() == Some(&"watch");
+    if legacy_watch {
+        rest = &rest[1..];
+    }
+    // `/namespaces/{ns}/{resource}...` moves to the inner resource, except the
+    // namespace's own subresources (requestinfo.go's namespaceSubresources).
+    let mut namespace = None;
+    if rest.first() == Some(&"namespaces")
+        && rest.len() > 2
+        && !matches!(rest[2], "status" | "finalize")
+    {
+        namespace = Some(rest[1].to_string());
+        rest = &rest[2..];
+    }
+    let (resource, name, sub) = match rest {
+        [resource] => (*resource, None, None),
+        [resource, name] => (*resource, Some(*name), None),
+        [resource, name, sub] => (*resource, Some(*name), Some(*sub)),
+        _ => return Err(Reject::NotFound),
+    };
+    let Some(rt) = resources::find(group, version, resource) else {
+        return Err(Reject::NotFound);
+    };
+    if rt.namespaced != namespace.is_some() && (name.is_some() || !rt.namespaced) {
+        // A named namespaced object needs its namespace; a cluster-scoped
+        // type has no namespaced path.
+        return Err(Reject::NotFound);
+    }
+    let subresource = match sub {
+        None => None,
+        Some(s) => match rt.subresources.iter().find(|r| r.name == s) {
+            Some(r) => Some(r.name),
+            None => return Err(Reject::NotFound),
+        },
+    };
+    let query = query.unwrap_or("");
+    let verb = if legacy_watch {
+        if !matches!(*method, Method::GET | Method::HEAD) || subresource.is_some() {
+            return Err(Reject::MethodNotAllowed);
+        }
+        Verb::Watch
+    } else {
+        match (method.clone(), name.is_some(), subresource) {
+            (Method::GET | Method::HEAD, false, _) => {
+                if wants_watch(query) {
+                    Verb::Watch
+                } else {
+                    Verb::List
+                }
+            }
+            (Method::GET | Method::HEAD, true, Some("exec")) => Verb::Connect,
+            (Method::POST, true, Some("exec")) => Verb::Connect,
+            (Method::GET | Method::HEAD, true, _) => Verb::Get,
+            (Method::POST, false, _) => Verb::Create,
+            (Method::POST, true, Some(_)) => Verb::Create,
+            (Method::PUT, true, _) => Verb::Update,
+            (Method::PATCH, true, _) => Verb::Patch,
+            (Method::DELETE, true, None) => Verb::Delete,
+            (Method::DELETE, false, None) => Verb::DeleteCollection,
+            _ => return Err(Reject::MethodNotAllowed),
+        }
+    };
+    // Namespaced types are only listed or watched across namespaces; every
+    // other verb needs the namespace in the path.
+    if rt.namespaced && namespace.is_none() && !matches!(verb, Verb::List | Verb::Watch) {
+        return Err(Reject::MethodNotAllowed);
+    }
+    let allowed = match subresource {
+        None => rt.verbs.contains(&verb.discovery_name()),
+        Some(s) => rt
+            .subresources
+            .iter()
+            .any(|r| r.name == s && r.verbs.contains(&verb.discovery_name())),
+    };
+    if !allowed {
+        return Err(Reject::MethodNotAllowed);
+    }
+    let mut list_query = query.to_string();
+    if legacy_watch && let Some(name) = name {
+        let has_fs = form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "fieldSelector");
+        if !has_fs {
+            let extra: String = form_urlencoded::Serializer::new(String::new())
+                .append_pair("fieldSelector", &format!("metadata.name={name}"))
+                .finish();
+            if !list_query.is_empty() {
+                list_query.push('&');
+            }
+            list_query.push_str(&extra);
+        }
+    }
+    let name = if legacy_watch {
+        None
+    } else {
+        name.map(str::to_string)
+    };
+    Ok(ReqInfo {
+        verb,
+        rt,
+        namespace,
+        name,
+        subresource,
+        list_query,
+    })
+}
+
+/// GET without a name is a watch when `watch` is anything but "false"/"0".
+fn wants_watch(query: &str) -> bool {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "watch")
+        .is_some_and(|(_, v)| v != "false" && v != "0")
+}
+
+async fn dispatch(
+    state: &Arc<State>,
+    info: &ReqInfo,
+    user: &UserInfo,
+    req: Request<Incoming>,
+) -> Response<ResBody> {
+    let rt = info.rt;
+    let store = &state.store;
+    if info.verb == Verb::Connect {
+        // pods/exec: exec.rs answers the WebSocket upgrade and runs the session.
+        return bytes_response(exec::serve(req));
+    }
+    if info.subresource == Some("log") {
+        return match store.get(rt, info.ns(), info.name()) {
+            Ok(_) => text(StatusCode::OK, ""),
+            Err(e) => store_error(&e),
+        };
+    }
+    let wants_table = table::wants_table(req.headers());
+    let query = req.uri().query().map(str::to_string);
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| {
+            s.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    let result = match info.verb {
+        Verb::Get => store.get(rt, info.ns(), info.name()).map(|obj| {
+            if wants_table {
+                json_response(
+                    StatusCode::OK,
+                    &table::object_table(rt, &obj, table::include_object(query.as_deref())),
+                )
+            } else {
+                json_response(StatusCode::OK, &*obj)
+            }
+        }),
+        Verb::List => list(store, info, wants_table, query.as_deref()),
+        Verb::DeleteCollection => ListOptions::from_query(rt, &info.list_query)
+            .and_then(|opts| store.delete_collection(rt, info.ns(), &opts))
+            .map(|items| {
+                let result = ListResult {
+                    items,
+                    resource_version: store.current_rv(),
+                    continue_token: None,
+                    remaining_item_count: None,
+                };
+                raw_json_response(StatusCode::OK, list_body(rt, &result))
+            }),
+        Verb::Delete => store
+            .delete(rt, info.ns(), info.name())
+            .map(|obj| json_response(StatusCode::OK, &*obj)),
+        Verb::Create | Verb::Update | Verb::Patch => {
+            let body = match read_body(req, &content_type).await {
+                Ok(body) => body,
+                Err(resp) => return resp,
+            };
+            write(state, info, user, &content_type, body)
+        }
+        Verb::Watch | Verb::Connect => unreachable_verb(),
+    };
+    result.unwrap_or_else(|e| store_error(&e))
+}
+
+/// Watch and connect are routed before `dispatch`; reaching here is a bug,
+/// answered as a 500 rather than a panic.
+fn unreachable_verb() -> Result<Response<ResBody>, StoreError> {
+    Ok(status_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"internal error","reason":"InternalError","code":500}"#,
+    ))
+}
+
+fn list(
+    store: &Store,
+    info: &ReqInfo,
+    wants_table: bool,
+    query: Option<&str>,
+) -> Result<Response<ResBody>, StoreError> {
+    let rt = info.rt;
+    let opts = ListOptions::from_query(rt, &info.list_query)?;
+    let result = store.list(rt, info.ns(), &opts)?;
+    if wants_table {
+        let table = table::list_table(
+            rt,
+            &result.items,
+            list_metadata(&result),
+            table::include_object(query),
+        );
+        return Ok(json_response(StatusCode::OK, &table));
+    }
+    Ok(raw_json_response(StatusCode::OK, list_body(rt, &result)))
+}
+
+/// Create, update, patch (and their subresources) with a decoded body.
+fn write(
+    state: &State,
+    info: &ReqInfo,
+    user: &UserInfo,
+    content_type: &str,
+    body: Value,
+) -> Result<Response<ResBody>, StoreError> {
+    let rt = info.rt;
+    let store = &state.store;
+    let ns = info.ns();
+    match (info.verb, info.subresource) {
+        (Verb::Create, None) => {
+            if !rt.is_stored() {
+                return Ok(review(state, rt, user, &body));
+            }
+            if let (Some(ns), Some(body_ns)) = (
+                ns,
+                body.pointer("/metadata/namespace").and_then(Value::as_str),
+            ) && !body_ns.is_empty()
+                && body_ns != ns
+            {
+                return Err(StoreError::BadRequest(
+                    "the namespace of the provided object does not match the namespace sent on the request"
+                        .to_string(),
+                ));
+            }
+            let created = store.create(rt, ns, body)?;
+            if rt.plural == "namespaces"
+                && let Some(name) = created.pointer("/metadata/name").and_then(Value::as_str)
+            {
+                // The serviceaccount controller's job in a real cluster.
+                if let Err(e) = super::ensure_default_service_account(store, name) {
+                    tracing::warn!(namespace = name, error = %e, "kube-sim could not create the default ServiceAccount");
+                }
+            }
+            Ok(json_response(StatusCode::CREATED, &*created))
+        }
+        (Verb::Create, Some("token")) => {
+            let ns = ns.unwrap_or("");
+            let sa = store.get(rt, Some(ns), info.name())?;
+            let uid = sa
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            match state.auth.token_request(ns, info.name(), uid, &body) {
+                Ok(answer) => Ok(json_response(StatusCode::CREATED, &answer)),
+                Err(auth::TokenRequestError::TooShort(s)) => Err(StoreError::Invalid {
+                    kind: "TokenRequest".to_string(),
+                    name: info.name().to_string(),
+                    message: format!(
+                        "spec.expirationSeconds: Invalid value: {s}: may not specify a duration less than 10 minutes"
+                    ),
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, "kube-sim could not sign a token");
+                    unreachable_verb()
+                }
+            }
+        }
+        (Verb::Update, None) => {
+            check_name(&body, info.name())?;
+            let updated = store.update(rt, ns, info.name(), body)?;
+            Ok(json_response(StatusCode::OK, &*updated))
+        }
+        (Verb::Update, Some("status")) => {
+            // PUT status replaces only .status (and carries the caller's RV
+            // for the optimistic-concurrency check).
+            check_name(&body, info.name())?;
+            let current = store.get(rt, ns, info.name())?;
+            let mut next = (*current).clone();
+            next["status"] = body.get("status").cloned().unwrap_or(Value::Null);
+            if let Some(rv) = body.pointer("/metadata/resourceVersion") {
+                next["metadata"]["resourceVersion"] = rv.clone();
+            }
+            let updated = store.update(rt, ns, info.name(), next)?;
+            Ok(json_response(StatusCode::OK, &*updated))
+        }
+        (Verb::Patch, None | Some("status")) => {
+            let kind = match content_type {
+                "application/merge-patch+json" => PatchKind::Merge,
+                "application/strategic-merge-patch+json" => PatchKind::StrategicMerge,
+                "application/json-patch+json" => PatchKind::Json,
+                _ => return Ok(unsupported_media_type()),
+            };
+            let patched = store.patch(rt, ns, info.name(), &body, kind)?;
+            Ok(json_response(StatusCode::OK, &*patched))
+        }
+        _ => Ok(method_not_allowed()),
+    }
+}
+
+/// PUT bodies must name the object of the URL.
+fn check_name(body: &Value, name: &str) -> Result<(), StoreError> {
+    match body.pointer("/metadata/name").and_then(Value::as_str) {
+        Some(n) if n != name => Err(StoreError::BadRequest(format!(
+            "the name of the object ({n}) does not match the name on the URL ({name})"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The review types (create-only, never stored).
+fn review(state: &State, rt: &ResourceType, user: &UserInfo, body: &Value) -> Response<ResBody> {
+    let answer = match rt.plural {
+        "tokenreviews" => state.auth.token_review(body),
+        "selfsubjectreviews" => auth::self_subject_review(body, user),
+        _ => auth::access_review(body, rt.kind, &rt.api_version()),
+    };
+    json_response(StatusCode::CREATED, &answer)
+}
+
+/// A watch: 200 at once, then one frame per event as the store emits it.
+fn watch(
+    state: &Arc<State>,
+    info: &ReqInfo,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Response<ResBody> {
+    let rt = info.rt;
+    let labels = info.labels();
+    let mut opts = match ListOptions::from_query(rt, &info.list_query) {
+        Ok(opts) => opts,
+        Err(e) => {
+            let resp = store_error(&e);
+            state.metrics.record(labels, resp.status().as_u16());
+            return resp;
+        }
+    };
+    opts.watch = true;
+    let encoder = EventEncoder {
+        rt,
+        table: table::wants_table(headers).then(|| query.unwrap_or("").to_string()),
+        sent_columns: false,
+    };
+    let watch = match state.store.watch(rt, info.ns(), &opts) {
+        Ok(w) => w,
+        Err(e @ StoreError::Expired { .. }) => {
+            // The apiserver answers 200 and one ERROR event carrying the 410
+            // Status, then ends the stream (fixtures/watch-rv-too-old.jsonl).
+            state.metrics.record(labels, 200);
+            let frame = encode_frame("ERROR", &e.to_status());
+            return stream_response(Full::new(frame).boxed());
+        }
+        Err(e) => {
+            let resp = store_error(&e);
+            state.metrics.record(labels, resp.status().as_u16());
+            return resp;
+        }
+    };
+    let timeout = match opts.timeout_seconds {
+        Some(s) if s > 0 => Duration::from_secs(s),
+        // The apiserver's default: --min-request-timeout × [1, 2).
+        _ => state
+            .min_request_timeout
+            .mul_f64(1.0 + rand::random::<f64>()),
+    };
+    let (tx, mut rx) = mpsc::channel::<Bytes>(WATCH_FRAME_BUFFER);
+    let guard = state.metrics.long_running(labels, 200);
+    state.tracker.spawn(pump(
+        watch,
+        tx,
+        encoder,
+        timeout,
+        state.cancel.clone(),
+        guard,
+    ));
+    let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|frame| frame.map(|b| Ok(Frame::data(b))))
+    }));
+    stream_response(body.boxed())
+}
+
+/// Moves one watch's events from the store to its response body until the
+/// deadline, the store closing the watch, the client leaving, or shutdown.
+/// Dropping the `Watch` at the end unregisters it from the store; dropping
+/// the guard counts the request.
+async fn pump(
+    mut watch: super::store::Watch,
+    tx: mpsc::Sender<Bytes>,
+    mut encoder: EventEncoder,
+    timeout: Duration,
+    cancel: CancellationToken,
+    _guard: super::metrics::LongRunningGuard,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for event in std::mem::take(&mut watch.initial) {
+        if !send(&tx, encoder.encode(&event), &cancel, deadline).await {
+            return;
+        }
+    }
+    // Like the cacher: a bookmark just before the deadline, so the client
+    // resumes from the newest RV; none when the watch is shorter than that.
+    let mut pre_timeout = timeout
+        .checked_sub(PRE_TIMEOUT_BOOKMARK)
+        .filter(|d| !d.is_zero())
+        .map(|d| tokio::time::Instant::now() + d);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = sleep_until_opt(pre_timeout), if pre_timeout.is_some() => {
+                pre_timeout = None;
+                watch.request_bookmark();
+            }
+            event = watch.rx.recv() => match event {
+                Some(event) => {
+                    if !send(&tx, encoder.encode(&event), &cancel, deadline).await {
+                        return;
+                    }
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends one frame, giving up on shutdown, at the deadline, or when the
+/// client is gone. False means the stream is over.
+async fn send(
+    tx: &mpsc::Sender<Bytes>,
+    frame: Bytes,
+    cancel: &CancellationToken,
+    deadline: tokio::time::Instant,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep_until(deadline) => false,
+        r = tx.send(frame) => r.is_ok(),
+    }
+}
+
+/// Encodes watch events as JSON lines, plain or Table-shaped.
+struct EventEncoder {
+    rt: &'static ResourceType,
+    /// The request query when the client asked for Table-encoded events.
+    table: Option<String>,
+    /// Column definitions go only in the first Table event (as the apiserver
+    /// does with NoHeaders after the first); later ones carry null.
+    sent_columns: bool,
+}
+
+impl EventEncoder {
+    fn encode(&mut self, event: &Event) -> Bytes {
+        let kind = event.kind.as_str();
+        let Some(query) = &self.table else {
+            return encode_frame(kind, &*event.object);
+        };
+        if event.kind == EventType::Bookmark {
+            let rv = event
+                .object
+                .pointer("/metadata/resourceVersion")
+                .cloned()
+                .unwrap_or_else(|| Value::String(event.rv.to_string()));
+            let table = json!({
+                "kind": "Table",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": {"resourceVersion": rv},
+                "columnDefinitions": null,
+                "rows": [],
+            });
+            return encode_frame(kind, &table);
+        }
+        let mut table = table::event_table(
+            self.rt,
+            &event.object,
+            table::include_object(Some(query.as_str())),
+        );
+        if self.sent_columns {
+            if let Some(obj) = table.as_object_mut() {
+                obj.insert("columnDefinitions".to_string(), Value::Null);
+            }
+        } else {
+            self.sent_columns = true;
+        }
+        encode_frame(kind, &table)
+    }
+}
+
+/// `{"type":T,"object":{...}}\n`.
+fn encode_frame<T: Serialize + ?Sized>(kind: &str, object: &T) -> Bytes {
+    let mut buf = Vec::with_capacity(512);
+    buf.extend_from_slice(b"{\"type\":\"");
+    buf.extend_from_slice(kind.as_bytes());
+    buf.extend_from_slice(b"\",\"object\":");
+    if serde_json::to_writer(&mut buf, object).is_err() {
+        buf.extend_from_slice(b"null");
+    }
+    buf.extend_from_slice(b"}\n");
+    Bytes::from(buf)
+}
+
+/// `{"resourceVersion":..,"continue":..,"remainingItemCount":..}` (absent fields omitted).
+fn list_metadata(result: &ListResult) -> Value {
+    let mut meta = serde_json::Map::new();
+    meta.insert(
+        "resourceVersion".to_string(),
+        Value::String(result.resource_version.to_string()),
+    );
+    if let Some(c) = &result.continue_token {
+        meta.insert("continue".to_string(), Value::String(c.clone()));
+    }
+    if let Some(n) = result.remaining_item_count {
+        meta.insert("remainingItemCount".to_string(), Value::from(n));
+    }
+    Value::Object(meta)
+}
+
+/// A `{Kind}List` body; items are written without kind/apiVersion, as the
+/// apiserver does, straight from the shared objects (no per-item clone).
+fn list_body(rt: &ResourceType, result: &ListResult) -> Vec<u8> {
+    struct Items<'a>(&'a [Arc<Value>]);
+    impl Serialize for Items<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(self.0.len()))?;
+            for item in self.0 {
+                seq.serialize_element(&WithoutTypeMeta(item))?;
+            }
+            seq.end()
+        }
+    }
+    struct WithoutTypeMeta<'a>(&'a Value);
+    impl Serialize for WithoutTypeMeta<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let Some(obj) = self.0.as_object() else {
+                return self.0.serialize(s);
+            };
+            let mut map = s.serialize_map(None)?;
+            for (k, v) in obj {
+                if k != "kind" && k != "apiVersion" {
+                    map.serialize_entry(k, v)?;
+                }
+            }
+            map.end()
+        }
+    }
+    #[derive(serde::Serialize)]
+    struct List<'a> {
+        kind: String,
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Value,
+        items: Items<'a>,
+    }
+    let list = List {
+        kind: rt.list_kind(),
+        api_version: rt.api_version(),
+        metadata: list_metadata(result),
+        items: Items(&result.items),
+    };
+    serde_json::to_vec(&list).unwrap_or_default()
+}
+
+/// Reads and decodes a request body (at most [`MAX_BODY`]): JSON, or the
+/// protobuf that client-go's typed clients send for built-in types.
+async fn read_body(req: Request<Incoming>, content_type: &str) -> Result<Value, Response<ResBody>> {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            return Err(if too_large {
+                status_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server has received a request that is too large","reason":"RequestEntityTooLarge","code":413}"#,
+                )
+            } else {
+                store_error(&StoreError::BadRequest(format!(
+                    "error reading the request body: {e}"
+                )))
+            });
+        }
+    };
+    if protobuf::is_protobuf(content_type) {
+        return protobuf::decode(&bytes).map_err(|e| {
+            tracing::debug!(error = %e, "kube-sim could not decode a protobuf body");
+            unsupported_media_type()
+        });
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        store_error(&StoreError::BadRequest(format!(
+            "couldn't get version/kind; json parse error: {e}"
+        )))
+    })
+}
+
+fn non_resource_labels() -> RequestLabels {
+    RequestLabels {
+        verb: "GET",
+        group: "",
+        version: "",
+        resource: "",
+        subresource: "",
+        scope: "",
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> ResBody {
+    Full::new(body.into()).boxed()
+}
+
+fn with_api_headers(mut resp: Response<ResBody>) -> Response<ResBody> {
+    let h = resp.headers_mut();
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn raw_json_response(code: StatusCode, body: Vec<u8>) -> Response<ResBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = code;
+    with_api_headers(resp)
+}
+
+fn json_response<T: Serialize + ?Sized>(code: StatusCode, value: &T) -> Response<ResBody> {
+    raw_json_response(code, serde_json::to_vec(value).unwrap_or_default())
+}
+
+fn stream_response(body: ResBody) -> Response<ResBody> {
+    with_api_headers(Response::new(body))
+}
+
+fn bytes_response(resp: Response<Bytes>) -> Response<ResBody> {
+    resp.map(full)
+}
+
+fn text(code: StatusCode, body: &'static str) -> Response<ResBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// A fixed Status body, written byte for byte in the apiserver's field order.
+fn status_response(code: StatusCode, body: &'static str) -> Response<ResBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = code;
+    with_api_headers(resp)
+}
+
+fn store_error(e: &StoreError) -> Response<ResBody> {
+    let code = StatusCode::from_u16(e.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(code, &e.to_status())
+}
+
+/// fixtures/error-401-unauthorized.body.
+fn unauthorized() -> Response<ResBody> {
+    status_response(
+        StatusCode::UNAUTHORIZED,
+        r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"Unauthorized","reason":"Unauthorized","code":401}"#,
+    )
+}
+
+/// The apiserver's answer for a path no handler serves.
+fn not_found() -> Response<ResBody> {
+    status_response(
+        StatusCode::NOT_FOUND,
+        r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","details":{},"code":404}"#,
+    )
+}
+
+fn method_not_allowed() -> Response<ResBody> {
+    status_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server does not allow this method on the requested resource","reason":"MethodNotAllowed","details":{},"code":405}"#,
+    )
+}
+
+/// Server-side apply (`application/apply-patch+yaml`) is not simulated.
+fn unsupported_media_type() -> Response<ResBody> {
+    status_response(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json","reason":"UnsupportedMediaType","code":415}"#,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(method: Method, path: &str, query: &str) -> Result<ReqInfo, StatusCode> {
+        classify(&method, path, Some(query)).map_err(|r| match r {
+            Reject::NotFound => StatusCode::NOT_FOUND,
+            Reject::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        })
+    }
+
+    #[test]
+    fn classify_reads_namespace_name_and_subresource() {
+        let i = info(Method::GET, "/api/v1/namespaces/demo/pods/web-0/status", "").expect("ok");
+        assert_eq!(i.verb, Verb::Get);
+        assert_eq!(i.rt.plural, "pods");
+        assert_eq!(i.namespace.as_deref(), Some("demo"));
+        assert_eq!(i.name.as_deref(), Some("web-0"));
+        assert_eq!(i.subresource, Some("status"));
+        assert_eq!(i.labels().scope, "resource");
+    }
+
+    #[test]
+    fn the_namespace_itself_is_a_cluster_scoped_object() {
+        let i = info(Method::GET, "/api/v1/namespaces/demo", "").expect("ok");
+        assert_eq!(i.rt.plural, "namespaces");
+        assert_eq!(i.name.as_deref(), Some("demo"));
+        assert_eq!(i.namespace, None);
+        let i = info(Method::PUT, "/api/v1/namespaces/demo/status", "").expect("ok");
+        assert_eq!((i.verb, i.subresource), (Verb::Update, Some("status")));
+    }
+
+    #[test]
+    fn get_without_name_is_list_or_watch() {
+        let list = info(Method::GET, "/apis/apps/v1/deployments", "watch=false").expect("ok");
+        assert_eq!(list.verb, Verb::List);
+        assert_eq!(list.labels().scope, "cluster");
+        let w = info(Method::GET, "/api/v1/namespaces/a/pods", "watch=1").expect("ok");
+        assert_eq!(w.verb, Verb::Watch);
+        assert_eq!(w.labels().scope, "namespace");
+        let w = info(Method::GET, "/api/v1/namespaces/a/pods", "watch").expect("ok");
+        assert_eq!(w.verb, Verb::Watch);
+    }
+
+    #[test]
+    fn legacy_watch_paths_are_watches_pinned_by_name() {
+        let w = info(Method::GET, "/api/v1/watch/namespaces/a/pods/p1", "").expect("ok");
+        assert_eq!(w.verb, Verb::Watch);
+        assert_eq!(w.name, None);
+        assert_eq!(w.list_query, "fieldSelector=metadata.name%3Dp1");
+    }
+
+    #[test]
+    fn unknown_paths_and_methods_are_refused() {
+        assert_eq!(
+            info(Method::GET, "/api/v1/widgets", "").err(),
+            Some(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            info(Method::GET, "/api/v1/pods/x", "").err(),
+            Some(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            info(Method::GET, "/api/v1/namespaces/a/nodes", "").err(),
+            Some(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            info(Method::PUT, "/api/v1/namespaces/a/pods", "").err(),
+            Some(StatusCode::METHOD_NOT_ALLOWED)
+        );
+        assert_eq!(
+            info(
+                Method::GET,
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                ""
+            )
+            .err(),
+            Some(StatusCode::METHOD_NOT_ALLOWED)
+        );
+        assert_eq!(
+            info(Method::DELETE, "/api/v1/namespaces", "").err(),
+            Some(StatusCode::METHOD_NOT_ALLOWED)
+        );
+    }
+
+    #[test]
+    fn exec_and_token_are_subresource_verbs() {
+        let e = info(
+            Method::GET,
+            "/api/v1/namespaces/a/pods/p/exec",
+            "command=ls",
+        )
+        .expect("ok");
+        assert_eq!(e.verb, Verb::Connect);
+        let t = info(
+            Method::POST,
+            "/api/v1/namespaces/a/serviceaccounts/sa/token",
+            "",
+        )
+        .expect("ok");
+        assert_eq!((t.verb, t.subresource), (Verb::Create, Some("token")));
+    }
+
+    #[test]
+    fn list_items_lose_kind_and_api_version() {
+        let rt = resources::find("", "v1", "configmaps").expect("cm");
+        let result = ListResult {
+            items: vec![Arc::new(
+                json!({"kind":"ConfigMap","apiVersion":"v1","metadata":{"name":"a"}}),
+            )],
+            resource_version: 7,
+            continue_token: Some("c".to_string()),
+            remaining_item_count: Some(1),
+        };
+        let body: Value = serde_json::from_slice(&list_body(rt, &result)).expect("json");
+        assert_eq!(
+            body,
+            json!({"kind":"ConfigMapList","apiVersion":"v1",
+                   "metadata":{"resourceVersion":"7","continue":"c","remainingItemCount":1},
+                   "items":[{"metadata":{"name":"a"}}]})
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! `breakwater run` configuration: command-line flags and/or a YAML file.
+//!
+//! One struct serves both (`RunOptions`): every field is optional there, a
+//! flag overrides the file, and [`RunOptions::validate`] turns the merge into
+//! the [`ProxyConfig`] the server accepts, or says what is missing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::tls::UpstreamTls;
+use crate::upstream::Timeouts;
+
+/// Flags of `breakwater run`, and the fields of its `--config` file.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RunOptions {
+    /// YAML file with any of these options (camelCase keys); flags win.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address for client TLS connections [default: 127.0.0.1:6443].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Serving certificate (PEM, may include the chain).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Serving private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// CA that signs client certificates; without it client certificates are not requested.
+    #[arg(long)]
+    pub client_ca: Option<PathBuf>,
+    /// The apiserver, e.g. https://127.0.0.1:6444.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// CA bundle for the apiserver's serving certificate.
+    #[arg(long)]
+    pub upstream_ca: Option<PathBuf>,
+    /// The proxy's client certificate for the apiserver (PEM).
+    #[arg(long)]
+    pub upstream_client_cert: Option<PathBuf>,
+    /// Key of --upstream-client-cert (PEM).
+    #[arg(long)]
+    pub upstream_client_key: Option<PathBuf>,
+    /// Plain-HTTP admin listener: /healthz /livez /readyz /metrics [default: 127.0.0.1:9444].
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+    /// How long SIGTERM waits for in-flight requests before ending watch streams [default: 30s].
+    #[arg(long)]
+    pub shutdown_grace: Option<String>,
+    /// Response-header timeout for requests that are not long-running [default: 60s].
+    #[arg(long)]
+    pub upstream_timeout: Option<String>,
+}
+
+/// A configuration the server accepts.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub upstream: String,
+    pub upstream_tls: UpstreamTls,
+    pub admin_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub timeouts: Timeouts,
+}
+
+/// What is wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("missing required option --{0} (or `{1}` in the config file)")]
+    Missing(&'static str, &'static str),
+    #[error("--{option}: {value:?} is not a duration like 30s or 2m: {source}")]
+    Duration {
+        option: &'static str,
+        value: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+    #[error("--upstream-client-cert and --upstream-client-key go together")]
+    HalfClientCert,
+}
+
+impl RunOptions {
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> Result<RunOptions, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// `self` (flags) over `file`.
+    pub fn over(self, file: RunOptions) -> RunOptions {
+        RunOptions {
+            config: self.config,
+            listen: self.listen.or(file.listen),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            client_ca: self.client_ca.or(file.client_ca),
+            upstream: self.upstream.or(file.upstream),
+            upstream_ca: self.upstream_ca.or(file.upstream_ca),
+            upstream_client_cert: self.upstream_client_cert.or(file.upstream_client_cert),
+            upstream_client_key: self.upstream_client_key.or(file.upstream_client_key),
+            admin_listen: self.admin_listen.or(file.admin_listen),
+            shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
+            upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
+        }
+    }
+
+    /// Flags merged over the `--config` file, if one is named.
+    pub fn resolve(self) -> Result<ProxyConfig, ConfigError> {
+        let merged = match &self.config {
+            Some(path) => {
+                let file = RunOptions::from_file(path)?;
+                self.over(file)
+            }
+            None => self,
+        };
+        merged.validate()
+    }
+
+    /// Checks required fields and parses durations.
+    pub fn validate(self) -> Result<ProxyConfig, ConfigError> {
+        let client_cert = match (self.upstream_client_cert, self.upstream_client_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err(ConfigError::HalfClientCert),
+        };
+        let defaults = Timeouts::default();
+        Ok(ProxyConfig {
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 6443))),
+            tls_cert: self
+                .tls_cert
+                .ok_or(ConfigError::Missing("tls-cert", "tlsCert"))?,
+            tls_key: self
+                .tls_key
+                .ok_or(ConfigError::Missing("tls-key", "tlsKey"))?,
+            client_ca: self.client_ca,
+            upstream: self
+                .upstream
+                .ok_or(ConfigError::Missing("upstream", "upstream"))?,
+            upstream_tls: UpstreamTls {
+                ca: self.upstream_ca,
+                client_cert,
+            },
+            admin_listen: self
+                .admin_listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9444))),
+            shutdown_grace: duration(
+                "shutdown-grace",
+                self.shutdown_grace,
+                Duration::from_secs(30),
+            )?,
+            timeouts: Timeouts {
+                response: duration("upstream-timeout", self.upstream_timeout, defaults.response)?,
+                ..defaults
+            },
+        })
+    }
+}
+
+fn duration(
+    option: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(&v).map_err(|source| ConfigError::Duration {
+            option,
+            value: v,
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let file: RunOptions = serde_yaml_ng::from_str(
+            "upstream: https://10.0.0.1:6443\ntlsCert: /f/cert\ntlsKey: /f/key\nshutdownGrace: 5s\n",
+        )
+        .expect("parse");
+        let flags = RunOptions {
+            tls_cert: Some("/flag/cert".into()),
+            ..RunOptions::default()
+        };
+        let cfg = flags.over(file).validate().expect("valid");
+        assert_eq!(cfg.tls_cert, PathBuf::from("/flag/cert"));
+        assert_eq!(cfg.tls_key, PathBuf::from("/f/key"));
+        assert_eq!(cfg.upstream, "https://10.0.0.1:6443");
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(cfg.listen, "127.0.0.1:6443".parse().expect("addr"));
+    }
+
+    #[test]
+    fn unknown_file_fields_are_refused() {
+        let err = serde_yaml_ng::from_str::<RunOptions>("upstreem: x\n").expect_err("unknown");
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_upstream_is_named() {
+        let opts = RunOptions {
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            ..RunOptions::default()
+        };
+        let err = opts.validate().expect_err("missing");
+        assert!(err.to_string().contains("--upstream"), "{err}");
+    }
+}

@@ -1,0 +1,16 @@
+//! Breakwater: a rate-limiting L7 reverse proxy for the Kubernetes API server.
+//!
+//! The request path is in [`proxy`]; the listener, TLS and shutdown in
+//! [`server`]; the upstream pool in [`upstream`]. `main.rs` only parses
+//! arguments and calls [`server::start`] (or [`demo::run`]).
+
+pub mod admin;
+pub mod classify;
+pub mod config;
+#[cfg(feature = "demo")]
+pub mod demo;
+pub mod proxy;
+pub mod server;
+pub mod status;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,461 @@
+//! The request path: what happens to one client request, in order.
+//!
+//! ```text
+//! handle
+//!   classify   what the apiserver would call it (verb, resource, watch?)
+//!   sanitize   drop headers a client must never choose (X-Remote-*, hop-by-hop)
+//!   forward    send it upstream: pooled h2/h1, or a dedicated h1 connection for upgrades
+//!   respond    stream the answer back, frame by frame, logging when it ends
+//! ```
+//!
+//! Every failure becomes a Kubernetes `Status` response here, at the edge;
+//! a failure in the middle of a streamed body is passed on as a broken stream
+//! (h1: no terminating chunk, h2: RST_STREAM) so that a client can never take
+//! a truncated watch or list for a complete one.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::classify::{self, RequestInfo};
+use crate::status::Status;
+use crate::upstream::{Body, BoxError, Upstream, UpstreamError};
+
+/// What every request handler shares.
+pub struct Shared {
+    pub upstream: Upstream,
+    /// Cancelled at the end of the shutdown grace period: long-running
+    /// response streams then end cleanly instead of being cut.
+    pub streams: CancellationToken,
+}
+
+/// Handles one request from a client. Infallible: every outcome is a response.
+pub async fn handle(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    // Classify first: the access log, the timeouts and (later) the limits
+    // all key on the apiserver's own view of the request.
+    let info = classify::classify(req.method(), req.uri().path(), req.uri().query());
+    let long_running = info.is_long_running();
+    let upgrade = is_upgrade(req.headers());
+    let log = AccessLog::new(&req, &info, peer);
+
+    // Sanitize before anything else reads the headers.
+    sanitize_request(req.headers_mut(), upgrade);
+    append_forwarded_for(req.headers_mut(), peer);
+
+    // Upgrades: take the client side of the connection before the request
+    // is consumed; it resolves once we answer 101.
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let resp = match forward(&shared.upstream, req, long_running, upgrade).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            let status = upstream_status(&err);
+            tracing::warn!(error = %err, path = %log.path, "upstream request failed");
+            return log.finish_with(
+                status
+                    .into_response::<bytes::Bytes>()
+                    .map(crate::upstream::full),
+            );
+        }
+    };
+    respond(&shared, resp, log, long_running, client_upgrade)
+}
+
+/// Sends the sanitized request upstream.
+async fn forward(
+    upstream: &Upstream,
+    req: Request<Incoming>,
+    long_running: bool,
+    upgrade: bool,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let (mut parts, body) = req.into_parts();
+    parts.uri = upstream.uri_for(parts.uri.path_and_query());
+    let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+    upstream.send(req, long_running, upgrade).await
+}
+
+/// Streams the upstream response back to the client.
+fn respond(
+    shared: &Shared,
+    resp: Response<Incoming>,
+    log: AccessLog,
+    long_running: bool,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
+    let mut resp = resp;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(splice(
+            client_upgrade,
+            upstream_upgrade,
+            log,
+            shared.streams.clone(),
+        ));
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, crate::upstream::empty());
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let cancel = long_running.then(|| Box::pin(shared.streams.clone().cancelled_owned()));
+    let status = parts.status;
+    let body = Observed {
+        inner: body.map_err(BoxError::from).boxed(),
+        log: Some(log.with_status(status)),
+        cancel,
+        bytes: 0,
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+/// Copies bytes both ways between an upgraded client connection and the
+/// upgraded upstream connection until either side closes.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    log: AccessLog,
+    streams: CancellationToken,
+) {
+    let log = log.with_status(StatusCode::SWITCHING_PROTOCOLS);
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::warn!(error = %err, path = %log.path, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    tokio::select! {
+        res = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(err) = res {
+                tracing::debug!(error = %err, path = %log.path, "upgraded stream ended with an error");
+            }
+        }
+        _ = streams.cancelled() => {}
+    }
+    drop(log);
+}
+
+/// The Status for a request that never got an upstream response.
+fn upstream_status(err: &UpstreamError) -> Status {
+    match err {
+        UpstreamError::Timeout(d) => Status::gateway_timeout(format!(
+            "the apiserver did not answer within {}s",
+            d.as_secs()
+        )),
+        UpstreamError::Unreachable(_) => {
+            Status::service_unavailable("the apiserver is unreachable from the proxy")
+        }
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Header names that describe one hop, not the request (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Removes hop-by-hop headers (and those the Connection header names). An
+/// upgrade keeps `Connection: Upgrade` and `Upgrade`, which it needs.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        if upgrade && name == "connection" {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Request headers a client must never choose.
+///
+/// `X-Remote-*` carry identity on front-proxy connections; the apiserver
+/// trusts them from the proxy's certificate, so a client must not be able to
+/// smuggle them through. `Host` names the proxy, not the apiserver; the
+/// upstream client sets its own.
+fn sanitize_request(headers: &mut HeaderMap, upgrade: bool) {
+    strip_hop_by_hop(headers, upgrade);
+    let remote: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-remote-"))
+        .cloned()
+        .collect();
+    for name in remote {
+        headers.remove(name);
+    }
+    headers.remove(header::HOST);
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+/// One access-log line per request, written when the response (or stream)
+/// ends, however it ends. Never the query string (it may carry tokens in
+/// exec or proxy URLs) and never headers.
+pub struct AccessLog {
+    start: Instant,
+    method: http::Method,
+    path: String,
+    verb: &'static str,
+    resource: String,
+    namespace: String,
+    peer: SocketAddr,
+    status: Option<StatusCode>,
+    outcome: &'static str,
+    bytes: u64,
+}
+
+impl AccessLog {
+    fn new<B>(req: &Request<B>, info: &RequestInfo, peer: SocketAddr) -> AccessLog {
+        let resource = if info.subresource.is_empty() {
+            info.resource.clone()
+        } else {
+            format!("{}/{}", info.resource, info.subresource)
+        };
+        AccessLog {
+            start: Instant::now(),
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            verb: verb_label(&info.verb),
+            resource,
+            namespace: info.namespace.clone(),
+            peer,
+            status: None,
+            outcome: "client-gone",
+            bytes: 0,
+        }
+    }
+
+    fn with_status(mut self, status: StatusCode) -> AccessLog {
+        self.status = Some(status);
+        self
+    }
+
+    fn finish_with(mut self, resp: Response<Body>) -> Response<Body> {
+        self.status = Some(resp.status());
+        self.outcome = "complete";
+        resp
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let status = self.status.map(|s| s.as_u16()).unwrap_or(0);
+        let elapsed = self.start.elapsed();
+        tracing::info!(
+            target: "breakwater::access",
+            method = %self.method,
+            path = %self.path,
+            verb = self.verb,
+            resource = %self.resource,
+            namespace = %self.namespace,
+            status,
+            outcome = self.outcome,
+            bytes = self.bytes,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            peer = %self.peer,
+        );
+        let code = status.to_string();
+        metrics::counter!("breakwater_requests_total", "verb" => self.verb, "code" => code)
+            .increment(1);
+        metrics::histogram!("breakwater_request_duration_seconds", "verb" => self.verb)
+            .record(elapsed.as_secs_f64());
+    }
+}
+
+/// The verb as a bounded metric label: a custom HTTP method on a
+/// non-resource path is "other", so clients cannot mint label values.
+fn verb_label(verb: &classify::Verb) -> &'static str {
+    use classify::Verb;
+    match verb {
+        Verb::Get => "get",
+        Verb::List => "list",
+        Verb::Watch => "watch",
+        Verb::Create => "create",
+        Verb::Update => "update",
+        Verb::Patch => "patch",
+        Verb::Delete => "delete",
+        Verb::DeleteCollection => "deletecollection",
+        Verb::Proxy => "proxy",
+        Verb::Unknown => "unknown",
+        Verb::NonResource(std::borrow::Cow::Borrowed(m)) => m,
+        Verb::NonResource(std::borrow::Cow::Owned(_)) => "other",
+    }
+}
+
+/// A response body passed through frame by frame (no buffering), which
+/// records how it ended and, for long-running streams, ends cleanly when the
+/// proxy's shutdown grace period is over.
+struct Observed {
+    inner: Body,
+    log: Option<AccessLog>,
+    cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    bytes: u64,
+}
+
+impl Observed {
+    fn end(&mut self, outcome: &'static str) {
+        if let Some(mut log) = self.log.take() {
+            log.outcome = outcome;
+            log.bytes = self.bytes;
+        }
+    }
+}
+
+impl http_body::Body for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(cancel) = this.cancel.as_mut()
+            && cancel.as_mut().poll(cx).is_ready()
+        {
+            this.end("shutdown");
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                tracing::warn!(error = %err, "upstream response stream broke; passing the break on");
+                this.end("upstream-error");
+                Poll::Ready(Some(Err(err)))
+            }
+            Poll::Ready(None) => {
+                this.end("complete");
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // hyper stops polling a body that reports its own end (a known
+        // length, fully sent), so the end may only show here.
+        if http_body::Body::is_end_stream(&self.inner) {
+            self.end("complete");
+        } else if let Some(log) = self.log.as_mut() {
+            log.bytes = self.bytes;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_sent_remote_headers_and_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("x-remote-user", HeaderValue::from_static("system:admin"));
+        h.append("X-Remote-Group", HeaderValue::from_static("system:masters"));
+        h.insert("x-remote-extra-scopes", HeaderValue::from_static("x"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-custom"),
+        );
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        h.insert(header::HOST, HeaderValue::from_static("proxy:6443"));
+        sanitize_request(&mut h, false);
+        assert!(h.get("x-remote-user").is_none());
+        assert!(h.get("x-remote-group").is_none());
+        assert!(h.get("x-remote-extra-scopes").is_none());
+        assert!(h.get("x-custom").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get(header::HOST).is_none());
+        assert_eq!(h[header::AUTHORIZATION], "Bearer t");
+    }
+
+    #[test]
+    fn upgrade_requests_keep_connection_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        sanitize_request(&mut h, true);
+        assert_eq!(h[header::CONNECTION], "Upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_peer() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        append_forwarded_for(&mut h, "127.0.0.1:5000".parse().expect("addr"));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    }
+}

@@ -1,0 +1,231 @@
+//! The listener: accept, TLS, HTTP/1.1 or HTTP/2, and graceful shutdown.
+//!
+//! Shutdown order (SIGTERM or [`ProxyHandle::shutdown`]):
+//! 1. `/readyz` fails and the listener closes: no new connections;
+//! 2. every connection is told to finish (h1: close after the current
+//!    response, h2: GOAWAY) and in-flight requests drain, for up to the
+//!    grace period;
+//! 3. then long-running streams (watches) end cleanly, so that clients see a
+//!    normal end of stream and re-watch elsewhere, and the process exits.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::config::ProxyConfig;
+use crate::proxy::{self, Shared};
+use crate::tls::{self, TlsError};
+use crate::upstream::{Upstream, UpstreamConfigError};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("serving TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamConfigError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running proxy.
+pub struct ProxyHandle {
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Starts the shutdown sequence and waits for it to finish.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.done.await;
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Binds the listeners and starts serving.
+pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
+    let server_tls = tls::server_config(&cfg.tls_cert, &cfg.tls_key, cfg.client_ca.as_deref())?;
+    let acceptor = TlsAcceptor::from(Arc::new(server_tls));
+    let upstream = Upstream::new(&cfg.upstream, &cfg.upstream_tls, cfg.timeouts)?;
+    let listener = bind(cfg.listen).await?;
+    let admin_listener = bind(cfg.admin_listen).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.admin_listen,
+            source,
+        })?;
+    admin::prometheus();
+
+    let shutdown = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        upstream: upstream.clone(),
+        streams: CancellationToken::new(),
+    });
+    let admin_state = Arc::new(AdminState {
+        ready: true.into(),
+        upstream,
+    });
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state.clone(),
+        admin_stop.clone(),
+    ));
+    let done = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let graceful = GracefulShutdown::new();
+            accept_loop(listener, acceptor, shared.clone(), &graceful, shutdown).await;
+            // Step 1 is done (listener closed); fail readiness too.
+            admin_state.ready.store(false, Ordering::Release);
+            drain(graceful, &shared, cfg.shutdown_grace).await;
+            admin_stop.cancel();
+            let _ = admin_task.await;
+        }
+    });
+    tracing::info!(%addr, %admin_addr, upstream = %cfg.upstream, "breakwater serving");
+    Ok(ProxyHandle {
+        addr,
+        admin_addr,
+        shutdown,
+        done,
+    })
+}
+
+/// Steps 2 and 3 of the shutdown order.
+async fn drain(graceful: GracefulShutdown, shared: &Shared, grace: Duration) {
+    let connections = graceful.count();
+    tracing::info!(connections, grace_s = grace.as_secs_f64(), "draining");
+    let all_done = graceful.shutdown();
+    tokio::pin!(all_done);
+    if tokio::time::timeout(grace, all_done.as_mut()).await.is_ok() {
+        tracing::info!("drained");
+        return;
+    }
+    tracing::info!("grace period over; ending long-running streams");
+    shared.streams.cancel();
+    if tokio::time::timeout(Duration::from_secs(5), all_done)
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after ending streams; closing anyway");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    graceful: &GracefulShutdown,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            res = listener.accept() => match res {
+                Ok(pair) => {
+                    backoff = Duration::from_millis(5);
+                    pair
+                }
+                Err(err) => {
+                    // EMFILE/ENFILE and aborted handshakes: the listener
+                    // itself is fine; wait a little and go on.
+                    tracing::warn!(error = %err, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let conn = serve_connection(tcp, peer, acceptor.clone(), shared.clone(), graceful);
+        tracker.spawn(conn);
+    }
+    drop(listener);
+    tracker.close();
+}
+
+/// The TLS handshake and the HTTP connection, watched by `graceful`.
+fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    graceful: &GracefulShutdown,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let watcher = graceful.watcher();
+    async move {
+        // A client that never finishes its handshake must not hold a task.
+        let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(err)) => {
+                tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let svc = service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(shared, req, peer).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(1000)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+        if let Err(err) = watcher.watch(conn.into_owned()).await {
+            tracing::debug!(%peer, error = %err, "connection ended with an error");
+        }
+    }
+}

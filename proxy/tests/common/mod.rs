@@ -1,0 +1,182 @@
+//! Shared harness for the end-to-end tests: kube-sim and the proxy on
+//! loopback (through `breakwater demo`'s own start-up), real HTTPS clients,
+//! and kubectl.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use breakwater::demo::{Demo, DemoOptions};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::pem::PemObject;
+
+pub struct Env {
+    pub demo: Demo,
+    pub dir: tempfile::TempDir,
+    pub cache: tempfile::TempDir,
+}
+
+/// kube-sim + proxy on free loopback ports, with kubeconfigs in a temp dir.
+pub async fn demo_env() -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = tempfile::tempdir().expect("tempdir");
+    let demo = Demo::start(&DemoOptions {
+        dir: dir.path().to_path_buf(),
+        port: 0,
+        sim_port: 0,
+        admin_port: 0,
+    })
+    .await
+    .expect("demo starts");
+    Env { demo, dir, cache }
+}
+
+impl Env {
+    pub fn proxy_url(&self) -> String {
+        format!("https://{}", self.demo.proxy.addr())
+    }
+
+    /// Runs kubectl through the proxy with the demo kubeconfig.
+    pub async fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_with(&self.demo.kubeconfig, args).await
+    }
+
+    /// Runs kubectl with the given kubeconfig, bounded to 60 s.
+    pub async fn kubectl_with(&self, kubeconfig: &PathBuf, args: &[&str]) -> Output {
+        let fut = kubectl_cmd(kubeconfig, self.cache.path())
+            .args(args)
+            .output();
+        tokio::time::timeout(Duration::from_secs(60), fut)
+            .await
+            .expect("kubectl finished within 60 s")
+            .expect("kubectl runs (is kubectl installed?)")
+    }
+
+    /// kubectl through the proxy that must succeed; returns stdout.
+    pub async fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args).await;
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}\nstdout: {}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).expect("utf8 stdout")
+    }
+}
+
+pub fn kubectl_cmd(kubeconfig: &PathBuf, cache: &std::path::Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("kubectl");
+    cmd.env("KUBECONFIG", kubeconfig)
+        .env("KUBECACHEDIR", cache)
+        .env("HOME", cache)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// An HTTPS client trusting `ca_pem`, speaking only h2 or only HTTP/1.1.
+pub fn https_client(ca_pem: &str, h2: bool) -> HttpsClient {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("ca pem")).expect("add ca");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let conn = if h2 {
+        b.enable_http2().build()
+    } else {
+        b.enable_http1().build()
+    };
+    let mut builder = Client::builder(TokioExecutor::new());
+    if h2 {
+        builder.http2_only(true);
+    }
+    builder.build(conn)
+}
+
+/// A GET with a bearer token.
+pub fn get(url: &str, token: &str) -> http::Request<Empty<Bytes>> {
+    http::Request::get(url)
+        .header("authorization", format!("Bearer {token}"))
+        .body(Empty::new())
+        .expect("request")
+}
+
+/// Reads newline-delimited frames (watch events) from a streaming body.
+pub struct Lines {
+    body: Incoming,
+    buf: BytesMut,
+}
+
+impl Lines {
+    pub fn new(body: Incoming) -> Lines {
+        Lines {
+            body,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The next line, or None at a clean end of stream. Panics on a broken
+    /// stream or after `within`.
+    pub async fn next_within(&mut self, within: Duration) -> Option<String> {
+        tokio::time::timeout(within, self.next())
+            .await
+            .expect("a line arrived in time")
+    }
+
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf.split_to(pos + 1);
+                return Some(String::from_utf8_lossy(&line[..pos]).into_owned());
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(err)) => panic!("stream broke: {err}"),
+                None => {
+                    assert!(self.buf.is_empty(), "stream ended mid-line");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// `(type, name, resourceVersion)` of a watch event line.
+pub fn event_summary(line: &str) -> (String, String, String) {
+    let v: serde_json::Value = serde_json::from_str(line).expect("event json");
+    (
+        v["type"].as_str().unwrap_or_default().to_string(),
+        v["object"]["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        v["object"]["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}

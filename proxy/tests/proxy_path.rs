@@ -1,0 +1,258 @@
+//! The transparent path: streaming, differential equality with a direct
+//! watch, errors as Status, and graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use breakwater::config::ProxyConfig;
+use breakwater::tls::UpstreamTls;
+use breakwater::upstream::Timeouts;
+use breakwater_loadtest::sim::resources;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+
+use common::{Lines, demo_env, event_summary, get, https_client};
+
+fn configmap(name: &str, data: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"name": name, "namespace": "default", "labels": {"app": "diff"}},
+           "data": {"k": data}})
+}
+
+async fn list_rv(client: &common::HttpsClient, base: &str, token: &str) -> String {
+    let resp = client
+        .request(get(
+            &format!("{base}/api/v1/namespaces/default/configmaps"),
+            token,
+        ))
+        .await
+        .expect("list");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("list RV")
+        .to_string()
+}
+
+/// One event, and then nothing more from upstream: if the proxy held bytes
+/// back until more arrived (a buffer to fill, a flush on the next write),
+/// the event would never reach the client.
+async fn single_event_arrives_alone(h2: bool) {
+    let env = demo_env().await;
+    let client = https_client(&env.demo.proxy_ca_pem, h2);
+    let base = env.proxy_url();
+    let rv = list_rv(&client, &base, &env.demo.token).await;
+    let url =
+        format!("{base}/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={rv}");
+    let resp = client
+        .request(get(&url, &env.demo.token))
+        .await
+        .expect("watch");
+    assert_eq!(resp.status(), 200);
+    let mut lines = Lines::new(resp.into_body());
+
+    let cm = resources::find("", "v1", "configmaps").expect("type");
+    env.demo
+        .sim
+        .store()
+        .create(cm, Some("default"), configmap("lonely", "1"))
+        .expect("create");
+    let line = lines
+        .next_within(Duration::from_secs(10))
+        .await
+        .expect("an event, not the end");
+    let (kind, name, _) = event_summary(&line);
+    assert_eq!((kind.as_str(), name.as_str()), ("ADDED", "lonely"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_event_is_delivered_without_waiting_for_more_bytes_over_http1() {
+    single_event_arrives_alone(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_event_is_delivered_without_waiting_for_more_bytes_over_http2() {
+    single_event_arrives_alone(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_through_the_proxy_equals_the_direct_watch() {
+    let env = demo_env().await;
+    let token = &env.demo.token;
+    let proxied = https_client(&env.demo.proxy_ca_pem, true);
+    let direct = https_client(env.demo.sim.pki().serving_ca.cert_pem(), true);
+    let rv = list_rv(&direct, &env.demo.sim.url(), token).await;
+    let path = format!(
+        "/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={rv}&labelSelector=app%3Ddiff"
+    );
+    let via = proxied
+        .request(get(&format!("{}{path}", env.proxy_url()), token))
+        .await
+        .expect("proxied watch");
+    let dir = direct
+        .request(get(&format!("{}{path}", env.demo.sim.url()), token))
+        .await
+        .expect("direct watch");
+    let mut via = Lines::new(via.into_body());
+    let mut dir = Lines::new(dir.into_body());
+
+    let cm = resources::find("", "v1", "configmaps").expect("type");
+    let store = env.demo.sim.store();
+    let mut expected = 0;
+    for i in 0..20 {
+        let name = format!("d{}", i % 5);
+        if i < 5 {
+            store
+                .create(cm, Some("default"), configmap(&name, "0"))
+                .expect("create");
+        } else if i < 15 {
+            store
+                .patch(
+                    cm,
+                    Some("default"),
+                    &name,
+                    &json!({"data": {"k": i.to_string()}}),
+                    breakwater_loadtest::sim::store::PatchKind::Merge,
+                )
+                .expect("patch");
+        } else {
+            store.delete(cm, Some("default"), &name).expect("delete");
+        }
+        expected += 1;
+    }
+    let mut kinds = Vec::new();
+    for _ in 0..expected {
+        let a = via
+            .next_within(Duration::from_secs(10))
+            .await
+            .expect("proxied event");
+        let b = dir
+            .next_within(Duration::from_secs(10))
+            .await
+            .expect("direct event");
+        assert_eq!(a, b, "the proxy must pass events through byte for byte");
+        kinds.push(event_summary(&a).0);
+    }
+    assert_eq!(kinds.iter().filter(|k| *k == "ADDED").count(), 5);
+    assert_eq!(kinds.iter().filter(|k| *k == "MODIFIED").count(), 10);
+    assert_eq!(kinds.iter().filter(|k| *k == "DELETED").count(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_apiserver_is_a_503_status() {
+    let env = demo_env().await;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let dir = env.dir.path();
+    let proxy = breakwater::server::start(ProxyConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        tls_cert: dir.join("proxy.crt"),
+        tls_key: dir.join("proxy.key"),
+        client_ca: None,
+        upstream: format!("https://127.0.0.1:{port}"),
+        upstream_tls: UpstreamTls {
+            ca: Some(dir.join("kube-sim-ca.crt")),
+            client_cert: None,
+        },
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        shutdown_grace: Duration::from_secs(1),
+        timeouts: Timeouts::default(),
+    })
+    .await
+    .expect("start");
+    let client = https_client(&env.demo.proxy_ca_pem, false);
+    let resp = client
+        .request(get(
+            &format!("https://{}/api/v1/namespaces", proxy.addr()),
+            &env.demo.token,
+        ))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let v: Value = serde_json::from_slice(&body).expect("Status json");
+    assert_eq!(v["kind"], "Status");
+    assert_eq!(v["reason"], "ServiceUnavailable");
+    assert_eq!(v["code"], 503);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_fails_readiness_then_ends_watches_cleanly() {
+    let env = demo_env().await;
+    let dir = env.dir.path();
+    let proxy = breakwater::server::start(ProxyConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        tls_cert: dir.join("proxy.crt"),
+        tls_key: dir.join("proxy.key"),
+        client_ca: None,
+        upstream: env.demo.sim.url(),
+        upstream_tls: UpstreamTls {
+            ca: Some(dir.join("kube-sim-ca.crt")),
+            client_cert: None,
+        },
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        shutdown_grace: Duration::from_millis(300),
+        timeouts: Timeouts::default(),
+    })
+    .await
+    .expect("start");
+    let client = https_client(&env.demo.proxy_ca_pem, false);
+    let url = format!(
+        "https://{}/api/v1/namespaces/default/configmaps?watch=true",
+        proxy.addr()
+    );
+    let resp = client
+        .request(get(&url, &env.demo.token))
+        .await
+        .expect("watch");
+    assert_eq!(resp.status(), 200);
+    let mut lines = Lines::new(resp.into_body());
+    let admin = proxy.admin_addr();
+    assert!(readyz(admin).await.starts_with("HTTP/1.1 200"));
+
+    let shutdown = tokio::spawn(proxy.shutdown());
+    // Readiness fails while the watch is still draining.
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = readyz(admin).await;
+        if seen.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        seen.starts_with("HTTP/1.1 503"),
+        "readyz during drain: {seen}"
+    );
+    // The watch must end as a normal end of stream (Lines panics on a
+    // broken stream), after the grace period.
+    let end = tokio::time::timeout(Duration::from_secs(15), async {
+        while lines.next().await.is_some() {}
+    })
+    .await;
+    assert!(
+        end.is_ok(),
+        "the watch ended within the grace period + margin"
+    );
+    shutdown.await.expect("shutdown finished");
+}
+
+async fn readyz(admin: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("admin connect");
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    String::from_utf8_lossy(&buf).into_owned()
+}
