@@ -474,10 +474,12 @@ mod tests {
     /// proves the parsing and the graceful stop without the real proxy.
     #[tokio::test]
     async fn readiness_lines_are_parsed_and_sigterm_stops_the_child() {
-        let script = "echo 'starting' >&2; \
+        // The trap goes first: like the real proxy, the handler exists
+        // before readiness is announced.
+        let script = "trap 'exit 0' TERM; echo 'starting' >&2; \
                       echo 'breakwater: listening on https://127.0.0.1:4431'; \
                       echo 'breakwater: admin on http://127.0.0.1:9091'; \
-                      trap 'exit 0' TERM; while :; do sleep 0.05; done";
+                      while :; do sleep 0.05; done";
         let p = BreakwaterProcess::start(
             Path::new("/bin/sh"),
             ["-c", script],

@@ -250,19 +250,25 @@ async fn discovery_and_health_answer_over_both_protocols() {
 }
 
 #[tokio::test]
-async fn requests_without_credentials_get_the_apiservers_401() {
+async fn bad_credentials_get_the_apiservers_401_and_none_are_anonymous() {
     let sim = start().await;
     for proto in [Proto::H1, Proto::H2] {
-        for cred in [Cred::Anonymous, Cred::Token("not.a.jwt")] {
-            let a = api(&sim, proto, cred);
-            let (s, h, v) = a.call(Method::GET, "/api/v1/namespaces", None, &[]).await;
-            assert_eq!(s, StatusCode::UNAUTHORIZED);
-            assert_eq!(h["content-type"], "application/json");
-            assert_eq!(h["cache-control"], "no-cache, private");
-            assert_eq!(v, fixture("error-401-unauthorized.body"));
-            let (s, _) = a.get("/api").await;
-            assert_eq!(s, StatusCode::UNAUTHORIZED);
-        }
+        let a = api(&sim, proto, Cred::Token("not.a.jwt"));
+        let (s, h, v) = a.call(Method::GET, "/api/v1/namespaces", None, &[]).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(h["cache-control"], "no-cache, private");
+        assert_eq!(v, fixture("error-401-unauthorized.body"));
+        let (s, _) = a.get("/api").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        // No credentials: system:anonymous, which RBAC lets see health only.
+        let a = api(&sim, proto, Cred::Anonymous);
+        let (s, h, v) = a.call(Method::GET, "/api/v1/namespaces", None, &[]).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(v["reason"], "Forbidden");
+        let (s, _) = a.get("/api").await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
     }
     sim.shutdown().await;
 }
@@ -755,6 +761,32 @@ async fn a_token_from_the_token_subresource_authenticates() {
                 "system:authenticated"
             ])
         );
+        // RBAC: nothing grants the agent configmaps until a Role does.
+        let (s, _) = sa.get("/api/v1/namespaces/demo/configmaps").await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+    }
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "cm-reader"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}]});
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "agent-cm-reader"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "agent", "namespace": "demo"}]});
+    for (path, body) in [
+        (
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/demo/roles",
+            &role,
+        ),
+        (
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/demo/rolebindings",
+            &binding,
+        ),
+    ] {
+        let (s, _, v) = admin.call(Method::POST, path, Some(body), &[]).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    for proto in [Proto::H1, Proto::H2] {
+        let sa = api(&sim, proto, Cred::Token(&token));
         let (s, _) = sa.get("/api/v1/namespaces/demo/configmaps").await;
         assert_eq!(s, StatusCode::OK);
     }
@@ -799,7 +831,8 @@ async fn a_token_from_the_token_subresource_authenticates() {
         .await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(sar["kind"], fixture("subjectaccessreview.body")["kind"]);
-    assert_eq!(sar["status"]["allowed"], true);
+    // User "x" has no bindings: denied, shaped like the fixture's status.
+    assert_eq!(sar["status"], fixture("subjectaccessreview.body")["status"]);
     sim.shutdown().await;
 }
 

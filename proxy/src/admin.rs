@@ -1,4 +1,14 @@
-//! The admin listener: health, readiness and metrics, over plain HTTP/1.1.
+//! The admin listener: health, readiness, metrics and the emergency brake,
+//! over plain HTTP/1.1.
+//!
+//! - `GET /healthz`, `/livez`, `/readyz`, `/metrics`
+//! - `GET /admin/v1/blocks`: the block list (JSON array)
+//! - `POST /admin/v1/blocks`: add a block (a `Block` JSON object; `id` and
+//!   `createdAt` may be left out); 201 with the stored block
+//! - `DELETE /admin/v1/blocks/{id}`: remove one; 404 if unknown
+//!
+//! Blocks work while the apiserver is unreachable: they are decided before
+//! anything is forwarded.
 //!
 //! It binds 127.0.0.1 by default: it is for the kubelet's probes and the
 //! node's Prometheus, never for clients. `/readyz` fails while the proxy
@@ -21,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admit::Admission;
 use crate::upstream::Upstream;
 
 /// The process-wide Prometheus recorder. The first proxy in a process
@@ -42,6 +53,7 @@ pub struct AdminState {
     /// False once shutdown has begun.
     pub ready: AtomicBool,
     pub upstream: Upstream,
+    pub admission: Arc<Admission>,
 }
 
 /// Serves the admin endpoints until `stop` is cancelled.
@@ -99,6 +111,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
 }
 
 async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(rest) = req.uri().path().strip_prefix("/admin/v1/blocks") {
+        return blocks(state, rest.to_string(), req).await;
+    }
     match req.uri().path() {
         "/healthz" | "/livez" => text(StatusCode::OK, "ok"),
         "/readyz" => {
@@ -120,6 +135,58 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// The block-list API.
+async fn blocks(state: &AdminState, rest: String, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http::Method;
+    use http_body_util::BodyExt;
+    let admission = &state.admission;
+    match (req.method().clone(), rest.as_str()) {
+        (Method::GET, "" | "/") => json(StatusCode::OK, &admission.blocks()),
+        (Method::POST, "" | "/") => {
+            // Bounded: a block is a few hundred bytes.
+            let limited = http_body_util::Limited::new(req.into_body(), 64 * 1024);
+            let body = match limited.collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(err) => {
+                    return error(StatusCode::BAD_REQUEST, &format!("reading the body: {err}"));
+                }
+            };
+            let block: breakwater_limits::Block = match serde_json::from_slice(&body) {
+                Ok(b) => b,
+                Err(err) => return error(StatusCode::BAD_REQUEST, &format!("not a block: {err}")),
+            };
+            match admission.add_block(block) {
+                Ok(block) => json(StatusCode::CREATED, &block),
+                Err(err) => error(StatusCode::CONFLICT, &err.to_string()),
+            }
+        }
+        (Method::DELETE, id) if id.len() > 1 => match admission.remove_block(&id[1..]) {
+            Ok(Some(block)) => json(StatusCode::OK, &block),
+            Ok(None) => error(StatusCode::NOT_FOUND, "no such block"),
+            Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
+        },
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET or POST /admin/v1/blocks, DELETE /admin/v1/blocks/{id}",
+        ),
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({"error": message}))
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

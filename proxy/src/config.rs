@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::identity::AuthConfig;
 use crate::tls::UpstreamTls;
-use crate::upstream::Timeouts;
+use crate::upstream::{AuthMode, DEFAULT_PROXY_USER, Timeouts, UpstreamConfig};
 
 /// Flags of `breakwater run`, and the fields of its `--config` file.
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
@@ -45,6 +46,42 @@ pub struct RunOptions {
     /// Key of --upstream-client-cert (PEM).
     #[arg(long)]
     pub upstream_client_key: Option<PathBuf>,
+    /// A bearer token file with the proxy's own credentials (re-read when it changes).
+    #[arg(long)]
+    pub upstream_token_file: Option<PathBuf>,
+    /// How the apiserver learns who the client is: passthrough (forward the client's
+    /// Authorization), front-proxy (X-Remote-* over the proxy's front-proxy certificate) or
+    /// impersonate (the proxy's credentials plus Impersonate-*) [default: passthrough].
+    #[arg(long, value_enum)]
+    pub upstream_auth: Option<AuthMode>,
+    /// In front-proxy mode, the user the proxy's own requests (TokenReview) carry
+    /// [default: system:serviceaccount:kube-system:breakwater].
+    #[arg(long)]
+    pub proxy_user: Option<String>,
+    /// Public keys that verify ServiceAccount tokens (PEM or JWKS); repeatable.
+    #[arg(long)]
+    #[serde(default)]
+    pub service_account_key_file: Vec<PathBuf>,
+    /// Accepted ServiceAccount token issuers; repeatable. Without one, every token goes to TokenReview.
+    #[arg(long)]
+    #[serde(default)]
+    pub service_account_issuer: Vec<String>,
+    /// Accepted token audiences; repeatable [default: the issuers].
+    #[arg(long)]
+    #[serde(default)]
+    pub api_audiences: Vec<String>,
+    /// The limits file (YAML, breakwater/v1alpha1 Limits); re-read on change and on SIGHUP.
+    #[arg(long)]
+    pub limits: Option<PathBuf>,
+    /// Where emergency blocks persist (JSON) so they survive a restart.
+    #[arg(long)]
+    pub blocks_file: Option<PathBuf>,
+    /// Send the IETF draft RateLimit-Policy / RateLimit headers on governed responses.
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub rate_limit_headers: Option<bool>,
+    /// Requests without credentials proceed as system:anonymous (true) or get 401 (false) [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub anonymous_auth: Option<bool>,
     /// Plain-HTTP admin listener: /healthz /livez /readyz /metrics [default: 127.0.0.1:9444].
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
@@ -63,11 +100,20 @@ pub struct ProxyConfig {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub client_ca: Option<PathBuf>,
-    pub upstream: String,
-    pub upstream_tls: UpstreamTls,
+    pub upstream: UpstreamConfig,
+    pub auth: AuthConfig,
     pub admin_listen: SocketAddr,
     pub shutdown_grace: Duration,
-    pub timeouts: Timeouts,
+    pub limits: LimitsConfig,
+}
+
+/// Where the limits and the blocks come from.
+#[derive(Debug, Clone, Default)]
+pub struct LimitsConfig {
+    /// None: no limits (blocks still work).
+    pub file: Option<PathBuf>,
+    pub blocks_file: Option<PathBuf>,
+    pub rate_limit_headers: bool,
 }
 
 /// What is wrong with a configuration.
@@ -123,6 +169,22 @@ impl RunOptions {
             upstream_ca: self.upstream_ca.or(file.upstream_ca),
             upstream_client_cert: self.upstream_client_cert.or(file.upstream_client_cert),
             upstream_client_key: self.upstream_client_key.or(file.upstream_client_key),
+            upstream_token_file: self.upstream_token_file.or(file.upstream_token_file),
+            upstream_auth: self.upstream_auth.or(file.upstream_auth),
+            proxy_user: self.proxy_user.or(file.proxy_user),
+            service_account_key_file: or_vec(
+                self.service_account_key_file,
+                file.service_account_key_file,
+            ),
+            service_account_issuer: or_vec(
+                self.service_account_issuer,
+                file.service_account_issuer,
+            ),
+            api_audiences: or_vec(self.api_audiences, file.api_audiences),
+            anonymous_auth: self.anonymous_auth.or(file.anonymous_auth),
+            limits: self.limits.or(file.limits),
+            blocks_file: self.blocks_file.or(file.blocks_file),
+            rate_limit_headers: self.rate_limit_headers.or(file.rate_limit_headers),
             admin_listen: self.admin_listen.or(file.admin_listen),
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
             upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
@@ -160,12 +222,34 @@ impl RunOptions {
                 .tls_key
                 .ok_or(ConfigError::Missing("tls-key", "tlsKey"))?,
             client_ca: self.client_ca,
-            upstream: self
-                .upstream
-                .ok_or(ConfigError::Missing("upstream", "upstream"))?,
-            upstream_tls: UpstreamTls {
-                ca: self.upstream_ca,
-                client_cert,
+            upstream: UpstreamConfig {
+                url: self
+                    .upstream
+                    .ok_or(ConfigError::Missing("upstream", "upstream"))?,
+                tls: UpstreamTls {
+                    ca: self.upstream_ca,
+                    client_cert,
+                },
+                token_file: self.upstream_token_file,
+                mode: self.upstream_auth.unwrap_or_default(),
+                proxy_user: self
+                    .proxy_user
+                    .unwrap_or_else(|| DEFAULT_PROXY_USER.to_string()),
+                timeouts: Timeouts {
+                    response: duration(
+                        "upstream-timeout",
+                        self.upstream_timeout,
+                        defaults.response,
+                    )?,
+                    ..defaults
+                },
+            },
+            auth: AuthConfig {
+                service_account_key_files: self.service_account_key_file,
+                service_account_issuers: self.service_account_issuer,
+                api_audiences: self.api_audiences,
+                anonymous: self.anonymous_auth.unwrap_or(true),
+                ..AuthConfig::default()
             },
             admin_listen: self
                 .admin_listen
@@ -175,12 +259,17 @@ impl RunOptions {
                 self.shutdown_grace,
                 Duration::from_secs(30),
             )?,
-            timeouts: Timeouts {
-                response: duration("upstream-timeout", self.upstream_timeout, defaults.response)?,
-                ..defaults
+            limits: LimitsConfig {
+                file: self.limits,
+                blocks_file: self.blocks_file,
+                rate_limit_headers: self.rate_limit_headers.unwrap_or(false),
             },
         })
     }
+}
+
+fn or_vec<T>(flags: Vec<T>, file: Vec<T>) -> Vec<T> {
+    if flags.is_empty() { file } else { flags }
 }
 
 fn duration(
@@ -215,7 +304,9 @@ mod tests {
         let cfg = flags.over(file).validate().expect("valid");
         assert_eq!(cfg.tls_cert, PathBuf::from("/flag/cert"));
         assert_eq!(cfg.tls_key, PathBuf::from("/f/key"));
-        assert_eq!(cfg.upstream, "https://10.0.0.1:6443");
+        assert_eq!(cfg.upstream.url, "https://10.0.0.1:6443");
+        assert_eq!(cfg.upstream.mode, AuthMode::Passthrough);
+        assert!(cfg.auth.anonymous);
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(5));
         assert_eq!(cfg.listen, "127.0.0.1:6443".parse().expect("addr"));
     }

@@ -16,10 +16,11 @@ use breakwater_loadtest::pki::{Ca, PkiError};
 use breakwater_loadtest::sim::{self, KubeSim, SimConfig, SimPki};
 use serde_json::json;
 
-use crate::config::ProxyConfig;
+use crate::config::{LimitsConfig, ProxyConfig};
+use crate::identity::AuthConfig;
 use crate::server::{self, ProxyHandle, StartError};
 use crate::tls::UpstreamTls;
-use crate::upstream::Timeouts;
+use crate::upstream::{AuthMode, DEFAULT_PROXY_USER, Timeouts, UpstreamConfig};
 
 /// Options of `breakwater demo`.
 #[derive(Debug, Clone)]
@@ -32,6 +33,8 @@ pub struct DemoOptions {
     pub sim_port: u16,
     /// The admin listener's port on 127.0.0.1 (0 = any free port).
     pub admin_port: u16,
+    /// A limits file for the proxy (none: no limits).
+    pub limits: Option<PathBuf>,
 }
 
 /// Why the demo could not start.
@@ -57,11 +60,16 @@ pub enum DemoError {
 pub struct Demo {
     pub sim: KubeSim,
     pub proxy: ProxyHandle,
-    /// `DIR/kubeconfig`: admin through the proxy.
+    /// `DIR/kubeconfig`: the admin (client certificate, system:masters)
+    /// through the proxy.
     pub kubeconfig: PathBuf,
-    /// `DIR/kubeconfig-direct`: admin straight to kube-sim.
+    /// `DIR/kubeconfig-direct`: the same admin straight to kube-sim.
     pub kubeconfig_direct: PathBuf,
-    /// The demo admin's ServiceAccount token (what `kubeconfig` carries).
+    /// `DIR/kubeconfig-viewer`: ServiceAccount demo/viewer (may only read
+    /// pods in namespace demo) through the proxy.
+    pub kubeconfig_viewer: PathBuf,
+    /// A token of ServiceAccount kube-system/breakwater-demo-admin (bound to
+    /// cluster-admin), for clients that want a bearer token.
     pub token: String,
     /// The CA clients trust for the proxy, PEM.
     pub proxy_ca_pem: String,
@@ -101,11 +109,26 @@ impl Demo {
             "metadata": {"name": DEMO_ADMIN_SA, "namespace": DEMO_ADMIN_NS}});
         // Already there when the demo directory is reused against a seeded store: fine.
         let _ = sim.store().create(sa, Some(DEMO_ADMIN_NS), sa_obj);
-        let token = sim.issue_token(
-            DEMO_ADMIN_NS,
-            DEMO_ADMIN_SA,
-            Duration::from_secs(7 * 24 * 3600),
+        // The proxy's own identity (its TokenReviews in front-proxy mode)
+        // needs what kube-apiserver's system:auth-delegator role grants.
+        let _ = sim.store().create(
+            sa,
+            Some("kube-system"),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                   "metadata": {"name": "breakwater", "namespace": "kube-system"}}),
         );
+        sim::rbac::bind_cluster_role(
+            sim.store(),
+            "breakwater-auth-delegator",
+            "system:auth-delegator",
+            json!([{"kind": "ServiceAccount", "name": "breakwater", "namespace": "kube-system"}]),
+            false,
+        )
+        .map_err(|e| DemoError::Sim(e.to_string()))?;
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let token = sim.issue_token(DEMO_ADMIN_NS, DEMO_ADMIN_SA, week);
+        let viewer_token = sim.issue_token("demo", "viewer", week);
+        let front_proxy = sim.pki().front_proxy_client()?;
 
         // The proxy's own PKI: clients trust this CA for the proxy.
         let proxy_ca = Ca::new("breakwater-demo-ca")?;
@@ -120,55 +143,93 @@ impl Demo {
             ),
             ("admin.crt", admin.cert_pem.clone()),
             ("admin.key", admin.key_pem.clone()),
+            ("client-ca.crt", sim.pki().client_ca.cert_pem().to_string()),
+            ("front-proxy-client.crt", front_proxy.cert_pem.clone()),
+            ("front-proxy-client.key", front_proxy.key_pem.clone()),
+            ("sa.pub", sim.pki().sa_public_pem.clone()),
         ];
         for (name, content) in &files {
             write_private(&dir.join(name), content)?;
         }
 
+        // Front-proxy mode: the proxy verifies client certificates against
+        // the cluster's client CA and ServiceAccount tokens with the
+        // cluster's keys, and tells kube-sim who is calling in X-Remote-*
+        // headers over its front-proxy certificate.
         let proxy = server::start(ProxyConfig {
             listen: SocketAddr::new(loopback, opts.port),
             tls_cert: dir.join("proxy.crt"),
             tls_key: dir.join("proxy.key"),
-            client_ca: None,
-            upstream: sim.url(),
-            upstream_tls: UpstreamTls {
-                ca: Some(dir.join("kube-sim-ca.crt")),
-                client_cert: None,
+            client_ca: Some(dir.join("client-ca.crt")),
+            upstream: UpstreamConfig {
+                url: sim.url(),
+                tls: UpstreamTls {
+                    ca: Some(dir.join("kube-sim-ca.crt")),
+                    client_cert: Some((
+                        dir.join("front-proxy-client.crt"),
+                        dir.join("front-proxy-client.key"),
+                    )),
+                },
+                token_file: None,
+                mode: AuthMode::FrontProxy,
+                proxy_user: DEFAULT_PROXY_USER.to_string(),
+                timeouts: Timeouts::default(),
+            },
+            auth: AuthConfig {
+                service_account_key_files: vec![dir.join("sa.pub")],
+                service_account_issuers: vec![SimConfig::default().issuer],
+                ..AuthConfig::default()
             },
             admin_listen: SocketAddr::new(loopback, opts.admin_port),
             shutdown_grace: Duration::from_secs(5),
-            timeouts: Timeouts::default(),
+            limits: LimitsConfig {
+                file: opts.limits.clone(),
+                blocks_file: Some(dir.join("blocks.json")),
+                rate_limit_headers: true,
+            },
         })
         .await?;
 
         wait_ready(proxy.admin_addr()).await?;
 
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let admin_user = format!(
+            "client-certificate-data: {}\n    client-key-data: {}",
+            b64(&admin.cert_pem),
+            b64(&admin.key_pem)
+        );
+        let proxy_url = format!("https://{}", proxy.addr());
         let via_proxy = kubeconfig(
             "breakwater-demo",
-            &format!("https://{}", proxy.addr()),
+            &proxy_url,
             &b64(proxy_ca.cert_pem()),
-            &format!("token: {token}"),
+            &admin_user,
         );
         let direct = kubeconfig(
             "kube-sim-direct",
             &sim.url(),
             &b64(sim.pki().serving_ca.cert_pem()),
-            &format!(
-                "client-certificate-data: {}\n    client-key-data: {}",
-                b64(&admin.cert_pem),
-                b64(&admin.key_pem)
-            ),
+            &admin_user,
+        );
+        let viewer = kubeconfig(
+            "breakwater-demo-viewer",
+            &proxy_url,
+            &b64(proxy_ca.cert_pem()),
+            &format!("token: {viewer_token}"),
         );
         let kubeconfig = dir.join("kubeconfig");
         let kubeconfig_direct = dir.join("kubeconfig-direct");
-        write_private(&kubeconfig, &via_proxy)?;
+        let kubeconfig_viewer = dir.join("kubeconfig-viewer");
         write_private(&kubeconfig_direct, &direct)?;
+        write_private(&kubeconfig_viewer, &viewer)?;
+        // Last: scripts may wait for this file to appear.
+        write_private(&kubeconfig, &via_proxy)?;
         Ok(Demo {
             sim,
             proxy,
             kubeconfig,
             kubeconfig_direct,
+            kubeconfig_viewer,
             token,
             proxy_ca_pem: proxy_ca.cert_pem().to_string(),
         })
@@ -194,6 +255,8 @@ pub async fn run(
          \n\nUse kubectl through Breakwater:\
          \n\n  export KUBECONFIG={kc}\
          \n  kubectl get pods -A -w\
+         \n\nA ServiceAccount that may only read pods in namespace demo (try a 403):\
+         \n\n  KUBECONFIG={kcv} kubectl get configmaps -n demo\
          \n\nOr straight to kube-sim, for comparison:\
          \n\n  KUBECONFIG={kcd} kubectl get pods -A\
          \n\nCtrl-C stops both.",
@@ -202,6 +265,7 @@ pub async fn run(
         sim = demo.sim.url(),
         kc = demo.kubeconfig.display(),
         kcd = demo.kubeconfig_direct.display(),
+        kcv = demo.kubeconfig_viewer.display(),
     );
     stop.await;
     println!("stopping…");

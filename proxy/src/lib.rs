@@ -5,11 +5,15 @@
 //! arguments and calls [`server::start`] (or [`demo::run`]).
 
 pub mod admin;
+pub mod admit;
+pub mod check;
 pub mod classify;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod identity;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod status;
 pub mod tls;

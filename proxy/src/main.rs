@@ -20,9 +20,26 @@ struct Cli {
 enum Command {
     /// Run the proxy in front of an apiserver.
     Run(breakwater::config::RunOptions),
+    /// Validate a limits file offline; with --request, explain which rule applies.
+    CheckLimits {
+        /// The limits file.
+        file: std::path::PathBuf,
+        /// A sample request, e.g. "GET /api/v1/pods?watch=1".
+        #[arg(long)]
+        request: Option<String>,
+        /// The caller's user name.
+        #[arg(long = "as", default_value = "system:anonymous")]
+        user: String,
+        /// The caller's groups (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
     /// Run kube-sim behind the proxy on loopback, with ready-made kubeconfigs.
     #[cfg(feature = "demo")]
     Demo {
+        /// A limits file for the proxy.
+        #[arg(long)]
+        limits: Option<std::path::PathBuf>,
         /// Directory for certificates and kubeconfigs.
         #[arg(long, default_value = "./breakwater-demo")]
         dir: std::path::PathBuf,
@@ -47,6 +64,23 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// SIGHUP re-reads the limits file and the certificates.
+async fn reload_on_sighup(handle: std::sync::Arc<breakwater::server::ProxyHandle>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading limits and certificates");
+            handle.reload();
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -82,12 +116,32 @@ async fn main() -> anyhow::Result<()> {
             // Scripts (and the loadtest crate) read these two lines.
             println!("breakwater: listening on https://{}", handle.addr());
             println!("breakwater: admin on http://{}", handle.admin_addr());
+            let handle = std::sync::Arc::new(handle);
+            let hup = tokio::spawn(reload_on_sighup(handle.clone()));
             shutdown_signal().await;
+            hup.abort();
+            let _ = hup.await;
+            let Ok(handle) = std::sync::Arc::try_unwrap(handle) else {
+                anyhow::bail!("internal error: proxy handle still shared at shutdown");
+            };
             tracing::info!("shutdown signal received");
             handle.shutdown().await;
         }
+        Command::CheckLimits {
+            file,
+            request,
+            user,
+            groups,
+        } => match breakwater::check::check_limits(&file, request.as_deref(), &user, &groups) {
+            Ok(report) => print!("{report}"),
+            Err(problems) => {
+                eprintln!("{problems}");
+                std::process::exit(1);
+            }
+        },
         #[cfg(feature = "demo")]
         Command::Demo {
+            limits,
             dir,
             port,
             sim_port,
@@ -99,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
                 port,
                 sim_port,
                 admin_port,
+                limits,
             };
             breakwater::demo::run(opts, shutdown_signal()).await?;
         }

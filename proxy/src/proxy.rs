@@ -2,10 +2,13 @@
 //!
 //! ```text
 //! handle
-//!   classify   what the apiserver would call it (verb, resource, watch?)
-//!   sanitize   drop headers a client must never choose (X-Remote-*, hop-by-hop)
-//!   forward    send it upstream: pooled h2/h1, or a dedicated h1 connection for upgrades
-//!   respond    stream the answer back, frame by frame, logging when it ends
+//!   classify      what the apiserver would call it (verb, resource, watch?)
+//!   authenticate  who is calling: client certificate, ServiceAccount JWT, TokenReview
+//!   admit         limits and emergency blocks; the permit lives as long as the response
+//!   sanitize      drop headers a client must never choose (X-Remote-*, hop-by-hop)
+//!   identify      tell the apiserver who is calling, per the upstream auth mode
+//!   forward       send it upstream: pooled h2/h1, or a dedicated h1 connection for upgrades
+//!   respond       stream the answer back, frame by frame, logging when it ends
 //! ```
 //!
 //! Every failure becomes a Kubernetes `Status` response here, at the edge;
@@ -27,34 +30,74 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::admit::{Admission, Admit};
 use crate::classify::{self, RequestInfo};
-use crate::status::Status;
-use crate::upstream::{Body, BoxError, Upstream, UpstreamError};
+use crate::identity::{AuthError, Authenticator, Identity};
+use crate::status::{Reason, Status};
+use crate::upstream::{AuthMode, Body, BoxError, Upstream, UpstreamError};
+use breakwater_limits::Permit;
 
 /// What every request handler shares.
 pub struct Shared {
     pub upstream: Upstream,
+    pub auth: Authenticator,
+    pub admission: Arc<Admission>,
     /// Cancelled at the end of the shutdown grace period: long-running
     /// response streams then end cleanly instead of being cut.
     pub streams: CancellationToken,
 }
 
 /// Handles one request from a client. Infallible: every outcome is a response.
+///
+/// `cert` is the identity of the connection's verified client certificate,
+/// computed once per connection.
 pub async fn handle(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    cert: Option<Arc<Identity>>,
 ) -> Response<Body> {
-    // Classify first: the access log, the timeouts and (later) the limits
-    // all key on the apiserver's own view of the request.
+    // Classify first: the access log, the timeouts and the limits all key on
+    // the apiserver's own view of the request.
     let info = classify::classify(req.method(), req.uri().path(), req.uri().query());
     let long_running = info.is_long_running();
     let upgrade = is_upgrade(req.headers());
-    let log = AccessLog::new(&req, &info, peer);
+    let mut log = AccessLog::new(&req, &info, peer);
 
-    // Sanitize before anything else reads the headers.
+    // Authenticate before anything is forwarded: limits and watch sharing
+    // key on this identity, and a bad credential must never fall through.
+    let identity = match shared.auth.authenticate(cert.as_ref(), req.headers()).await {
+        Ok(identity) => identity,
+        Err(err) => {
+            tracing::info!(reason = %err, path = %log.path, "authentication failed");
+            return log.finish_with(auth_status(&err));
+        }
+    };
+    log.user = identity.username.clone();
+
+    // Admit before forwarding: a rejected request costs the apiserver
+    // nothing. The permit releases its slots when the response ends.
+    let permit = match shared.admission.admit(&identity, &info) {
+        Admit::Go(permit) => permit,
+        Admit::Refuse(resp) => return log.finish_with(resp),
+    };
+
+    // Sanitize before anything else reads the headers, then say who the
+    // caller is in the way the apiserver is configured to trust.
     sanitize_request(req.headers_mut(), upgrade);
     append_forwarded_for(req.headers_mut(), peer);
+    if let Err(resp) = identify_upstream(
+        &shared.upstream,
+        &identity,
+        cert.is_some(),
+        req.headers_mut(),
+    ) {
+        return log.finish_with(
+            resp.into_response::<bytes::Bytes>()
+                .map(crate::upstream::full),
+        );
+    }
+    req.extensions_mut().insert(identity);
 
     // Upgrades: take the client side of the connection before the request
     // is consumed; it resolves once we answer 101.
@@ -72,7 +115,7 @@ pub async fn handle(
             );
         }
     };
-    respond(&shared, resp, log, long_running, client_upgrade)
+    respond(&shared, resp, log, long_running, client_upgrade, permit)
 }
 
 /// Sends the sanitized request upstream.
@@ -95,8 +138,10 @@ fn respond(
     log: AccessLog,
     long_running: bool,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    permit: Permit,
 ) -> Response<Body> {
     let mut resp = resp;
+    shared.admission.decorate(&permit, resp.headers_mut());
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
@@ -106,6 +151,7 @@ fn respond(
             upstream_upgrade,
             log,
             shared.streams.clone(),
+            permit,
         ));
         let (parts, _) = resp.into_parts();
         return Response::from_parts(parts, crate::upstream::empty());
@@ -119,6 +165,7 @@ fn respond(
         log: Some(log.with_status(status)),
         cancel,
         bytes: 0,
+        _permit: permit,
     };
     Response::from_parts(parts, body.boxed())
 }
@@ -130,6 +177,7 @@ async fn splice(
     upstream: hyper::upgrade::OnUpgrade,
     log: AccessLog,
     streams: CancellationToken,
+    _permit: Permit,
 ) {
     let log = log.with_status(StatusCode::SWITCHING_PROTOCOLS);
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -150,6 +198,135 @@ async fn splice(
         _ = streams.cancelled() => {}
     }
     drop(log);
+}
+
+/// A `Status` response for a failed authentication, as the apiserver words it.
+fn auth_status(err: &AuthError) -> Response<Body> {
+    let status = match err.status_code() {
+        503 => Status::service_unavailable(err.client_message()),
+        _ => Status::failure(
+            StatusCode::UNAUTHORIZED,
+            Reason::Unauthorized,
+            err.client_message(),
+        ),
+    };
+    status
+        .into_response::<bytes::Bytes>()
+        .map(crate::upstream::full)
+}
+
+/// Header names that carry impersonation (`Impersonate-User`, `-Group`,
+/// `-Uid`, `-Extra-*`).
+fn is_impersonation_header(name: &HeaderName) -> bool {
+    name.as_str().starts_with("impersonate-")
+}
+
+/// Sets the headers that tell the apiserver who the caller is, per mode.
+///
+/// - passthrough: the client's `Authorization` goes through as is. A caller
+///   known only by its client certificate cannot be passed on (the proxy
+///   cannot present the client's certificate), so it is refused.
+/// - front-proxy: `X-Remote-User/Group/Extra-*` over the proxy's front-proxy
+///   certificate; the client's `Authorization` is dropped.
+/// - impersonate: the proxy's own credentials plus `Impersonate-*`; a client
+///   that impersonates itself is refused, since the two cannot combine.
+fn identify_upstream(
+    upstream: &Upstream,
+    identity: &Identity,
+    via_certificate: bool,
+    headers: &mut HeaderMap,
+) -> Result<(), Status> {
+    let refuse = |code: StatusCode, reason: Reason, msg: &str| Status::failure(code, reason, msg);
+    match upstream.mode() {
+        AuthMode::Passthrough => {
+            if via_certificate {
+                return Err(refuse(
+                    StatusCode::UNAUTHORIZED,
+                    Reason::Unauthorized,
+                    "client certificate users cannot be passed through to the apiserver: \
+                     use a bearer token, or run the proxy with --upstream-auth front-proxy or impersonate",
+                ));
+            }
+        }
+        AuthMode::FrontProxy => {
+            headers.remove(header::AUTHORIZATION);
+            insert(headers, "x-remote-user", &identity.username);
+            for group in &identity.groups {
+                append(headers, "x-remote-group", group);
+            }
+            for (key, values) in &identity.extra {
+                let name = format!("x-remote-extra-{}", escape_extra_key(key));
+                for v in values {
+                    append(headers, &name, v);
+                }
+            }
+        }
+        AuthMode::Impersonate => {
+            if headers.keys().any(is_impersonation_header) {
+                return Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    Reason::Forbidden,
+                    "Impersonate-* headers cannot be used through this proxy: it already \
+                     impersonates the caller (--upstream-auth impersonate)",
+                ));
+            }
+            headers.remove(header::AUTHORIZATION);
+            if let Some(token) = upstream.own_token() {
+                headers.insert(header::AUTHORIZATION, token);
+            }
+            insert(headers, "impersonate-user", &identity.username);
+            for group in &identity.groups {
+                // The apiserver adds these itself; naming them would need
+                // extra impersonation rights for nothing.
+                if group != "system:authenticated" && group != "system:unauthenticated" {
+                    append(headers, "impersonate-group", group);
+                }
+            }
+            if !identity.uid.is_empty() {
+                insert(headers, "impersonate-uid", &identity.uid);
+            }
+            for (key, values) in &identity.extra {
+                let name = format!("impersonate-extra-{}", escape_extra_key(key));
+                for v in values {
+                    append(headers, &name, v);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
+        headers.insert(n, v);
+    }
+}
+
+fn append(headers: &mut HeaderMap, name: &str, value: &str) {
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
+        headers.append(n, v);
+    }
+}
+
+/// Extra keys travel percent-encoded in header names (the apiserver
+/// unescapes them): `authentication.kubernetes.io/pod-name` becomes
+/// `authentication.kubernetes.io%2fpod-name`.
+fn escape_extra_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b.to_ascii_lowercase() as char);
+        } else {
+            out.push_str(&format!("%{b:02x}"));
+        }
+    }
+    out
 }
 
 /// The Status for a request that never got an upstream response.
@@ -255,6 +432,7 @@ pub struct AccessLog {
     resource: String,
     namespace: String,
     peer: SocketAddr,
+    user: String,
     status: Option<StatusCode>,
     outcome: &'static str,
     bytes: u64,
@@ -275,6 +453,7 @@ impl AccessLog {
             resource,
             namespace: info.namespace.clone(),
             peer,
+            user: String::new(),
             status: None,
             outcome: "client-gone",
             bytes: 0,
@@ -304,6 +483,7 @@ impl Drop for AccessLog {
             verb = self.verb,
             resource = %self.resource,
             namespace = %self.namespace,
+            user = %self.user,
             status,
             outcome = self.outcome,
             bytes = self.bytes,
@@ -320,7 +500,7 @@ impl Drop for AccessLog {
 
 /// The verb as a bounded metric label: a custom HTTP method on a
 /// non-resource path is "other", so clients cannot mint label values.
-fn verb_label(verb: &classify::Verb) -> &'static str {
+pub(crate) fn verb_label(verb: &classify::Verb) -> &'static str {
     use classify::Verb;
     match verb {
         Verb::Get => "get",
@@ -346,6 +526,9 @@ struct Observed {
     log: Option<AccessLog>,
     cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     bytes: u64,
+    /// Held until the body is dropped: in-flight and watch slots free
+    /// exactly when the response ends, however it ends.
+    _permit: Permit,
 }
 
 impl Observed {

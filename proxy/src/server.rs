@@ -10,6 +10,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,14 +20,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::admit::{self, Admission, AdmitError};
 use crate::config::ProxyConfig;
+use crate::identity::{Authenticator, IdentityError, TokenReviewer};
 use crate::proxy::{self, Shared};
-use crate::tls::{self, TlsError};
+use crate::reload;
+use crate::tls::{ServerTls, TlsError};
 use crate::upstream::{Upstream, UpstreamConfigError};
 
 /// Why the proxy could not start.
@@ -36,6 +39,10 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Upstream(#[from] UpstreamConfigError),
+    #[error("authentication: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("limits: {0}")]
+    Limits(#[from] AdmitError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -50,6 +57,8 @@ pub struct ProxyHandle {
     admin_addr: SocketAddr,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<()>,
+    admission: Arc<Admission>,
+    reload_all: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl ProxyHandle {
@@ -61,6 +70,17 @@ impl ProxyHandle {
     /// The admin listener.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// Limits, blocks and their state.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
+    }
+
+    /// What SIGHUP does: re-read the limits file and every certificate,
+    /// key and token file. Failures keep the current values (and are logged).
+    pub fn reload(&self) {
+        (self.reload_all)();
     }
 
     /// Starts the shutdown sequence and waits for it to finish.
@@ -78,9 +98,15 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 
 /// Binds the listeners and starts serving.
 pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
-    let server_tls = tls::server_config(&cfg.tls_cert, &cfg.tls_key, cfg.client_ca.as_deref())?;
-    let acceptor = TlsAcceptor::from(Arc::new(server_tls));
-    let upstream = Upstream::new(&cfg.upstream, &cfg.upstream_tls, cfg.timeouts)?;
+    let server_tls = Arc::new(ServerTls::new(
+        &cfg.tls_cert,
+        &cfg.tls_key,
+        cfg.client_ca.as_deref(),
+    )?);
+    let upstream = Upstream::new(&cfg.upstream)?;
+    let reviewer: Arc<dyn TokenReviewer> = Arc::new(upstream.clone());
+    let key_files = cfg.auth.service_account_key_files.clone();
+    let auth = Authenticator::new(cfg.auth.clone(), Some(reviewer))?;
     let listener = bind(cfg.listen).await?;
     let admin_listener = bind(cfg.admin_listen).await?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -96,13 +122,51 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     admin::prometheus();
 
     let shutdown = CancellationToken::new();
+    let admission = Arc::new(Admission::new(
+        cfg.limits.file.as_deref(),
+        cfg.limits.blocks_file.as_deref(),
+        cfg.limits.rate_limit_headers,
+    )?);
     let shared = Arc::new(Shared {
         upstream: upstream.clone(),
+        auth,
+        admission: admission.clone(),
         streams: CancellationToken::new(),
     });
+    let mut watched = server_tls.files();
+    watched.extend(upstream.files());
+    watched.extend(key_files);
+    let reloader = reload::spawn(watched, shutdown.clone(), {
+        let (tls, shared) = (server_tls.clone(), shared.clone());
+        move || {
+            reload::reload_all(&tls, &shared);
+        }
+    });
+    let limits_watcher = admission
+        .limits_file()
+        .map(Path::to_path_buf)
+        .and_then(|file| {
+            let admission = admission.clone();
+            reload::spawn(vec![file], shutdown.clone(), move || {
+                let _ = admission.reload();
+            })
+        });
+    let upkeep = tokio::spawn(admit::maintenance(
+        admission.clone(),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
+    let reload_all: Arc<dyn Fn() + Send + Sync> = {
+        let (tls, shared) = (server_tls.clone(), shared.clone());
+        Arc::new(move || {
+            let _ = shared.admission.reload();
+            reload::reload_all(&tls, &shared);
+        })
+    };
     let admin_state = Arc::new(AdminState {
         ready: true.into(),
         upstream,
+        admission: admission.clone(),
     });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(
@@ -114,7 +178,11 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         let shutdown = shutdown.clone();
         async move {
             let graceful = GracefulShutdown::new();
-            accept_loop(listener, acceptor, shared.clone(), &graceful, shutdown).await;
+            accept_loop(listener, server_tls, shared.clone(), &graceful, shutdown).await;
+            for task in [reloader, limits_watcher].into_iter().flatten() {
+                task.abort();
+            }
+            upkeep.abort();
             // Step 1 is done (listener closed); fail readiness too.
             admin_state.ready.store(false, Ordering::Release);
             drain(graceful, &shared, cfg.shutdown_grace).await;
@@ -122,12 +190,20 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
             let _ = admin_task.await;
         }
     });
-    tracing::info!(%addr, %admin_addr, upstream = %cfg.upstream, "breakwater serving");
+    tracing::info!(
+        %addr,
+        %admin_addr,
+        upstream = %cfg.upstream.url,
+        mode = cfg.upstream.mode.as_str(),
+        "breakwater serving"
+    );
     Ok(ProxyHandle {
         addr,
         admin_addr,
         shutdown,
         done,
+        admission,
+        reload_all,
     })
 }
 
@@ -153,7 +229,7 @@ async fn drain(graceful: GracefulShutdown, shared: &Shared, grace: Duration) {
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<ServerTls>,
     shared: Arc<Shared>,
     graceful: &GracefulShutdown,
     shutdown: CancellationToken,
@@ -179,7 +255,7 @@ async fn accept_loop(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let conn = serve_connection(tcp, peer, acceptor.clone(), shared.clone(), graceful);
+        let conn = serve_connection(tcp, peer, tls.acceptor(), shared.clone(), graceful);
         tracker.spawn(conn);
     }
     drop(listener);
@@ -190,7 +266,7 @@ async fn accept_loop(
 fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    acceptor: tokio_rustls::TlsAcceptor,
     shared: Arc<Shared>,
     graceful: &GracefulShutdown,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -208,9 +284,20 @@ fn serve_connection(
                 return;
             }
         };
+        // x509 identity: once per connection, from the verified chain's leaf.
+        let cert = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+            None => None,
+            Some(leaf) => match Authenticator::from_certificate(leaf) {
+                Ok(identity) => Some(Arc::new(identity)),
+                Err(err) => {
+                    tracing::info!(%peer, error = %err, "client certificate carries no usable identity");
+                    None
+                }
+            },
+        };
         let svc = service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(shared, req, peer).await) }
+            let (shared, cert) = (shared.clone(), cert.clone());
+            async move { Ok::<_, Infallible>(proxy::handle(shared, req, peer, cert).await) }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder

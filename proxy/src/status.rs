@@ -51,7 +51,7 @@ pub struct Status {
     message: String,
     reason: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    details: Option<Details>,
+    details: Option<Box<Details>>,
     code: u16,
 }
 
@@ -87,7 +87,7 @@ impl Status {
     }
 
     pub fn with_details(mut self, details: Details) -> Status {
-        self.details = Some(details);
+        self.details = Some(Box::new(details));
         self
     }
 

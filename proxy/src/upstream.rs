@@ -1,9 +1,17 @@
 //! The pooled client to the kube-apiserver.
 //!
-//! Two hyper-util clients share one TLS setup: the pooled one offers h2 and
-//! http/1.1 by ALPN (against an apiserver, h2 lets every client stream share a
-//! few connections), the other speaks only HTTP/1.1 for protocol upgrades
-//! (exec, attach, port-forward), which need a connection of their own.
+//! Three hyper-util clients share one TLS setup:
+//! - `forward`, pooled, offering h2 and http/1.1 by ALPN (against an
+//!   apiserver, h2 lets every client stream share a few connections), for
+//!   client requests;
+//! - `upgrades`, HTTP/1.1 only, for protocol upgrades (exec, attach,
+//!   port-forward), which need a connection of their own;
+//! - `own`, pooled, for the proxy's own requests (TokenReview, probes).
+//!
+//! What the forwarding clients present depends on the upstream auth mode:
+//! nothing in `passthrough` (a client request must never borrow the proxy's
+//! identity), the proxy's certificate in `front-proxy` and `impersonate`.
+//! The `own` client always presents the proxy's credentials.
 //!
 //! Long-running requests (watch, exec, logs, port-forward) get no timeout of
 //! any kind here: the stream ends only when the client or the apiserver ends
@@ -20,9 +28,16 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::tls::{self, TlsError, UpstreamTls};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+
+use crate::tls::{self, ClientCert, TlsError, UpstreamTls};
 
 /// Errors boxed for bodies that mix our own and hyper's.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -43,7 +58,7 @@ pub fn empty() -> Body {
         .boxed()
 }
 
-/// Why a request could not be forwarded. The proxy turns each into a Status.
+/// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// No connection could be made, or it broke before a response arrived.
@@ -72,19 +87,77 @@ impl Default for Timeouts {
     }
 }
 
+/// How the apiserver learns who the client is (`--upstream-auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// Forward the client's own `Authorization` header.
+    #[default]
+    Passthrough,
+    /// The proxy's front-proxy certificate plus `X-Remote-*` headers.
+    FrontProxy,
+    /// The proxy's own credentials plus `Impersonate-*` headers.
+    Impersonate,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Passthrough => "passthrough",
+            AuthMode::FrontProxy => "front-proxy",
+            AuthMode::Impersonate => "impersonate",
+        }
+    }
+}
+
+/// Everything the proxy needs to reach the apiserver.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `https://host[:port]`.
+    pub url: String,
+    pub tls: UpstreamTls,
+    /// A bearer token file for the proxy's own credentials (re-read on change).
+    pub token_file: Option<PathBuf>,
+    pub mode: AuthMode,
+    /// In front-proxy mode, the user the proxy's own requests carry.
+    pub proxy_user: String,
+    pub timeouts: Timeouts,
+}
+
+impl UpstreamConfig {
+    /// Passthrough to `url` trusting `ca`, default timeouts.
+    pub fn passthrough(url: impl Into<String>, ca: Option<PathBuf>) -> UpstreamConfig {
+        UpstreamConfig {
+            url: url.into(),
+            tls: UpstreamTls {
+                ca,
+                client_cert: None,
+            },
+            token_file: None,
+            mode: AuthMode::Passthrough,
+            proxy_user: DEFAULT_PROXY_USER.to_string(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// The identity the proxy's own front-proxy requests carry by default.
+pub const DEFAULT_PROXY_USER: &str = "system:serviceaccount:kube-system:breakwater";
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+
 /// The apiserver, as the proxy sees it.
 #[derive(Clone)]
 pub struct Upstream {
     scheme: Scheme,
     authority: Authority,
-    pooled: Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Body,
-    >,
-    upgrades: Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Body,
-    >,
+    forward: HttpsClient,
+    upgrades: HttpsClient,
+    own: HttpsClient,
+    client_cert: Option<Arc<ClientCert>>,
+    token: Option<Arc<TokenFile>>,
+    mode: AuthMode,
+    proxy_user: HeaderValue,
     timeouts: Timeouts,
 }
 
@@ -95,14 +168,68 @@ pub enum UpstreamConfigError {
     BadUrl(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("reading the upstream token file {path}: {source}")]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--proxy-user {0:?} is not a valid header value")]
+    ProxyUser(String),
+    #[error(
+        "--upstream-auth {0} needs the proxy's client certificate (--upstream-client-cert/--upstream-client-key)"
+    )]
+    NeedsClientCert(&'static str),
+    #[error(
+        "--upstream-auth impersonate needs the proxy's own credentials (--upstream-token-file or --upstream-client-cert)"
+    )]
+    NeedsCredentials,
+}
+
+/// A bearer token file, re-read on change (projected ServiceAccount tokens
+/// rotate). Never logged.
+pub struct TokenFile {
+    path: PathBuf,
+    header: ArcSwapOption<HeaderValue>,
+}
+
+impl TokenFile {
+    fn new(path: &Path) -> Result<TokenFile, UpstreamConfigError> {
+        let t = TokenFile {
+            path: path.to_owned(),
+            header: ArcSwapOption::empty(),
+        };
+        t.reload()?;
+        Ok(t)
+    }
+
+    /// Re-reads the file; on error the current token stays.
+    pub fn reload(&self) -> Result<(), UpstreamConfigError> {
+        let err = |source| UpstreamConfigError::Token {
+            path: self.path.clone(),
+            source,
+        };
+        let text = std::fs::read_to_string(&self.path).map_err(err)?;
+        let mut value =
+            HeaderValue::from_str(&format!("Bearer {}", text.trim())).map_err(|_| {
+                err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the token is not a valid header value",
+                ))
+            })?;
+        value.set_sensitive(true);
+        self.header.store(Some(Arc::new(value)));
+        Ok(())
+    }
+
+    fn header(&self) -> Option<HeaderValue> {
+        self.header.load_full().map(|h| (*h).clone())
+    }
 }
 
 impl Upstream {
-    pub fn new(
-        url: &str,
-        tls: &UpstreamTls,
-        timeouts: Timeouts,
-    ) -> Result<Upstream, UpstreamConfigError> {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamConfigError> {
+        let url = &cfg.url;
         let uri: Uri = url
             .parse()
             .map_err(|_| UpstreamConfigError::BadUrl(url.to_string()))?;
@@ -113,26 +240,101 @@ impl Upstream {
         if scheme != Scheme::HTTPS || uri.path().len() > 1 {
             return Err(UpstreamConfigError::BadUrl(url.to_string()));
         }
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_keep_alive_interval(timeouts.keepalive)
-            .http2_keep_alive_timeout(timeouts.keepalive * 2)
-            .http2_keep_alive_while_idle(true)
-            .http2_adaptive_window(true);
-        let pooled = builder.build(tls::upstream_connector(tls)?);
+        let client_cert = match &cfg.tls.client_cert {
+            Some((cert, key)) => Some(Arc::new(ClientCert::new(cert, key)?)),
+            None => None,
+        };
+        let token = match &cfg.token_file {
+            Some(path) => Some(Arc::new(TokenFile::new(path)?)),
+            None => None,
+        };
+        match cfg.mode {
+            AuthMode::FrontProxy if client_cert.is_none() => {
+                return Err(UpstreamConfigError::NeedsClientCert("front-proxy"));
+            }
+            AuthMode::Impersonate if client_cert.is_none() && token.is_none() => {
+                return Err(UpstreamConfigError::NeedsCredentials);
+            }
+            _ => {}
+        }
+        let proxy_user = HeaderValue::from_str(&cfg.proxy_user)
+            .map_err(|_| UpstreamConfigError::ProxyUser(cfg.proxy_user.clone()))?;
+        // In passthrough the forwarding connections present nothing: a client
+        // request without its own credentials must reach the apiserver as
+        // anonymous, never as the proxy.
+        let forward_cert = match cfg.mode {
+            AuthMode::Passthrough => None,
+            AuthMode::FrontProxy | AuthMode::Impersonate => client_cert.clone(),
+        };
+        let ca = cfg.tls.ca.as_deref();
+        let pooled = |cert: Option<Arc<ClientCert>>| -> Result<HttpsClient, TlsError> {
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .http2_keep_alive_interval(cfg.timeouts.keepalive)
+                .http2_keep_alive_timeout(cfg.timeouts.keepalive * 2)
+                .http2_keep_alive_while_idle(true)
+                .http2_adaptive_window(true);
+            Ok(builder.build(tls::upstream_connector(ca, cert, true)?))
+        };
         let upgrades = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .build(tls::upgrade_connector(tls)?);
+            .build(tls::upstream_connector(ca, forward_cert.clone(), false)?);
         Ok(Upstream {
             scheme,
             authority,
-            pooled,
+            forward: pooled(forward_cert)?,
             upgrades,
-            timeouts,
+            own: pooled(client_cert.clone())?,
+            client_cert,
+            token,
+            mode: cfg.mode,
+            proxy_user,
+            timeouts: cfg.timeouts,
         })
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// The proxy's own bearer token, if it has one (impersonate mode sends it
+    /// in place of the client's).
+    pub fn own_token(&self) -> Option<HeaderValue> {
+        self.token.as_ref().and_then(|t| t.header())
+    }
+
+    /// Whether the proxy has credentials of its own (certificate or token).
+    pub fn has_own_credentials(&self) -> bool {
+        self.client_cert.is_some() || self.token.is_some()
+    }
+
+    /// Re-reads the proxy's client certificate and token file. Each part
+    /// that fails keeps its current value; the first error is returned.
+    pub fn reload(&self) -> Result<(), UpstreamConfigError> {
+        let cert = match &self.client_cert {
+            Some(c) => c.reload().map_err(UpstreamConfigError::from),
+            None => Ok(()),
+        };
+        let token = match &self.token {
+            Some(t) => t.reload(),
+            None => Ok(()),
+        };
+        cert.and(token)
+    }
+
+    /// The credential files to watch for rotation.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if let Some(c) = &self.client_cert {
+            files.extend(c.files());
+        }
+        if let Some(t) = &self.token {
+            files.push(t.path.clone());
+        }
+        files
     }
 
     /// The absolute upstream URI for a client's path and query.
@@ -148,26 +350,52 @@ impl Upstream {
         Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
     }
 
-    /// Sends a request whose URI is already absolute (see [`Upstream::uri_for`]).
+    /// Sends a client request whose URI is already absolute (see
+    /// [`Upstream::uri_for`]) and whose headers already carry the identity.
     ///
     /// `long_running` requests wait for their response headers without a
     /// timeout; `upgrade` requests go over a dedicated HTTP/1.1 connection.
     pub async fn send(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
         long_running: bool,
         upgrade: bool,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let client = if upgrade {
+            &self.upgrades
+        } else {
+            &self.forward
+        };
+        self.send_with(client, req, long_running || upgrade).await
+    }
+
+    /// Sends one of the proxy's own requests (TokenReview, probes) with the
+    /// proxy's own credentials.
+    pub async fn send_own(
+        &self,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let headers = req.headers_mut();
+        if let Some(token) = self.own_token() {
+            headers.insert(http::header::AUTHORIZATION, token);
+        }
+        if self.mode == AuthMode::FrontProxy {
+            headers.insert("x-remote-user", self.proxy_user.clone());
+        }
+        self.send_with(&self.own, req, false).await
+    }
+
+    async fn send_with(
+        &self,
+        client: &HttpsClient,
+        mut req: Request<Body>,
+        no_timeout: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
         // The pooled client picks h2 or h1 per connection; a request marked
         // HTTP/2 would be refused on an h1 connection.
         *req.version_mut() = Version::HTTP_11;
-        let client = if upgrade {
-            &self.upgrades
-        } else {
-            &self.pooled
-        };
         let fut = client.request(req);
-        if long_running || upgrade {
+        if no_timeout {
             return fut.await.map_err(UpstreamError::Unreachable);
         }
         match tokio::time::timeout(self.timeouts.response, fut).await {
@@ -184,9 +412,124 @@ impl Upstream {
             Ok(r) => r,
             Err(_) => return false,
         };
-        match tokio::time::timeout(timeout, self.pooled.request(req)).await {
+        match tokio::time::timeout(timeout, self.send_own(req)).await {
             Ok(Ok(resp)) => resp.status().as_u16() < 500,
             _ => false,
         }
+    }
+}
+
+/// TokenReview against the apiserver, with the proxy's own credentials.
+///
+/// Without credentials of its own the proxy asks the apiserver "who am I"
+/// with the token itself (SelfSubjectReview): any valid token may ask that,
+/// so passthrough deployments need no RBAC for the proxy.
+impl crate::identity::TokenReviewer for Upstream {
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<
+                        Option<crate::identity::Identity>,
+                        crate::identity::ReviewError,
+                    >,
+                > + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            use crate::identity::ReviewError;
+            let failed = |msg: String| ReviewError::Failed(msg);
+            let own = self.has_own_credentials();
+            let (path, body) = if own {
+                (
+                    "/apis/authentication.k8s.io/v1/tokenreviews",
+                    serde_json::json!({
+                        "apiVersion": "authentication.k8s.io/v1",
+                        "kind": "TokenReview",
+                        "spec": {"token": token},
+                    }),
+                )
+            } else {
+                (
+                    "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                    serde_json::json!({
+                        "apiVersion": "authentication.k8s.io/v1",
+                        "kind": "SelfSubjectReview",
+                    }),
+                )
+            };
+            let uri = self.uri_for(Some(&PathAndQuery::from_static(path)));
+            let mut req = Request::post(uri)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::ACCEPT, "application/json")
+                .body(full(
+                    serde_json::to_vec(&body).map_err(|e| failed(e.to_string()))?,
+                ))
+                .map_err(|e| failed(e.to_string()))?;
+            let resp = if own {
+                self.send_own(req).await
+            } else {
+                let mut bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| failed("token is not a valid header value".into()))?;
+                bearer.set_sensitive(true);
+                req.headers_mut()
+                    .insert(http::header::AUTHORIZATION, bearer);
+                // Without own credentials the mode is passthrough, whose
+                // forward client presents no certificate: the token speaks
+                // for itself.
+                self.send_with(&self.forward, req, false).await
+            }
+            .map_err(|e| failed(e.to_string()))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .to_bytes();
+            if !own && status == http::StatusCode::UNAUTHORIZED {
+                return Ok(None);
+            }
+            if !status.is_success() {
+                return Err(failed(format!("{path} answered {status}")));
+            }
+            let v: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| failed(e.to_string()))?;
+            let user = if own {
+                if v["status"]["authenticated"].as_bool() != Some(true) {
+                    return Ok(None);
+                }
+                &v["status"]["user"]
+            } else {
+                &v["status"]["userInfo"]
+            };
+            Ok(Some(identity_from_user_info(user)))
+        })
+    }
+}
+
+/// `authentication.k8s.io/v1 UserInfo` → Identity.
+fn identity_from_user_info(user: &serde_json::Value) -> crate::identity::Identity {
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let extra = user["extra"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), strings(v))).collect())
+        .unwrap_or_default();
+    crate::identity::Identity {
+        username: user["username"].as_str().unwrap_or_default().to_string(),
+        uid: user["uid"].as_str().unwrap_or_default().to_string(),
+        groups: strings(&user["groups"]),
+        extra,
     }
 }

@@ -139,11 +139,22 @@ async fn kubectl_exec_and_create_token_work_through_the_proxy() {
         .await;
     let token = token.trim();
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
-    // The new token authenticates through the proxy on its own.
-    let ns = env
-        .kubectl_ok(&["--token", token, "get", "ns", "demo"])
-        .await;
-    assert!(ns.contains("demo"), "{ns}");
+    // The new token authenticates through the proxy on its own (a
+    // token-only kubeconfig: a client certificate would win over it).
+    let kc = common::write_kubeconfig(
+        &env,
+        "kc-token",
+        &env.proxy_url(),
+        &format!("token: {token}"),
+    );
+    let out = env.kubectl_with(&kc, &["auth", "whoami"]).await;
+    let who = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(who.contains("system:serviceaccount:demo:default"), "{who}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

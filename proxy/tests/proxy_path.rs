@@ -5,9 +5,6 @@ mod common;
 
 use std::time::Duration;
 
-use breakwater::config::ProxyConfig;
-use breakwater::tls::UpstreamTls;
-use breakwater::upstream::Timeouts;
 use breakwater_loadtest::sim::resources;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -148,21 +145,11 @@ async fn an_unreachable_apiserver_is_a_503_status() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
-    let dir = env.dir.path();
-    let proxy = breakwater::server::start(ProxyConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        tls_cert: dir.join("proxy.crt"),
-        tls_key: dir.join("proxy.key"),
-        client_ca: None,
-        upstream: format!("https://127.0.0.1:{port}"),
-        upstream_tls: UpstreamTls {
-            ca: Some(dir.join("kube-sim-ca.crt")),
-            client_cert: None,
-        },
-        admin_listen: "127.0.0.1:0".parse().expect("addr"),
-        shutdown_grace: Duration::from_secs(1),
-        timeouts: Timeouts::default(),
-    })
+    let proxy = breakwater::server::start(common::passthrough_config(
+        &env,
+        format!("https://127.0.0.1:{port}"),
+        Duration::from_secs(1),
+    ))
     .await
     .expect("start");
     let client = https_client(&env.demo.proxy_ca_pem, false);
@@ -186,21 +173,11 @@ async fn an_unreachable_apiserver_is_a_503_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_fails_readiness_then_ends_watches_cleanly() {
     let env = demo_env().await;
-    let dir = env.dir.path();
-    let proxy = breakwater::server::start(ProxyConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        tls_cert: dir.join("proxy.crt"),
-        tls_key: dir.join("proxy.key"),
-        client_ca: None,
-        upstream: env.demo.sim.url(),
-        upstream_tls: UpstreamTls {
-            ca: Some(dir.join("kube-sim-ca.crt")),
-            client_cert: None,
-        },
-        admin_listen: "127.0.0.1:0".parse().expect("addr"),
-        shutdown_grace: Duration::from_millis(300),
-        timeouts: Timeouts::default(),
-    })
+    let proxy = breakwater::server::start(common::passthrough_config(
+        &env,
+        env.demo.sim.url(),
+        Duration::from_millis(300),
+    ))
     .await
     .expect("start");
     let client = https_client(&env.demo.proxy_ca_pem, false);

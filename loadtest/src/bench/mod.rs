@@ -13,6 +13,7 @@
 
 pub mod overhead;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -236,6 +237,11 @@ pub struct Figures {
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
+    /// CPU time per completed request, µs, by process ("breakwater",
+    /// "loadtest" = kube-sim + clients), over the measured window. Less noisy
+    /// than latency on a shared machine: it is what the process itself spent.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cpu_us_per_request: BTreeMap<String, f64>,
 }
 
 impl Figures {
@@ -262,6 +268,7 @@ impl Figures {
             p99_us: hist.value_at_quantile(0.99),
             p999_us: hist.value_at_quantile(0.999),
             max_us: hist.max(),
+            cpu_us_per_request: BTreeMap::new(),
         }
     }
 
@@ -273,6 +280,40 @@ impl Figures {
             self.errors as f64 / self.requests as f64
         }
     }
+}
+
+/// CPU time (user + system, all threads) a process has used so far, from
+/// `/proc/PID/stat`; `pid` None = this process. `None` if unreadable (not
+/// Linux, process gone). Resolution is one clock tick (usually 10 ms).
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Field 2 (comm) may contain spaces and parentheses; everything after the
+    // last ')' is space-separated, starting with field 3 (state).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. indexes 11 and 12 here.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / clock_ticks_per_second())
+}
+
+/// `getconf CLK_TCK` (no libc here); 100, the Linux default, if that fails.
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
 }
 
 /// Microseconds in a human unit for tables: "842µs", "1.27ms", "2.10s".
@@ -302,6 +343,19 @@ mod tests {
         assert!((989..=991).contains(&f.p99_us), "{}", f.p99_us);
         assert_eq!(f.max_us, 1000);
         assert!((f.error_fraction() - 0.001).abs() < 1e-12);
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_grows_with_work() {
+        let before = cpu_seconds(None).expect("readable on Linux");
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        // Bounded busy loop: ~50 ms of CPU, enough for several clock ticks.
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = cpu_seconds(None).expect("readable on Linux");
+        assert!(after > before, "{before} -> {after}");
     }
 
     #[test]

@@ -30,7 +30,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    ClientError, Conn, Connector, Figures, Protocol, client_tls, fmt_us, latency_histogram,
+    ClientError, Conn, Connector, Figures, Protocol, client_tls, cpu_seconds, fmt_us,
+    latency_histogram,
 };
 use crate::pki::Ca;
 use crate::proc::{BreakwaterProcess, RunArgs, StartOptions, StderrMode, find_breakwater};
@@ -40,6 +41,11 @@ use crate::sim::{KubeSim, SimConfig, SimPki};
 
 /// The path every client GETs.
 pub const BENCH_PATH: &str = "/api/v1/namespaces/default/configmaps/bench";
+
+/// Key of the proxy child's CPU use in [`Figures::cpu_us_per_request`].
+pub const PROXY_CPU: &str = "breakwater";
+/// Key of this process's CPU use (kube-sim + the clients).
+pub const LOADTEST_CPU: &str = "loadtest";
 
 /// Errors above this fraction of requests fail the benchmark.
 pub const MAX_ERROR_FRACTION: f64 = 0.001;
@@ -151,13 +157,27 @@ impl OverheadReport {
             self.rounds
         );
         let header = format!(
-            "{:<6} {:<12} {:>10} {:>7} {:>10} {:>9} {:>9} {:>9}\n",
-            "round", "target", "requests", "errors", "req/s", "p50", "p99", "max"
+            "{:<6} {:<12} {:>10} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11}\n",
+            "round",
+            "target",
+            "requests",
+            "errors",
+            "req/s",
+            "p50",
+            "p99",
+            "max",
+            "cpu/req bw",
+            "cpu/req lt"
         );
         out.push_str(&header);
+        let cpu = |f: &Figures, key: &str| {
+            f.cpu_us_per_request
+                .get(key)
+                .map_or_else(|| "-".to_string(), |us| format!("{us:.0}µs"))
+        };
         let row = |round: &str, f: &Figures| {
             format!(
-                "{:<6} {:<12} {:>10} {:>7} {:>10.0} {:>9} {:>9} {:>9}\n",
+                "{:<6} {:<12} {:>10} {:>7} {:>10.0} {:>9} {:>9} {:>9} {:>11} {:>11}\n",
                 round,
                 f.target,
                 f.requests,
@@ -165,7 +185,9 @@ impl OverheadReport {
                 f.rps,
                 fmt_us(f.p50_us),
                 fmt_us(f.p99_us),
-                fmt_us(f.max_us)
+                fmt_us(f.max_us),
+                cpu(f, PROXY_CPU),
+                cpu(f, LOADTEST_CPU)
             )
         };
         for (i, f) in self.phases.iter().enumerate() {
@@ -178,6 +200,9 @@ impl OverheadReport {
             "\nproxy/direct: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x   (upstream GETs counted by kube-sim: {})\n",
             self.ratios.rps, self.ratios.p50, self.ratios.p99, self.upstream_gets
         ));
+        out.push_str(
+            "cpu/req: CPU time per request of breakwater (bw) and of this process, kube-sim + clients (lt)\n",
+        );
         out
     }
 }
@@ -269,7 +294,8 @@ async fn with_sim(
     for round in 1..=opts.rounds {
         for (target, connector) in [("direct", &direct), ("breakwater", &through)] {
             tracing::info!(round, target, "phase starts");
-            let (figures, conns) = run_phase(target, connector, &auth, opts).await?;
+            let pid = (target == "breakwater").then(|| proxy.pid()).flatten();
+            let (figures, conns) = run_phase(target, connector, &auth, opts, pid).await?;
             connections = conns;
             eprintln!(
                 "round {round} {target:<10}: {:.0} req/s, p50 {}, p99 {}, {} errors",
@@ -322,8 +348,9 @@ async fn with_sim(
 }
 
 /// Namespace `default` (if kube-sim does not make it), ServiceAccount
-/// `default/bench` (the token's subject) and ConfigMap `default/bench`, about
-/// 1 KiB like a typical small ConfigMap.
+/// `default/bench` (the token's subject), a Role and RoleBinding letting it
+/// read configmaps, and ConfigMap `default/bench`, about 1 KiB like a typical
+/// small ConfigMap.
 fn seed(sim: &KubeSim) -> anyhow::Result<()> {
     let find = |plural| {
         resources::find("", "v1", plural).with_context(|| format!("kube-sim serves no v1 {plural}"))
@@ -344,6 +371,31 @@ fn seed(sim: &KubeSim) -> anyhow::Result<()> {
         json!({"apiVersion": "v1", "kind": "ServiceAccount",
                "metadata": {"name": "bench", "namespace": "default"}}),
     ))?;
+    // Least privilege, as an operator would grant it: the SA may get
+    // configmaps in its namespace (a no-op where kube-sim allows everything).
+    const RBAC: &str = "rbac.authorization.k8s.io";
+    if let (Some(roles), Some(bindings)) = (
+        resources::find(RBAC, "v1", "roles"),
+        resources::find(RBAC, "v1", "rolebindings"),
+    ) {
+        tolerate_exists(store.create(
+            roles,
+            Some("default"),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                   "metadata": {"name": "bench-reader", "namespace": "default"},
+                   "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                              "verbs": ["get", "list", "watch"]}]}),
+        ))?;
+        tolerate_exists(store.create(
+            bindings,
+            Some("default"),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                   "metadata": {"name": "bench-reader", "namespace": "default"},
+                   "roleRef": {"apiGroup": RBAC, "kind": "Role", "name": "bench-reader"},
+                   "subjects": [{"kind": "ServiceAccount", "name": "bench",
+                                 "namespace": "default"}]}),
+        ))?;
+    }
     let data: serde_json::Map<String, serde_json::Value> = (0..16)
         .map(|i| {
             (
@@ -424,6 +476,7 @@ async fn run_phase(
     connector: &Connector,
     auth: &HeaderValue,
     opts: &OverheadOpts,
+    proxy_pid: Option<u32>,
 ) -> anyhow::Result<(Figures, usize)> {
     // Connect everything before the clock starts: handshakes are not requests.
     let conns: Vec<Conn> = match opts.protocol {
@@ -457,6 +510,15 @@ async fn run_phase(
         .map(|conn| tokio::spawn(client(conn, connector.clone(), auth.clone(), clock.clone())))
         .collect();
 
+    // CPU use is sampled at the edges of the measured window (the clients
+    // decide per request whether it is inside; the few in flight at either
+    // edge are noise well below one clock tick per phase).
+    tokio::time::sleep_until(clock.measure_from.into()).await;
+    let cpu_before = (
+        cpu_seconds(None),
+        proxy_pid.and_then(|p| cpu_seconds(Some(p))),
+    );
+
     let mut hist = latency_histogram();
     let (mut requests, mut errors) = (0u64, 0u64);
     let mut last_done = clock.measure_from;
@@ -469,11 +531,25 @@ async fn run_phase(
             last_done = last_done.max(d);
         }
     }
+    let cpu_after = (
+        cpu_seconds(None),
+        proxy_pid.and_then(|p| cpu_seconds(Some(p))),
+    );
     let seconds = last_done.duration_since(clock.measure_from).as_secs_f64();
-    Ok((
-        Figures::new(target, &hist, requests, errors, seconds),
-        connections,
-    ))
+    let mut figures = Figures::new(target, &hist, requests, errors, seconds);
+    let per_request = |before: Option<f64>, after: Option<f64>| {
+        let (b, a) = before.zip(after)?;
+        (requests > 0).then(|| (a - b) * 1e6 / requests as f64)
+    };
+    if let Some(us) = per_request(cpu_before.0, cpu_after.0) {
+        figures
+            .cpu_us_per_request
+            .insert(LOADTEST_CPU.to_string(), us);
+    }
+    if let Some(us) = per_request(cpu_before.1, cpu_after.1) {
+        figures.cpu_us_per_request.insert(PROXY_CPU.to_string(), us);
+    }
+    Ok((figures, connections))
 }
 
 async fn connect_all(connector: &Connector, n: usize) -> Result<Vec<Conn>, ClientError> {
@@ -672,7 +748,7 @@ mod tests {
                 proto: protocol,
             };
             probe(&connector, &good).await.expect("probe");
-            let (f, conns) = run_phase("direct", &connector, &good, &opts(protocol))
+            let (f, conns) = run_phase("direct", &connector, &good, &opts(protocol), None)
                 .await
                 .expect("phase");
             assert!(f.requests > 10, "{protocol}: {f:?}");
@@ -693,7 +769,7 @@ mod tests {
             proto: Protocol::Http1,
         };
         assert!(probe(&connector, &bad).await.is_err());
-        let (f, _) = run_phase("breakwater", &connector, &bad, &opts(Protocol::Http1))
+        let (f, _) = run_phase("breakwater", &connector, &bad, &opts(Protocol::Http1), None)
             .await
             .expect("phase");
         assert!(f.requests > 0);

@@ -1,14 +1,19 @@
-//! Who is calling kube-sim, and the authentication/authorization review APIs.
+//! Who is calling kube-sim, and the authentication review APIs.
 //!
-//! kube-sim authenticates like the apiserver: an x509 client certificate
-//! signed by the client CA first (CN = user, each O = a group), then a
-//! `Bearer` ServiceAccount token (an ES256 JWT signed with the sim's SA key,
-//! shaped like the ones `kubectl create token` returns; see
-//! fixtures/serviceaccount-token-claims.json). The same module answers
-//! TokenRequest (`serviceaccounts/{name}/token`), TokenReview,
-//! SelfSubjectReview (`kubectl auth whoami`) and the access reviews, which
-//! allow everything for now (there is no RBAC in kube-sim yet).
+//! kube-sim authenticates like the apiserver's union authenticator:
+//! requestheader (front-proxy) first — a client certificate from the
+//! front-proxy CA with an allowed CN, the user in `X-Remote-User`,
+//! `X-Remote-Group`, `X-Remote-Extra-*` ([`front_proxy_user`]) — then an x509
+//! client certificate signed by the client CA (CN = user, each O = a group),
+//! then a `Bearer` ServiceAccount token (an ES256 JWT signed with the sim's SA
+//! key, shaped like the ones `kubectl create token` returns; see
+//! fixtures/serviceaccount-token-claims.json). Impersonation headers are
+//! parsed here ([`impersonation_requests`]) and authorized in server.rs. The
+//! same module answers TokenRequest (`serviceaccounts/{name}/token`),
+//! TokenReview and SelfSubjectReview (`kubectl auth whoami`); the access
+//! reviews are in rbac.rs.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -24,6 +29,13 @@ const MIN_TOKEN_SECONDS: i64 = 600;
 /// The apiserver's default TokenRequest lifetime.
 const DEFAULT_TOKEN_SECONDS: i64 = 3600;
 
+/// The group every authenticated user is in.
+pub const AUTHENTICATED: &str = "system:authenticated";
+/// The group of anonymous requests.
+pub const UNAUTHENTICATED: &str = "system:unauthenticated";
+/// The user of requests without credentials.
+pub const ANONYMOUS: &str = "system:anonymous";
+
 /// An authenticated caller, as the apiserver's `user.Info`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UserInfo {
@@ -31,6 +43,35 @@ pub struct UserInfo {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub uid: String,
     pub groups: Vec<String>,
+    /// `user.Info.Extra` (keys lower case, as the authenticators produce them).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl UserInfo {
+    /// The anonymous user (`--anonymous-auth=true`).
+    pub fn anonymous() -> UserInfo {
+        UserInfo {
+            username: ANONYMOUS.to_string(),
+            uid: String::new(),
+            groups: vec![UNAUTHENTICATED.to_string()],
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// The apiserver's AuthenticatedGroupAdder: every authenticated user is
+    /// in `system:authenticated` unless it already names either
+    /// authenticated/unauthenticated group.
+    pub fn with_authenticated_group(mut self) -> UserInfo {
+        if !self
+            .groups
+            .iter()
+            .any(|g| g == AUTHENTICATED || g == UNAUTHENTICATED)
+        {
+            self.groups.push(AUTHENTICATED.to_string());
+        }
+        self
+    }
 }
 
 /// Why credentials were refused (logged, never sent: the client gets a bare 401).
@@ -205,8 +246,9 @@ impl Authenticator {
                 groups: vec![
                     "system:serviceaccounts".to_string(),
                     format!("system:serviceaccounts:{ns}"),
-                    "system:authenticated".to_string(),
+                    AUTHENTICATED.to_string(),
                 ],
+                extra: BTreeMap::new(),
             },
             matched,
         ))
@@ -333,16 +375,205 @@ pub fn user_from_cert(der: &[u8]) -> Option<UserInfo> {
         .next()
         .and_then(|cn| cn.as_str().ok())?
         .to_string();
-    let mut groups: Vec<String> = subject
+    let groups: Vec<String> = subject
         .iter_organization()
         .filter_map(|o| o.as_str().ok().map(str::to_string))
         .collect();
-    groups.push("system:authenticated".to_string());
-    Some(UserInfo {
-        username,
-        uid: String::new(),
-        groups,
-    })
+    Some(
+        UserInfo {
+            username,
+            uid: String::new(),
+            groups,
+            extra: BTreeMap::new(),
+        }
+        .with_authenticated_group(),
+    )
+}
+
+/// The CN of a certificate (DER), empty when it has none.
+pub fn cert_common_name(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .and_then(|(_, cert)| {
+            cert.subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok().map(str::to_string))
+        })
+        .unwrap_or_default()
+}
+
+/// `url.PathUnescape`, keeping the raw key when it is malformed (as the
+/// apiserver's `unescapeExtraKey` does).
+fn unescape_extra_key(key: &str) -> String {
+    let bytes = key.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match hex {
+                Some(b) => {
+                    out.push(b);
+                    i += 3;
+                }
+                None => return key.to_string(),
+            }
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| key.to_string())
+}
+
+/// Extra values from headers `{prefix}{key}`: key lower-cased then
+/// percent-decoded; values in header order.
+fn extra_from_headers(headers: &http::HeaderMap, prefix: &str) -> BTreeMap<String, Vec<String>> {
+    let mut extra: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for name in headers.keys() {
+        // http lower-cases header names, as Go's ToLower would.
+        let Some(key) = name.as_str().strip_prefix(prefix) else {
+            continue;
+        };
+        let values = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string));
+        extra
+            .entry(unescape_extra_key(key))
+            .or_default()
+            .extend(values);
+    }
+    extra
+}
+
+/// The requestheader authenticator (`--requestheader-username-headers=X-Remote-User`,
+/// `--requestheader-group-headers=X-Remote-Group`,
+/// `--requestheader-extra-headers-prefix=X-Remote-Extra-`), for a connection
+/// whose certificate the caller already verified against the front-proxy CA
+/// and the allowed names. None when X-Remote-User is absent or empty.
+pub fn front_proxy_user(headers: &http::HeaderMap) -> Option<UserInfo> {
+    let name = headers
+        .get_all("x-remote-user")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| !v.is_empty())?
+        .to_string();
+    let groups = headers
+        .get_all("x-remote-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .collect();
+    Some(
+        UserInfo {
+            username: name,
+            uid: String::new(),
+            groups,
+            extra: extra_from_headers(headers, "x-remote-extra-"),
+        }
+        .with_authenticated_group(),
+    )
+}
+
+/// One thing a request asks to impersonate (the apiserver's
+/// `buildImpersonationRequests` ObjectReferences).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Impersonate {
+    /// `Impersonate-User: system:serviceaccount:{ns}:{name}`.
+    ServiceAccount {
+        namespace: String,
+        name: String,
+    },
+    User(String),
+    Group(String),
+    /// `Impersonate-Extra-{key}: value` (one per value).
+    Extra {
+        key: String,
+        value: String,
+    },
+    Uid(String),
+}
+
+impl Impersonate {
+    /// Go's `%v` of the ObjectReference, for the "without impersonating a
+    /// user" error.
+    fn describe(&self) -> String {
+        match self {
+            Impersonate::ServiceAccount { namespace, name } => {
+                format!("{{ServiceAccount {namespace} {name}    }}")
+            }
+            Impersonate::User(n) => format!("{{User  {n}    }}"),
+            Impersonate::Group(n) => format!("{{Group  {n}    }}"),
+            Impersonate::Extra { key, value } => {
+                format!("{{UserExtra  {value}  authentication.k8s.io/v1  {key}}}")
+            }
+            Impersonate::Uid(u) => format!("{{UID  {u}  authentication.k8s.io/v1  }}"),
+        }
+    }
+}
+
+/// Parses the Impersonate-* headers. Err is the apiserver's internal error
+/// text for groups, extras or a uid without a user.
+pub fn impersonation_requests(headers: &http::HeaderMap) -> Result<Vec<Impersonate>, String> {
+    let mut out = Vec::new();
+    let user = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let has_user = !user.is_empty();
+    if has_user {
+        out.push(match split_sa_username(user) {
+            Some((namespace, name)) => Impersonate::ServiceAccount { namespace, name },
+            None => Impersonate::User(user.to_string()),
+        });
+    }
+    let mut has_other = false;
+    for g in headers.get_all("impersonate-group") {
+        has_other = true;
+        out.push(Impersonate::Group(g.to_str().unwrap_or("").to_string()));
+    }
+    for (key, values) in extra_from_headers(headers, "impersonate-extra-") {
+        has_other = true;
+        for value in values {
+            out.push(Impersonate::Extra {
+                key: key.clone(),
+                value,
+            });
+        }
+    }
+    let uid = headers
+        .get("impersonate-uid")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !uid.is_empty() {
+        has_other = true;
+        out.push(Impersonate::Uid(uid.to_string()));
+    }
+    if has_other && !has_user {
+        let list: Vec<String> = out.iter().map(Impersonate::describe).collect();
+        return Err(format!(
+            "requested [{}] without impersonating a user",
+            list.join(" ")
+        ));
+    }
+    Ok(out)
+}
+
+/// `serviceaccount.SplitUsername`: `system:serviceaccount:{ns}:{name}` with
+/// both parts non-empty and no further ':'.
+fn split_sa_username(username: &str) -> Option<(String, String)> {
+    let rest = username.strip_prefix("system:serviceaccount:")?;
+    let (ns, name) = rest.split_once(':')?;
+    if ns.is_empty() || name.is_empty() || name.contains(':') {
+        return None;
+    }
+    Some((ns.to_string(), name.to_string()))
 }
 
 /// The SelfSubjectReview answer (`kubectl auth whoami`).
@@ -352,17 +583,9 @@ pub fn self_subject_review(body: &Value, user: &UserInfo) -> Value {
     out
 }
 
-/// The SubjectAccessReview / SelfSubjectAccessReview answer: allowed, since
-/// kube-sim has no RBAC yet (shape: fixtures/subjectaccessreview.body).
-pub fn access_review(body: &Value, kind: &str, api_version: &str) -> Value {
-    let mut out = review_echo(body, kind, api_version);
-    out["status"] = json!({ "allowed": true });
-    out
-}
-
 /// The request body with kind/apiVersion set, `metadata.creationTimestamp`
 /// null (reviews are never stored) and any client-sent status dropped.
-fn review_echo(body: &Value, kind: &str, api_version: &str) -> Value {
+pub(crate) fn review_echo(body: &Value, kind: &str, api_version: &str) -> Value {
     let mut out = json!({
         "kind": kind,
         "apiVersion": api_version,
@@ -515,15 +738,85 @@ mod tests {
     #[test]
     fn client_cert_subject_gives_user_and_groups() {
         let ca = crate::pki::Ca::new("ca").expect("ca");
-        // One O: pki::Ca::issue_client keeps only the last O (rcgen's
-        // DistinguishedName replaces entries of the same type).
         let pair = ca
-            .issue_client("alice", &["system:masters"])
+            .issue_client("alice", &["system:masters", "team-a"])
             .expect("client");
         let der = pem_to_der(&pair.cert_pem);
         let user = user_from_cert(&der).expect("user");
         assert_eq!(user.username, "alice");
-        assert_eq!(user.groups, vec!["system:masters", "system:authenticated"]);
+        assert_eq!(
+            user.groups,
+            vec!["system:masters", "team-a", "system:authenticated"]
+        );
+        assert_eq!(cert_common_name(&der), "alice");
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                http::HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn front_proxy_headers_give_user_groups_and_extra() {
+        let h = headers(&[
+            ("X-Remote-User", "alice"),
+            ("X-Remote-Group", "a"),
+            ("X-Remote-Group", "b"),
+            ("X-Remote-Extra-Scopes", "x"),
+            ("X-Remote-Extra-Scopes", "y"),
+            ("X-Remote-Extra-Example.com%2fKey", "z"),
+        ]);
+        let user = front_proxy_user(&h).expect("user");
+        assert_eq!(user.username, "alice");
+        assert_eq!(user.groups, ["a", "b", "system:authenticated"]);
+        assert_eq!(user.extra["scopes"], ["x", "y"]);
+        assert_eq!(user.extra["example.com/key"], ["z"]);
+        assert!(front_proxy_user(&headers(&[("X-Remote-Group", "a")])).is_none());
+        assert!(front_proxy_user(&headers(&[("X-Remote-User", "")])).is_none());
+    }
+
+    #[test]
+    fn impersonation_headers_parse_like_the_apiserver() {
+        let h = headers(&[
+            ("Impersonate-User", "system:serviceaccount:demo:viewer"),
+            ("Impersonate-Group", "g1"),
+            ("Impersonate-Extra-Reason", "why"),
+            ("Impersonate-Uid", "u-1"),
+        ]);
+        assert_eq!(
+            impersonation_requests(&h).expect("ok"),
+            vec![
+                Impersonate::ServiceAccount {
+                    namespace: "demo".into(),
+                    name: "viewer".into()
+                },
+                Impersonate::Group("g1".into()),
+                Impersonate::Extra {
+                    key: "reason".into(),
+                    value: "why".into()
+                },
+                Impersonate::Uid("u-1".into()),
+            ]
+        );
+        let err =
+            impersonation_requests(&headers(&[("Impersonate-Group", "g")])).expect_err("no user");
+        assert!(err.ends_with("without impersonating a user"), "{err}");
+        assert!(
+            impersonation_requests(&headers(&[]))
+                .expect("ok")
+                .is_empty()
+        );
+        assert_eq!(
+            impersonation_requests(&headers(&[("Impersonate-User", "system:serviceaccount:x")]))
+                .expect("ok"),
+            vec![Impersonate::User("system:serviceaccount:x".into())]
+        );
     }
 
     fn pem_to_der(pem: &str) -> Vec<u8> {

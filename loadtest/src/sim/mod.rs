@@ -3,12 +3,14 @@
 //! Good enough that kubectl, client-go and kube-rs cannot tell the difference
 //! for the covered surface: discovery and OpenAPI, CRUD on the types in
 //! [`resources`], list with selectors and pagination, watch with the
-//! apiserver's resourceVersion semantics, bookmarks and 410, x509 and
-//! ServiceAccount token authentication, and the review APIs. The tests, the
+//! apiserver's resourceVersion semantics, bookmarks and 410, x509,
+//! front-proxy and ServiceAccount token authentication, impersonation, RBAC,
+//! and the review APIs. The tests, the
 //! demo and the load tests all run it in-process with [`KubeSim::start`].
 //!
 //! Layout: [`store`] holds the objects and the watch fan-out, [`server`]
 //! speaks HTTP (TLS, routing, handlers), [`auth`] answers "who is this",
+//! [`rbac`] answers "may they",
 //! [`metrics`] counts requests like the apiserver does, and the
 //! discovery/openapi/table/exec modules shape the rest of the surface.
 
@@ -18,6 +20,7 @@ pub mod exec;
 pub mod metrics;
 pub mod openapi;
 pub mod protobuf;
+pub mod rbac;
 pub mod resources;
 pub mod selectors;
 pub mod server;
@@ -34,6 +37,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::pki::{Ca, CertPair, PkiError};
 
+pub use rbac::Authorization;
+
+/// The CN of the front-proxy client certificate (kubeadm's name), the
+/// default `--requestheader-allowed-names`.
+pub const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
+
 /// How long [`KubeSim::shutdown`] waits for connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -45,6 +54,9 @@ pub struct SimPki {
     pub server: CertPair,
     /// Signs x509 client certificates (users: CN = name, O = groups).
     pub client_ca: Ca,
+    /// `--requestheader-client-ca-file`: signs front-proxy client certificates,
+    /// whose connections may name the user in X-Remote-* headers.
+    pub front_proxy_ca: Ca,
     /// ServiceAccount token signing key (PKCS#8 PEM, ECDSA P-256).
     pub sa_key_pem: String,
     /// Its public key (SPKI PEM), what a verifier of SA tokens needs.
@@ -64,11 +76,13 @@ impl SimPki {
         let serving_ca = Ca::new("kube-sim-serving-ca")?;
         let server = serving_ca.issue_server(server_names)?;
         let client_ca = Ca::new("kube-sim-client-ca")?;
+        let front_proxy_ca = Ca::new("kube-sim-front-proxy-ca")?;
         let (sa_key_pem, sa_public_pem) = crate::pki::signing_key_pem()?;
         Ok(SimPki {
             serving_ca,
             server,
             client_ca,
+            front_proxy_ca,
             sa_key_pem,
             sa_public_pem,
         })
@@ -78,6 +92,12 @@ impl SimPki {
     pub fn admin_client(&self) -> Result<CertPair, PkiError> {
         self.client_ca
             .issue_client("kubernetes-admin", &["system:masters"])
+    }
+
+    /// CN=front-proxy-client, signed by front_proxy_ca: what a front proxy
+    /// (Breakwater in `front-proxy` mode) presents upstream.
+    pub fn front_proxy_client(&self) -> Result<CertPair, PkiError> {
+        self.front_proxy_ca.issue_client(FRONT_PROXY_CLIENT, &[])
     }
 }
 
@@ -99,6 +119,11 @@ pub struct SimConfig {
     pub issuer: String,
     /// Audiences a token must carry to authenticate (`--api-audiences`).
     pub api_audiences: Vec<String>,
+    /// `--requestheader-allowed-names`: CNs of front-proxy certificates whose
+    /// X-Remote-* headers are trusted (empty: any CN from the front-proxy CA).
+    pub requestheader_allowed_names: Vec<String>,
+    /// `--authorization-mode`: RBAC (default) or AlwaysAllow.
+    pub authorization: Authorization,
 }
 
 impl Default for SimConfig {
@@ -112,6 +137,8 @@ impl Default for SimConfig {
             min_request_timeout: Duration::from_secs(1800),
             api_audiences: vec![issuer.clone()],
             issuer,
+            requestheader_allowed_names: vec![FRONT_PROXY_CLIENT.to_string()],
+            authorization: Authorization::Rbac,
         }
     }
 }
@@ -139,6 +166,8 @@ pub enum SimError {
     Auth(#[from] auth::AuthError),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error("cannot seed the bootstrap RBAC policy: {0}")]
+    Bootstrap(#[from] store::StoreError),
 }
 
 /// A running kube-sim. Dropping it stops the server without waiting;
@@ -160,8 +189,14 @@ impl std::fmt::Debug for KubeSim {
 
 impl KubeSim {
     /// Binds `cfg.listen` and serves HTTPS (h2 and HTTP/1.1) until shutdown.
+    /// The store starts with the bootstrap RBAC policy
+    /// ([`rbac::seed_bootstrap`]).
     pub async fn start(cfg: SimConfig, pki: SimPki) -> Result<KubeSim, SimError> {
         let tls = server::tls_config(&pki)?;
+        let front_proxy_verifier = server::client_verifier(
+            &[("front-proxy CA", pki.front_proxy_ca.cert_pem())],
+            &Arc::new(rustls::crypto::ring::default_provider()),
+        )?;
         let auth = auth::Authenticator::new(
             &pki.sa_key_pem,
             &pki.sa_public_pem,
@@ -179,8 +214,13 @@ impl KubeSim {
             source,
         })?;
         let tracker = TaskTracker::new();
+        let store = store::Store::new(cfg.window, cfg.watcher_queue);
+        rbac::seed_bootstrap(&store)?;
         let state = Arc::new(server::State {
-            store: store::Store::new(cfg.window, cfg.watcher_queue),
+            authz: rbac::Authorizer::new(cfg.authorization, store.clone()),
+            front_proxy_verifier,
+            requestheader_allowed_names: cfg.requestheader_allowed_names.clone(),
+            store,
             auth,
             metrics: Arc::new(metrics::SimMetrics::default()),
             min_request_timeout: cfg.min_request_timeout,
@@ -308,8 +348,15 @@ fn resource(plural: &str) -> &'static resources::ResourceType {
         .expect("invariant: the seeded types are in the resource table")
 }
 
+/// The demo's admin ServiceAccount (kube-system), bound to cluster-admin:
+/// the through-the-proxy kubeconfig of the demo uses its token.
+pub const DEMO_ADMIN_SA: &str = "breakwater-demo-admin";
+
 /// Seeds namespaces (default, kube-system, kube-public, kube-node-lease, demo), 3 nodes,
-/// a few pods on them (status.phase Running), configmaps, and ServiceAccount demo/agent.
+/// a few pods on them (status.phase Running), configmaps, ServiceAccount demo/agent,
+/// ServiceAccount kube-system/breakwater-demo-admin bound to cluster-admin, and
+/// ServiceAccount demo/viewer with Role demo/pod-viewer (get/list/watch pods in demo
+/// only), so a user can meet a 403.
 pub fn seed_demo(store: &store::Store) -> Result<(), store::StoreError> {
     let namespaces = [
         "default",
@@ -438,7 +485,57 @@ pub fn seed_demo(store: &store::Store) -> Result<(), store::StoreError> {
             "metadata": {"name": "agent", "namespace": "demo"},
         }),
     )?;
-    Ok(())
+    seed_demo_rbac(store)
+}
+
+/// The demo's identities: an all-powerful SA and a narrow one.
+fn seed_demo_rbac(store: &store::Store) -> Result<(), store::StoreError> {
+    for (ns, name) in [("kube-system", DEMO_ADMIN_SA), ("demo", "viewer")] {
+        create_unless_exists(
+            store,
+            resource("serviceaccounts"),
+            Some(ns),
+            json!({
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {"name": name, "namespace": ns},
+            }),
+        )?;
+    }
+    rbac::bind_cluster_role(
+        store,
+        DEMO_ADMIN_SA,
+        "cluster-admin",
+        json!([{"kind": "ServiceAccount", "name": DEMO_ADMIN_SA, "namespace": "kube-system"}]),
+        false,
+    )?;
+    let rbac_type = |plural| {
+        resources::find("rbac.authorization.k8s.io", "v1", plural)
+            .expect("invariant: RBAC types are in the resource table")
+    };
+    create_unless_exists(
+        store,
+        rbac_type("roles"),
+        Some("demo"),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "pod-viewer", "namespace": "demo"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+        }),
+    )?;
+    create_unless_exists(
+        store,
+        rbac_type("rolebindings"),
+        Some("demo"),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "viewer-pod-viewer", "namespace": "demo"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-viewer"},
+            "subjects": [{"kind": "ServiceAccount", "name": "viewer", "namespace": "demo"}],
+        }),
+    )
 }
 
 /// Seeding twice (or over objects the store made itself) is not an error.

@@ -3,8 +3,9 @@
 //!
 //! Since client-go 1.31 the typed clientset sends bodies as
 //! `application/vnd.kubernetes.protobuf` (kubectl create configmap/secret/
-//! namespace/serviceaccount, `kubectl create token`, `kubectl auth whoami`,
-//! `kubectl auth can-i`), with no JSON fallback. kube-sim stores JSON, so it
+//! namespace/serviceaccount/role/clusterrole/rolebinding/clusterrolebinding,
+//! `kubectl create token`, `kubectl auth whoami`, `kubectl auth can-i`), with
+//! no JSON fallback. kube-sim stores JSON, so it
 //! turns those bodies into the JSON the same client would have sent: the
 //! `k8s\0` envelope (runtime.Unknown: typeMeta, raw) around the object's
 //! protobuf message, decoded with a hand-written schema per type (field
@@ -163,6 +164,80 @@ const RESOURCE_ATTRIBUTES: &[Field] = &[
     f(5, "resource", Kind::Str),
     f(6, "subresource", Kind::Str),
     f(7, "name", Kind::Str),
+    // Selectors (1.31+) are decoded so the review echoes them; kube-sim's
+    // RBAC ignores them, as RBAC does.
+    f(8, "fieldSelector", Kind::Msg(SELECTOR_ATTRIBUTES)),
+    f(9, "labelSelector", Kind::Msg(SELECTOR_ATTRIBUTES)),
+];
+
+/// FieldSelectorAttributes and LabelSelectorAttributes share field numbers.
+const SELECTOR_ATTRIBUTES: &[Field] = &[
+    f(1, "rawSelector", Kind::Str),
+    f(
+        2,
+        "requirements",
+        Kind::RepMsg(&[
+            f(1, "key", Kind::Str),
+            f(2, "operator", Kind::Str),
+            f(3, "values", Kind::RepStr),
+        ]),
+    ),
+];
+
+/// rbac/v1 PolicyRule.
+const POLICY_RULE: &[Field] = &[
+    f(1, "verbs", Kind::RepStr),
+    f(2, "apiGroups", Kind::RepStr),
+    f(3, "resources", Kind::RepStr),
+    f(4, "resourceNames", Kind::RepStr),
+    f(5, "nonResourceURLs", Kind::RepStr),
+];
+
+const LABEL_SELECTOR_REQUIREMENT: &[Field] = &[
+    f(1, "key", Kind::Str),
+    f(2, "operator", Kind::Str),
+    f(3, "values", Kind::RepStr),
+];
+
+const LABEL_SELECTOR: &[Field] = &[
+    f(1, "matchLabels", Kind::MapStr),
+    f(
+        2,
+        "matchExpressions",
+        Kind::RepMsg(LABEL_SELECTOR_REQUIREMENT),
+    ),
+];
+
+const ROLE: &[Field] = &[META, f(2, "rules", Kind::RepMsg(POLICY_RULE))];
+
+const CLUSTER_ROLE: &[Field] = &[
+    META,
+    f(2, "rules", Kind::RepMsg(POLICY_RULE)),
+    f(
+        3,
+        "aggregationRule",
+        Kind::Msg(&[f(1, "clusterRoleSelectors", Kind::RepMsg(LABEL_SELECTOR))]),
+    ),
+];
+
+const SUBJECT: &[Field] = &[
+    f(1, "kind", Kind::Str),
+    f(2, "apiGroup", Kind::Str),
+    f(3, "name", Kind::Str),
+    f(4, "namespace", Kind::Str),
+];
+
+const ROLE_REF: &[Field] = &[
+    f(1, "apiGroup", Kind::Str),
+    f(2, "kind", Kind::Str),
+    f(3, "name", Kind::Str),
+];
+
+/// RoleBinding and ClusterRoleBinding have the same fields.
+const BINDING: &[Field] = &[
+    META,
+    f(2, "subjects", Kind::RepMsg(SUBJECT)),
+    f(3, "roleRef", Kind::Msg(ROLE_REF)),
 ];
 
 const NON_RESOURCE_ATTRIBUTES: &[Field] = &[f(1, "path", Kind::Str), f(2, "verb", Kind::Str)];
@@ -213,6 +288,9 @@ fn schema(kind: &str) -> Option<&'static [Field]> {
         "SelfSubjectReview" => SELF_SUBJECT_REVIEW,
         "SelfSubjectAccessReview" => SELF_SUBJECT_ACCESS_REVIEW,
         "SubjectAccessReview" => SUBJECT_ACCESS_REVIEW,
+        "Role" => ROLE,
+        "ClusterRole" => CLUSTER_ROLE,
+        "RoleBinding" | "ClusterRoleBinding" => BINDING,
         _ => return None,
     })
 }
@@ -484,6 +562,47 @@ mod tests {
         assert_eq!(
             v["spec"],
             json!({"audiences": ["aud-1"], "expirationSeconds": 3600})
+        );
+    }
+
+    #[test]
+    fn a_role_binding_decodes_subjects_and_role_ref() {
+        let mut subject = len_field(1, b"ServiceAccount");
+        subject.extend(len_field(3, b"viewer"));
+        subject.extend(len_field(4, b"demo"));
+        let mut role_ref = len_field(1, b"rbac.authorization.k8s.io");
+        role_ref.extend(len_field(2, b"Role"));
+        role_ref.extend(len_field(3, b"pod-reader"));
+        let mut raw = len_field(1, &len_field(1, b"rb"));
+        raw.extend(len_field(2, &subject));
+        raw.extend(len_field(3, &role_ref));
+        let v = decode(&envelope(
+            "rbac.authorization.k8s.io/v1",
+            "RoleBinding",
+            &raw,
+        ))
+        .expect("decode");
+        assert_eq!(
+            v,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                   "metadata": {"name": "rb"},
+                   "subjects": [{"kind": "ServiceAccount", "name": "viewer", "namespace": "demo"}],
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"}})
+        );
+    }
+
+    #[test]
+    fn a_role_decodes_its_rules() {
+        let mut rule = len_field(1, b"get");
+        rule.extend(len_field(1, b"list"));
+        rule.extend(len_field(2, b""));
+        rule.extend(len_field(3, b"pods"));
+        let mut raw = len_field(1, &len_field(1, b"r"));
+        raw.extend(len_field(2, &rule));
+        let v = decode(&envelope("rbac.authorization.k8s.io/v1", "Role", &raw)).expect("decode");
+        assert_eq!(
+            v["rules"],
+            json!([{"verbs": ["get", "list"], "apiGroups": [""], "resources": ["pods"]}])
         );
     }
 

@@ -1,14 +1,18 @@
 //! kube-sim's HTTP front: TLS accept loop, request classification, handlers.
 //!
-//! One request goes through named phases, in order:
-//! 1. `public` — /healthz, /livez, /readyz and /version answer anyone, as the
-//!    apiserver's `system:public-info-viewer` role allows;
-//! 2. `authenticate` — client certificate first, then a Bearer SA token
-//!    (the apiserver's order), else a bare 401 Status;
-//! 3. non-resource paths — /metrics, discovery, OpenAPI;
-//! 4. `classify` — the apiserver's RequestInfo: group/version/resource,
-//!    namespace, name, subresource and verb (watch vs list);
-//! 5. the handler for the verb, whose errors become Status bodies.
+//! One request goes through named phases, in the apiserver's filter order:
+//! 1. `authenticate` — requestheader (front-proxy CA connection with an
+//!    allowed CN + X-Remote-User), then the client certificate, then a Bearer
+//!    SA token; no credentials at all is `system:anonymous`; a credential
+//!    that fails verification is a bare 401 Status;
+//! 2. `impersonate` — Impersonate-* headers, each authorized with the
+//!    `impersonate` verb (403 when denied);
+//! 3. `authorize` — the request's attributes (the apiserver's RequestInfo,
+//!    [`request_attributes`]) against RBAC; 403 Status when denied;
+//! 4. non-resource paths — health, /version, /metrics, discovery, OpenAPI;
+//! 5. `classify` — kube-sim's own routing: the served type, namespace, name,
+//!    subresource and verb (watch vs list);
+//! 6. the handler for the verb, whose errors become Status bodies.
 //!
 //! Watches stream: each event is written as its own frame the moment the
 //! store emits it (a small channel between a pump task and the response
@@ -26,16 +30,18 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::auth::{self, Authenticator, UserInfo};
+use super::auth::{self, Authenticator, Impersonate, UserInfo};
 use super::metrics::{RequestLabels, SimMetrics};
+use super::rbac::{self, Attributes, Authorizer, Decision};
 use super::resources::{self, ResourceType};
 use super::store::{Event, EventType, ListOptions, ListResult, PatchKind, Store, StoreError};
 use super::{SimError, SimPki, discovery, exec, openapi, protobuf, table};
@@ -62,6 +68,12 @@ pub type ResBody = BoxBody<Bytes, Infallible>;
 pub(crate) struct State {
     pub(crate) store: Store,
     pub(crate) auth: Authenticator,
+    pub(crate) authz: Authorizer,
+    /// Verifies a client certificate against the front-proxy CA only: a
+    /// connection whose certificate passes is a front-proxy connection.
+    pub(crate) front_proxy_verifier: Arc<dyn ClientCertVerifier>,
+    /// `--requestheader-allowed-names` (empty: any CN).
+    pub(crate) requestheader_allowed_names: Vec<String>,
     pub(crate) metrics: Arc<SimMetrics>,
     pub(crate) min_request_timeout: Duration,
     /// Cancelled on shutdown: stops the accept loop, ends watches, closes connections.
@@ -71,7 +83,8 @@ pub(crate) struct State {
 }
 
 /// The rustls config: our serving cert, ALPN h2 + http/1.1, client certs
-/// optional but verified against the client CA when presented.
+/// optional but verified, when presented, against the client CA or the
+/// front-proxy CA (which of the two is decided per connection afterwards).
 pub(crate) fn tls_config(pki: &SimPki) -> Result<rustls::ServerConfig, SimError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = CertificateDer::pem_slice_iter(pki.server.cert_pem.as_bytes())
@@ -86,28 +99,42 @@ pub(crate) fn tls_config(pki: &SimPki) -> Result<rustls::ServerConfig, SimError>
             source,
         }
     })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(pki.client_ca.cert_pem().as_bytes()) {
-        let ca = ca.map_err(|source| SimError::Pem {
-            what: "client CA",
-            source,
-        })?;
-        roots.add(ca)?;
-    }
     // Optional client certs: token users connect without one, as with the
     // apiserver's --client-ca-file.
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        Arc::clone(&provider),
-    )
-    .allow_unauthenticated()
-    .build()?;
+    let verifier = client_verifier(
+        &[
+            ("client CA", pki.client_ca.cert_pem()),
+            ("front-proxy CA", pki.front_proxy_ca.cert_pem()),
+        ],
+        &provider,
+    )?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// A verifier for client certificates chaining to any of `cas` (PEM);
+/// certificates stay optional.
+pub(crate) fn client_verifier(
+    cas: &[(&'static str, &str)],
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, SimError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for (what, pem) in cas {
+        for ca in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let ca = ca.map_err(|source| SimError::Pem { what, source })?;
+            roots.add(ca)?;
+        }
+    }
+    Ok(rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(provider),
+    )
+    .allow_unauthenticated()
+    .build()?)
 }
 
 /// Accepts connections until shutdown. Accept errors (EMFILE, resets) are
@@ -154,10 +181,23 @@ pub(crate) async fn bookmark_loop(state: Arc<State>, interval: Duration) {
     }
 }
 
+/// What a connection's client certificate says about its caller.
+#[derive(Debug)]
+enum ConnCert {
+    /// No client certificate.
+    None,
+    /// A client-CA certificate: its user (CN, O = groups).
+    Client(UserInfo),
+    /// A front-proxy-CA certificate; `allowed` when its CN is one of the
+    /// requestheader allowed names. Never a user itself.
+    FrontProxy { allowed: bool },
+    /// A verified certificate that names no user (no CN).
+    Invalid,
+}
+
 /// What a connection knows about its caller before any request.
 struct ConnInfo {
-    /// The user of a verified client certificate.
-    cert_user: Option<UserInfo>,
+    cert: ConnCert,
 }
 
 async fn serve_connection(
@@ -177,15 +217,32 @@ async fn serve_connection(
             return;
         }
     };
-    // rustls already verified the chain against the client CA; only the
-    // subject is read here.
-    let cert_user = tls
+    // rustls already verified the chain against one of the two CAs; which
+    // one decides whether the certificate is a user or a front proxy.
+    let cert = match tls
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(|der| auth::user_from_cert(der));
-    let conn = Arc::new(ConnInfo { cert_user });
+        .and_then(|certs| certs.split_first())
+    {
+        None => ConnCert::None,
+        Some((leaf, intermediates)) => {
+            if state
+                .front_proxy_verifier
+                .verify_client_cert(leaf, intermediates, UnixTime::now())
+                .is_ok()
+            {
+                let cn = auth::cert_common_name(leaf);
+                let names = &state.requestheader_allowed_names;
+                ConnCert::FrontProxy {
+                    allowed: names.is_empty() || names.contains(&cn),
+                }
+            } else {
+                auth::user_from_cert(leaf).map_or(ConnCert::Invalid, ConnCert::Client)
+            }
+        }
+    };
+    let conn = Arc::new(ConnInfo { cert });
     let svc_state = Arc::clone(&state);
     let service = hyper::service::service_fn(move |req| {
         let state = Arc::clone(&svc_state);
@@ -222,35 +279,49 @@ async fn handle(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> 
 async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> Response<ResBody> {
     let path = req.uri().path();
 
-    // Phase 1: public endpoints, no credentials needed.
-    if let Some(resp) = public(path) {
-        state
-            .metrics
-            .record(non_resource_labels(), resp.status().as_u16());
-        return resp;
-    }
-
-    // Phase 2: who is calling.
+    // Phase 1: who is calling.
     let Some(user) = authenticate(&state.auth, conn, req.headers()) else {
+        state.metrics.record(non_resource_labels(), 401);
         return unauthorized();
     };
 
-    // Phase 3: non-resource endpoints.
-    if let Some(resp) = non_resource(state, &req) {
+    // Phase 2: impersonation, authorized for the authenticated user.
+    let user = match impersonate(&state.authz, user, req.headers()) {
+        Ok(user) => user,
+        Err(resp) => {
+            state
+                .metrics
+                .record(non_resource_labels(), resp.status().as_u16());
+            return resp;
+        }
+    };
+
+    // Phase 3: may this user make this request?
+    let attrs = request_attributes(req.method(), path, req.uri().query());
+    if let Err(resp) = authorize(&state.authz, &user, &attrs, req.headers()) {
+        let labels = classify(req.method(), path, req.uri().query())
+            .map(|info| info.labels())
+            .unwrap_or_else(|_| non_resource_labels());
+        state.metrics.record(labels, 403);
+        return resp;
+    }
+
+    // Phase 4: non-resource endpoints.
+    if let Some(resp) = public(path).or_else(|| non_resource(state, &req)) {
         state
             .metrics
             .record(non_resource_labels(), resp.status().as_u16());
         return resp;
     }
 
-    // Phase 4: classify like the apiserver's RequestInfo.
+    // Phase 5: classify to a served type.
     let info = match classify(req.method(), path, req.uri().query()) {
         Ok(info) => info,
         Err(Reject::NotFound) => return not_found(),
         Err(Reject::MethodNotAllowed) => return method_not_allowed(),
     };
 
-    // Phase 5: the handler. Watches count themselves when they end.
+    // Phase 6: the handler. Watches count themselves when they end.
     let labels = info.labels();
     let resp = match info.verb {
         Verb::Watch => return watch(state, &info, req.headers(), req.uri().query()),
@@ -290,54 +361,258 @@ fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBo
     openapi::serve(path, req.uri().query(), req.headers()).map(bytes_response)
 }
 
-/// Client certificate first, then a Bearer ServiceAccount token, as the
-/// apiserver's union authenticator orders them. `Impersonate-User` /
-/// `Impersonate-Group` then replace the identity (there is no RBAC yet, so
-/// every authenticated user may impersonate).
+/// The apiserver's union authenticator: requestheader, x509, bearer token;
+/// None (401) when a credential was presented and none succeeded; the
+/// anonymous user when nothing was presented.
 fn authenticate(auth: &Authenticator, conn: &ConnInfo, headers: &HeaderMap) -> Option<UserInfo> {
-    let user = match &conn.cert_user {
-        Some(user) => user.clone(),
-        None => {
-            let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-            let token = value
-                .strip_prefix("Bearer ")
-                .or_else(|| value.strip_prefix("bearer "))?
-                .trim();
+    // A credential that failed: the request is refused unless a later
+    // authenticator succeeds (the union returns the first success).
+    let mut failed = false;
+    match &conn.cert {
+        ConnCert::Client(user) => return Some(user.clone()),
+        ConnCert::FrontProxy { allowed: true } => match auth::front_proxy_user(headers) {
+            Some(user) => return Some(user),
+            // requestheader has no opinion; x509 then rejects a certificate
+            // that is not from the client CA.
+            None => failed = true,
+        },
+        ConnCert::FrontProxy { allowed: false } | ConnCert::Invalid => failed = true,
+        ConnCert::None => {}
+    }
+    if let Some(value) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        // bearertoken: only "Bearer <token>" is a token; anything else is
+        // not this authenticator's business.
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        if !token.is_empty() {
             match auth.authenticate(token) {
-                Ok(user) => user,
+                Ok(user) => return Some(user),
                 Err(e) => {
                     tracing::debug!(error = %e, "kube-sim refused a bearer token");
-                    return None;
+                    failed = true;
                 }
             }
         }
-    };
-    let Some(imp) = headers
-        .get("impersonate-user")
-        .and_then(|v| v.to_str().ok())
-    else {
-        return Some(user);
-    };
-    let mut groups: Vec<String> = headers
-        .get_all("impersonate-group")
-        .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_string))
-        .collect();
-    if let Some(ns_name) = imp.strip_prefix("system:serviceaccount:") {
-        let ns = ns_name.split(':').next().unwrap_or("");
-        groups.push("system:serviceaccounts".to_string());
-        groups.push(format!("system:serviceaccounts:{ns}"));
     }
-    groups.push("system:authenticated".to_string());
-    Some(UserInfo {
-        username: imp.to_string(),
-        uid: headers
-            .get("impersonate-uid")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string(),
+    if failed {
+        None
+    } else {
+        Some(UserInfo::anonymous())
+    }
+}
+
+/// The apiserver's impersonation filter: each Impersonate-* request is
+/// authorized for `user` with the `impersonate` verb, then the request runs
+/// as the impersonated user.
+#[allow(clippy::result_large_err)]
+fn impersonate(
+    authz: &Authorizer,
+    user: UserInfo,
+    headers: &HeaderMap,
+) -> Result<UserInfo, Response<ResBody>> {
+    let requests = match auth::impersonation_requests(headers) {
+        Ok(r) if r.is_empty() => return Ok(user),
+        Ok(r) => r,
+        Err(e) => return Err(internal_error(&e)),
+    };
+    let groups_specified = headers.contains_key("impersonate-group");
+    let mut username = String::new();
+    let mut groups: Vec<String> = Vec::new();
+    let mut extra: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut uid = String::new();
+    for r in &requests {
+        let mut attrs = Attributes {
+            verb: "impersonate".to_string(),
+            resource_request: true,
+            api_version: "v1".to_string(),
+            ..Attributes::default()
+        };
+        match r {
+            Impersonate::ServiceAccount { namespace, name } => {
+                attrs.resource = "serviceaccounts".into();
+                attrs.namespace = namespace.clone();
+                attrs.name = name.clone();
+                username = format!("system:serviceaccount:{namespace}:{name}");
+                if !groups_specified {
+                    groups = vec![
+                        "system:serviceaccounts".to_string(),
+                        format!("system:serviceaccounts:{namespace}"),
+                    ];
+                }
+            }
+            Impersonate::User(name) => {
+                attrs.resource = "users".into();
+                attrs.name = name.clone();
+                username = name.clone();
+            }
+            Impersonate::Group(name) => {
+                attrs.resource = "groups".into();
+                attrs.name = name.clone();
+                groups.push(name.clone());
+            }
+            Impersonate::Extra { key, value } => {
+                attrs.api_group = "authentication.k8s.io".into();
+                attrs.resource = "userextras".into();
+                attrs.subresource = key.clone();
+                attrs.name = value.clone();
+                extra.entry(key.clone()).or_default().push(value.clone());
+            }
+            Impersonate::Uid(value) => {
+                attrs.api_group = "authentication.k8s.io".into();
+                attrs.resource = "uids".into();
+                attrs.name = value.clone();
+                uid = value.clone();
+            }
+        }
+        if let Decision::Deny = authz.authorize(&user, &attrs) {
+            return Err(forbidden(&user, &attrs));
+        }
+    }
+    if username != auth::ANONYMOUS {
+        if !groups
+            .iter()
+            .any(|g| g == auth::AUTHENTICATED || g == auth::UNAUTHENTICATED)
+        {
+            groups.push(auth::AUTHENTICATED.to_string());
+        }
+    } else if !groups.iter().any(|g| g == auth::UNAUTHENTICATED) {
+        groups.push(auth::UNAUTHENTICATED.to_string());
+    }
+    tracing::debug!(from = %user.username, to = %username, "kube-sim impersonation");
+    Ok(UserInfo {
+        username,
+        uid,
         groups,
+        extra,
     })
+}
+
+/// The authorization filter. A WebSocket `GET` of pods/exec also needs
+/// `create` (AuthorizePodWebsocketUpgradeCreatePermission, on since 1.31).
+#[allow(clippy::result_large_err)]
+fn authorize(
+    authz: &Authorizer,
+    user: &UserInfo,
+    attrs: &Attributes,
+    headers: &HeaderMap,
+) -> Result<(), Response<ResBody>> {
+    if let Decision::Deny = authz.authorize(user, attrs) {
+        return Err(forbidden(user, attrs));
+    }
+    let upgrade = headers
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if upgrade
+        && attrs.resource_request
+        && attrs.verb == "get"
+        && attrs.resource == "pods"
+        && matches!(
+            attrs.subresource.as_str(),
+            "exec" | "attach" | "portforward"
+        )
+    {
+        let create = Attributes {
+            verb: "create".to_string(),
+            ..attrs.clone()
+        };
+        if let Decision::Deny = authz.authorize(user, &create) {
+            return Err(forbidden(user, &create));
+        }
+    }
+    Ok(())
+}
+
+/// The apiserver's RequestInfo, for authorization: resource requests under
+/// `/api/{v}/` and `/apis/{g}/{v}/` (whether kube-sim serves the type or
+/// not, so an unknown resource is 403 before it is 404, as upstream), every
+/// other path a non-resource request with the lower-case method as verb.
+pub(crate) fn request_attributes(method: &Method, path: &str, query: Option<&str>) -> Attributes {
+    let non_resource = || Attributes::non_resource(&method.as_str().to_ascii_lowercase(), path);
+    let mut parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if parts.len() < 3 {
+        return non_resource();
+    }
+    let mut attrs = Attributes {
+        resource_request: true,
+        path: path.to_string(),
+        ..Attributes::default()
+    };
+    match parts[0] {
+        "api" => parts.remove(0),
+        "apis" => {
+            if parts.len() < 4 {
+                return non_resource();
+            }
+            attrs.api_group = parts[1].to_string();
+            parts.drain(..2).next().unwrap_or_default()
+        }
+        _ => return non_resource(),
+    };
+    attrs.api_version = parts.remove(0).to_string();
+    if matches!(parts.first(), Some(&"watch") | Some(&"proxy")) {
+        if parts.len() < 2 {
+            return non_resource();
+        }
+        attrs.verb = parts.remove(0).to_string();
+    } else {
+        attrs.verb = match *method {
+            Method::POST => "create",
+            Method::GET | Method::HEAD => "get",
+            Method::PUT => "update",
+            Method::PATCH => "patch",
+            Method::DELETE => "delete",
+            _ => "",
+        }
+        .to_string();
+    }
+    if parts.first() == Some(&"namespaces") && parts.len() > 1 {
+        attrs.namespace = parts[1].to_string();
+        if parts.len() > 2 && !matches!(parts[2], "status" | "finalize") {
+            parts.drain(..2);
+        }
+    }
+    if parts.len() >= 3 && attrs.verb != "proxy" {
+        attrs.subresource = parts[2].to_string();
+    }
+    if parts.len() >= 2 {
+        attrs.name = parts[1].to_string();
+    }
+    if let Some(r) = parts.first() {
+        attrs.resource = r.to_string();
+    }
+    let query = query.unwrap_or("");
+    if attrs.name.is_empty() && attrs.verb == "get" {
+        attrs.verb = if wants_watch(query) { "watch" } else { "list" }.to_string();
+    }
+    if attrs.name.is_empty() && matches!(attrs.verb.as_str(), "list" | "watch") {
+        // A field selector pinning metadata.name names the object.
+        if let Some((_, fs)) =
+            form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "fieldSelector")
+        {
+            let fs = fs.trim();
+            if let Some(name) = fs
+                .strip_prefix("metadata.name==")
+                .or_else(|| fs.strip_prefix("metadata.name="))
+                && !name.is_empty()
+                && !name.contains([',', '/', '%'])
+                && name != "."
+                && name != ".."
+            {
+                attrs.name = name.to_string();
+            }
+        }
+    }
+    if attrs.name.is_empty() && attrs.verb == "delete" {
+        attrs.verb = "deletecollection".to_string();
+    }
+    attrs
 }
 
 /// The verb of a resource request (the apiserver's RequestInfo.Verb).
@@ -764,7 +1039,7 @@ fn review(state: &State, rt: &ResourceType, user: &UserInfo, body: &Value) -> Re
     let answer = match rt.plural {
         "tokenreviews" => state.auth.token_review(body),
         "selfsubjectreviews" => auth::self_subject_review(body, user),
-        _ => auth::access_review(body, rt.kind, &rt.api_version()),
+        _ => rbac::access_review(&state.authz, body, rt.kind, &rt.api_version(), user),
     };
     json_response(StatusCode::CREATED, &answer)
 }
@@ -1125,6 +1400,33 @@ fn unauthorized() -> Response<ResBody> {
     )
 }
 
+/// `responsewriters.Forbidden`: 403 with the Status of
+/// fixtures/error-403-forbidden.body.
+fn forbidden(user: &UserInfo, attrs: &Attributes) -> Response<ResBody> {
+    let mut resp = raw_json_response(StatusCode::FORBIDDEN, rbac::forbidden(user, attrs, ""));
+    resp.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+/// `responsewriters.InternalError`: a plain-text 500.
+fn internal_error(err: &str) -> Response<ResBody> {
+    let mut resp = Response::new(full(format!("Internal Server Error: {err}\n")));
+    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
 /// The apiserver's answer for a path no handler serves.
 fn not_found() -> Response<ResBody> {
     status_response(
@@ -1249,6 +1551,75 @@ mod tests {
         )
         .expect("ok");
         assert_eq!((t.verb, t.subresource), (Verb::Create, Some("token")));
+    }
+
+    fn attrs(method: Method, path: &str, query: &str) -> Attributes {
+        request_attributes(&method, path, Some(query))
+    }
+
+    #[test]
+    fn request_attributes_follow_request_info() {
+        let a = attrs(Method::GET, "/api/v1/namespaces/demo/pods", "limit=500");
+        assert_eq!(
+            (
+                a.verb.as_str(),
+                a.resource.as_str(),
+                a.namespace.as_str(),
+                a.resource_request
+            ),
+            ("list", "pods", "demo", true)
+        );
+        let a = attrs(Method::GET, "/api/v1/namespaces/demo/pods", "watch=1");
+        assert_eq!(a.verb, "watch");
+        let a = attrs(Method::POST, "/api/v1/namespaces/demo/pods/p/exec", "");
+        assert_eq!(
+            (a.verb.as_str(), a.subresource.as_str(), a.name.as_str()),
+            ("create", "exec", "p")
+        );
+        let a = attrs(Method::GET, "/api/v1/namespaces/demo", "");
+        assert_eq!(
+            (
+                a.verb.as_str(),
+                a.resource.as_str(),
+                a.namespace.as_str(),
+                a.name.as_str()
+            ),
+            ("get", "namespaces", "demo", "demo")
+        );
+        let a = attrs(
+            Method::GET,
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            "",
+        );
+        assert_eq!(
+            (
+                a.api_group.as_str(),
+                a.resource.as_str(),
+                a.namespace.as_str()
+            ),
+            ("rbac.authorization.k8s.io", "clusterroles", "")
+        );
+        let a = attrs(Method::GET, "/api/v1/watch/namespaces/a/configmaps/c", "");
+        assert_eq!((a.verb.as_str(), a.name.as_str()), ("watch", "c"));
+        let a = attrs(
+            Method::GET,
+            "/api/v1/namespaces/a/configmaps",
+            "fieldSelector=metadata.name%3Dc",
+        );
+        assert_eq!((a.verb.as_str(), a.name.as_str()), ("list", "c"));
+        let a = attrs(Method::DELETE, "/api/v1/namespaces/a/configmaps", "");
+        assert_eq!(a.verb, "deletecollection");
+        for p in [
+            "/api",
+            "/api/v1",
+            "/apis/apps/v1",
+            "/healthz",
+            "/openapi/v3",
+        ] {
+            let a = attrs(Method::GET, p, "");
+            assert!(!a.resource_request, "{p}");
+            assert_eq!((a.verb.as_str(), a.path.as_str()), ("get", p));
+        }
     }
 
     #[test]

@@ -643,6 +643,15 @@ fn validate_name(rt: &ResourceType, name: &str) -> Result<(), StoreError> {
         {
             Err(invalid(DNS1035_MSG))
         }
+        // RBAC objects take any path segment name (`system:discovery`):
+        // ValidatePathSegmentName.
+        "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => match name {
+            "." => Err(invalid("may not be '.'")),
+            ".." => Err(invalid("may not be '..'")),
+            n if n.contains('/') => Err(invalid("may not contain '/'")),
+            n if n.contains('%') => Err(invalid("may not contain '%'")),
+            _ => Ok(()),
+        },
         _ if !is_dns1123_subdomain(name) => Err(invalid(SUBDOMAIN_MSG)),
         _ => Ok(()),
     }

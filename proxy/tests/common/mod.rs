@@ -9,7 +9,11 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
+use breakwater::config::{LimitsConfig, ProxyConfig};
 use breakwater::demo::{Demo, DemoOptions};
+use breakwater::identity::AuthConfig;
+use breakwater::upstream::UpstreamConfig;
+use breakwater_loadtest::sim::SimConfig;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
@@ -33,6 +37,7 @@ pub async fn demo_env() -> Env {
         port: 0,
         sim_port: 0,
         admin_port: 0,
+        limits: None,
     })
     .await
     .expect("demo starts");
@@ -73,6 +78,40 @@ impl Env {
     }
 }
 
+/// A passthrough proxy in front of `upstream`, verifying the demo's
+/// ServiceAccount tokens locally, with the demo's serving certificate.
+pub fn passthrough_config(env: &Env, upstream: String, grace: Duration) -> ProxyConfig {
+    let dir = env.dir.path();
+    ProxyConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        tls_cert: dir.join("proxy.crt"),
+        tls_key: dir.join("proxy.key"),
+        client_ca: None,
+        upstream: UpstreamConfig::passthrough(upstream, Some(dir.join("kube-sim-ca.crt"))),
+        auth: AuthConfig {
+            service_account_key_files: vec![dir.join("sa.pub")],
+            service_account_issuers: vec![SimConfig::default().issuer],
+            ..AuthConfig::default()
+        },
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        shutdown_grace: grace,
+        limits: LimitsConfig::default(),
+    }
+}
+
+/// A kubeconfig for `server` with either the admin certificate or a token.
+pub fn write_kubeconfig(env: &Env, name: &str, server: &str, user: &str) -> PathBuf {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let path = env.dir.path().join(name);
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: u\n  user:\n    {user}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
+        b64(&env.demo.proxy_ca_pem)
+    );
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
 pub fn kubectl_cmd(kubeconfig: &PathBuf, cache: &std::path::Path) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new("kubectl");
     cmd.env("KUBECONFIG", kubeconfig)
@@ -85,8 +124,8 @@ pub fn kubectl_cmd(kubeconfig: &PathBuf, cache: &std::path::Path) -> tokio::proc
 
 pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-/// An HTTPS client trusting `ca_pem`, speaking only h2 or only HTTP/1.1.
-pub fn https_client(ca_pem: &str, h2: bool) -> HttpsClient {
+/// A TLS connector trusting `ca_pem`, offering only h2 or only HTTP/1.1.
+pub fn https_connector(ca_pem: &str, h2: bool) -> hyper_rustls::HttpsConnector<HttpConnector> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.expect("ca pem")).expect("add ca");
@@ -101,16 +140,36 @@ pub fn https_client(ca_pem: &str, h2: bool) -> HttpsClient {
     let b = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
-    let conn = if h2 {
+    if h2 {
         b.enable_http2().build()
     } else {
         b.enable_http1().build()
-    };
+    }
+}
+
+/// An HTTPS client trusting `ca_pem`, speaking only h2 or only HTTP/1.1.
+pub fn https_client(ca_pem: &str, h2: bool) -> HttpsClient {
     let mut builder = Client::builder(TokioExecutor::new());
     if h2 {
         builder.http2_only(true);
     }
-    builder.build(conn)
+    builder.build(https_connector(ca_pem, h2))
+}
+
+/// A request body fed from a channel: the request stays open (and
+/// unfinished) until the sender is dropped.
+pub struct Rx(
+    pub tokio::sync::mpsc::Receiver<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+);
+
+impl futures_util::Stream for Rx {
+    type Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
 }
 
 /// A GET with a bearer token.

@@ -1,0 +1,967 @@
+//! Admission: [`Limiter::admit`] decides one request and returns a
+//! [`Permit`] (RAII: dropping it releases what the request holds) or a
+//! [`Rejection`] (with everything a 429 needs).
+//!
+//! Order of checks, and why:
+//! 1. **Match** the first rule (blocks need to know the rule and whether it
+//!    is exempt).
+//! 2. **Blocks**: the emergency brake wins over everything; exempt traffic
+//!    only by a forced block.
+//! 3. **Exempt** rules skip every limit; they only take an upstream seat.
+//! 4. **Concurrency** (per identity, then aggregate): watches take a watch
+//!    slot, other non-long-running requests an in-flight slot. First, so a
+//!    request rejected for concurrency burns no token.
+//! 5. **Rates** (per identity, then aggregate; for watches also watch
+//!    opens). A failure refunds the tokens already taken and releases the
+//!    slots, so a rejected request leaves no trace.
+//! 6. **Upstream seat** (non-long-running only): last, because it is the
+//!    scarcest shared resource; failing it undoes steps 4-5.
+//!
+//! Watches, like in APF, do not hold an in-flight seat or an upstream seat for
+//! their lifetime (they would pin it for hours); they hold a watch slot. They
+//! take one `rate` token *and* one `watchOpens` token when opened. Other
+//! long-running requests (exec, attach, portforward, proxy, log) take a
+//! `rate` token only.
+//!
+//! A rule in `shadow` mode runs steps 4-5 exactly as if enforcing, but on a
+//! would-be rejection undoes them and admits; the permit carries the
+//! would-be [`Rejection`]. Blocks and upstream seats are always enforced.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+
+use crate::blocks::{self, Block, BlockError, Blocks};
+use crate::bucket::RateLimit;
+use crate::file::Mode;
+use crate::matcher::{RequestAttrs, Subject};
+use crate::state::{
+    IdentityState, KeyHasher, RuleState, UpstreamState, acquire, acquire_seat, release, stripe,
+};
+use crate::validate::{Rule, ValidatedLimits};
+
+/// `retry_after` for concurrency rejections (in-flight, watches, upstream
+/// seats): the wait depends on other requests ending, so like the
+/// apiserver's APF we say one second and let jitter spread the retries.
+pub const CONCURRENCY_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// `retry_after` for a block without expiry.
+pub const BLOCK_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Why a request was (or in shadow mode would have been) rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The identity's request rate.
+    Rate,
+    /// The identity's concurrent requests.
+    Inflight,
+    /// The identity's concurrent watches.
+    Watches,
+    /// The identity's watch-open rate.
+    WatchOpens,
+    /// The rule's aggregate request rate.
+    AggregateRate,
+    /// The rule's aggregate concurrent requests.
+    AggregateInflight,
+    /// The rule's aggregate concurrent watches.
+    AggregateWatches,
+    /// The rule's aggregate watch-open rate.
+    AggregateWatchOpens,
+    /// No upstream seat left for this class of traffic.
+    UpstreamSeats,
+    /// An emergency block.
+    Blocked,
+}
+
+impl RejectReason {
+    /// A stable snake_case label (metrics, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Rate => "rate",
+            RejectReason::Inflight => "inflight",
+            RejectReason::Watches => "watches",
+            RejectReason::WatchOpens => "watch_opens",
+            RejectReason::AggregateRate => "aggregate_rate",
+            RejectReason::AggregateInflight => "aggregate_inflight",
+            RejectReason::AggregateWatches => "aggregate_watches",
+            RejectReason::AggregateWatchOpens => "aggregate_watch_opens",
+            RejectReason::UpstreamSeats => "upstream_seats",
+            RejectReason::Blocked => "blocked",
+        }
+    }
+
+    /// Is it a token-bucket reason (for which `window` is meaningful)?
+    pub fn is_rate(self) -> bool {
+        matches!(
+            self,
+            RejectReason::Rate
+                | RejectReason::WatchOpens
+                | RejectReason::AggregateRate
+                | RejectReason::AggregateWatchOpens
+        )
+    }
+}
+
+/// A rejection: everything a 429 (or a block's 403) response needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The rule that rejected (for blocks and upstream seats: the rule the
+    /// request matched, or `-` if none).
+    pub rule: Arc<str>,
+    /// Which limit.
+    pub reason: RejectReason,
+    /// The real wait: for rates, until a token exists; for blocks, until
+    /// expiry (or [`BLOCK_RETRY_AFTER`]); otherwise
+    /// [`CONCURRENCY_RETRY_AFTER`]. Not jittered: see [`jittered`].
+    pub retry_after: Duration,
+    /// The limit hit (burst for rates, the cap for counters, 0 for blocks).
+    pub limit: u64,
+    /// What is left of it (0).
+    pub remaining: u64,
+    /// For rates, `burst / rate` (a `RateLimit-Policy` window); zero for
+    /// the other reasons.
+    pub window: Duration,
+    /// HTTP status to answer: 429, or 403 for a block asking so.
+    pub status: u16,
+    /// The block's id when `reason` is `Blocked`.
+    pub block_id: Option<Arc<str>>,
+}
+
+/// The identity's request-rate quota after an admission (for `RateLimit`
+/// headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Bucket size (burst).
+    pub limit: u64,
+    /// Tokens left after this request.
+    pub remaining: u64,
+    /// `burst / rate`: time for an empty bucket to refill.
+    pub window: Duration,
+}
+
+/// The outcome of [`Limiter::admit`].
+#[derive(Debug)]
+pub enum Decision {
+    /// Go ahead; keep the permit until the response body or watch ends.
+    Admitted(Permit),
+    /// Answer with a 429 (or 403).
+    Rejected(Rejection),
+}
+
+impl Decision {
+    /// The permit, if admitted.
+    pub fn permit(self) -> Result<Permit, Rejection> {
+        match self {
+            Decision::Admitted(p) => Ok(p),
+            Decision::Rejected(r) => Err(r),
+        }
+    }
+}
+
+// What an admission holds, as bits.
+const ID_INFLIGHT: u16 = 1;
+const ID_WATCH: u16 = 2;
+const AGG_INFLIGHT: u16 = 4;
+const AGG_WATCH: u16 = 8;
+const SEAT: u16 = 16;
+const AGG_INFLIGHT_STRIPED: u16 = 32;
+const AGG_WATCH_STRIPED: u16 = 64;
+const SLOT_BITS: u16 =
+    ID_INFLIGHT | ID_WATCH | AGG_INFLIGHT | AGG_WATCH | AGG_INFLIGHT_STRIPED | AGG_WATCH_STRIPED;
+
+/// An admitted request. Dropping it releases its in-flight or watch slot
+/// (identity and aggregate) and its upstream seat, however the request ended.
+/// `Send + Sync`: it may move into a response body or a watch task.
+pub struct Permit {
+    rule: Option<Arc<RuleState>>,
+    identity: Option<Arc<IdentityState>>,
+    upstream: Option<Arc<UpstreamState>>,
+    held: u16,
+    /// The [`crate::state::Striped`] cell taken from.
+    stripe: u8,
+    exempt: bool,
+    quota: Option<Quota>,
+    shadow: Option<Box<Rejection>>,
+}
+
+impl Permit {
+    /// The governing rule's name (`None` if no rule matched); for the
+    /// `X-Breakwater-Rule` header.
+    pub fn rule(&self) -> Option<&str> {
+        self.rule.as_deref().map(|r| &*r.name)
+    }
+    /// The governing rule's name, shared.
+    pub fn rule_arc(&self) -> Option<Arc<str>> {
+        self.rule.as_ref().map(|r| Arc::clone(&r.name))
+    }
+    /// Set when the request was admitted only because its rule is in
+    /// shadow mode: what enforcing would have answered.
+    pub fn shadow_rejection(&self) -> Option<&Rejection> {
+        self.shadow.as_deref()
+    }
+    /// Admitted by an exempt rule.
+    pub fn is_exempt(&self) -> bool {
+        self.exempt
+    }
+    /// The identity's rate quota after this request, if the rule has a
+    /// per-identity rate (for `RateLimit` / `RateLimit-Policy` headers).
+    pub fn quota(&self) -> Option<Quota> {
+        self.quota
+    }
+    /// Does it hold an upstream seat?
+    pub fn holds_upstream_seat(&self) -> bool {
+        self.held & SEAT != 0
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    // By hand: the derived form would print the rule's whole identity map.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("rule", &self.rule())
+            .field("exempt", &self.exempt)
+            .field("held", &format_args!("{:#06x}", self.held))
+            .field("quota", &self.quota)
+            .field("shadow_rejection", &self.shadow)
+            .finish()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(id) = &self.identity {
+            if self.held & ID_INFLIGHT != 0 {
+                release(&id.inflight);
+            }
+            if self.held & ID_WATCH != 0 {
+                release(&id.watches);
+            }
+        }
+        if let Some(r) = &self.rule {
+            release_aggregate(r, self.held, self.stripe);
+        }
+        if self.held & SEAT != 0 {
+            // Through the rule when there is one (no extra Arc held).
+            if let Some(u) = self
+                .rule
+                .as_ref()
+                .map(|r| &r.upstream)
+                .or(self.upstream.as_ref())
+            {
+                release(&u.used);
+            }
+        }
+    }
+}
+
+/// Adds jitter to a `retry_after` so rejected clients do not come back in
+/// lockstep. The result is whole seconds (what `Retry-After` carries), never
+/// earlier than the real wait: `ceil(retry_after)` (at least 1 s) plus a
+/// uniform 0..=max(1, half of it) seconds.
+pub fn jittered<R: Rng + ?Sized>(retry_after: Duration, rng: &mut R) -> Duration {
+    let base = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    let base = base.max(1);
+    let spread = (base / 2).max(1);
+    Duration::from_secs(base + rng.random_range(0..=spread))
+}
+
+/// Tunables of the limiter's memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LimiterConfig {
+    /// Cap on per-identity entries, all rules together. About 100 bytes
+    /// each (a 24-byte table slot, a 64-byte state allocation):
+    /// 1,000,000 ≈ 100 MB at worst.
+    pub max_identities: usize,
+    /// [`Limiter::evict_idle`] drops entries unused for this long.
+    pub idle_after: Duration,
+    /// When the map is full, at most one sweep (which then ignores
+    /// `idle_after`) per this interval, so a flood of new identities cannot
+    /// turn every admission into a full-map scan.
+    pub pressure_sweep_interval: Duration,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        LimiterConfig {
+            max_identities: 1_000_000,
+            idle_after: Duration::from_secs(300),
+            pressure_sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The limits in force with their state, swapped as one on reload.
+struct Snapshot {
+    limits: Arc<ValidatedLimits>,
+    /// Parallel to `limits.rules`.
+    states: Vec<Arc<RuleState>>,
+}
+
+static NEXT_LIMITER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// This thread's copy of the snapshot of one limiter (the last one it used).
+struct Cached {
+    limiter: u64,
+    generation: u64,
+    snapshot: Arc<Snapshot>,
+}
+
+thread_local! {
+    static CACHED: RefCell<Option<Cached>> = const { RefCell::new(None) };
+}
+
+/// Gauges of one rule, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleStats {
+    /// Rule name.
+    pub rule: Arc<str>,
+    /// Admitted non-long-running requests of the rule still open (exempt
+    /// and shadow ones included).
+    pub inflight: u64,
+    /// Admitted watches of the rule still open.
+    pub watches: u64,
+    /// Per-identity entries in memory.
+    pub identities: usize,
+}
+
+/// The limiter: limits in force plus their state. Share it (`Arc`) between
+/// connections; every method takes `&self`.
+pub struct Limiter {
+    snapshot: RwLock<Arc<Snapshot>>,
+    /// Serialises reloads (their state carry-over reads the old snapshot).
+    reload_lock: Mutex<()>,
+    /// Distinguishes limiters in the per-thread snapshot cache.
+    id: u64,
+    /// Bumped by every reload; tells threads their cached snapshot is stale.
+    generation: AtomicU64,
+    upstream: Arc<UpstreamState>,
+    blocks: RwLock<Blocks>,
+    /// Fast path: skip the blocks lock when there are none.
+    has_blocks: AtomicBool,
+    epoch: Instant,
+    entries: Arc<AtomicUsize>,
+    config: LimiterConfig,
+    last_pressure_sweep: AtomicU64,
+    no_rule: Arc<str>,
+    keys: KeyHasher,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("rules", &self.limits().rules().len())
+            .field("identities", &self.identity_entries())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limiter {
+    /// A limiter with default memory tunables.
+    pub fn new(limits: ValidatedLimits) -> Limiter {
+        Limiter::with_config(limits, LimiterConfig::default())
+    }
+
+    /// A limiter with explicit memory tunables.
+    pub fn with_config(limits: ValidatedLimits, config: LimiterConfig) -> Limiter {
+        let entries = Arc::new(AtomicUsize::new(0));
+        let upstream: Arc<UpstreamState> = Arc::default();
+        let states = limits
+            .rules
+            .iter()
+            .map(|r| {
+                Arc::new(RuleState::new(
+                    Arc::clone(&r.name),
+                    Arc::clone(&entries),
+                    Arc::clone(&upstream),
+                ))
+            })
+            .collect();
+        Limiter {
+            snapshot: RwLock::new(Arc::new(Snapshot {
+                limits: Arc::new(limits),
+                states,
+            })),
+            reload_lock: Mutex::new(()),
+            id: NEXT_LIMITER_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
+            upstream,
+            blocks: RwLock::new(Blocks::new()),
+            has_blocks: AtomicBool::new(false),
+            // Instants passed to `admit` are measured from here; earlier
+            // ones count as the epoch itself.
+            epoch: Instant::now(),
+            entries,
+            config,
+            last_pressure_sweep: AtomicU64::new(0),
+            no_rule: Arc::from("-"),
+            keys: KeyHasher::default(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Arc<ValidatedLimits> {
+        Arc::clone(&self.read_snapshot().limits)
+    }
+
+    fn read_snapshot(&self) -> std::sync::RwLockReadGuard<'_, Arc<Snapshot>> {
+        // A panic while holding the lock cannot leave the Arc half-written.
+        self.snapshot.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn ns(&self, now: Instant) -> u64 {
+        // u64 nanoseconds last 584 years.
+        now.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Atomically swaps in new limits. A rule keeps its state (identity
+    /// map, counters, buckets) when a rule of the same name exists in both;
+    /// if its limits (or `exempt`) changed, its token buckets are refilled
+    /// but its in-flight and watch counters are kept, because they count
+    /// requests that are really open — a tightened watch limit is then
+    /// enforced at once against the watches already held. Rules that
+    /// disappear drop their state once their last permit ends. Upstream seat
+    /// usage always carries over.
+    pub fn reload(&self, limits: ValidatedLimits) {
+        let _serial = self
+            .reload_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let old = Arc::clone(&self.read_snapshot());
+        let states = limits
+            .rules
+            .iter()
+            .map(
+                |r| match old.limits.rules.iter().position(|o| o.name == r.name) {
+                    Some(i) => {
+                        let st = Arc::clone(&old.states[i]);
+                        if !old.limits.rules[i].same_limits(r) {
+                            st.reset_buckets();
+                        }
+                        st
+                    }
+                    None => Arc::new(RuleState::new(
+                        Arc::clone(&r.name),
+                        Arc::clone(&self.entries),
+                        Arc::clone(&self.upstream),
+                    )),
+                },
+            )
+            .collect();
+        let next = Arc::new(Snapshot {
+            limits: Arc::new(limits),
+            states,
+        });
+        *self
+            .snapshot
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = next;
+        // After the write: a thread that sees the new generation finds the
+        // new snapshot under the lock.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Runs `f` on the snapshot in force, from this thread's cache when it
+    /// is current. Taking the `RwLock` on every request would make every
+    /// admission write the lock's cache line, which then bounces between
+    /// cores; the generation is only read (a shared cache line stays
+    /// shared). The cost: a thread that stops admitting keeps its last
+    /// snapshot alive until it admits again or exits.
+    #[inline]
+    fn with_snapshot<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
+        let generation = self.generation.load(Ordering::Acquire);
+        CACHED.with(|cell| {
+            let Ok(mut slot) = cell.try_borrow_mut() else {
+                // Re-entered (not done today): use the lock.
+                return f(&self.read_snapshot());
+            };
+            let fresh =
+                matches!(&*slot, Some(c) if c.limiter == self.id && c.generation == generation);
+            if !fresh {
+                *slot = Some(Cached {
+                    limiter: self.id,
+                    generation,
+                    snapshot: Arc::clone(&self.read_snapshot()),
+                });
+            }
+            match &*slot {
+                Some(c) => f(&c.snapshot),
+                None => f(&self.read_snapshot()),
+            }
+        })
+    }
+
+    /// Decides one request at `now` (pass `Instant::now()`; tests pass
+    /// explicit instants; instants before the limiter was created count as
+    /// its creation). Never blocks beyond short lock sections (a shard read
+    /// lock; the blocks read lock only while blocks exist). Admitting a
+    /// known identity allocates nothing; a new identity allocates its state.
+    pub fn admit(&self, subject: &Subject<'_>, req: &RequestAttrs<'_>, now: Instant) -> Decision {
+        self.with_snapshot(|snap| self.admit_in(snap, subject, req, now))
+    }
+
+    fn admit_in(
+        &self,
+        snap: &Snapshot,
+        subject: &Subject<'_>,
+        req: &RequestAttrs<'_>,
+        now: Instant,
+    ) -> Decision {
+        let now_ns = self.ns(now);
+        let matched = snap.limits.match_rule(subject, req);
+        let rule = matched.map(|i| (&snap.limits.rules[i], &snap.states[i]));
+
+        if self.has_blocks.load(Ordering::Relaxed)
+            && let Some(rej) = self.check_blocks(subject, req, rule.map(|(r, _)| r))
+        {
+            return Decision::Rejected(rej);
+        }
+
+        let seat_needed = !req.is_long_running();
+        let caps = snap.limits.upstream;
+        let Some((rule, rs)) = rule else {
+            // No rule: unlimited, but still a non-exempt upstream seat.
+            let mut held = 0;
+            if seat_needed && let Some(c) = caps {
+                if !acquire_seat(&self.upstream.used, c.non_exempt()) {
+                    return Decision::Rejected(
+                        self.seat_rejection(Arc::clone(&self.no_rule), c.non_exempt()),
+                    );
+                }
+                held |= SEAT;
+            }
+            return Decision::Admitted(self.permit(None, None, held, false, None, None));
+        };
+
+        if rule.exempt {
+            let mut held = 0;
+            if seat_needed && let Some(c) = caps {
+                if !acquire_seat(&self.upstream.used, c.max_inflight) {
+                    return Decision::Rejected(
+                        self.seat_rejection(Arc::clone(&rule.name), c.max_inflight),
+                    );
+                }
+                held |= SEAT;
+            }
+            // Counted for the rule's gauges only.
+            held |= count_only(rs, req, stripe());
+            return Decision::Admitted(self.permit(Some(rs), None, held, true, None, None));
+        }
+
+        let identity = (!rule.per_identity.is_unlimited()).then(|| {
+            rs.identity(
+                self.keys.key(subject.user),
+                now_ns,
+                self.config.max_identities,
+                || self.pressure_sweep(now_ns),
+            )
+        });
+        let (mut held, quota, shadow) =
+            match take_rule(rule, rs, identity.as_deref(), req, now_ns, stripe()) {
+                Ok((held, quota)) => (held, quota, None),
+                // Everything was undone; the request is really open, so it
+                // still counts in the rule's gauges (not in its limits).
+                Err(rej) if rule.mode == Mode::Shadow => {
+                    (count_only(rs, req, stripe()), None, Some(Box::new(rej)))
+                }
+                Err(rej) => return Decision::Rejected(rej),
+            };
+        if seat_needed && let Some(c) = caps {
+            if !acquire_seat(&self.upstream.used, c.non_exempt()) {
+                // A shadow would-be rejection already undid (and holds)
+                // nothing; otherwise give back everything the rule took.
+                if shadow.is_none() {
+                    undo(rule, rs, identity.as_deref(), held, req, true, stripe());
+                } else {
+                    release_aggregate(rs, held, stripe());
+                }
+                return Decision::Rejected(
+                    self.seat_rejection(Arc::clone(&rule.name), c.non_exempt()),
+                );
+            }
+            held |= SEAT;
+        }
+        let identity = identity.filter(|_| held & (ID_INFLIGHT | ID_WATCH) != 0);
+        Decision::Admitted(self.permit(Some(rs), identity, held, false, quota, shadow))
+    }
+
+    fn permit(
+        &self,
+        rs: Option<&Arc<RuleState>>,
+        identity: Option<Arc<IdentityState>>,
+        held: u16,
+        exempt: bool,
+        quota: Option<Quota>,
+        shadow: Option<Box<Rejection>>,
+    ) -> Permit {
+        Permit {
+            rule: rs.map(Arc::clone),
+            identity,
+            // With a rule, the seat is released through the rule's Arc.
+            upstream: (held & SEAT != 0 && rs.is_none()).then(|| Arc::clone(&self.upstream)),
+            held,
+            stripe: stripe(),
+            exempt,
+            quota,
+            shadow,
+        }
+    }
+
+    fn seat_rejection(&self, rule: Arc<str>, limit: u64) -> Rejection {
+        Rejection {
+            rule,
+            reason: RejectReason::UpstreamSeats,
+            retry_after: CONCURRENCY_RETRY_AFTER,
+            limit,
+            remaining: 0,
+            window: Duration::ZERO,
+            status: 429,
+            block_id: None,
+        }
+    }
+
+    fn check_blocks(
+        &self,
+        subject: &Subject<'_>,
+        req: &RequestAttrs<'_>,
+        rule: Option<&Rule>,
+    ) -> Option<Rejection> {
+        let now = SystemTime::now();
+        let blocks = self.blocks.read().unwrap_or_else(PoisonError::into_inner);
+        let b = blocks.find(
+            subject,
+            req,
+            rule.map(|r| r.name()),
+            rule.is_some_and(|r| r.exempt),
+            now,
+        )?;
+        Some(Rejection {
+            rule: rule.map_or_else(|| Arc::clone(&self.no_rule), |r| Arc::clone(&r.name)),
+            reason: RejectReason::Blocked,
+            retry_after: blocks::remaining(b, now)
+                .unwrap_or(BLOCK_RETRY_AFTER)
+                .max(Duration::from_secs(1)),
+            limit: 0,
+            remaining: 0,
+            window: Duration::ZERO,
+            status: b.respond.code(),
+            block_id: Some(Arc::from(b.id.as_str())),
+        })
+    }
+
+    /// Called when the identity map is full: evicts every entry that can go
+    /// (ignoring the idle period — such entries are indistinguishable from
+    /// fresh ones), at most once per `pressure_sweep_interval`. Returns
+    /// whether there is room now.
+    fn pressure_sweep(&self, now_ns: u64) -> bool {
+        let interval = self.config.pressure_sweep_interval.as_nanos() as u64;
+        let last = self.last_pressure_sweep.load(Ordering::Relaxed);
+        // The first sweep is always allowed; then one per interval, claimed
+        // by CAS so concurrent callers do not all scan.
+        if (last != 0 && now_ns < last.saturating_add(interval))
+            || self
+                .last_pressure_sweep
+                .compare_exchange(last, now_ns.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return self.entries.load(Ordering::Relaxed) < self.config.max_identities;
+        }
+        let states: Vec<Arc<RuleState>> = self.read_snapshot().states.clone();
+        for s in &states {
+            s.evict(now_ns, 0);
+        }
+        self.entries.load(Ordering::Relaxed) < self.config.max_identities
+    }
+
+    /// Drops per-identity entries idle for `idle_after` (nothing held, full
+    /// buckets). Call it periodically (e.g. every 30 s); returns how many.
+    /// Scans the whole map, shard by shard.
+    pub fn evict_idle(&self, now: Instant) -> usize {
+        let now_ns = self.ns(now);
+        let idle = self.config.idle_after.as_nanos() as u64;
+        let states: Vec<Arc<RuleState>> = self.read_snapshot().states.clone();
+        states.iter().map(|s| s.evict(now_ns, idle)).sum()
+    }
+
+    /// Per-identity entries in memory (all rules).
+    pub fn identity_entries(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// Upstream seats in use.
+    pub fn upstream_inflight(&self) -> u64 {
+        self.upstream.used.load(Ordering::Relaxed)
+    }
+
+    /// Gauges per rule, in rule order.
+    pub fn rule_stats(&self) -> Vec<RuleStats> {
+        self.read_snapshot()
+            .states
+            .iter()
+            .map(|s| RuleStats {
+                rule: Arc::clone(&s.name),
+                inflight: s.aggregate.inflight.load(Ordering::Relaxed)
+                    + s.aggregate.inflight_striped.sum(),
+                watches: s.aggregate.watches.load(Ordering::Relaxed)
+                    + s.aggregate.watches_striped.sum(),
+                identities: s.identities.len(),
+            })
+            .collect()
+    }
+
+    /// Adds a block, checked against the limits in force (see
+    /// [`Blocks::add`]). Persisting is the caller's job ([`Limiter::blocks`]
+    /// + [`Blocks::save`]).
+    pub fn add_block(&self, block: Block) -> Result<(), BlockError> {
+        let limits = self.limits();
+        let mut b = self.blocks.write().unwrap_or_else(PoisonError::into_inner);
+        b.add(block, &limits)?;
+        self.has_blocks.store(!b.is_empty(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Removes a block by id.
+    pub fn remove_block(&self, id: &str) -> Option<Block> {
+        let mut b = self.blocks.write().unwrap_or_else(PoisonError::into_inner);
+        let gone = b.remove(id);
+        self.has_blocks.store(!b.is_empty(), Ordering::Relaxed);
+        gone
+    }
+
+    /// Removes lapsed blocks; returns them (persist if non-empty).
+    pub fn expire_blocks(&self, now: SystemTime) -> Vec<Block> {
+        let mut b = self.blocks.write().unwrap_or_else(PoisonError::into_inner);
+        let gone = b.expire(now);
+        self.has_blocks.store(!b.is_empty(), Ordering::Relaxed);
+        gone
+    }
+
+    /// Replaces all blocks (e.g. with [`Blocks::load`] at startup).
+    pub fn set_blocks(&self, blocks: Blocks) {
+        let mut b = self.blocks.write().unwrap_or_else(PoisonError::into_inner);
+        *b = blocks;
+        self.has_blocks.store(!b.is_empty(), Ordering::Relaxed);
+    }
+
+    /// A copy of the blocks (list them, or `save` them).
+    pub fn blocks(&self) -> Blocks {
+        self.blocks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Steps 4-5 of the module docs. On `Err`, everything taken is undone.
+#[inline]
+fn take_rule(
+    rule: &Rule,
+    rs: &RuleState,
+    identity: Option<&IdentityState>,
+    req: &RequestAttrs<'_>,
+    now_ns: u64,
+    stripe: u8,
+) -> Result<(u16, Option<Quota>), Rejection> {
+    let pi = &rule.per_identity;
+    let ag = &rule.aggregate;
+    let watch = req.is_watch();
+    let mut held = 0u16;
+    let fail =
+        |held: u16, reason: RejectReason, limit: u64, retry_after: Duration, window: Duration| {
+            undo(rule, rs, identity, held, req, false, stripe);
+            Rejection {
+                rule: Arc::clone(&rule.name),
+                reason,
+                retry_after,
+                limit,
+                remaining: 0,
+                window,
+                status: 429,
+                block_id: None,
+            }
+        };
+    let counter_fail = |held, reason, limit: Option<u64>| {
+        fail(
+            held,
+            reason,
+            limit.unwrap_or(0),
+            CONCURRENCY_RETRY_AFTER,
+            Duration::ZERO,
+        )
+    };
+
+    // 4. Concurrency.
+    if watch {
+        if let Some(id) = identity {
+            if !acquire(&id.watches, pi.watches) {
+                return Err(counter_fail(held, RejectReason::Watches, pi.watches));
+            }
+            held |= ID_WATCH;
+        }
+        if ag.watches.is_none() {
+            rs.aggregate.watches_striped.add(stripe);
+            held |= AGG_WATCH_STRIPED;
+        } else if acquire(&rs.aggregate.watches, ag.watches) {
+            held |= AGG_WATCH;
+        } else {
+            return Err(counter_fail(
+                held,
+                RejectReason::AggregateWatches,
+                ag.watches,
+            ));
+        }
+    } else if !req.is_long_running() {
+        if let Some(id) = identity {
+            if !acquire(&id.inflight, pi.inflight) {
+                return Err(counter_fail(held, RejectReason::Inflight, pi.inflight));
+            }
+            held |= ID_INFLIGHT;
+        }
+        if ag.inflight.is_none() {
+            rs.aggregate.inflight_striped.add(stripe);
+            held |= AGG_INFLIGHT_STRIPED;
+        } else if acquire(&rs.aggregate.inflight, ag.inflight) {
+            held |= AGG_INFLIGHT;
+        } else {
+            return Err(counter_fail(
+                held,
+                RejectReason::AggregateInflight,
+                ag.inflight,
+            ));
+        }
+    }
+
+    // 5. Rates. Bits above the slot bits record tokens taken, for undo.
+    let rate_fail =
+        |held, reason, lim: &RateLimit, wait| fail(held, reason, lim.burst, wait, lim.window());
+    let mut quota = None;
+    if let (Some(id), Some(lim)) = (identity, &pi.rate) {
+        match id.rate.try_acquire(lim, now_ns) {
+            Ok(remaining) => {
+                quota = Some(Quota {
+                    limit: lim.burst,
+                    remaining,
+                    window: lim.window(),
+                });
+                held |= TOK_ID_RATE;
+            }
+            Err(wait) => return Err(rate_fail(held, RejectReason::Rate, lim, wait)),
+        }
+    }
+    if let Some(lim) = &ag.rate {
+        match rs.aggregate.rate.try_acquire(lim, now_ns) {
+            Ok(_) => held |= TOK_AGG_RATE,
+            Err(wait) => return Err(rate_fail(held, RejectReason::AggregateRate, lim, wait)),
+        }
+    }
+    if watch {
+        if let (Some(id), Some(lim)) = (identity, &pi.watch_opens) {
+            match id.watch_opens.try_acquire(lim, now_ns) {
+                Ok(_) => held |= TOK_ID_WO,
+                Err(wait) => return Err(rate_fail(held, RejectReason::WatchOpens, lim, wait)),
+            }
+        }
+        if let Some(lim) = &ag.watch_opens
+            && let Err(wait) = rs.aggregate.watch_opens.try_acquire(lim, now_ns)
+        {
+            return Err(rate_fail(
+                held,
+                RejectReason::AggregateWatchOpens,
+                lim,
+                wait,
+            ));
+        }
+        // Last check: nothing after it can fail, so its bit is not needed.
+    }
+    // The permit keeps only the slot bits; tokens are spent for good.
+    Ok((held & SLOT_BITS, quota))
+}
+
+// Token bits, only used between take_rule's steps and undo.
+const TOK_ID_RATE: u16 = 256;
+const TOK_AGG_RATE: u16 = 512;
+const TOK_ID_WO: u16 = 1024;
+
+/// Undoes what `held` records. `after_success`: called after `take_rule`
+/// succeeded (the upstream seat failed), when token bits were already
+/// stripped — then every token this request took is refunded from `req`.
+fn undo(
+    rule: &Rule,
+    rs: &RuleState,
+    identity: Option<&IdentityState>,
+    held: u16,
+    req: &RequestAttrs<'_>,
+    after_success: bool,
+    stripe: u8,
+) {
+    let pi = &rule.per_identity;
+    let ag = &rule.aggregate;
+    if let Some(id) = identity {
+        if held & ID_INFLIGHT != 0 {
+            release(&id.inflight);
+        }
+        if held & ID_WATCH != 0 {
+            release(&id.watches);
+        }
+    }
+    release_aggregate(rs, held, stripe);
+    let took = |bit: u16| after_success || held & bit != 0;
+    if let Some(id) = identity {
+        if let Some(lim) = &pi.rate
+            && took(TOK_ID_RATE)
+        {
+            id.rate.refund(lim);
+        }
+        if req.is_watch()
+            && let Some(lim) = &pi.watch_opens
+            && took(TOK_ID_WO)
+        {
+            id.watch_opens.refund(lim);
+        }
+    }
+    if let Some(lim) = &ag.rate
+        && took(TOK_AGG_RATE)
+    {
+        rs.aggregate.rate.refund(lim);
+    }
+    if after_success
+        && req.is_watch()
+        && let Some(lim) = &ag.watch_opens
+    {
+        rs.aggregate.watch_opens.refund(lim);
+    }
+}
+
+/// Releases the aggregate slots recorded in `held`.
+#[inline]
+fn release_aggregate(rs: &RuleState, held: u16, stripe: u8) {
+    if held & AGG_INFLIGHT != 0 {
+        release(&rs.aggregate.inflight);
+    }
+    if held & AGG_WATCH != 0 {
+        release(&rs.aggregate.watches);
+    }
+    if held & AGG_INFLIGHT_STRIPED != 0 {
+        rs.aggregate.inflight_striped.sub(stripe);
+    }
+    if held & AGG_WATCH_STRIPED != 0 {
+        rs.aggregate.watches_striped.sub(stripe);
+    }
+}
+
+/// Counts an admitted request that takes no limited slot (exempt, or a
+/// shadow would-be rejection) in the rule's striped gauges.
+#[inline]
+fn count_only(rs: &RuleState, req: &RequestAttrs<'_>, stripe: u8) -> u16 {
+    if req.is_watch() {
+        rs.aggregate.watches_striped.add(stripe);
+        AGG_WATCH_STRIPED
+    } else if !req.is_long_running() {
+        rs.aggregate.inflight_striped.add(stripe);
+        AGG_INFLIGHT_STRIPED
+    } else {
+        0
+    }
+}

@@ -1,0 +1,319 @@
+//! The admission phase: limits and emergency blocks, decided before anything
+//! reaches the apiserver.
+//!
+//! The decision itself is `breakwater-limits`' [`Limiter`]; this module turns
+//! it into HTTP: a 429 (or a block's 403) `Status` with a jittered
+//! `Retry-After`, the `X-Breakwater-Rule` header naming the governing rule
+//! (like the apiserver's `X-Kubernetes-PF-FlowSchema-UID`), the IETF draft
+//! `RateLimit-Policy`/`RateLimit` headers when enabled, metrics, the hot
+//! reload of the limits file, and the persisted block list.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use breakwater_limits::{
+    Block, BlockError, Decision, Limiter, LimitsError, Permit, Rejection, RequestAttrs, Subject,
+    ValidatedLimits,
+};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+
+use crate::classify::RequestInfo;
+use crate::identity::Identity;
+use crate::status::{Details, Reason, Status};
+use crate::upstream::Body;
+
+/// Response header naming the rule that governed a request.
+pub const RULE_HEADER: &str = "x-breakwater-rule";
+
+/// Limits, blocks and their files.
+pub struct Admission {
+    limiter: Limiter,
+    limits_file: Option<PathBuf>,
+    blocks_file: Option<PathBuf>,
+    rate_limit_headers: bool,
+    /// Serializes block changes with their write to disk.
+    blocks_lock: std::sync::Mutex<()>,
+}
+
+/// Why admission could not be set up, or a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("{0}")]
+    Limits(#[from] LimitsError),
+    #[error("blocks file: {0}")]
+    Blocks(#[from] BlockError),
+}
+
+/// What admission says about one request.
+pub enum Admit {
+    /// Go ahead; keep the permit (if any) until the response ends.
+    Go(Permit),
+    /// Answer this instead.
+    Refuse(Response<Body>),
+}
+
+impl Admission {
+    /// Loads the limits file (none: no limits) and the persisted blocks.
+    pub fn new(
+        limits_file: Option<&Path>,
+        blocks_file: Option<&Path>,
+        rate_limit_headers: bool,
+    ) -> Result<Admission, AdmitError> {
+        let limits = match limits_file {
+            Some(path) => ValidatedLimits::load(path)?,
+            None => ValidatedLimits::unlimited(),
+        };
+        let limiter = Limiter::new(limits);
+        if let Some(path) = blocks_file {
+            limiter.set_blocks(breakwater_limits::Blocks::load(path)?);
+        }
+        Ok(Admission {
+            limiter,
+            limits_file: limits_file.map(Path::to_owned),
+            blocks_file: blocks_file.map(Path::to_owned),
+            rate_limit_headers,
+            blocks_lock: std::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    /// The limits file, for the file watcher.
+    pub fn limits_file(&self) -> Option<&Path> {
+        self.limits_file.as_deref()
+    }
+
+    /// Re-reads the limits file. A valid file swaps in atomically (rules
+    /// whose limits did not change keep their state); an invalid one is
+    /// refused, every problem logged with its line and column, and the old
+    /// limits stay in force.
+    pub fn reload(&self) -> Result<(), AdmitError> {
+        let Some(path) = &self.limits_file else {
+            return Ok(());
+        };
+        match ValidatedLimits::load(path) {
+            Ok(limits) => {
+                let rules = limits.rules().len();
+                self.limiter.reload(limits);
+                metrics::counter!("breakwater_limits_reloads_total", "result" => "ok").increment(1);
+                tracing::info!(file = %path.display(), rules, "limits reloaded");
+                Ok(())
+            }
+            Err(err) => {
+                metrics::counter!("breakwater_limits_reloads_total", "result" => "error")
+                    .increment(1);
+                for line in err.to_string().lines() {
+                    tracing::error!(problem = %line, "limits file refused; the old limits stay in force");
+                }
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Decides one request.
+    pub fn admit(&self, identity: &Identity, info: &RequestInfo) -> Admit {
+        let subject = Subject {
+            user: &identity.username,
+            groups: &identity.groups,
+        };
+        let attrs = RequestAttrs {
+            verb: info.verb.as_str(),
+            api_group: &info.api_group,
+            resource: &info.resource,
+            subresource: &info.subresource,
+            namespace: &info.namespace,
+            is_resource_request: info.is_resource_request,
+        };
+        let verb = crate::proxy::verb_label(&info.verb);
+        match self.limiter.admit(&subject, &attrs, Instant::now()) {
+            Decision::Admitted(permit) => {
+                if let Some(would) = permit.shadow_rejection() {
+                    metrics::counter!("breakwater_shadow_rejections_total",
+                        "rule" => would.rule.to_string(), "verb" => verb, "reason" => would.reason.as_str())
+                    .increment(1);
+                    tracing::info!(rule = %would.rule, reason = would.reason.as_str(), user = %identity.username,
+                        "shadow mode: would have rejected");
+                }
+                let rule = permit.rule().unwrap_or("-").to_string();
+                metrics::counter!("breakwater_admitted_total", "rule" => rule, "verb" => verb)
+                    .increment(1);
+                Admit::Go(permit)
+            }
+            Decision::Rejected(rej) => {
+                metrics::counter!("breakwater_rejected_total",
+                    "rule" => rej.rule.to_string(), "verb" => verb, "reason" => rej.reason.as_str())
+                .increment(1);
+                Admit::Refuse(self.rejection_response(&rej))
+            }
+        }
+    }
+
+    /// Headers for an admitted response: the rule, and the quota if enabled.
+    pub fn decorate(&self, permit: &Permit, headers: &mut HeaderMap) {
+        let Some(rule) = permit.rule() else { return };
+        if let Ok(v) = HeaderValue::from_str(rule) {
+            headers.insert(RULE_HEADER, v);
+        }
+        if self.rate_limit_headers
+            && let Some(q) = permit.quota()
+        {
+            let w = q.window.as_secs().max(1);
+            if let Ok(v) = HeaderValue::from_str(&format!("\"{rule}\";q={};w={w}", q.limit)) {
+                headers.insert("ratelimit-policy", v);
+            }
+            let refill = w
+                .saturating_mul(q.limit - q.remaining)
+                .checked_div(q.limit)
+                .unwrap_or(0);
+            if let Ok(v) =
+                HeaderValue::from_str(&format!("\"{rule}\";r={};t={refill}", q.remaining))
+            {
+                headers.insert("ratelimit", v);
+            }
+        }
+    }
+
+    fn rejection_response(&self, rej: &Rejection) -> Response<Body> {
+        let retry = breakwater_limits::jittered(rej.retry_after, &mut rand::rng())
+            .as_secs()
+            .max(1);
+        let (code, reason, message) = match (&rej.block_id, rej.status) {
+            (Some(id), 403) => (
+                StatusCode::FORBIDDEN,
+                Reason::Forbidden,
+                format!(
+                    "blocked by Breakwater emergency block {id:?} (rule {:?})",
+                    rej.rule.as_ref()
+                ),
+            ),
+            (Some(id), _) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                Reason::TooManyRequests,
+                format!(
+                    "blocked by Breakwater emergency block {id:?} (rule {:?}); retry later",
+                    rej.rule.as_ref()
+                ),
+            ),
+            (None, _) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                Reason::TooManyRequests,
+                format!(
+                    "too many requests: Breakwater rule {:?} limits {} to {}; retry after {retry}s",
+                    rej.rule.as_ref(),
+                    describe(rej),
+                    rej.limit
+                ),
+            ),
+        };
+        let mut status = Status::failure(code, reason, message);
+        if code == StatusCode::TOO_MANY_REQUESTS {
+            status = status.with_details(Details {
+                retry_after_seconds: Some(retry),
+                ..Details::default()
+            });
+        }
+        let mut resp = status
+            .into_response::<bytes::Bytes>()
+            .map(crate::upstream::full);
+        if let Ok(v) = HeaderValue::from_str(&rej.rule) {
+            resp.headers_mut().insert(RULE_HEADER, v);
+        }
+        if self.rate_limit_headers && rej.reason.is_rate() {
+            let w = rej.window.as_secs().max(1);
+            if let Ok(v) = HeaderValue::from_str(&format!("\"{}\";q={};w={w}", rej.rule, rej.limit))
+            {
+                resp.headers_mut().insert("ratelimit-policy", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&format!("\"{}\";r=0;t={retry}", rej.rule)) {
+                resp.headers_mut().insert("ratelimit", v);
+            }
+        }
+        resp
+    }
+
+    /// Adds a block and persists the list.
+    pub fn add_block(&self, block: Block) -> Result<Block, AdmitError> {
+        let _serial = self.blocks_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.limiter.add_block(block.clone())?;
+        self.persist()?;
+        tracing::warn!(id = %block.id, target = ?block.target, "emergency block added");
+        Ok(block)
+    }
+
+    /// Removes a block and persists the list.
+    pub fn remove_block(&self, id: &str) -> Result<Option<Block>, AdmitError> {
+        let _serial = self.blocks_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let removed = self.limiter.remove_block(id);
+        if removed.is_some() {
+            self.persist()?;
+            tracing::warn!(id, "emergency block removed");
+        }
+        Ok(removed)
+    }
+
+    pub fn blocks(&self) -> Vec<Block> {
+        self.limiter.blocks().list()
+    }
+
+    fn persist(&self) -> Result<(), AdmitError> {
+        if let Some(path) = &self.blocks_file {
+            self.limiter.blocks().save(path)?;
+        }
+        Ok(())
+    }
+
+    /// Periodic upkeep: idle identities, expired blocks, gauges.
+    pub fn maintain(&self) {
+        self.limiter.evict_idle(Instant::now());
+        let expired = self.limiter.expire_blocks(SystemTime::now());
+        if !expired.is_empty() {
+            let _serial = self.blocks_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(err) = self.persist() {
+                tracing::warn!(error = %err, "could not persist the block list");
+            }
+        }
+        for s in self.limiter.rule_stats() {
+            metrics::gauge!("breakwater_rule_inflight", "rule" => s.rule.to_string())
+                .set(s.inflight as f64);
+            metrics::gauge!("breakwater_rule_watches", "rule" => s.rule.to_string())
+                .set(s.watches as f64);
+        }
+        metrics::gauge!("breakwater_upstream_inflight")
+            .set(self.limiter.upstream_inflight() as f64);
+        metrics::gauge!("breakwater_limit_identities").set(self.limiter.identity_entries() as f64);
+    }
+}
+
+/// Runs [`Admission::maintain`] every `every` until `stop`.
+pub async fn maintenance(
+    admission: Arc<Admission>,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => admission.maintain(),
+        }
+    }
+}
+
+fn describe(rej: &Rejection) -> &'static str {
+    use breakwater_limits::RejectReason as R;
+    match rej.reason {
+        R::Rate => "each identity's request burst",
+        R::Inflight => "each identity's requests in flight",
+        R::Watches => "each identity's concurrent watches",
+        R::WatchOpens => "each identity's watch-open burst",
+        R::AggregateRate => "the request burst of all identities it matches",
+        R::AggregateInflight => "the requests in flight of all identities it matches",
+        R::AggregateWatches => "the concurrent watches of all identities it matches",
+        R::AggregateWatchOpens => "the watch-open burst of all identities it matches",
+        R::UpstreamSeats => "the requests in flight to the apiserver",
+        R::Blocked => "blocked requests",
+    }
+}

@@ -1,0 +1,117 @@
+//! `breakwater check-limits`: validates a limits file offline and, given a
+//! sample request, explains which rule governs it and what limits apply.
+
+use std::path::Path;
+
+use breakwater_limits::{RequestAttrs, Subject, ValidatedLimits, explain};
+
+use crate::classify;
+
+/// The report, or every problem of the file (`FILE:LINE:COL: message (hint: …)`).
+pub fn check_limits(
+    file: &Path,
+    request: Option<&str>,
+    user: &str,
+    groups: &[String],
+) -> Result<String, String> {
+    let limits = ValidatedLimits::load(file).map_err(|e| e.to_string())?;
+    let mut out = format!(
+        "{}: valid ({} rules, replicas {})\n",
+        file.display(),
+        limits.rules().len(),
+        limits.replicas()
+    );
+    let Some(request) = request else {
+        return Ok(out);
+    };
+    let (method, target) = request
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| format!("--request {request:?}: expected \"METHOD /path?query\""))?;
+    let method: http::Method = method
+        .parse()
+        .map_err(|_| format!("--request: {method:?} is not an HTTP method"))?;
+    let (path, query) = match target.trim().split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target.trim(), None),
+    };
+    let info = classify::classify(&method, path, query);
+    let mut groups = groups.to_vec();
+    if user != "system:anonymous" && !groups.iter().any(|g| g == "system:authenticated") {
+        groups.push("system:authenticated".to_string());
+    }
+    let subject = Subject {
+        user,
+        groups: &groups,
+    };
+    let attrs = RequestAttrs {
+        verb: info.verb.as_str(),
+        api_group: &info.api_group,
+        resource: &info.resource,
+        subresource: &info.subresource,
+        namespace: &info.namespace,
+        is_resource_request: info.is_resource_request,
+    };
+    out.push_str(&format!(
+        "request: verb={} group={:?} resource={} subresource={:?} namespace={:?} as {user} {groups:?}\n",
+        info.verb.as_str(),
+        info.api_group,
+        info.resource,
+        info.subresource,
+        info.namespace,
+    ));
+    out.push_str(&explain(&limits, &subject, &attrs).to_string());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../docker/limits.yaml");
+
+    fn example_file() -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+        std::io::Write::write_all(&mut f, EXAMPLE.as_bytes()).expect("write");
+        f
+    }
+
+    #[test]
+    fn a_watch_of_the_agent_matches_the_telemetry_rule() {
+        let f = example_file();
+        let out = check_limits(
+            f.path(),
+            Some("GET /api/v1/pods?watch=1&fieldSelector=spec.nodeName%3Dn1"),
+            "system:serviceaccount:monitoring:node-agent",
+            &["system:serviceaccounts".to_string()],
+        )
+        .expect("valid");
+        assert!(out.contains("telemetry-agents"), "{out}");
+        assert!(out.contains("verb=watch"), "{out}");
+    }
+
+    #[test]
+    fn an_admin_matches_the_exempt_rule() {
+        let f = example_file();
+        let out = check_limits(
+            f.path(),
+            Some("GET /api/v1/namespaces"),
+            "kubernetes-admin",
+            &["system:masters".to_string()],
+        )
+        .expect("valid");
+        assert!(out.contains("admins"), "{out}");
+    }
+
+    #[test]
+    fn an_invalid_file_reports_line_and_column() {
+        let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+        std::io::Write::write_all(
+            &mut f,
+            b"apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: x\n    perIdentity: {rate: 0, burst: 1}\n",
+        )
+        .expect("write");
+        let err = check_limits(f.path(), None, "u", &[]).expect_err("invalid");
+        assert!(err.contains(":5:"), "{err}");
+    }
+}

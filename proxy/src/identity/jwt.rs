@@ -1,0 +1,415 @@
+//! Local verification of ServiceAccount JWTs, as kube-apiserver's
+//! `--service-account-key-file` authenticator does it.
+//!
+//! Checking a signature here costs tens of microseconds; a TokenReview round
+//! trip costs a request to the very apiserver we protect. The rules follow
+//! `pkg/serviceaccount/jwt.go` and `claims.go`:
+//!
+//! - `alg` one of RS256/RS384/RS512/ES256/ES384 (never `none` or HMAC, so a
+//!   public key can never be used as a shared secret); the key chosen by `kid`
+//!   when some key has it (the apiserver's kid is the base64url SHA-256 of the
+//!   key's SPKI DER), else every key of the right type is tried;
+//! - `exp` required, `nbf` and `iat` checked when present, each with the
+//!   configured skew; `aud` must intersect the accepted audiences;
+//! - `sub` must be `system:serviceaccount:{kubernetes.io.namespace}:{name}`;
+//! - username = `sub`, uid = the ServiceAccount's uid, groups
+//!   `system:serviceaccounts` and `system:serviceaccounts:{ns}`; `extra`
+//!   pod-name/pod-uid (both needed), node-name (node-uid with it), and
+//!   credential-id = `JTI={jti}`, exactly the apiserver's `ServiceAccountInfo`.
+//!
+//! Not done here, unlike the apiserver: checking that the ServiceAccount,
+//! Pod or Secret still exists. A bound token stays good until it expires
+//! (an hour by default) even if its Pod is deleted; the upstream still
+//! authorizes every request.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+};
+use x509_parser::pem::Pem;
+use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+use super::{Identity, IdentityError, SERVICE_ACCOUNT_PREFIX};
+
+/// `extra` keys the apiserver sets for ServiceAccount tokens.
+pub(crate) const POD_NAME_KEY: &str = "authentication.kubernetes.io/pod-name";
+pub(crate) const POD_UID_KEY: &str = "authentication.kubernetes.io/pod-uid";
+pub(crate) const NODE_NAME_KEY: &str = "authentication.kubernetes.io/node-name";
+pub(crate) const NODE_UID_KEY: &str = "authentication.kubernetes.io/node-uid";
+use super::x509::CREDENTIAL_ID_KEY;
+
+const RSA_ALGS: &[Algorithm] = &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512];
+const P256_ALGS: &[Algorithm] = &[Algorithm::ES256];
+const P384_ALGS: &[Algorithm] = &[Algorithm::ES384];
+
+/// One public key and the algorithms it may verify.
+pub(crate) struct VerifyKey {
+    kid: Option<String>,
+    algs: &'static [Algorithm],
+    key: DecodingKey,
+}
+
+/// The ServiceAccount public keys; replaced whole on reload.
+#[derive(Default)]
+pub(crate) struct KeySet {
+    keys: Vec<VerifyKey>,
+}
+
+impl KeySet {
+    /// Reads every file; one bad file fails the whole load, so a half-written
+    /// rotation never silently drops keys.
+    pub(crate) fn load(paths: &[PathBuf]) -> Result<KeySet, IdentityError> {
+        let mut keys = Vec::new();
+        for path in paths {
+            let bytes = std::fs::read(path).map_err(|source| IdentityError::ReadKeyFile {
+                path: path.clone(),
+                source,
+            })?;
+            let before = keys.len();
+            let parse = |reason: String| IdentityError::ParseKeyFile {
+                path: path.clone(),
+                reason,
+            };
+            if bytes.trim_ascii_start().starts_with(b"{") {
+                load_jwks(&bytes, &mut keys).map_err(parse)?;
+            } else {
+                load_pem(path, &bytes, &mut keys)?;
+            }
+            if keys.len() == before {
+                return Err(parse("no usable public keys".into()));
+            }
+        }
+        Ok(KeySet { keys })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The keys to try for a token: those named by its `kid` if any key has
+    /// that id, else all keys that can verify `alg`.
+    pub(crate) fn candidates<'a>(
+        &'a self,
+        kid: Option<&'a str>,
+        alg: Algorithm,
+    ) -> impl Iterator<Item = &'a VerifyKey> + 'a {
+        let by_kid = kid.is_some_and(|kid| self.keys.iter().any(|k| k.kid.as_deref() == Some(kid)));
+        self.keys
+            .iter()
+            .filter(move |k| k.algs.contains(&alg) && (!by_kid || k.kid.as_deref() == kid))
+    }
+}
+
+fn load_jwks(bytes: &[u8], keys: &mut Vec<VerifyKey>) -> Result<(), String> {
+    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("invalid JWKS: {e}"))?;
+    for jwk in &set.keys {
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            continue;
+        }
+        let algs = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => RSA_ALGS,
+            AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+                EllipticCurve::P256 => P256_ALGS,
+                EllipticCurve::P384 => P384_ALGS,
+                _ => return Err("unsupported elliptic curve (P-256 and P-384 only)".into()),
+            },
+            // A symmetric key would let anyone holding it mint tokens.
+            _ => return Err("unsupported key type (RSA and EC only)".into()),
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("invalid JWK: {e}"))?;
+        keys.push(VerifyKey {
+            kid: jwk.common.key_id.clone(),
+            algs,
+            key,
+        });
+    }
+    Ok(())
+}
+
+fn load_pem(path: &Path, bytes: &[u8], keys: &mut Vec<VerifyKey>) -> Result<(), IdentityError> {
+    let parse = |reason: String| IdentityError::ParseKeyFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut private = false;
+    for block in Pem::iter_from_buffer(bytes) {
+        let block = block.map_err(|e| parse(format!("invalid PEM: {e}")))?;
+        match block.label.as_str() {
+            "PUBLIC KEY" => {
+                let (_, spki) = SubjectPublicKeyInfo::from_der(&block.contents)
+                    .map_err(|e| parse(format!("invalid public key: {e}")))?;
+                keys.push(from_spki(&spki).map_err(parse)?);
+            }
+            "CERTIFICATE" => {
+                let (_, cert) = X509Certificate::from_der(&block.contents)
+                    .map_err(|e| parse(format!("invalid certificate: {e}")))?;
+                keys.push(from_spki(cert.public_key()).map_err(parse)?);
+            }
+            "RSA PUBLIC KEY" => keys.push(VerifyKey {
+                // PKCS#1 carries no SPKI to hash, so no kid: tried for every
+                // RSA token.
+                kid: None,
+                algs: RSA_ALGS,
+                key: DecodingKey::from_rsa_der(&block.contents),
+            }),
+            label if label.ends_with("PRIVATE KEY") => private = true,
+            _ => {}
+        }
+    }
+    if private && keys.is_empty() {
+        return Err(parse(
+            "contains only private keys; give the public key (openssl pkey -pubout)".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn from_spki(spki: &SubjectPublicKeyInfo<'_>) -> Result<VerifyKey, String> {
+    let kid = Some(URL_SAFE_NO_PAD.encode(Sha256::digest(spki.raw)));
+    let oid = &spki.algorithm.algorithm;
+    if *oid == OID_PKCS1_RSAENCRYPTION {
+        // The BIT STRING of an RSA SPKI is the PKCS#1 RSAPublicKey.
+        return Ok(VerifyKey {
+            kid,
+            algs: RSA_ALGS,
+            key: DecodingKey::from_rsa_der(&spki.subject_public_key.data),
+        });
+    }
+    if *oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        let algs = match curve {
+            Some(c) if c == OID_EC_P256 => P256_ALGS,
+            Some(c) if c == OID_NIST_EC_P384 => P384_ALGS,
+            _ => return Err("unsupported elliptic curve (P-256 and P-384 only)".into()),
+        };
+        // The BIT STRING of an EC SPKI is the SEC1 point.
+        return Ok(VerifyKey {
+            kid,
+            algs,
+            key: DecodingKey::from_ec_der(&spki.subject_public_key.data),
+        });
+    }
+    Err(format!(
+        "unsupported public key algorithm {oid} (RSA and EC only)"
+    ))
+}
+
+/// The claims the proxy reads. Everything optional so that any JSON object
+/// parses and the checks below can say precisely what is missing.
+#[derive(Deserialize, Default)]
+pub(crate) struct Peeked {
+    #[serde(default)]
+    pub(crate) iss: String,
+    #[serde(default)]
+    sub: String,
+    #[serde(default, deserialize_with = "audience")]
+    aud: Vec<String>,
+    exp: Option<f64>,
+    nbf: Option<f64>,
+    iat: Option<f64>,
+    #[serde(default)]
+    jti: String,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<Private>,
+}
+
+#[derive(Deserialize, Default)]
+struct Private {
+    #[serde(default)]
+    namespace: String,
+    serviceaccount: Option<Ref>,
+    pod: Option<Ref>,
+    node: Option<Ref>,
+}
+
+#[derive(Deserialize, Default)]
+struct Ref {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    uid: String,
+}
+
+/// `aud` is a string or an array of strings (RFC 7519 §4.1.3).
+fn audience<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Aud {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Aud::deserialize(d)? {
+        Aud::One(a) => vec![a],
+        Aud::Many(a) => a,
+    })
+}
+
+/// The claims of something shaped like a JWT (three dot-separated parts,
+/// a JSON object payload), unverified: only to decide whether it is ours to
+/// verify. `None` for anything else (an opaque token).
+pub(crate) fn peek(token: &str) -> Option<Peeked> {
+    let mut parts = token.split('.');
+    let (_header, payload, _sig) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let json = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    serde_json::from_slice(&json).ok()
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why a token of a configured issuer was refused (never the token).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JwtError {
+    #[error("malformed header: {0}")]
+    Header(String),
+    #[error("algorithm {0:?} not accepted")]
+    Algorithm(Algorithm),
+    #[error("signature verification failed (no configured key verifies it)")]
+    Signature,
+    #[error("no exp claim")]
+    NoExpiry,
+    #[error("service account token has expired")]
+    Expired,
+    #[error("service account token is not valid yet")]
+    NotYetValid,
+    #[error("service account token was issued in the future")]
+    IssuedInFuture,
+    #[error("token audiences {0:?} do not intersect the accepted audiences")]
+    Audience(Vec<String>),
+    #[error("no kubernetes.io namespace/serviceaccount claims")]
+    NoServiceAccount,
+    #[error("sub does not name the token's service account")]
+    Subject,
+}
+
+/// A verified token: its identity (without `system:authenticated`) and
+/// expiry.
+pub(crate) struct Verified {
+    pub(crate) identity: Identity,
+    pub(crate) exp: u64,
+}
+
+/// Verifies `token` (whose claims `peek` gave) at time `now`.
+pub(crate) fn verify(
+    token: &str,
+    claims: Peeked,
+    keys: &KeySet,
+    audiences: &[String],
+    now: u64,
+    skew: u64,
+) -> Result<Verified, JwtError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| JwtError::Header(e.to_string()))?;
+    let alg = header.alg;
+    if !matches!(
+        alg,
+        Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::ES256
+            | Algorithm::ES384
+    ) {
+        return Err(JwtError::Algorithm(alg));
+    }
+    let (message, signature) = token.rsplit_once('.').ok_or(JwtError::Signature)?;
+    let ok = keys.candidates(header.kid.as_deref(), alg).any(|k| {
+        jsonwebtoken::crypto::verify(signature, message.as_bytes(), &k.key, alg).unwrap_or(false)
+    });
+    if !ok {
+        return Err(JwtError::Signature);
+    }
+
+    // Times: NumericDate may be fractional; compare in whole seconds as
+    // go-jose does (it truncates).
+    let secs = |t: f64| if t <= 0.0 { 0 } else { t as u64 };
+    let exp = secs(claims.exp.ok_or(JwtError::NoExpiry)?);
+    if now.saturating_sub(skew) > exp {
+        return Err(JwtError::Expired);
+    }
+    if let Some(nbf) = claims.nbf
+        && now.saturating_add(skew) < secs(nbf)
+    {
+        return Err(JwtError::NotYetValid);
+    }
+    if let Some(iat) = claims.iat
+        && now.saturating_add(skew) < secs(iat)
+    {
+        return Err(JwtError::IssuedInFuture);
+    }
+    if !claims.aud.iter().any(|a| audiences.contains(a)) {
+        return Err(JwtError::Audience(claims.aud));
+    }
+
+    let private = claims.kubernetes.unwrap_or_default();
+    let sa = private.serviceaccount.unwrap_or_default();
+    if private.namespace.is_empty() || sa.name.is_empty() {
+        return Err(JwtError::NoServiceAccount);
+    }
+    let ns = private.namespace;
+    // The apiserver names the user from the private claims; insisting that
+    // `sub` agrees keeps the two from ever telling different stories.
+    let matches_sub = claims
+        .sub
+        .strip_prefix(SERVICE_ACCOUNT_PREFIX)
+        .and_then(|rest| rest.split_once(':'))
+        .is_some_and(|(n, name)| n == ns && name == sa.name);
+    if !matches_sub {
+        return Err(JwtError::Subject);
+    }
+
+    let mut extra = BTreeMap::new();
+    if let Some(pod) = private.pod
+        && !pod.name.is_empty()
+        && !pod.uid.is_empty()
+    {
+        extra.insert(POD_NAME_KEY.to_string(), vec![pod.name]);
+        extra.insert(POD_UID_KEY.to_string(), vec![pod.uid]);
+    }
+    if !claims.jti.is_empty() {
+        extra.insert(
+            CREDENTIAL_ID_KEY.to_string(),
+            vec![format!("JTI={}", claims.jti)],
+        );
+    }
+    if let Some(node) = private.node
+        && !node.name.is_empty()
+    {
+        extra.insert(NODE_NAME_KEY.to_string(), vec![node.name]);
+        if !node.uid.is_empty() {
+            extra.insert(NODE_UID_KEY.to_string(), vec![node.uid]);
+        }
+    }
+    let groups = vec![
+        "system:serviceaccounts".to_string(),
+        format!("system:serviceaccounts:{ns}"),
+    ];
+    Ok(Verified {
+        identity: Identity {
+            username: claims.sub,
+            uid: sa.uid,
+            groups,
+            extra,
+        },
+        exp,
+    })
+}

@@ -1,0 +1,412 @@
+//! Identity end to end: who the proxy says is calling, in each upstream
+//! mode, with kube-sim's real authentication and RBAC behind it.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use breakwater::config::ProxyConfig;
+use breakwater::identity::AuthConfig;
+use breakwater::tls::UpstreamTls;
+use breakwater::upstream::{AuthMode, DEFAULT_PROXY_USER, Timeouts, UpstreamConfig};
+use breakwater_loadtest::pki::Ca;
+use breakwater_loadtest::sim::SimConfig;
+use http_body_util::{BodyExt, Empty};
+use serde_json::{Value, json};
+
+use common::{Env, Lines, demo_env, get, https_client, write_kubeconfig};
+
+/// A proxy in front of the demo's kube-sim in `mode`. The proxy's own
+/// credential is kube-sim's admin certificate (impersonate, passthrough) or
+/// its front-proxy certificate (front-proxy).
+async fn proxy_in_mode(
+    env: &Env,
+    mode: AuthMode,
+    local_sa_keys: bool,
+) -> breakwater::server::ProxyHandle {
+    let dir = env.dir.path();
+    let client_cert = match mode {
+        AuthMode::FrontProxy => (
+            dir.join("front-proxy-client.crt"),
+            dir.join("front-proxy-client.key"),
+        ),
+        AuthMode::Passthrough | AuthMode::Impersonate => {
+            (dir.join("admin.crt"), dir.join("admin.key"))
+        }
+    };
+    let auth = if local_sa_keys {
+        AuthConfig {
+            service_account_key_files: vec![dir.join("sa.pub")],
+            service_account_issuers: vec![SimConfig::default().issuer],
+            ..AuthConfig::default()
+        }
+    } else {
+        AuthConfig::default()
+    };
+    breakwater::server::start(ProxyConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        tls_cert: dir.join("proxy.crt"),
+        tls_key: dir.join("proxy.key"),
+        client_ca: Some(dir.join("client-ca.crt")),
+        upstream: UpstreamConfig {
+            url: env.demo.sim.url(),
+            tls: UpstreamTls {
+                ca: Some(dir.join("kube-sim-ca.crt")),
+                client_cert: Some(client_cert),
+            },
+            token_file: None,
+            mode,
+            proxy_user: DEFAULT_PROXY_USER.to_string(),
+            timeouts: Timeouts::default(),
+        },
+        auth,
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        shutdown_grace: Duration::from_secs(1),
+        limits: Default::default(),
+    })
+    .await
+    .expect("proxy starts")
+}
+
+fn admin_user(env: &Env) -> String {
+    let dir = env.dir.path();
+    format!(
+        "client-certificate: {}\n    client-key: {}",
+        dir.join("admin.crt").display(),
+        dir.join("admin.key").display()
+    )
+}
+
+async fn whoami(env: &Env, kubeconfig: &PathBuf) -> Value {
+    let out = env
+        .kubectl_with(kubeconfig, &["auth", "whoami", "-o", "json"])
+        .await;
+    assert!(
+        out.status.success(),
+        "whoami failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("whoami json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whoami_names_the_caller_in_every_upstream_mode() {
+    let env = demo_env().await;
+    let sa_token = env
+        .kubectl_ok(&["create", "token", "default", "-n", "demo"])
+        .await;
+    let sa_token = sa_token.trim().to_string();
+    for mode in [
+        AuthMode::FrontProxy,
+        AuthMode::Impersonate,
+        AuthMode::Passthrough,
+    ] {
+        let proxy = proxy_in_mode(&env, mode, true).await;
+        let server = format!("https://{}", proxy.addr());
+        let as_admin = write_kubeconfig(&env, "kc-admin", &server, &admin_user(&env));
+        let as_sa = write_kubeconfig(&env, "kc-sa", &server, &format!("token: {sa_token}"));
+
+        let sa = whoami(&env, &as_sa).await;
+        assert_eq!(
+            sa["status"]["userInfo"]["username"], "system:serviceaccount:demo:default",
+            "{mode:?}: {sa}"
+        );
+        let groups = sa["status"]["userInfo"]["groups"].to_string();
+        assert!(
+            groups.contains("system:serviceaccounts:demo"),
+            "{mode:?}: {groups}"
+        );
+
+        if mode == AuthMode::Passthrough {
+            // The proxy cannot present the client's certificate upstream.
+            let out = env.kubectl_with(&as_admin, &["auth", "whoami"]).await;
+            assert!(
+                !out.status.success(),
+                "{mode:?}: a cert user must be refused"
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("front-proxy or impersonate"), "{err}");
+        } else {
+            let admin = whoami(&env, &as_admin).await;
+            assert_eq!(
+                admin["status"]["userInfo"]["username"], "kubernetes-admin",
+                "{mode:?}"
+            );
+            let groups = admin["status"]["userInfo"]["groups"].to_string();
+            assert!(groups.contains("system:masters"), "{mode:?}: {groups}");
+        }
+        proxy.shutdown().await;
+    }
+}
+
+/// Signs SA-shaped claims with `key_pem` (ES256).
+fn sign(key_pem: &str, claims: &Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(key_pem.as_bytes()).expect("ec key");
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        claims,
+        &key,
+    )
+    .expect("sign")
+}
+
+fn claims(iss: &str, aud: &str, exp_offset: i64) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    json!({
+        "iss": iss, "aud": [aud], "sub": "system:serviceaccount:demo:default",
+        "exp": now + exp_offset, "nbf": now - 10, "iat": now - 10,
+        "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "default", "uid": "u-1"}},
+    })
+}
+
+async fn status_of(client: &common::HttpsClient, url: &str, token: &str) -> (u16, Value) {
+    let resp = client.request(get(url, token)).await.expect("response");
+    let code = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_401_never_anonymous() {
+    let env = demo_env().await;
+    let pki = env.demo.sim.pki();
+    let issuer = SimConfig::default().issuer;
+    let (other_key, _) = breakwater_loadtest::pki::signing_key_pem().expect("key");
+    let cases = [
+        (
+            "expired",
+            sign(&pki.sa_key_pem, &claims(&issuer, &issuer, -3600)),
+        ),
+        (
+            "wrong issuer",
+            sign(
+                &pki.sa_key_pem,
+                &claims("https://evil.example", &issuer, 3600),
+            ),
+        ),
+        (
+            "wrong audience",
+            sign(&pki.sa_key_pem, &claims(&issuer, "other-audience", 3600)),
+        ),
+        ("forged", sign(&other_key, &claims(&issuer, &issuer, 3600))),
+        ("garbage", "not-a-token".to_string()),
+    ];
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    let url = format!("{}/api/v1/namespaces/demo/pods", env.proxy_url());
+    for (what, token) in cases {
+        let (code, body) = status_of(&client, &url, &token).await;
+        assert_eq!(code, 401, "{what}: {body}");
+        assert_eq!(body["kind"], "Status", "{what}");
+        assert_eq!(body["reason"], "Unauthorized", "{what}");
+    }
+    // The same claims, properly signed, pass.
+    let good = sign(&pki.sa_key_pem, &claims(&issuer, &issuer, 3600));
+    let (code, _) = status_of(&client, &url, &good).await;
+    assert_ne!(code, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sent_remote_headers_do_not_change_who_you_are() {
+    let env = demo_env().await;
+    let viewer = std::fs::read_to_string(&env.demo.kubeconfig_viewer).expect("viewer kubeconfig");
+    let token = viewer
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .expect("viewer token")
+        .to_string();
+    let client = https_client(&env.demo.proxy_ca_pem, false);
+    let spoof = |req: http::Request<Empty<bytes::Bytes>>| {
+        let (mut parts, body) = req.into_parts();
+        parts
+            .headers
+            .insert("x-remote-user", "system:admin".parse().expect("hv"));
+        parts
+            .headers
+            .append("x-remote-group", "system:masters".parse().expect("hv"));
+        http::Request::from_parts(parts, body)
+    };
+    // whoami with spoofed headers.
+    let req = http::Request::post(format!(
+        "{}/apis/authentication.k8s.io/v1/selfsubjectreviews",
+        env.proxy_url()
+    ))
+    .header("authorization", format!("Bearer {token}"))
+    .header("x-remote-user", "system:admin")
+    .header("x-remote-group", "system:masters")
+    .header("content-type", "application/json")
+    .body(http_body_util::Full::new(bytes::Bytes::from_static(
+        br#"{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}"#,
+    )))
+    .expect("request");
+    let full_client = {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls_pki_types::pem::PemObject;
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(env.demo.proxy_ca_pem.as_bytes())
+        {
+            roots.add(c.expect("pem")).expect("add");
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build::<_, http_body_util::Full<bytes::Bytes>>(conn)
+    };
+    let resp = full_client.request(req).await.expect("whoami");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(
+        v["status"]["userInfo"]["username"], "system:serviceaccount:demo:viewer",
+        "{v}"
+    );
+
+    // An RBAC-denied request stays denied.
+    let url = format!("{}/api/v1/namespaces/demo/secrets", env.proxy_url());
+    let resp = client
+        .request(spoof(get(&url, &token)))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 403);
+    // And what it may do still works.
+    let url = format!("{}/api/v1/namespaces/demo/pods", env.proxy_url());
+    let resp = client
+        .request(spoof(get(&url, &token)))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_review_serves_a_thousand_concurrent_requests() {
+    let env = demo_env().await;
+    // No local SA keys: every token goes to TokenReview, made with the
+    // proxy's own (admin) certificate.
+    let proxy = proxy_in_mode(&env, AuthMode::Passthrough, false).await;
+    let token = env
+        .demo
+        .sim
+        .issue_token("demo", "default", Duration::from_secs(3600));
+    let before = env.demo.sim.request_count("POST", "tokenreviews");
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    let url = format!("https://{}/version", proxy.addr());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let (client, url, token) = (client.clone(), url.clone(), token.clone());
+        tasks.spawn(async move {
+            let resp = client.request(get(&url, &token)).await.expect("response");
+            resp.status().as_u16()
+        });
+    }
+    while let Some(code) = tasks.join_next().await {
+        assert_eq!(code.expect("task"), 200);
+    }
+    let after = env.demo.sim.request_count("POST", "tokenreviews");
+    assert_eq!(
+        after - before,
+        1,
+        "one TokenReview for 1,000 concurrent requests"
+    );
+    // Within the TTL, the cache answers.
+    let (code, _) = status_of(&client, &url, &token).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        env.demo.sim.request_count("POST", "tokenreviews") - before,
+        1
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_serving_certificate_is_used_by_new_connections_while_a_watch_stays_up() {
+    let env = demo_env().await;
+    // The proxy's cert files live in their own directory, as a mounted Secret would.
+    let certs = tempfile::tempdir().expect("tempdir");
+    let old_ca = Ca::new("old-ca").expect("ca");
+    let new_ca = Ca::new("new-ca").expect("ca");
+    let write = |ca: &Ca| {
+        let pair = ca.issue_server(&["localhost", "127.0.0.1"]).expect("cert");
+        std::fs::write(certs.path().join("tls.key.tmp"), &pair.key_pem).expect("key");
+        std::fs::write(certs.path().join("tls.crt.tmp"), &pair.cert_pem).expect("cert");
+        std::fs::rename(
+            certs.path().join("tls.key.tmp"),
+            certs.path().join("tls.key"),
+        )
+        .expect("mv");
+        std::fs::rename(
+            certs.path().join("tls.crt.tmp"),
+            certs.path().join("tls.crt"),
+        )
+        .expect("mv");
+    };
+    write(&old_ca);
+    let mut cfg = common::passthrough_config(&env, env.demo.sim.url(), Duration::from_secs(1));
+    cfg.tls_cert = certs.path().join("tls.crt");
+    cfg.tls_key = certs.path().join("tls.key");
+    let proxy = breakwater::server::start(cfg).await.expect("start");
+    let base = format!("https://{}", proxy.addr());
+    let token = &env.demo.token;
+
+    let old_client = https_client(old_ca.cert_pem(), false);
+    let watch = old_client
+        .request(get(
+            &format!("{base}/api/v1/namespaces/default/configmaps?watch=1"),
+            token,
+        ))
+        .await
+        .expect("watch");
+    assert_eq!(watch.status(), 200);
+    let mut lines = Lines::new(watch.into_body());
+
+    write(&new_ca);
+    // New connections see the new certificate once the reload has run.
+    let mut ok = false;
+    for _ in 0..100 {
+        let fresh = https_client(new_ca.cert_pem(), false);
+        if let Ok(resp) = fresh.request(get(&format!("{base}/version"), token)).await {
+            ok = resp.status() == 200;
+            if ok {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ok,
+        "a client trusting only the new CA connects after rotation"
+    );
+
+    // The watch opened before the rotation still delivers.
+    let cm = breakwater_loadtest::sim::resources::find("", "v1", "configmaps").expect("type");
+    env.demo
+        .sim
+        .store()
+        .create(
+            cm,
+            Some("default"),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "after-rotation"}}),
+        )
+        .expect("create");
+    loop {
+        let line = lines
+            .next_within(Duration::from_secs(10))
+            .await
+            .expect("the old watch is still open");
+        if line.contains("after-rotation") {
+            break;
+        }
+    }
+    proxy.shutdown().await;
+}

@@ -1,0 +1,468 @@
+//! Limits end to end: the limits file enforced by the proxy in front of
+//! kube-sim, with kubectl and raw clients.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use breakwater::demo::{Demo, DemoOptions};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use common::{Env, Lines, get, https_client, kubectl_cmd};
+
+const LIMITS: &str = r#"apiVersion: breakwater/v1alpha1
+kind: Limits
+replicas: 1
+upstream:
+  maxInflight: 40
+  reservedForExempt: 10
+rules:
+  - name: admins
+    match:
+      groups: ["system:masters"]
+    exempt: true
+  - name: viewers
+    match:
+      serviceAccounts: ["demo/viewer"]
+    perIdentity: {rate: 1000, burst: 1000, inflight: 100, watches: WATCHES}
+  - name: default
+    perIdentity: {rate: 1000, burst: 1000, inflight: 1000, watches: 1000}
+"#;
+
+fn limits_text(watches: u32) -> String {
+    LIMITS.replace("WATCHES", &watches.to_string())
+}
+
+/// Writes via a rename, as editors and ConfigMap volumes do.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+async fn env_with_limits(text: &str) -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = tempfile::tempdir().expect("tempdir");
+    let limits_dir = dir.path().join("limits");
+    std::fs::create_dir_all(&limits_dir).expect("mkdir");
+    let file = limits_dir.join("limits.yaml");
+    write_atomically(&file, text);
+    let demo = Demo::start(&DemoOptions {
+        dir: dir.path().to_path_buf(),
+        port: 0,
+        sim_port: 0,
+        admin_port: 0,
+        limits: Some(file),
+    })
+    .await
+    .expect("demo starts");
+    Env { demo, dir, cache }
+}
+
+fn limits_file(env: &Env) -> std::path::PathBuf {
+    env.dir.path().join("limits").join("limits.yaml")
+}
+
+fn viewer_token(env: &Env) -> String {
+    let text = std::fs::read_to_string(&env.demo.kubeconfig_viewer).expect("viewer kubeconfig");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .expect("token line")
+        .to_string()
+}
+
+fn viewer_watches(env: &Env) -> u64 {
+    env.demo
+        .proxy
+        .admission()
+        .limiter()
+        .rule_stats()
+        .iter()
+        .find(|s| s.rule.as_ref() == "viewers")
+        .map(|s| s.watches)
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) until the viewer rule holds `n` watches.
+async fn until_viewer_watches(env: &Env, n: u64) {
+    for _ in 0..300 {
+        if viewer_watches(env) == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "viewer watches stayed at {} (wanted {n})",
+        viewer_watches(env)
+    );
+}
+
+async fn watch_status(env: &Env, token: &str) -> (u16, http::HeaderMap, Value) {
+    let client = https_client(&env.demo.proxy_ca_pem, false);
+    let url = format!("{}/api/v1/namespaces/demo/pods?watch=1", env.proxy_url());
+    let resp = client.request(get(&url, token)).await.expect("response");
+    let code = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    if code != 200 {
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        return (
+            code,
+            headers,
+            serde_json::from_slice(&body).unwrap_or(Value::Null),
+        );
+    }
+    (code, headers, Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn third_watch_is_rejected_with_retry_after_and_a_closed_watch_frees_a_slot() {
+    let env = env_with_limits(&limits_text(2)).await;
+    let token = viewer_token(&env);
+
+    // Two `kubectl get pods -w` as the limited ServiceAccount.
+    let mut watchers = Vec::new();
+    for _ in 0..2 {
+        let mut child = kubectl_cmd(&env.demo.kubeconfig_viewer, env.cache.path())
+            .args(["get", "pods", "-n", "demo", "-w"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let header = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("in time")
+            .expect("read")
+            .expect("header");
+        assert!(header.starts_with("NAME"), "{header}");
+        watchers.push((child, lines));
+    }
+    until_viewer_watches(&env, 2).await;
+
+    // The third is refused: 429, Retry-After, a Status naming the rule.
+    let (code, headers, status) = watch_status(&env, &token).await;
+    assert_eq!(code, 429, "{status}");
+    let retry: u64 = headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(retry >= 1);
+    assert_eq!(headers["x-breakwater-rule"], "viewers");
+    assert_eq!(status["kind"], "Status");
+    assert_eq!(status["reason"], "TooManyRequests");
+    assert_eq!(status["details"]["retryAfterSeconds"], retry);
+    assert!(
+        status["message"]
+            .as_str()
+            .expect("message")
+            .contains("viewers"),
+        "{status}"
+    );
+
+    // The exempt admin is unaffected.
+    let pods = env.kubectl_ok(&["get", "pods", "-n", "demo"]).await;
+    assert!(pods.contains("NAME"));
+    let out = env
+        .kubectl_ok(&["get", "pods", "-n", "demo", "-w", "--request-timeout=1s"])
+        .await;
+    assert!(out.contains("NAME"));
+
+    // Closing one watch lets a new one in.
+    let (mut first, _) = watchers.remove(0);
+    first.kill().await.expect("kill");
+    until_viewer_watches(&env, 1).await;
+    let (code, headers, _) = watch_status(&env, &token).await;
+    assert_eq!(code, 200);
+    assert_eq!(headers["x-breakwater-rule"], "viewers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tightened_limit_applies_without_restart_and_an_invalid_file_keeps_the_old_one() {
+    let env = env_with_limits(&limits_text(5)).await;
+    let token = viewer_token(&env);
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    let url = format!("{}/api/v1/namespaces/demo/pods?watch=1", env.proxy_url());
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let resp = client.request(get(&url, &token)).await.expect("watch");
+        assert_eq!(resp.status(), 200);
+        open.push(resp);
+    }
+    until_viewer_watches(&env, 2).await;
+
+    // Tighten to 2: the third is refused at once.
+    write_atomically(&limits_file(&env), &limits_text(2));
+    let mut refused = false;
+    for _ in 0..100 {
+        let (code, _, _) = watch_status(&env, &token).await;
+        if code == 429 {
+            refused = true;
+            break;
+        }
+        // Admitted while the reload had not happened yet: let it go again.
+        until_viewer_watches(&env, 2).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        refused,
+        "the tightened limit was enforced without a restart"
+    );
+
+    // An invalid file is refused; the old limits (2) stay in force.
+    write_atomically(
+        &limits_file(&env),
+        "apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: viewers\n    perIdentity: {rate: -1}\n",
+    );
+    // A reload by hand reports the problem with its line and column.
+    let err = env
+        .demo
+        .proxy
+        .admission()
+        .reload()
+        .expect_err("invalid file refused");
+    assert!(err.to_string().contains(":5:"), "{err}");
+    let (code, _, _) = watch_status(&env, &token).await;
+    assert_eq!(code, 429, "the old limit is still enforced");
+    drop(open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_service_account_stays_blocked_across_a_restart_until_unblocked() {
+    let env = env_with_limits(&limits_text(5)).await;
+    let token = viewer_token(&env);
+    let admin = env.demo.proxy.admin_addr();
+    let url = format!("{}/api/v1/namespaces/demo/pods", env.proxy_url());
+    let client = https_client(&env.demo.proxy_ca_pem, false);
+    assert_eq!(
+        client
+            .request(get(&url, &token))
+            .await
+            .expect("resp")
+            .status(),
+        200
+    );
+
+    let (code, body) = admin_call(
+        admin,
+        "POST",
+        "/admin/v1/blocks",
+        r#"{"target": {"kind": "identity", "user": "system:serviceaccount:demo:viewer"}, "reason": "test"}"#,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let id = serde_json::from_str::<Value>(&body).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let resp = client.request(get(&url, &token)).await.expect("resp");
+    assert_eq!(resp.status(), 429);
+    // The admin is not affected.
+    env.kubectl_ok(&["get", "ns"]).await;
+
+    // Restart the proxy on the same files: the block is still there.
+    let dir = env.dir.path().to_path_buf();
+    let file = limits_file(&env);
+    env.demo.shutdown().await;
+    let demo = Demo::start(&DemoOptions {
+        dir: dir.clone(),
+        port: 0,
+        sim_port: 0,
+        admin_port: 0,
+        limits: Some(file),
+    })
+    .await
+    .expect("restart");
+    // A fresh kube-sim means fresh keys: read the new viewer token.
+    let text = std::fs::read_to_string(&demo.kubeconfig_viewer).expect("kubeconfig");
+    let token = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .expect("token")
+        .to_string();
+    let client = https_client(&demo.proxy_ca_pem, false);
+    let url = format!("https://{}/api/v1/namespaces/demo/pods", demo.proxy.addr());
+    let resp = client.request(get(&url, &token)).await.expect("resp");
+    assert_eq!(resp.status(), 429, "blocked after a restart");
+
+    let (code, body) = admin_call(
+        demo.proxy.admin_addr(),
+        "DELETE",
+        &format!("/admin/v1/blocks/{id}"),
+        "",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let resp = client.request(get(&url, &token)).await.expect("resp");
+    assert_eq!(resp.status(), 200, "served once unblocked");
+    demo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_return_to_zero_however_requests_and_watches_end() {
+    let env = env_with_limits(&limits_text(1000)).await;
+    let token = viewer_token(&env);
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    let base = env.proxy_url();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..10_000u32 {
+        let (client, base, token) = (client.clone(), base.clone(), token.clone());
+        tasks.spawn(async move {
+            match i % 4 {
+                // A normal request, read to the end.
+                0 => {
+                    let resp = client
+                        .request(get(&format!("{base}/api/v1/namespaces/demo/pods"), &token))
+                        .await
+                        .expect("list");
+                    let _ = resp.into_body().collect().await;
+                }
+                // A request abandoned before its body was read.
+                1 => {
+                    let resp = client
+                        .request(get(&format!("{base}/api/v1/namespaces/demo/pods"), &token))
+                        .await
+                        .expect("list");
+                    drop(resp);
+                }
+                // A watch that ends by its own timeout.
+                2 if i % 40 == 2 => {
+                    let resp = client
+                        .request(get(
+                            &format!("{base}/api/v1/namespaces/demo/pods?watch=1&timeoutSeconds=1"),
+                            &token,
+                        ))
+                        .await
+                        .expect("watch");
+                    let mut lines = Lines::new(resp.into_body());
+                    while lines.next().await.is_some() {}
+                }
+                // A watch the client aborts mid-stream.
+                _ => {
+                    let resp = client
+                        .request(get(
+                            &format!("{base}/api/v1/namespaces/demo/pods?watch=1"),
+                            &token,
+                        ))
+                        .await
+                        .expect("watch");
+                    let mut lines = Lines::new(resp.into_body());
+                    let _ = lines.next().await;
+                    drop(lines);
+                }
+            }
+        });
+        // Bounded concurrency: 200 at a time.
+        if tasks.len() >= 200 {
+            let _ = tasks.join_next().await;
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    // Stream ends propagate asynchronously: wait (bounded) for zero.
+    let limiter = env.demo.proxy.admission().limiter();
+    let mut last = Vec::new();
+    for _ in 0..500 {
+        last = limiter
+            .rule_stats()
+            .iter()
+            .map(|s| (s.rule.to_string(), s.inflight, s.watches))
+            .collect();
+        if last.iter().all(|(_, i, w)| *i == 0 && *w == 0) && limiter.upstream_inflight() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "counts did not return to zero: {last:?}, upstream {}",
+        limiter.upstream_inflight()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exempt_admin_gets_through_while_500_requests_saturate_the_upstream_cap() {
+    let env = env_with_limits(&limits_text(5)).await;
+    // A non-exempt identity allowed to create configmaps (kube-sim then
+    // waits for each request body instead of refusing at once).
+    let token = env.demo.token.clone();
+    // 500 requests that hold their upstream seat: POSTs whose bodies never
+    // finish, so the apiserver keeps waiting for them.
+    let mut holders = Vec::new();
+    let mut refused = 0;
+    let url = format!("{}/api/v1/namespaces/demo/configmaps", env.proxy_url());
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build::<_, http_body_util::StreamBody<common::Rx>>(common::https_connector(
+            &env.demo.proxy_ca_pem,
+            true,
+        ));
+    let mut pending = tokio::task::JoinSet::new();
+    for _ in 0..500 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let req = http::Request::post(&url)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::StreamBody::new(common::Rx(rx)))
+            .expect("request");
+        holders.push(tx);
+        let client = client.clone();
+        pending.spawn(async move { client.request(req).await.map(|r| r.status().as_u16()) });
+    }
+    // Non-exempt traffic may hold 40 - 10 = 30 seats: the rest are refused.
+    while let Some(res) = tokio::time::timeout(Duration::from_secs(30), pending.join_next())
+        .await
+        .expect("refusals arrive")
+    {
+        let code = res.expect("task").expect("response");
+        assert_eq!(code, 429, "only refusals finish while the bodies are open");
+        refused += 1;
+        if refused == 470 {
+            break;
+        }
+    }
+    assert_eq!(
+        refused, 470,
+        "every request beyond the 30 non-exempt seats is refused"
+    );
+    assert_eq!(env.demo.proxy.admission().limiter().upstream_inflight(), 30);
+
+    // The admin (exempt) still gets through, on a reserved seat.
+    let ns = env.kubectl_ok(&["get", "ns"]).await;
+    assert!(ns.contains("demo"));
+    drop(holders);
+    pending.abort_all();
+}
+
+/// One plain-HTTP call to the admin listener.
+async fn admin_call(
+    admin: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect admin");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
