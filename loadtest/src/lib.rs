@@ -9,3 +9,4 @@ pub mod bench;
 pub mod pki;
 pub mod proc;
 pub mod sim;
+pub mod storm;

@@ -33,6 +33,62 @@ enum Cmd {
     /// Run a benchmark.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Incident lab: replay the DaemonSet storm against kube-sim (and with
+    /// --compare, through Breakwater too) and write a report with plots.
+    Storm(StormArgs),
+}
+
+#[derive(Args)]
+struct StormArgs {
+    /// Run direct, then through breakwater, and write the report to --out.
+    #[arg(long)]
+    compare: bool,
+    /// Only through breakwater (without --compare: direct only).
+    #[arg(long, conflicts_with = "compare")]
+    through_breakwater: bool,
+    /// Agents (nodes) in the fleet, 1..=20000.
+    #[arg(long, default_value_t = 5000)]
+    agents: usize,
+    /// Workload pods per node (besides the agent's own pod).
+    #[arg(long, default_value_t = 3)]
+    pods_per_node: usize,
+    /// Agents start uniformly within this window (0s: all at once).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    spread: Duration,
+    /// Pods created and deleted per second during the storm.
+    #[arg(long, default_value_t = 10.0)]
+    churn: f64,
+    /// LIST without resourceVersion (a consistent read from etcd) instead of rv=0.
+    #[arg(long)]
+    consistent_list: bool,
+    /// When the admin deletes the DaemonSet (the rollback).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    rollback_after: Duration,
+    /// Upper bound on each run.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    max_duration: Duration,
+    /// Random seed (agent start times, churn); both runs use the same.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// kube-sim's capacity model: small-cluster, or none (unlimited).
+    #[arg(long, default_value = "small-cluster")]
+    profile: String,
+    /// Breakwater replicas; agents are spread over them and each enforces
+    /// its share of the limits.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// The limits file for the breakwater run (default: docker/limits-storm.yaml, built in).
+    #[arg(long)]
+    limits: Option<PathBuf>,
+    /// The breakwater binary (default: $BREAKWATER_BIN, else next to this executable).
+    #[arg(long)]
+    breakwater: Option<PathBuf>,
+    /// Report directory.
+    #[arg(long, default_value = "storm-report")]
+    out: PathBuf,
+    /// Show breakwater's logs (stderr).
+    #[arg(long)]
+    show_proxy_logs: bool,
 }
 
 #[derive(Args)]
@@ -104,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Sim(a) => sim(a).await,
         Cmd::Bench(BenchCmd::Overhead(a)) => overhead(a).await,
+        Cmd::Storm(a) => storm(a).await,
     }
 }
 
@@ -267,4 +324,63 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
         println!("figures written to {}", path.display());
     }
     report.check()
+}
+
+async fn storm(a: StormArgs) -> anyhow::Result<()> {
+    use breakwater_loadtest::sim::capacity::CapacityConfig;
+    use breakwater_loadtest::storm::{self, Mode, StormOpts};
+    let capacity = match a.profile.as_str() {
+        "none" => None,
+        name => Some(
+            CapacityConfig::profile(name)
+                .with_context(|| format!("unknown --profile {name} (small-cluster, none)"))?,
+        ),
+    };
+    let limits = match &a.limits {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?,
+        None => storm::STORM_LIMITS.to_string(),
+    };
+    let nofile = storm::raise_nofile_limit();
+    if nofile < (a.agents as u64) * 3 {
+        eprintln!(
+            "warning: open-files limit {nofile} may be too low for {} agents (need ~3 per agent)",
+            a.agents
+        );
+    }
+    let opts = StormOpts {
+        agents: a.agents,
+        pods_per_node: a.pods_per_node,
+        spread: a.spread,
+        churn: a.churn,
+        consistent_list: a.consistent_list,
+        rollback_after: a.rollback_after,
+        max_duration: a.max_duration,
+        seed: a.seed,
+        capacity,
+        replicas: a.replicas,
+        limits,
+        breakwater: a.breakwater,
+        progress: true,
+        show_proxy_logs: a.show_proxy_logs,
+    };
+    let started = std::time::Instant::now();
+    if a.compare {
+        let c = storm::run_compare(&opts).await?;
+        storm::write_report(&c, &a.out)?;
+        println!("{}", storm::report::markdown(&c));
+        println!(
+            "report written to {} in {:.0} s",
+            a.out.display(),
+            started.elapsed().as_secs_f64()
+        );
+    } else {
+        let mode = if a.through_breakwater {
+            Mode::Breakwater
+        } else {
+            Mode::Direct
+        };
+        let r = storm::run_storm(&opts, mode).await?;
+        println!("{}: {}", mode.name(), storm::report::one_line(&r.metrics));
+    }
+    Ok(())
 }

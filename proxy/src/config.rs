@@ -91,6 +91,13 @@ pub struct RunOptions {
     /// Response-header timeout for requests that are not long-running [default: 60s].
     #[arg(long)]
     pub upstream_timeout: Option<String>,
+    /// Share identical and node-scoped watches (and serve LIST rv=0) from one upstream
+    /// stream per collection and identity [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub watch_cache: Option<bool>,
+    /// How long a shared upstream watch without subscribers stays open [default: 30s].
+    #[arg(long)]
+    pub watch_linger: Option<String>,
 }
 
 /// A configuration the server accepts.
@@ -105,6 +112,8 @@ pub struct ProxyConfig {
     pub admin_listen: SocketAddr,
     pub shutdown_grace: Duration,
     pub limits: LimitsConfig,
+    /// The watch multiplexer.
+    pub watch: crate::watch::HubConfig,
 }
 
 /// Where the limits and the blocks come from.
@@ -188,6 +197,8 @@ impl RunOptions {
             admin_listen: self.admin_listen.or(file.admin_listen),
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
             upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
+            watch_cache: self.watch_cache.or(file.watch_cache),
+            watch_linger: self.watch_linger.or(file.watch_linger),
         }
     }
 
@@ -263,6 +274,11 @@ impl RunOptions {
                 file: self.limits,
                 blocks_file: self.blocks_file,
                 rate_limit_headers: self.rate_limit_headers.unwrap_or(false),
+            },
+            watch: crate::watch::HubConfig {
+                enabled: self.watch_cache.unwrap_or(true),
+                linger: duration("watch-linger", self.watch_linger, Duration::from_secs(30))?,
+                ..crate::watch::HubConfig::default()
             },
         })
     }

@@ -187,6 +187,7 @@ impl Demo {
                 blocks_file: Some(dir.join("blocks.json")),
                 rate_limit_headers: true,
             },
+            watch: Default::default(),
         })
         .await?;
 

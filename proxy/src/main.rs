@@ -83,25 +83,32 @@ async fn reload_on_sighup(handle: std::sync::Arc<breakwater::server::ProxyHandle
     std::future::pending::<()>().await;
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// called (not when first polled), so call it before announcing readiness:
+/// a SIGTERM right after the readiness lines must drain, not kill.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let int = signal(SignalKind::interrupt());
+        let term = signal(SignalKind::terminate());
+        async move {
+            match (int, term) {
+                (Ok(mut int), Ok(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -113,12 +120,13 @@ async fn main() -> anyhow::Result<()> {
             init_tracing();
             let cfg = opts.resolve()?;
             let handle = breakwater::server::start(cfg).await?;
+            let stop = shutdown_signal();
             // Scripts (and the loadtest crate) read these two lines.
             println!("breakwater: listening on https://{}", handle.addr());
             println!("breakwater: admin on http://{}", handle.admin_addr());
             let handle = std::sync::Arc::new(handle);
             let hup = tokio::spawn(reload_on_sighup(handle.clone()));
-            shutdown_signal().await;
+            stop.await;
             hup.abort();
             let _ = hup.await;
             let Ok(handle) = std::sync::Arc::try_unwrap(handle) else {

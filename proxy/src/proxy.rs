@@ -45,6 +45,8 @@ pub struct Shared {
     /// Cancelled at the end of the shutdown grace period: long-running
     /// response streams then end cleanly instead of being cut.
     pub streams: CancellationToken,
+    /// Shared watches and LIST rv=0 from their caches.
+    pub hub: crate::watch::Hub,
 }
 
 /// Handles one request from a client. Infallible: every outcome is a response.
@@ -96,6 +98,16 @@ pub async fn handle(
             resp.into_response::<bytes::Bytes>()
                 .map(crate::upstream::full),
         );
+    }
+
+    // Watches and cached LISTs: served from one shared upstream stream when
+    // the hub can answer exactly as the apiserver would; else forwarded.
+    if let Some(resp) = shared
+        .hub
+        .serve(&info, req.uri(), req.headers(), &identity)
+        .await
+    {
+        return respond_local(&shared, resp, log, long_running, permit);
     }
     req.extensions_mut().insert(identity);
 
@@ -163,6 +175,28 @@ fn respond(
     let body = Observed {
         inner: body.map_err(BoxError::from).boxed(),
         log: Some(log.with_status(status)),
+        cancel,
+        bytes: 0,
+        _permit: permit,
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+/// Sends a response the proxy produced itself (the watch hub's), with the
+/// same access log, shutdown handling and permit lifetime as a forwarded one.
+fn respond_local(
+    shared: &Shared,
+    resp: Response<Body>,
+    log: AccessLog,
+    long_running: bool,
+    permit: Permit,
+) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    shared.admission.decorate(&permit, &mut parts.headers);
+    let cancel = long_running.then(|| Box::pin(shared.streams.clone().cancelled_owned()));
+    let body = Observed {
+        inner: body,
+        log: Some(log.with_status(parts.status)),
         cancel,
         bytes: 0,
         _permit: permit,

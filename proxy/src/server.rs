@@ -59,6 +59,7 @@ pub struct ProxyHandle {
     done: tokio::task::JoinHandle<()>,
     admission: Arc<Admission>,
     reload_all: Arc<dyn Fn() + Send + Sync>,
+    hub: crate::watch::Hub,
 }
 
 impl ProxyHandle {
@@ -70,6 +71,11 @@ impl ProxyHandle {
     /// The admin listener.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The watch multiplexer (its accounting: [`crate::watch::Hub::stats`]).
+    pub fn watch_hub(&self) -> &crate::watch::Hub {
+        &self.hub
     }
 
     /// Limits, blocks and their state.
@@ -127,12 +133,15 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         cfg.limits.blocks_file.as_deref(),
         cfg.limits.rate_limit_headers,
     )?);
+    let streams = CancellationToken::new();
     let shared = Arc::new(Shared {
         upstream: upstream.clone(),
         auth,
         admission: admission.clone(),
-        streams: CancellationToken::new(),
+        hub: crate::watch::Hub::new(upstream.clone(), cfg.watch.clone(), streams.clone()),
+        streams,
     });
+    let hub = shared.hub.clone();
     let mut watched = server_tls.files();
     watched.extend(upstream.files());
     watched.extend(key_files);
@@ -186,6 +195,8 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
             // Step 1 is done (listener closed); fail readiness too.
             admin_state.ready.store(false, Ordering::Release);
             drain(graceful, &shared, cfg.shutdown_grace).await;
+            // Every client stream is over: the watch hub's upstream streams end too.
+            shared.streams.cancel();
             admin_stop.cancel();
             let _ = admin_task.await;
         }
@@ -204,6 +215,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         done,
         admission,
         reload_all,
+        hub,
     })
 }
 

@@ -65,6 +65,7 @@ async fn proxy_in_mode(
         admin_listen: "127.0.0.1:0".parse().expect("addr"),
         shutdown_grace: Duration::from_secs(1),
         limits: Default::default(),
+        watch: Default::default(),
     })
     .await
     .expect("proxy starts")

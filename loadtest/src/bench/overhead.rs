@@ -308,6 +308,16 @@ async fn with_sim(
         }
     }
 
+    if phases
+        .iter()
+        .any(|f| f.target == "breakwater" && f.errors > 0)
+    {
+        // The proxy's own words are the quickest way to the cause.
+        tracing::warn!(
+            output = %proxy.output_tail(),
+            "requests through breakwater failed; its last output follows"
+        );
+    }
     if let Err(e) = proxy.shutdown(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "stopping breakwater");
     }

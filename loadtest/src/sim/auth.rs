@@ -119,7 +119,16 @@ pub struct Authenticator {
     decoding: DecodingKey,
     issuer: String,
     api_audiences: Vec<String>,
+    /// Successful request authentications, like the apiserver's token cache
+    /// (`--token-cache-ttl`-ish, 10 s): without it every request pays a
+    /// P-256 verification, far dearer than a real apiserver.
+    cache: std::sync::Mutex<std::collections::HashMap<String, (UserInfo, std::time::Instant)>>,
 }
+
+/// How long a verified token is trusted without verifying again.
+const TOKEN_CACHE_TTL: Duration = Duration::from_secs(10);
+/// Entries at most; the cache is cleared when full (a test server's bound).
+const TOKEN_CACHE_MAX: usize = 65_536;
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,6 +160,7 @@ impl Authenticator {
             decoding: DecodingKey::from_ec_pem(sa_public_pem.as_bytes()).map_err(AuthError::Key)?,
             issuer,
             api_audiences,
+            cache: Default::default(),
         })
     }
 
@@ -203,8 +213,23 @@ impl Authenticator {
 
     /// Verifies a bearer token against the API audiences.
     pub fn authenticate(&self, token: &str) -> Result<UserInfo, AuthError> {
-        self.verify(token, &self.api_audiences)
-            .map(|(user, _)| user)
+        let now = std::time::Instant::now();
+        if let Ok(cache) = self.cache.lock()
+            && let Some((user, at)) = cache.get(token)
+            && now.duration_since(*at) < TOKEN_CACHE_TTL
+        {
+            return Ok(user.clone());
+        }
+        let user = self
+            .verify(token, &self.api_audiences)
+            .map(|(user, _)| user)?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= TOKEN_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(token.to_string(), (user.clone(), now));
+        }
+        Ok(user)
     }
 
     /// Verifies signature, issuer, expiry and that the token carries one of

@@ -15,6 +15,7 @@
 //! discovery/openapi/table/exec modules shape the rest of the surface.
 
 pub mod auth;
+pub mod capacity;
 pub mod discovery;
 pub mod exec;
 pub mod metrics;
@@ -124,6 +125,8 @@ pub struct SimConfig {
     pub requestheader_allowed_names: Vec<String>,
     /// `--authorization-mode`: RBAC (default) or AlwaysAllow.
     pub authorization: Authorization,
+    /// The capacity model (seats, queue, CPU cost); `None` = unlimited.
+    pub capacity: Option<capacity::CapacityConfig>,
 }
 
 impl Default for SimConfig {
@@ -139,6 +142,7 @@ impl Default for SimConfig {
             issuer,
             requestheader_allowed_names: vec![FRONT_PROXY_CLIENT.to_string()],
             authorization: Authorization::Rbac,
+            capacity: None,
         }
     }
 }
@@ -216,6 +220,11 @@ impl KubeSim {
         let tracker = TaskTracker::new();
         let store = store::Store::new(cfg.window, cfg.watcher_queue);
         rbac::seed_bootstrap(&store)?;
+        let cancel = CancellationToken::new();
+        let capacity = cfg
+            .capacity
+            .clone()
+            .map(|c| capacity::Capacity::start(c, cancel.clone()));
         let state = Arc::new(server::State {
             authz: rbac::Authorizer::new(cfg.authorization, store.clone()),
             front_proxy_verifier,
@@ -224,8 +233,9 @@ impl KubeSim {
             auth,
             metrics: Arc::new(metrics::SimMetrics::default()),
             min_request_timeout: cfg.min_request_timeout,
-            cancel: CancellationToken::new(),
+            cancel,
             tracker: tracker.clone(),
+            capacity,
         });
         tracker.spawn(server::accept_loop(
             listener,
@@ -287,6 +297,11 @@ impl KubeSim {
     /// apiserver_longrunning_requests{verb="WATCH",resource} now.
     pub fn open_watches(&self, resource: &str) -> i64 {
         self.state.metrics.longrunning("WATCH", resource)
+    }
+
+    /// The capacity model's counters now; `None` without a model.
+    pub fn capacity_stats(&self) -> Option<capacity::CapacityStats> {
+        self.state.capacity.as_ref().map(|c| c.stats())
     }
 
     /// Stops accepting, ends every watch and asks connections to close, then

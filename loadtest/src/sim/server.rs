@@ -80,6 +80,8 @@ pub(crate) struct State {
     pub(crate) cancel: CancellationToken,
     /// Every connection and watch pump, so shutdown can wait for them.
     pub(crate) tracker: TaskTracker,
+    /// Incident lab: the capacity model (capacity.rs), when configured.
+    pub(crate) capacity: Option<Arc<super::capacity::Capacity>>,
 }
 
 /// The rustls config: our serving cert, ALPN h2 + http/1.1, client certs
@@ -321,14 +323,62 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
         Err(Reject::MethodNotAllowed) => return method_not_allowed(),
     };
 
+    // Incident lab (capacity.rs): APF-like admission — a seat, a wait in
+    // queue, or 429 — held until the modeled CPU work below is done.
+    let _seat = match &state.capacity {
+        Some(cap) => match cap
+            .admit(user.groups.iter().any(|g| g == "system:masters"))
+            .await
+        {
+            Ok(seat) => Some(seat),
+            Err(resp) => {
+                state.metrics.record(info.labels(), resp.status().as_u16());
+                return resp;
+            }
+        },
+        None => None,
+    };
+
     // Phase 6: the handler. Watches count themselves when they end.
     let labels = info.labels();
     let resp = match info.verb {
-        Verb::Watch => return watch(state, &info, req.headers(), req.uri().query()),
+        Verb::Watch => {
+            // Incident lab: opening a watch costs a request's base CPU.
+            if let Some(cap) = &state.capacity {
+                cap.serve(cap.cost().read(0)).await;
+            }
+            return watch(state, &info, req.headers(), req.uri().query());
+        }
         _ => dispatch(state, &info, &user, req).await,
     };
+    // Incident lab: the CPU this request cost, served on the modeled CPU.
+    if let Some(cap) = &state.capacity {
+        cap.serve(super::capacity::request_cost(
+            cap.cost(),
+            &state.store,
+            &info_cost(&info),
+            &resp,
+        ))
+        .await;
+    }
     state.metrics.record(labels, resp.status().as_u16());
     resp
+}
+
+/// Incident lab: what the capacity model needs to know about a request.
+fn info_cost(info: &ReqInfo) -> super::capacity::RequestKind {
+    use super::capacity::RequestKind;
+    match info.verb {
+        Verb::List => RequestKind::List {
+            rt: info.rt,
+            consistent: ListOptions::from_query(info.rt, &info.list_query)
+                .is_ok_and(|o| o.resource_version.as_deref().is_none_or(str::is_empty)),
+        },
+        Verb::Create | Verb::Update | Verb::Patch | Verb::Delete | Verb::DeleteCollection => {
+            RequestKind::Write
+        }
+        _ => RequestKind::Read,
+    }
 }
 
 fn public(path: &str) -> Option<Response<ResBody>> {
@@ -1098,6 +1148,7 @@ fn watch(
         timeout,
         state.cancel.clone(),
         guard,
+        state.capacity.clone(),
     ));
     let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| {
         rx.poll_recv(cx)
@@ -1117,10 +1168,18 @@ async fn pump(
     timeout: Duration,
     cancel: CancellationToken,
     _guard: super::metrics::LongRunningGuard,
+    capacity: Option<Arc<super::capacity::Capacity>>,
 ) {
+    // Incident lab: an open watch holds memory and CPU in the model.
+    let _ticket = capacity.as_ref().map(|c| c.watch_opened());
     let deadline = tokio::time::Instant::now() + timeout;
     for event in std::mem::take(&mut watch.initial) {
-        if !send(&tx, encoder.encode(&event), &cancel, deadline).await {
+        let frame = encoder.encode(&event);
+        // Incident lab: each event delivered costs dispatch CPU.
+        if let Some(c) = &capacity {
+            c.serve(c.cost().event(frame.len())).await;
+        }
+        if !send(&tx, frame, &cancel, deadline).await {
             return;
         }
     }
@@ -1142,7 +1201,12 @@ async fn pump(
             }
             event = watch.rx.recv() => match event {
                 Some(event) => {
-                    if !send(&tx, encoder.encode(&event), &cancel, deadline).await {
+                    let frame = encoder.encode(&event);
+                    // Incident lab: each event delivered costs dispatch CPU.
+                    if let Some(c) = &capacity {
+                        c.serve(c.cost().event(frame.len())).await;
+                    }
+                    if !send(&tx, frame, &cancel, deadline).await {
                         return;
                     }
                 }

@@ -96,6 +96,7 @@ pub fn passthrough_config(env: &Env, upstream: String, grace: Duration) -> Proxy
         admin_listen: "127.0.0.1:0".parse().expect("addr"),
         shutdown_grace: grace,
         limits: LimitsConfig::default(),
+        watch: Default::default(),
     }
 }
 

@@ -1,0 +1,270 @@
+//! Which requests the hub serves, and which shared stream serves them.
+//!
+//! A request is eligible when the hub can answer it exactly as the apiserver
+//! would: a resource-collection watch or a `resourceVersion=0` list, asking
+//! for plain JSON (Tables and protobuf go upstream unshared), with selectors
+//! this proxy can evaluate itself. Everything else returns `None` and the
+//! proxy forwards it untouched.
+//!
+//! The [`StreamKey`] names one upstream stream: the collection (group,
+//! version, resource, namespace), the sharing scope (the identity: the same
+//! user and groups get the same authorization decisions), and, only when
+//! the broad watch was refused, the client's own selectors.
+
+use http::HeaderMap;
+use http::header::ACCEPT;
+
+use crate::classify::{self, RequestInfo, ResourceVersion, Verb};
+use crate::identity::Identity;
+use crate::watch::filter::{Selector, selectable_fields};
+
+/// One upstream stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    pub target: Target,
+    /// The identity's username and groups: who the upstream requests speak for.
+    pub scope: String,
+    /// Selectors sent upstream: `None` for the broad (selector-free) stream.
+    pub upstream_selectors: Option<(Option<String>, Option<String>)>,
+}
+
+/// The collection a stream lists and watches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub prefix: String,
+    pub group: String,
+    pub version: String,
+    pub resource: String,
+    /// Empty for cluster-scoped types and all-namespace requests.
+    pub namespace: String,
+}
+
+impl Target {
+    /// `/api/v1/namespaces/ns/pods`, `/apis/g/v/resource`.
+    pub fn path(&self) -> String {
+        let mut p = format!("/{}/", self.prefix);
+        if !self.group.is_empty() {
+            p.push_str(&self.group);
+            p.push('/');
+        }
+        p.push_str(&self.version);
+        if !self.namespace.is_empty() {
+            p.push_str("/namespaces/");
+            p.push_str(&self.namespace);
+        }
+        p.push('/');
+        p.push_str(&self.resource);
+        p
+    }
+}
+
+/// What a client asked for.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Watch(WatchOpts),
+    /// LIST with resourceVersion=0, served from the cache.
+    ListCached,
+}
+
+/// The per-client watch options.
+#[derive(Debug, Clone)]
+pub struct WatchOpts {
+    pub rv: ResourceVersion,
+    pub bookmarks: bool,
+    pub timeout_seconds: Option<u64>,
+    pub send_initial_events: Option<bool>,
+}
+
+/// An eligible request.
+#[derive(Debug, Clone)]
+pub struct Eligible {
+    pub target: Target,
+    pub scope: String,
+    pub selector: Selector,
+    pub label: Option<String>,
+    pub field: Option<String>,
+    pub mode: Mode,
+}
+
+impl Eligible {
+    /// The broad key (no selector upstream) or the exact one.
+    pub fn key(&self, broad: bool) -> StreamKey {
+        StreamKey {
+            target: self.target.clone(),
+            scope: self.scope.clone(),
+            upstream_selectors: (!broad).then(|| (self.label.clone(), self.field.clone())),
+        }
+    }
+
+    pub fn has_selectors(&self) -> bool {
+        self.label.is_some() || self.field.is_some()
+    }
+}
+
+/// Plain JSON only: absent, `*/*`, `application/*` or `application/json`
+/// without parameters that change the encoding (`as=Table`).
+fn accepts_plain_json(headers: &HeaderMap) -> bool {
+    headers.get_all(ACCEPT).iter().all(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').all(|part| {
+                let mut it = part.split(';');
+                let media = it.next().unwrap_or_default().trim();
+                let plain = it.all(|p| {
+                    let p = p.trim();
+                    p.is_empty() || p.starts_with("charset=") || p.starts_with("q=")
+                });
+                plain && matches!(media, "" | "*/*" | "application/*" | "application/json")
+            })
+        })
+    })
+}
+
+/// The sharing scope of an identity.
+pub fn scope_of(identity: &Identity) -> String {
+    let mut groups = identity.groups.clone();
+    groups.sort();
+    format!("{}\u{0}{}", identity.username, groups.join("\u{0}"))
+}
+
+/// A consistent LIST of a collection (`resourceVersion` unset): coalesced
+/// with identical concurrent ones, never served from a cache.
+pub fn is_consistent_list(info: &RequestInfo, query: Option<&str>) -> bool {
+    info.is_resource_request
+        && info.error.is_none()
+        && info.verb == Verb::List
+        && info.subresource.is_empty()
+        && info.parts.len() == 1
+        && classify::list_params(query).is_ok_and(|p| p.resource_version == ResourceVersion::Unset)
+}
+
+/// Whether the hub serves this request, and how.
+pub fn eligible(
+    info: &RequestInfo,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    identity: &Identity,
+) -> Option<Eligible> {
+    if !info.is_resource_request
+        || info.error.is_some()
+        || !info.subresource.is_empty()
+        || info.parts.len() != 1
+        || !accepts_plain_json(headers)
+    {
+        return None;
+    }
+    let params = classify::list_params(query).ok()?;
+    if params.resource_version_match.as_deref() == Some("Exact") {
+        return None;
+    }
+    let mode = match info.verb {
+        Verb::Watch => {
+            if let ResourceVersion::Exact(n) = &params.resource_version {
+                // The apiserver answers a non-numeric RV itself (400).
+                n.parse::<u64>().ok()?;
+            }
+            Mode::Watch(WatchOpts {
+                rv: params.resource_version.clone(),
+                bookmarks: params.allow_bookmarks,
+                timeout_seconds: params.timeout_seconds,
+                send_initial_events: params.send_initial_events,
+            })
+        }
+        Verb::List
+            if params.resource_version == ResourceVersion::Any
+                && params.continue_token.is_none() =>
+        {
+            Mode::ListCached
+        }
+        _ => return None,
+    };
+    let selector = Selector::parse(
+        params.label_selector.as_deref(),
+        params.field_selector.as_deref(),
+        selectable_fields(&info.api_group, &info.resource),
+    )?;
+    Some(Eligible {
+        target: Target {
+            prefix: info.api_prefix.clone(),
+            group: info.api_group.clone(),
+            version: info.api_version.clone(),
+            resource: info.resource.clone(),
+            namespace: info.namespace.clone(),
+        },
+        scope: scope_of(identity),
+        selector,
+        label: params.label_selector,
+        field: params.field_selector,
+        mode,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn check(path: &str, query: &str, accept: Option<&'static str>) -> Option<Eligible> {
+        let info = classify::classify(&http::Method::GET, path, Some(query));
+        let mut h = HeaderMap::new();
+        if let Some(a) = accept {
+            h.insert(ACCEPT, HeaderValue::from_static(a));
+        }
+        eligible(&info, Some(query), &h, &Identity::anonymous())
+    }
+
+    #[test]
+    fn json_watches_and_cached_lists_are_served() {
+        let e = check(
+            "/api/v1/pods",
+            "watch=1&fieldSelector=spec.nodeName%3Dn1",
+            None,
+        )
+        .expect("eligible");
+        assert_eq!(e.target.path(), "/api/v1/pods");
+        assert!(matches!(e.mode, Mode::Watch(_)));
+        assert!(
+            check(
+                "/api/v1/namespaces/d/pods",
+                "resourceVersion=0",
+                Some("application/json, */*")
+            )
+            .is_some()
+        );
+        assert!(
+            check(
+                "/apis/apps/v1/deployments",
+                "watch=true",
+                Some("application/json")
+            )
+            .is_some()
+        );
+    }
+
+    #[test]
+    fn tables_protobuf_exact_and_unsupported_go_upstream() {
+        let table = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json";
+        assert!(check("/api/v1/pods", "watch=1", Some(table)).is_none());
+        assert!(
+            check(
+                "/api/v1/pods",
+                "watch=1",
+                Some("application/vnd.kubernetes.protobuf")
+            )
+            .is_none()
+        );
+        assert!(
+            check("/api/v1/pods", "", None).is_none(),
+            "consistent lists go upstream"
+        );
+        assert!(check("/api/v1/pods", "watch=1&resourceVersion=abc", None).is_none());
+        assert!(
+            check(
+                "/api/v1/configmaps",
+                "watch=1&fieldSelector=data.x%3D1",
+                None
+            )
+            .is_none()
+        );
+        assert!(check("/api/v1/namespaces/d/pods/p", "", None).is_none());
+    }
+}

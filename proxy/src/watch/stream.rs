@@ -1,0 +1,1228 @@
+//! One shared upstream stream: LIST, WATCH, re-watch, the cache and the ring.
+//!
+//! A background task LISTs the collection (paginated, consistent) to fill the
+//! cache and learn its resourceVersion and kind, then WATCHes from that RV
+//! with bookmarks. Each upstream event is parsed once (type, key, RV, labels,
+//! selectable fields), applied to the cache, appended to a bounded ring of
+//! recent changes, and fanned out to the subscribers — all under one lock, so
+//! a client joining under that lock gets a snapshot (or a replay) and then
+//! the live events with no gap and no duplicate.
+//!
+//! Upstream trouble is hidden: a watch that ends or breaks is re-opened from
+//! the last RV seen (backoff with jitter); a 410 makes the stream relist once
+//! and pass the apiserver's own ERROR event to its subscribers, ending their
+//! streams so they relist — from this cache. A stream without subscribers
+//! lingers, then closes and leaves the hub.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::sync::{OnceCell, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::classify::ResourceVersion;
+use crate::upstream::{Body, full};
+use crate::watch::fanout::SubBody;
+use crate::watch::filter::{Meta, Selector, Transition, selectable_fields};
+use crate::watch::key::{StreamKey, WatchOpts};
+use crate::watch::{HubShared, Stats};
+
+/// An error answer from the apiserver, passed on to clients as it came.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+impl Failure {
+    pub fn response(&self) -> Response<Body> {
+        let mut resp = Response::new(full(self.body.clone()));
+        *resp.status_mut() = self.status;
+        if let Some(ct) = &self.content_type {
+            resp.headers_mut().insert(CONTENT_TYPE, ct.clone());
+        }
+        resp
+    }
+}
+
+/// Why a client could not be served by this stream.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The stream closed (lingered out) between lookup and join: look again.
+    #[error("the shared stream closed")]
+    Closed,
+    /// The apiserver refused the stream's LIST or WATCH.
+    #[error("the apiserver refused the shared stream: {}", .0.status)]
+    Refused(Failure),
+    /// Not ready in time, or the freshness check failed: forward instead.
+    #[error("the shared stream is not available: {0}")]
+    Unavailable(String),
+}
+
+/// An object in the cache: its bytes (with kind and apiVersion, as watch
+/// events carry it) and what was parsed of it.
+pub struct Obj {
+    pub bytes: Bytes,
+    pub meta: Meta,
+    /// `{"type":"ADDED","object":…}\n`, built at most once, shared by every
+    /// client that gets this object as ADDED.
+    added: OnceLock<Bytes>,
+}
+
+impl Obj {
+    fn added_line(&self) -> Bytes {
+        self.added
+            .get_or_init(|| event_line("ADDED", &self.bytes))
+            .clone()
+    }
+}
+
+/// One upstream change, kept in the ring for replay.
+struct Change {
+    rv: u64,
+    /// The upstream event line, as it came.
+    line: Bytes,
+    old: Option<Arc<Obj>>,
+    new: Option<Arc<Obj>>,
+    /// DELETED with the old object at this RV, for subscribers the object
+    /// leaves: built at most once, shared.
+    leave: OnceLock<Bytes>,
+}
+
+impl Change {
+    fn line_for(&self, t: Transition) -> Option<Bytes> {
+        match t {
+            Transition::AsIs => Some(self.line.clone()),
+            Transition::Enter => self.new.as_ref().map(|n| n.added_line()),
+            Transition::Leave => {
+                let old = self.old.as_ref()?;
+                Some(
+                    self.leave
+                        .get_or_init(|| {
+                            let mut v: Value =
+                                serde_json::from_slice(&old.bytes).unwrap_or(Value::Null);
+                            if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+                                m.insert(
+                                    "resourceVersion".into(),
+                                    Value::String(self.rv.to_string()),
+                                );
+                            }
+                            event_line("DELETED", &serde_json::to_vec(&v).unwrap_or_default())
+                        })
+                        .clone(),
+                )
+            }
+            Transition::Nothing => None,
+        }
+    }
+
+    fn transition(&self, sel: &Selector) -> Transition {
+        sel.transition(
+            self.old.as_ref().map(|o| &o.meta),
+            self.new.as_ref().map(|n| &n.meta),
+        )
+    }
+}
+
+fn event_line(kind: &str, object: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(object.len() + 32);
+    b.extend_from_slice(b"{\"type\":\"");
+    b.extend_from_slice(kind.as_bytes());
+    b.extend_from_slice(b"\",\"object\":");
+    b.extend_from_slice(object);
+    b.extend_from_slice(b"}\n");
+    b.freeze()
+}
+
+/// One subscriber as the stream sees it.
+struct Sub {
+    id: u64,
+    sel: Arc<Selector>,
+    bookmarks: bool,
+    /// Events at or below this RV were already sent (or predate the join).
+    min_rv: u64,
+    /// Bounded; full = the client is not reading = evicted.
+    tx: mpsc::Sender<Bytes>,
+}
+
+/// What joiners wait on.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub live: bool,
+    pub rv: u64,
+    pub failed: Option<Failure>,
+    pub closed: bool,
+}
+
+#[derive(Default)]
+struct State {
+    live: bool,
+    closed: bool,
+    /// The task ended and the accounting was undone.
+    shut: bool,
+    failed: Option<Failure>,
+    rv: u64,
+    kind: String,
+    api_version: String,
+    /// (namespace, name) → object, in the apiserver's key order.
+    objects: BTreeMap<(String, String), Arc<Obj>>,
+    bytes: usize,
+    ring: VecDeque<Arc<Change>>,
+    /// Every change after this RV is in the ring: replays from an RV below
+    /// it are 410.
+    ring_floor: u64,
+    /// The upstream answered 410 for this RV: any RV up to it is expired.
+    expired_below: u64,
+    subs: Vec<Sub>,
+    idle_since: Option<Instant>,
+}
+
+/// One shared upstream stream.
+pub struct Stream {
+    pub key: StreamKey,
+    hub: Arc<HubShared>,
+    fields: &'static [&'static str],
+    /// The identity headers of the latest client (credentials rotate).
+    headers: Mutex<HeaderMap>,
+    state: Mutex<State>,
+    progress: watch::Sender<Progress>,
+    /// The next freshness check: every client that takes it before it starts
+    /// shares its answer.
+    fresh: Mutex<Arc<OnceCell<Result<u64, String>>>>,
+    next_id: AtomicU64,
+    cancel: CancellationToken,
+    /// One gap probe at a time (see [`Stream::extend_back`]).
+    probe: tokio::sync::Mutex<()>,
+}
+
+/// The headers that say who the caller is, copied from the client request
+/// (after the proxy set them for its upstream auth mode).
+pub fn identity_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in headers {
+        let n = name.as_str();
+        if n == "authorization" || n.starts_with("x-remote-") || n.starts_with("impersonate-") {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    out
+}
+
+enum WatchEnd {
+    /// Ended or broke: re-watch from the last RV.
+    Again,
+    /// 410: relist. The ERROR event line to pass on.
+    Expired(Bytes),
+    Refused(Failure),
+    Closed,
+}
+
+enum Fetch {
+    Refused(Failure),
+    Transient(String),
+}
+
+/// A LIST, complete.
+struct Listed {
+    rv: u64,
+    kind: String,
+    api_version: String,
+    items: Vec<Value>,
+}
+
+impl Stream {
+    pub(crate) fn start(key: StreamKey, headers: HeaderMap, hub: Arc<HubShared>) -> Arc<Stream> {
+        let fields = selectable_fields(&key.target.group, &key.target.resource);
+        let stream = Arc::new(Stream {
+            key,
+            fields,
+            headers: Mutex::new(headers),
+            state: Mutex::new(State::default()),
+            progress: watch::channel(Progress::default()).0,
+            fresh: Mutex::new(Arc::new(OnceCell::new())),
+            next_id: AtomicU64::new(1),
+            cancel: hub.cancel.child_token(),
+            probe: tokio::sync::Mutex::new(()),
+            hub,
+        });
+        stream.hub.stats.streams.fetch_add(1, Ordering::Relaxed);
+        stream.hub.stats.publish();
+        tokio::spawn(stream.clone().run());
+        stream
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every mutation leaves the state consistent; a panic elsewhere
+        // must not take every watch down with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_headers(&self, headers: HeaderMap) {
+        *self.headers.lock().unwrap_or_else(|e| e.into_inner()) = headers;
+    }
+
+    fn stats(&self) -> &Stats {
+        &self.hub.stats
+    }
+
+    fn publish(&self, st: &State) {
+        self.progress.send_modify(|p| {
+            p.live = st.live;
+            p.rv = st.rv;
+            p.failed = st.failed.clone();
+            p.closed = st.closed;
+        });
+    }
+
+    // ---------------------------------------------------------------- upstream
+
+    fn query(&self, base: &str) -> String {
+        let mut q = form_urlencoded::Serializer::new(base.to_string());
+        if let Some((label, field)) = &self.key.upstream_selectors {
+            if let Some(l) = label {
+                q.append_pair("labelSelector", l);
+            }
+            if let Some(f) = field {
+                q.append_pair("fieldSelector", f);
+            }
+        }
+        q.finish()
+    }
+
+    async fn get(
+        &self,
+        query: &str,
+        long_running: bool,
+    ) -> Result<Response<hyper::body::Incoming>, String> {
+        let pq = format!("{}?{}", self.key.target.path(), query);
+        let pq: http::uri::PathAndQuery = pq.parse().map_err(|e| format!("bad path: {e}"))?;
+        let mut req = Request::get(self.hub.upstream.uri_for(Some(&pq)))
+            .body(crate::upstream::empty())
+            .map_err(|e| e.to_string())?;
+        *req.headers_mut() = self
+            .headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.hub
+            .upstream
+            .send(req, long_running, false)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn failure(resp: Response<hyper::body::Incoming>) -> Failure {
+        let status = resp.status();
+        let content_type = resp.headers().get(CONTENT_TYPE).cloned();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        Failure {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    fn classify_failure(f: Failure) -> Fetch {
+        let code = f.status.as_u16();
+        if (400..500).contains(&code) && code != 429 && code != 410 {
+            Fetch::Refused(f)
+        } else {
+            Fetch::Transient(format!("upstream answered {}", f.status))
+        }
+    }
+
+    async fn list_all(&self) -> Result<Listed, Fetch> {
+        #[derive(serde::Deserialize)]
+        struct ListMeta {
+            #[serde(rename = "resourceVersion", default)]
+            resource_version: String,
+            #[serde(rename = "continue", default)]
+            cont: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Page {
+            #[serde(default)]
+            kind: String,
+            #[serde(rename = "apiVersion", default)]
+            api_version: String,
+            metadata: ListMeta,
+            #[serde(default)]
+            items: Option<Vec<Value>>,
+        }
+        let mut items = Vec::new();
+        let mut cont: Option<String> = None;
+        loop {
+            let query = {
+                let mut base = form_urlencoded::Serializer::new(String::new());
+                base.append_pair("limit", "500");
+                if let Some(c) = &cont {
+                    base.append_pair("continue", c);
+                }
+                self.query(&base.finish())
+            };
+            self.stats().upstream_lists.fetch_add(1, Ordering::Relaxed);
+            let resp = self.get(&query, false).await.map_err(Fetch::Transient)?;
+            if resp.status() == StatusCode::GONE && cont.is_some() {
+                // The continue token expired mid-list: start over.
+                cont = None;
+                items.clear();
+                continue;
+            }
+            if !resp.status().is_success() {
+                return Err(Self::classify_failure(Self::failure(resp).await));
+            }
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| Fetch::Transient(e.to_string()))?
+                .to_bytes();
+            let page: Page = serde_json::from_slice(&body)
+                .map_err(|e| Fetch::Transient(format!("undecodable list: {e}")))?;
+            items.extend(page.items.unwrap_or_default());
+            match page.metadata.cont.filter(|c| !c.is_empty()) {
+                Some(c) => cont = Some(c),
+                None => {
+                    return Ok(Listed {
+                        rv: page.metadata.resource_version.parse().unwrap_or(0),
+                        kind: page
+                            .kind
+                            .strip_suffix("List")
+                            .unwrap_or(&page.kind)
+                            .to_string(),
+                        api_version: page.api_version,
+                        items,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Replaces the cache with a fresh LIST; the ring restarts at its RV.
+    fn install(&self, listed: Listed) {
+        let prefix = format!(
+            "{{\"kind\":{},\"apiVersion\":{},",
+            Value::String(listed.kind.clone()),
+            Value::String(listed.api_version.clone())
+        );
+        let mut objects = BTreeMap::new();
+        let mut bytes = 0usize;
+        for item in listed.items {
+            let meta = Meta::of(&item, self.fields);
+            let raw = serde_json::to_vec(&item).unwrap_or_default();
+            // The item as a watch event carries it: kind and apiVersion first.
+            let full = if raw.len() > 2 {
+                let mut b = BytesMut::with_capacity(prefix.len() + raw.len());
+                b.extend_from_slice(prefix.as_bytes());
+                b.extend_from_slice(&raw[1..]);
+                b.freeze()
+            } else {
+                Bytes::from(prefix.trim_end_matches(',').to_string() + "}")
+            };
+            bytes += full.len();
+            objects.insert(
+                (meta.namespace.clone(), meta.name.clone()),
+                Arc::new(Obj {
+                    bytes: full,
+                    meta,
+                    added: OnceLock::new(),
+                }),
+            );
+        }
+        let mut st = self.lock();
+        self.account(&st, false);
+        st.objects = objects;
+        st.bytes = bytes;
+        st.rv = listed.rv;
+        st.kind = listed.kind;
+        st.api_version = listed.api_version;
+        st.ring.clear();
+        st.ring_floor = listed.rv;
+        st.live = true;
+        self.account(&st, true);
+        self.publish(&st);
+    }
+
+    /// Adds (or removes) this stream's cache to the hub's totals.
+    fn account(&self, st: &State, add: bool) {
+        let s = self.stats();
+        let (o, b) = (st.objects.len() as u64, st.bytes as u64);
+        if add {
+            s.cache_objects.fetch_add(o, Ordering::Relaxed);
+            s.cache_bytes.fetch_add(b, Ordering::Relaxed);
+        } else {
+            s.cache_objects.fetch_sub(o, Ordering::Relaxed);
+            s.cache_bytes.fetch_sub(b, Ordering::Relaxed);
+        }
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut backoff = Backoff::default();
+        'list: loop {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            let listed = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                r = self.list_all() => r,
+            };
+            match listed {
+                Ok(l) => self.install(l),
+                Err(Fetch::Refused(f)) => {
+                    self.fail(f);
+                    return;
+                }
+                Err(Fetch::Transient(e)) => {
+                    tracing::warn!(error = %e, path = %self.key.target.path(), "shared stream LIST failed; retrying");
+                    if !self.sleep(backoff.next()).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            loop {
+                let from = self.lock().rv;
+                let began = Instant::now();
+                match self.watch_once(from).await {
+                    WatchEnd::Again => {
+                        if began.elapsed() > Duration::from_secs(1) {
+                            backoff = Backoff::default();
+                        }
+                        if !self.sleep(backoff.next()).await {
+                            break 'list;
+                        }
+                    }
+                    WatchEnd::Expired(line) => {
+                        self.expire(line);
+                        continue 'list;
+                    }
+                    WatchEnd::Refused(f) => {
+                        self.fail(f);
+                        return;
+                    }
+                    WatchEnd::Closed => break 'list,
+                }
+            }
+        }
+        self.shut();
+    }
+
+    /// Sleeps unless cancelled; false when cancelled.
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    /// One upstream WATCH from `from`, applied event by event.
+    async fn watch_once(&self, from: u64) -> WatchEnd {
+        let query = self.query(&format!(
+            "watch=1&allowWatchBookmarks=true&resourceVersion={from}"
+        ));
+        self.stats()
+            .upstream_watches
+            .fetch_add(1, Ordering::Relaxed);
+        let resp = tokio::select! {
+            _ = self.cancel.cancelled() => return WatchEnd::Closed,
+            r = self.get(&query, true) => r,
+        };
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "shared stream WATCH failed; retrying");
+                return WatchEnd::Again;
+            }
+        };
+        if !resp.status().is_success() {
+            let f = Self::failure(resp).await;
+            if f.status == StatusCode::GONE {
+                let mut line = BytesMut::from(&b"{\"type\":\"ERROR\",\"object\":"[..]);
+                line.extend_from_slice(f.body.trim_ascii());
+                line.extend_from_slice(b"}\n");
+                return WatchEnd::Expired(line.freeze());
+            }
+            return match Self::classify_failure(f) {
+                Fetch::Refused(f) => WatchEnd::Refused(f),
+                Fetch::Transient(_) => WatchEnd::Again,
+            };
+        }
+        let mut body = resp.into_body();
+        let mut buf = BytesMut::new();
+        let linger = self.hub.cfg.linger;
+        let tick = (linger / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut ticker = tokio::time::interval(tick);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return WatchEnd::Closed,
+                _ = ticker.tick() => {
+                    if self.try_close() {
+                        return WatchEnd::Closed;
+                    }
+                }
+                frame = body.frame() => match frame {
+                    Some(Ok(frame)) => {
+                        let Ok(data) = frame.into_data() else { continue };
+                        buf.extend_from_slice(&data);
+                        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                            let line = buf.split_to(pos + 1).freeze();
+                            if let Some(end) = self.apply(line) {
+                                return end;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "shared upstream watch broke; re-watching");
+                        return WatchEnd::Again;
+                    }
+                    None => return WatchEnd::Again,
+                },
+            }
+        }
+    }
+
+    /// Applies one upstream event line; `Some` ends this upstream watch.
+    fn apply(&self, line: Bytes) -> Option<WatchEnd> {
+        let v: Value = match serde_json::from_slice(&line) {
+            Ok(v) => v,
+            Err(_) if line.trim_ascii().is_empty() => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable upstream watch event; re-watching");
+                return Some(WatchEnd::Again);
+            }
+        };
+        let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
+        let object = v.get("object").unwrap_or(&Value::Null);
+        let rv = object
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        match kind {
+            "ERROR" => {
+                if object.get("code").and_then(Value::as_u64) == Some(410) {
+                    return Some(WatchEnd::Expired(line));
+                }
+                tracing::warn!(status = %object, "upstream watch ERROR event; re-watching");
+                return Some(WatchEnd::Again);
+            }
+            "BOOKMARK" => {
+                let mut st = self.lock();
+                if rv > st.rv {
+                    st.rv = rv;
+                    st.subs.retain(|s| {
+                        if !s.bookmarks || s.min_rv >= rv {
+                            return true;
+                        }
+                        !matches!(
+                            s.tx.try_send(line.clone()),
+                            Err(mpsc::error::TrySendError::Full(_))
+                        )
+                    });
+                    self.publish(&st);
+                }
+                return None;
+            }
+            "ADDED" | "MODIFIED" | "DELETED" => {}
+            _ => return None,
+        }
+        self.stats().events.fetch_add(1, Ordering::Relaxed);
+        let meta = Meta::of(object, self.fields);
+        let bytes = object_bytes(&line, kind)
+            .unwrap_or_else(|| Bytes::from(serde_json::to_vec(object).unwrap_or_default()));
+        let key = (meta.namespace.clone(), meta.name.clone());
+        let new_obj = Arc::new(Obj {
+            bytes,
+            meta,
+            added: OnceLock::new(),
+        });
+        if kind == "ADDED" {
+            let _ = new_obj.added.set(line.clone());
+        }
+        let mut st = self.lock();
+        if rv <= st.rv {
+            // Already applied (a re-watch overlapping what we saw).
+            return None;
+        }
+        let s = self.stats();
+        let cached = if kind == "DELETED" {
+            st.objects.remove(&key)
+        } else {
+            st.objects.insert(key, new_obj.clone())
+        };
+        let removed = cached.as_ref().map_or(0, |o| o.bytes.len());
+        let added = if kind == "DELETED" {
+            0
+        } else {
+            new_obj.bytes.len()
+        };
+        st.bytes = (st.bytes + added).saturating_sub(removed);
+        s.cache_bytes.fetch_add(added as u64, Ordering::Relaxed);
+        s.cache_bytes.fetch_sub(removed as u64, Ordering::Relaxed);
+        match (kind, cached.is_some()) {
+            ("DELETED", true) => {
+                s.cache_objects.fetch_sub(1, Ordering::Relaxed);
+            }
+            ("ADDED" | "MODIFIED", false) => {
+                s.cache_objects.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        // A deletion of an object the cache never had is judged on the
+        // deleted object itself.
+        let old = match (kind, cached) {
+            ("DELETED", None) => Some(new_obj.clone()),
+            (_, cached) => cached,
+        };
+        let change = Arc::new(Change {
+            rv,
+            line,
+            old,
+            new: (kind != "DELETED").then_some(new_obj),
+            leave: OnceLock::new(),
+        });
+        let (mut delivered, mut evicted) = (0u64, 0u64);
+        st.subs.retain(|sub| {
+            if rv <= sub.min_rv {
+                return true;
+            }
+            let Some(b) = change.line_for(change.transition(&sub.sel)) else {
+                return true;
+            };
+            match sub.tx.try_send(b) {
+                Ok(()) => {
+                    delivered += 1;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    evicted += 1;
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        s.deliveries.fetch_add(delivered, Ordering::Relaxed);
+        if evicted > 0 {
+            s.evictions.fetch_add(evicted, Ordering::Relaxed);
+            tracing::info!(evicted, path = %self.key.target.path(), "closed shared watchers that stopped reading");
+        }
+        st.ring.push_back(change);
+        while st.ring.len() > self.hub.cfg.ring {
+            if let Some(c) = st.ring.pop_front() {
+                st.ring_floor = c.rv;
+            }
+        }
+        st.rv = rv;
+        self.publish(&st);
+        None
+    }
+
+    /// The upstream said 410: pass its ERROR event to every subscriber, end
+    /// their streams (they relist, from this cache once it is refilled), and
+    /// hold joiners until the relist is in.
+    fn expire(&self, line: Bytes) {
+        let s = self.stats();
+        s.expired.fetch_add(1, Ordering::Relaxed);
+        s.relists.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        st.expired_below = st.expired_below.max(st.rv);
+        for sub in st.subs.drain(..) {
+            let _ = sub.tx.try_send(line.clone());
+        }
+        st.live = false;
+        self.publish(&st);
+    }
+
+    /// The apiserver refused: leave the hub, end every subscriber, and tell
+    /// joiners why.
+    fn fail(&self, f: Failure) {
+        tracing::info!(status = %f.status, path = %self.key.target.path(), "apiserver refused a shared stream");
+        self.leave_hub();
+        let mut st = self.lock();
+        st.failed = Some(f);
+        st.subs.clear();
+        self.publish(&st);
+        drop(st);
+        self.shut();
+    }
+
+    fn leave_hub(&self) {
+        let mut map = self.hub.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if map
+            .get(&self.key)
+            .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), self))
+        {
+            map.remove(&self.key);
+        }
+    }
+
+    /// Final accounting when the task ends.
+    fn shut(&self) {
+        self.leave_hub();
+        let mut st = self.lock();
+        if !st.shut {
+            st.shut = true;
+            st.closed = true;
+            self.account(&st, false);
+            st.subs.clear();
+            st.objects.clear();
+            st.ring.clear();
+            st.bytes = 0;
+            self.publish(&st);
+            drop(st);
+            self.stats().streams.fetch_sub(1, Ordering::Relaxed);
+            self.stats().publish();
+        }
+    }
+
+    /// Closes the stream when nobody used it for the linger period.
+    fn try_close(&self) -> bool {
+        // Lock order everywhere: the hub's map, then a stream's state.
+        let mut map = self.hub.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        if !st.subs.is_empty() {
+            st.idle_since = None;
+            return false;
+        }
+        let since = *st.idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < self.hub.cfg.linger {
+            return false;
+        }
+        st.closed = true;
+        self.publish(&st);
+        if map
+            .get(&self.key)
+            .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), self))
+        {
+            map.remove(&self.key);
+        }
+        drop(st);
+        drop(map);
+        tracing::debug!(path = %self.key.target.path(), "shared stream idle; closing");
+        true
+    }
+
+    // ----------------------------------------------------------------- clients
+
+    /// The apiserver's current RV, from a LIST with limit=1. Every client
+    /// that asked before the check started shares it.
+    async fn fresh_rv(&self) -> Result<u64, String> {
+        let round = self.fresh.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        round
+            .get_or_init(|| async {
+                // Clients arriving from now on need a check of their own.
+                *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(OnceCell::new());
+                self.stats().upstream_lists.fetch_add(1, Ordering::Relaxed);
+                let resp = self.get(&self.query("limit=1"), false).await?;
+                if !resp.status().is_success() {
+                    return Err(format!("freshness check answered {}", resp.status()));
+                }
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                v.pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| "no resourceVersion in the freshness check".to_string())
+            })
+            .await
+            .clone()
+    }
+
+    /// Waits until the stream is live and has seen `rv`.
+    async fn ready(&self, rv: u64) -> Result<(), JoinError> {
+        let mut rx = self.progress.subscribe();
+        let wait = rx.wait_for(|p| p.closed || p.failed.is_some() || (p.live && p.rv >= rv));
+        let p = match tokio::time::timeout(self.hub.cfg.ready_timeout, wait).await {
+            Ok(Ok(p)) => p.clone(),
+            Ok(Err(_)) => return Err(JoinError::Closed),
+            Err(_) => {
+                return Err(JoinError::Unavailable(
+                    "the shared stream did not become ready in time".into(),
+                ));
+            }
+        };
+        if let Some(f) = p.failed {
+            return Err(JoinError::Refused(f));
+        }
+        if p.closed {
+            return Err(JoinError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Lets the ring reach back to `n` when the apiserver confirms nothing
+    /// in this collection changed between `n` and the stream's start.
+    ///
+    /// Clients that LIST consistently (forwarded) and then WATCH from that
+    /// RV usually ask for an RV a little older than a stream that started
+    /// after their LIST. One short upstream watch from `n` (ending at once
+    /// or after a second) tells whether the gap is empty; if it is, this
+    /// and every later client from `n` on are served locally.
+    async fn extend_back(&self, n: u64) {
+        let below = |st: &State| n < st.ring_floor && n > st.expired_below;
+        if !below(&self.lock()) {
+            return;
+        }
+        let _one = self.probe.lock().await;
+        let floor = {
+            let st = self.lock();
+            if !below(&st) {
+                return;
+            }
+            st.ring_floor
+        };
+        self.stats()
+            .upstream_watches
+            .fetch_add(1, Ordering::Relaxed);
+        let probe = tokio::time::timeout(Duration::from_secs(5), self.gap_is_empty(n, floor));
+        if matches!(probe.await, Ok(true)) {
+            let mut st = self.lock();
+            // Unless a relist or the ring moved the floor meanwhile.
+            if st.ring_floor == floor {
+                st.ring_floor = n;
+            }
+        }
+    }
+
+    async fn gap_is_empty(&self, n: u64, floor: u64) -> bool {
+        let query = self.query(&format!("watch=1&resourceVersion={n}&timeoutSeconds=1"));
+        let Ok(resp) = self.get(&query, true).await else {
+            return false;
+        };
+        if !resp.status().is_success() {
+            return false;
+        }
+        let mut body = resp.into_body();
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let line = buf.split_to(pos + 1);
+                let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                    return false;
+                };
+                let rv = v
+                    .pointer("/object/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0);
+                match v.get("type").and_then(Value::as_str) {
+                    Some("BOOKMARK") if rv >= floor => return true,
+                    Some("BOOKMARK") => {}
+                    Some("ADDED" | "MODIFIED" | "DELETED") => return rv > floor,
+                    _ => return false,
+                }
+            }
+        }
+        // Ended (timeoutSeconds) with no change at all since `n`.
+        true
+    }
+
+    /// A client's watch: its snapshot or replay, then the live events.
+    pub(crate) async fn join(
+        self: &Arc<Self>,
+        sel: Arc<Selector>,
+        opts: &WatchOpts,
+    ) -> Result<Response<Body>, JoinError> {
+        let send_initial = opts
+            .send_initial_events
+            .unwrap_or(!matches!(opts.rv, ResourceVersion::Exact(_)));
+        let need = match (&opts.rv, send_initial) {
+            (ResourceVersion::Unset, true) => {
+                self.ready(0).await?;
+                self.fresh_rv().await.map_err(JoinError::Unavailable)?
+            }
+            _ => 0,
+        };
+        self.ready(need).await?;
+        if let (ResourceVersion::Exact(n), false) = (&opts.rv, send_initial) {
+            self.extend_back(n.parse().unwrap_or(0)).await;
+        }
+        let timeout = match opts.timeout_seconds {
+            Some(s) if s > 0 => Duration::from_secs(s),
+            _ => Duration::from_secs(1800).mul_f64(1.0 + rand::random::<f64>()),
+        };
+        let mut st = self.lock();
+        if st.closed || !st.live {
+            return Err(JoinError::Closed);
+        }
+        if let Some(f) = &st.failed {
+            return Err(JoinError::Refused(f.clone()));
+        }
+        let mut initial = Vec::new();
+        let min_rv;
+        if send_initial {
+            initial.extend(
+                st.objects
+                    .values()
+                    .filter(|o| sel.matches(&o.meta))
+                    .map(|o| o.added_line()),
+            );
+            if opts.send_initial_events == Some(true) && opts.bookmarks {
+                initial.push(self.bookmark_line(&st, true));
+            }
+            min_rv = st.rv;
+        } else if let ResourceVersion::Exact(n) = &opts.rv {
+            let n: u64 = n.parse().unwrap_or(0);
+            if n <= st.expired_below {
+                // The apiserver already told us this far back is gone.
+                self.stats().expired.fetch_add(1, Ordering::Relaxed);
+                let floor = st.ring_floor;
+                drop(st);
+                return Ok(expired_response(n, floor));
+            }
+            if n < st.ring_floor {
+                // Older than what this stream saw, but the apiserver may
+                // still have it (the stream started, or its ring rolled,
+                // after N): let the apiserver answer.
+                return Err(JoinError::Unavailable(format!(
+                    "resourceVersion {n} predates the shared stream"
+                )));
+            }
+            initial.extend(
+                st.ring
+                    .iter()
+                    .filter(|c| c.rv > n)
+                    .filter_map(|c| c.line_for(c.transition(&sel))),
+            );
+            min_rv = n.max(st.rv);
+        } else {
+            min_rv = st.rv;
+        }
+        let (tx, rx) = mpsc::channel(self.hub.cfg.queue);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        st.subs.push(Sub {
+            id,
+            sel,
+            bookmarks: opts.bookmarks,
+            min_rv,
+            tx,
+        });
+        st.idle_since = None;
+        drop(st);
+        let body = SubBody::new(
+            initial,
+            rx,
+            timeout,
+            opts.bookmarks,
+            self.clone(),
+            id,
+            self.hub.stats.clone(),
+        );
+        Ok(watch_response(http_body_util::BodyExt::boxed(body)))
+    }
+
+    /// `LIST ?resourceVersion=0`, from the cache.
+    pub(crate) async fn list(&self, sel: &Selector) -> Result<Response<Body>, JoinError> {
+        self.ready(0).await?;
+        let (objs, rv, kind, api_version) = {
+            let mut st = self.lock();
+            if st.closed || !st.live {
+                return Err(JoinError::Closed);
+            }
+            // A LIST is the start of an informer: keep the stream for its WATCH.
+            if st.subs.is_empty() {
+                st.idle_since = Some(Instant::now());
+            }
+            let objs: Vec<Arc<Obj>> = st
+                .objects
+                .values()
+                .filter(|o| sel.matches(&o.meta))
+                .cloned()
+                .collect();
+            (objs, st.rv, st.kind.clone(), st.api_version.clone())
+        };
+        let size: usize = objs.iter().map(|o| o.bytes.len() + 1).sum();
+        let mut out = Vec::with_capacity(size + 128);
+        out.extend_from_slice(b"{\"kind\":");
+        out.extend_from_slice(Value::String(format!("{kind}List")).to_string().as_bytes());
+        out.extend_from_slice(b",\"apiVersion\":");
+        out.extend_from_slice(Value::String(api_version.clone()).to_string().as_bytes());
+        out.extend_from_slice(b",\"metadata\":{\"resourceVersion\":\"");
+        out.extend_from_slice(rv.to_string().as_bytes());
+        out.extend_from_slice(b"\"},\"items\":[");
+        let prefixes = [
+            format!(
+                "{{\"kind\":{},\"apiVersion\":{},",
+                Value::String(kind.clone()),
+                Value::String(api_version.clone())
+            ),
+            format!(
+                "{{\"apiVersion\":{},\"kind\":{},",
+                Value::String(api_version),
+                Value::String(kind)
+            ),
+        ];
+        for (i, o) in objs.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_item(&mut out, &o.bytes, &prefixes);
+        }
+        out.extend_from_slice(b"]}");
+        let mut resp = Response::new(full(out));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(resp)
+    }
+
+    fn bookmark_line(&self, st: &State, initial_end: bool) -> Bytes {
+        let annotations = if initial_end {
+            ",\"annotations\":{\"k8s.io/initial-events-end\":\"true\"}"
+        } else {
+            ""
+        };
+        let object = format!(
+            "{{\"kind\":{},\"apiVersion\":{},\"metadata\":{{\"resourceVersion\":\"{}\",\"creationTimestamp\":null{}}}}}",
+            Value::String(st.kind.clone()),
+            Value::String(st.api_version.clone()),
+            st.rv,
+            annotations
+        );
+        event_line("BOOKMARK", object.as_bytes())
+    }
+
+    /// Queues a BOOKMARK at the current RV for one subscriber, in order with
+    /// its events (before its timeout).
+    pub(crate) fn request_bookmark(&self, id: u64) {
+        let st = self.lock();
+        if let Some(sub) = st.subs.iter().find(|s| s.id == id && s.bookmarks) {
+            let _ = sub.tx.try_send(self.bookmark_line(&st, false));
+        }
+    }
+
+    /// Forgets a subscriber (its body was dropped).
+    pub(crate) fn remove(&self, id: u64) {
+        let mut st = self.lock();
+        if let Some(i) = st.subs.iter().position(|s| s.id == id) {
+            st.subs.swap_remove(i);
+        }
+        if st.subs.is_empty() && st.idle_since.is_none() {
+            st.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// Subscribers right now (tests, stats).
+    pub fn subscribers(&self) -> usize {
+        self.lock().subs.len()
+    }
+}
+
+/// Writes a cached object as a list item: without kind and apiVersion.
+fn write_item(out: &mut Vec<u8>, bytes: &[u8], prefixes: &[String; 2]) {
+    for p in prefixes {
+        if let Some(rest) = bytes.strip_prefix(p.as_bytes()) {
+            out.push(b'{');
+            out.extend_from_slice(rest);
+            return;
+        }
+    }
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(mut v) => {
+            if let Some(m) = v.as_object_mut() {
+                m.remove("kind");
+                m.remove("apiVersion");
+            }
+            out.extend_from_slice(&serde_json::to_vec(&v).unwrap_or_default());
+        }
+        Err(_) => out.extend_from_slice(bytes),
+    }
+}
+
+/// The object's bytes inside an event line `{"type":"T","object":{…}}\n`,
+/// without copying; `None` when the line is shaped differently.
+fn object_bytes(line: &Bytes, kind: &str) -> Option<Bytes> {
+    let prefix_len = "{\"type\":\"\",\"object\":".len() + kind.len();
+    let head = line.get(..prefix_len)?;
+    let expect = format!("{{\"type\":\"{kind}\",\"object\":");
+    if head != expect.as_bytes() {
+        return None;
+    }
+    let trimmed = line.trim_ascii_end();
+    let end = trimmed.len().checked_sub(1)?;
+    (trimmed.get(end) == Some(&b'}') && end > prefix_len).then(|| line.slice(prefix_len..end))
+}
+
+/// 200 with one ERROR event (410 Expired), then the end: what the apiserver
+/// sends a watch from an RV it no longer has.
+pub fn expired_response(requested: u64, oldest: u64) -> Response<Body> {
+    let status = format!(
+        "{{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{{}},\"status\":\"Failure\",\"message\":\"too old resource version: {requested} ({oldest})\",\"reason\":\"Expired\",\"code\":410}}"
+    );
+    watch_response(full(event_line("ERROR", status.as_bytes())))
+}
+
+fn watch_response(body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Exponential backoff with jitter, 100 ms to 10 s.
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let base = Duration::from_millis(100) * 2u32.saturating_pow(self.attempt.min(7));
+        self.attempt += 1;
+        base.min(Duration::from_secs(10))
+            .mul_f64(0.5 + rand::random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_bytes_are_sliced_out_of_the_event_line() {
+        let line = Bytes::from_static(b"{\"type\":\"ADDED\",\"object\":{\"a\":1}}\n");
+        assert_eq!(
+            object_bytes(&line, "ADDED").as_deref(),
+            Some(&b"{\"a\":1}"[..])
+        );
+        assert!(object_bytes(&line, "DELETED").is_none());
+    }
+
+    #[test]
+    fn list_items_lose_kind_and_api_version() {
+        let prefixes = [
+            "{\"kind\":\"Pod\",\"apiVersion\":\"v1\",".to_string(),
+            "{\"apiVersion\":\"v1\",\"kind\":\"Pod\",".to_string(),
+        ];
+        let mut out = Vec::new();
+        write_item(
+            &mut out,
+            b"{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{}}",
+            &prefixes,
+        );
+        assert_eq!(out, b"{\"metadata\":{}}");
+    }
+}
