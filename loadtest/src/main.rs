@@ -108,6 +108,72 @@ struct SimArgs {
 enum BenchCmd {
     /// Unary GET latency and throughput through breakwater vs direct to kube-sim.
     Overhead(OverheadArgs),
+    /// Watch fan-out: N watchers of one shared watch through breakwater, vs the raw-socket limit.
+    Fanout(FanoutArgs),
+    /// Breakwater RSS per idle watch: TLS HTTP/1.1 connection and HTTP/2 stream.
+    Memory(MemoryArgs),
+}
+
+#[derive(Args)]
+struct FanoutArgs {
+    /// Watchers of the one shared watch.
+    #[arg(long, default_value_t = 10_000)]
+    subscribers: usize,
+    /// Size of one watch event line, bytes.
+    #[arg(long, default_value_t = 1024)]
+    event_size: usize,
+    /// Events written (upper bound; --max-duration may end the run first).
+    #[arg(long, default_value_t = 500)]
+    events: u64,
+    /// Events per second (default: closed loop, as fast as --window allows).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Events written but not yet received by every watcher, at most.
+    #[arg(long, default_value_t = 32)]
+    window: u64,
+    /// TLS HTTP/2 (watches multiplexed as streams) instead of TLS HTTP/1.1.
+    #[arg(long)]
+    http2: bool,
+    /// Accepted for the wording; breakwater serves TLS only, so this is the default.
+    #[arg(long)]
+    tls: bool,
+    /// HTTP/2: watches per connection (breakwater allows 1,000 streams).
+    #[arg(long, default_value_t = 500)]
+    streams_per_connection: usize,
+    /// Upper bound on the writing phase.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    max_duration: Duration,
+    /// Upper bound on each raw-socket-limit run.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    raw_duration: Duration,
+    /// Skip the raw-socket baseline.
+    #[arg(long)]
+    skip_raw: bool,
+    /// The breakwater binary (default: $BREAKWATER_BIN, else next to this executable).
+    #[arg(long)]
+    breakwater: Option<PathBuf>,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Show breakwater's logs (stderr).
+    #[arg(long)]
+    show_proxy_logs: bool,
+}
+
+#[derive(Args)]
+struct MemoryArgs {
+    /// Idle watches (or connections) per case.
+    #[arg(long, default_value_t = 2000)]
+    watches: usize,
+    /// HTTP/2: watches per connection.
+    #[arg(long, default_value_t = 500)]
+    streams_per_connection: usize,
+    /// The breakwater binary (default: $BREAKWATER_BIN, else next to this executable).
+    #[arg(long)]
+    breakwater: Option<PathBuf>,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -160,6 +226,8 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Sim(a) => sim(a).await,
         Cmd::Bench(BenchCmd::Overhead(a)) => overhead(a).await,
+        Cmd::Bench(BenchCmd::Fanout(a)) => fanout(a).await,
+        Cmd::Bench(BenchCmd::Memory(a)) => memory(a).await,
         Cmd::Storm(a) => storm(a).await,
     }
 }
@@ -324,6 +392,65 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
         println!("figures written to {}", path.display());
     }
     report.check()
+}
+
+async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
+    use breakwater_loadtest::bench::fanout::{FanoutOpts, run_fanout};
+    let _ = a.tls; // TLS is the only way breakwater serves
+    let opts = FanoutOpts {
+        subscribers: a.subscribers,
+        event_size: a.event_size,
+        events: a.events,
+        rate: a.rate,
+        window: a.window,
+        protocol: if a.http2 {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        },
+        streams_per_connection: a.streams_per_connection,
+        max_duration: a.max_duration,
+        raw_duration: a.raw_duration,
+        skip_raw: a.skip_raw,
+        breakwater: a.breakwater,
+        proxy_stderr: if a.show_proxy_logs {
+            StderrMode::Inherit
+        } else {
+            StderrMode::Capture
+        },
+    };
+    let report = run_fanout(opts).await?;
+    println!("{}", report.table());
+    write_json(a.json.as_deref(), &report)?;
+    anyhow::ensure!(
+        report.incomplete_subscribers == 0,
+        "{} subscribers did not receive every event",
+        report.incomplete_subscribers
+    );
+    Ok(())
+}
+
+async fn memory(a: MemoryArgs) -> anyhow::Result<()> {
+    use breakwater_loadtest::bench::memory::{MemoryOpts, run_memory};
+    let opts = MemoryOpts {
+        watches: a.watches,
+        streams_per_connection: a.streams_per_connection,
+        breakwater: a.breakwater,
+        ..MemoryOpts::default()
+    };
+    let report = run_memory(opts).await?;
+    println!("{}", report.table());
+    write_json(a.json.as_deref(), &report)
+}
+
+/// Writes `report` as pretty JSON to `path`, if given.
+fn write_json<T: serde::Serialize>(path: Option<&Path>, report: &T) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        let json = serde_json::to_string_pretty(report).context("serialize the report")?;
+        std::fs::write(path, json + "\n").with_context(|| format!("write {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
 }
 
 async fn storm(a: StormArgs) -> anyhow::Result<()> {

@@ -91,6 +91,16 @@ impl Verb {
     /// The verb as the apiserver spells it (and as RBAC rules name it).
     pub fn as_str(&self) -> &str {
         match self {
+            Verb::NonResource(method) => method,
+            other => other.as_static_str().unwrap_or_default(),
+        }
+    }
+
+    /// The verb as a `'static` string — every verb but a non-standard HTTP
+    /// method on a non-resource path (which is owned). Metric labels use
+    /// this so that clients cannot mint label values.
+    pub fn as_static_str(&self) -> Option<&'static str> {
+        Some(match self {
             Verb::Get => "get",
             Verb::List => "list",
             Verb::Watch => "watch",
@@ -101,8 +111,9 @@ impl Verb {
             Verb::DeleteCollection => "deletecollection",
             Verb::Proxy => "proxy",
             Verb::Unknown => "",
-            Verb::NonResource(method) => method,
-        }
+            Verb::NonResource(Cow::Borrowed(method)) => method,
+            Verb::NonResource(Cow::Owned(_)) => return None,
+        })
     }
 
     /// Go's `strings.ToLower(req.Method)`; borrowed for the standard methods.

@@ -98,6 +98,10 @@ pub struct RunOptions {
     /// How long a shared upstream watch without subscribers stays open [default: 30s].
     #[arg(long)]
     pub watch_linger: Option<String>,
+    /// Let different identities share one upstream watch, each after a SubjectAccessReview
+    /// (needs the proxy's own credentials) [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub watch_share_across_identities: Option<bool>,
 }
 
 /// A configuration the server accepts.
@@ -199,6 +203,9 @@ impl RunOptions {
             upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
             watch_cache: self.watch_cache.or(file.watch_cache),
             watch_linger: self.watch_linger.or(file.watch_linger),
+            watch_share_across_identities: self
+                .watch_share_across_identities
+                .or(file.watch_share_across_identities),
         }
     }
 
@@ -278,6 +285,7 @@ impl RunOptions {
             watch: crate::watch::HubConfig {
                 enabled: self.watch_cache.unwrap_or(true),
                 linger: duration("watch-linger", self.watch_linger, Duration::from_secs(30))?,
+                share_across_identities: self.watch_share_across_identities.unwrap_or(true),
                 ..crate::watch::HubConfig::default()
             },
         })

@@ -258,6 +258,8 @@ pub async fn run(
          \n  kubectl get pods -A -w\
          \n\nA ServiceAccount that may only read pods in namespace demo (try a 403):\
          \n\n  KUBECONFIG={kcv} kubectl get configmaps -n demo\
+         \n\nWatch sharing (many identical watches, one upstream watch):\
+         \n\n  curl -s http://{admin}/metrics | grep -E 'breakwater_watch_(shared_ratio|upstream_streams|subscribers)'\
          \n\nOr straight to kube-sim, for comparison:\
          \n\n  KUBECONFIG={kcd} kubectl get pods -A\
          \n\nCtrl-C stops both.",

@@ -535,20 +535,9 @@ impl Drop for AccessLog {
 /// The verb as a bounded metric label: a custom HTTP method on a
 /// non-resource path is "other", so clients cannot mint label values.
 pub(crate) fn verb_label(verb: &classify::Verb) -> &'static str {
-    use classify::Verb;
     match verb {
-        Verb::Get => "get",
-        Verb::List => "list",
-        Verb::Watch => "watch",
-        Verb::Create => "create",
-        Verb::Update => "update",
-        Verb::Patch => "patch",
-        Verb::Delete => "delete",
-        Verb::DeleteCollection => "deletecollection",
-        Verb::Proxy => "proxy",
-        Verb::Unknown => "unknown",
-        Verb::NonResource(std::borrow::Cow::Borrowed(m)) => m,
-        Verb::NonResource(std::borrow::Cow::Owned(_)) => "other",
+        classify::Verb::Unknown => "unknown",
+        other => other.as_static_str().unwrap_or("other"),
     }
 }
 

@@ -411,3 +411,49 @@ async fn a_rotated_serving_certificate_is_used_by_new_connections_while_a_watch_
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_impersonation_passes_through_front_proxy_and_is_refused_in_impersonate_mode() {
+    let env = demo_env().await;
+    // Front-proxy mode (the demo): kubectl --as reaches the apiserver, which
+    // authorizes the admin's impersonation.
+    let out = env
+        .kubectl_ok(&[
+            "--as",
+            "system:serviceaccount:demo:viewer",
+            "auth",
+            "whoami",
+            "-o",
+            "json",
+        ])
+        .await;
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        v["status"]["userInfo"]["username"], "system:serviceaccount:demo:viewer",
+        "{v}"
+    );
+
+    // Impersonate mode: the proxy already impersonates; a client's own
+    // Impersonate-* headers cannot combine with that.
+    let proxy = proxy_in_mode(&env, AuthMode::Impersonate, true).await;
+    let client = https_client(&env.demo.proxy_ca_pem, false);
+    let mut req = get(
+        &format!("https://{}/api/v1/namespaces/demo/pods", proxy.addr()),
+        &env.demo.token,
+    );
+    req.headers_mut().insert(
+        "impersonate-user",
+        "system:serviceaccount:demo:viewer".parse().expect("hv"),
+    );
+    let resp = client.request(req).await.expect("response");
+    assert_eq!(resp.status(), 403);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let v: Value = serde_json::from_slice(&body).expect("Status");
+    assert_eq!(v["reason"], "Forbidden");
+    let msg = v["message"].as_str().expect("message");
+    assert!(
+        msg.contains("Impersonate-* headers cannot be used through this proxy"),
+        "{msg}"
+    );
+    proxy.shutdown().await;
+}

@@ -163,6 +163,21 @@ async fn third_watch_is_rejected_with_retry_after_and_a_closed_watch_frees_a_slo
             .contains("viewers"),
         "{status}"
     );
+    // Counted, by rule and reason, never by identity.
+    let (_, metrics) = admin_call(env.demo.proxy.admin_addr(), "GET", "/metrics", "").await;
+    // (Other tests in this process count blocks under the same rule.)
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("breakwater_rejected_total")
+                && l.contains("rule=\"viewers\"")
+                && l.contains("reason=\"watches\"")),
+        "no rejection metric in:\n{metrics}"
+    );
+    assert!(
+        !metrics.contains("system:serviceaccount"),
+        "metrics must not carry identities"
+    );
 
     // The exempt admin is unaffected.
     let pods = env.kubectl_ok(&["get", "pods", "-n", "demo"]).await;
@@ -465,4 +480,42 @@ async fn admin_call(
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_holds_while_the_apiserver_is_unreachable() {
+    let env = env_with_limits(&limits_text(5)).await;
+    let token = viewer_token(&env);
+    let Env {
+        demo,
+        dir: _dir,
+        cache: _cache,
+    } = env;
+    let (code, body) = admin_call(
+        demo.proxy.admin_addr(),
+        "POST",
+        "/admin/v1/blocks",
+        r#"{"target": {"kind": "pattern", "verb": "list", "resource": "pods", "namespace": "*"}}"#,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    // The apiserver goes away.
+    let breakwater::demo::Demo {
+        sim,
+        proxy,
+        proxy_ca_pem,
+        ..
+    } = demo;
+    sim.shutdown().await;
+    let client = https_client(&proxy_ca_pem, false);
+    let url = format!("https://{}/api/v1/namespaces/demo/pods", proxy.addr());
+    let resp = client.request(get(&url, &token)).await.expect("response");
+    // Decided at the proxy: the block's 429, not an upstream 503.
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    // Unblocked requests do get the 503 Status.
+    let url = format!("https://{}/api/v1/namespaces/demo/pods/x", proxy.addr());
+    let resp = client.request(get(&url, &token)).await.expect("response");
+    assert_eq!(resp.status(), 503);
+    proxy.shutdown().await;
 }

@@ -11,6 +11,8 @@
 //! Benchmarks:
 //! - [`overhead`]: unary GET latency and throughput through breakwater vs direct.
 
+pub mod fanout;
+pub mod memory;
 pub mod overhead;
 
 use std::collections::BTreeMap;

@@ -8,8 +8,10 @@
 //!
 //! The [`StreamKey`] names one upstream stream: the collection (group,
 //! version, resource, namespace), the sharing scope (the identity: the same
-//! user and groups get the same authorization decisions), and, only when
-//! the broad watch was refused, the client's own selectors.
+//! user and groups get the same authorization decisions; or [`SHARED_SCOPE`]
+//! for streams several identities join, each after a SubjectAccessReview,
+//! see `share`), and, only when the broad watch was refused, the client's
+//! own selectors.
 
 use http::HeaderMap;
 use http::header::ACCEPT;
@@ -22,7 +24,8 @@ use crate::watch::filter::{Selector, selectable_fields};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StreamKey {
     pub target: Target,
-    /// The identity's username and groups: who the upstream requests speak for.
+    /// The identity's username and groups (who the upstream requests speak
+    /// for), or [`SHARED_SCOPE`].
     pub scope: String,
     /// Selectors sent upstream: `None` for the broad (selector-free) stream.
     pub upstream_selectors: Option<(Option<String>, Option<String>)>,
@@ -89,10 +92,23 @@ pub struct Eligible {
 impl Eligible {
     /// The broad key (no selector upstream) or the exact one.
     pub fn key(&self, broad: bool) -> StreamKey {
+        self.key_in(&self.scope, broad)
+    }
+
+    /// [`Eligible::key`] in another sharing scope ([`SHARED_SCOPE`]).
+    pub fn key_in(&self, scope: &str, broad: bool) -> StreamKey {
         StreamKey {
             target: self.target.clone(),
-            scope: self.scope.clone(),
+            scope: scope.to_string(),
             upstream_selectors: (!broad).then(|| (self.label.clone(), self.field.clone())),
+        }
+    }
+
+    /// The verb the apiserver authorizes this request as.
+    pub fn verb(&self) -> &'static str {
+        match self.mode {
+            Mode::Watch(_) => "watch",
+            Mode::ListCached => "list",
         }
     }
 
@@ -118,6 +134,10 @@ fn accepts_plain_json(headers: &HeaderMap) -> bool {
         })
     })
 }
+
+/// The scope of streams shared across identities. It cannot equal an
+/// identity's scope: [`scope_of`] always contains a NUL.
+pub const SHARED_SCOPE: &str = "shared";
 
 /// The sharing scope of an identity.
 pub fn scope_of(identity: &Identity) -> String {

@@ -4,7 +4,8 @@
 //! ```text
 //! Hub::serve(request)
 //!   key::eligible     plain-JSON collection watch or LIST rv=0, selectors we can evaluate?
-//!   broad key         (collection, identity) — no selector upstream
+//!   share             may this identity join a cross-identity stream? (SubjectAccessReview)
+//!   broad key         (collection, shared scope or identity) — no selector upstream
 //!     stream::Stream  LIST + WATCH upstream, cache, ring, re-watch, 410 → relist
 //!       join          snapshot / replay / 410, then live events (fanout::SubBody)
 //!       list          LIST rv=0 from the cache
@@ -13,9 +14,14 @@
 //! ```
 //!
 //! Sharing is scoped to one identity (same user and groups, so the same
-//! authorization decisions): a stream speaks upstream with the credentials
-//! of the clients that share it. Cross-identity sharing (after a
-//! SubjectAccessReview) is not implemented.
+//! authorization decisions) by default: a stream speaks upstream with the
+//! credentials of the clients that share it. Across identities only when a
+//! cached SubjectAccessReview says the joining identity may do what it
+//! asked (verb, collection, selectors), and only when the proxy has
+//! credentials of its own to ask with; a denied identity (or a failed
+//! review) stays in its own scope, so the apiserver answers it itself — a
+//! 403 if it may not. Whose credentials a shared stream uses, and how
+//! revocation is bounded: see [`share`].
 //!
 //! Anything the hub cannot answer exactly as the apiserver would (Tables,
 //! protobuf, consistent LISTs, `resourceVersionMatch=Exact`, selectors on
@@ -26,6 +32,7 @@ pub mod fanout;
 pub mod filter;
 pub mod key;
 pub mod list;
+pub mod share;
 pub mod stream;
 
 use std::collections::HashMap;
@@ -39,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::classify::RequestInfo;
 use crate::identity::Identity;
 use crate::upstream::{Body, Upstream};
-use key::{Eligible, Mode, StreamKey};
+use key::{Eligible, Mode, SHARED_SCOPE, StreamKey};
 use stream::{JoinError, Stream, identity_headers};
 
 /// Hub settings.
@@ -55,6 +62,9 @@ pub struct HubConfig {
     pub queue: usize,
     /// How long a client waits for a new stream's first LIST.
     pub ready_timeout: Duration,
+    /// `--watch-share-across-identities`: let different identities share a
+    /// stream after a SubjectAccessReview (needs the proxy's own credentials).
+    pub share_across_identities: bool,
 }
 
 impl Default for HubConfig {
@@ -65,6 +75,7 @@ impl Default for HubConfig {
             ring: 1024,
             queue: 1024,
             ready_timeout: Duration::from_secs(60),
+            share_across_identities: true,
         }
     }
 }
@@ -160,6 +171,14 @@ pub(crate) struct HubShared {
     refused: Mutex<HashMap<StreamKey, Instant>>,
     /// Identical concurrent consistent LISTs.
     lists: list::Coalescer,
+    /// Cross-identity sharing decisions; `None` when disabled or when the
+    /// proxy has no credentials of its own to ask the apiserver with.
+    share: Option<share::Sharing>,
+    /// Per shared-scope key, the identity whose credentials its stream
+    /// uses. When the stream is gone (refused, idle) its donor's answers
+    /// are forgotten, so a donor that lost access is asked again at once.
+    /// Bounded: cleared when it reaches [`MAX_REFUSED`].
+    donors: Mutex<HashMap<StreamKey, Identity>>,
 }
 
 const MAX_REFUSED: usize = 10_000;
@@ -175,6 +194,8 @@ enum Outcome {
     Served(Response<Body>),
     Refused(stream::Failure),
     Forward,
+    /// No stream for the key, and this client may not start one.
+    Absent,
 }
 
 impl Hub {
@@ -193,6 +214,17 @@ impl Hub {
                 }
             });
         }
+        // Asking needs credentials of our own (front-proxy, impersonate, or
+        // passthrough with --upstream-client-cert/--upstream-token-file).
+        let share = (cfg.enabled && cfg.share_across_identities && upstream.has_own_credentials())
+            .then(|| {
+                share::Sharing::new(
+                    Arc::new(upstream.clone()),
+                    share::CACHE_SIZE,
+                    share::POSITIVE_TTL,
+                    share::NEGATIVE_TTL,
+                )
+            });
         Hub {
             shared: Arc::new(HubShared {
                 upstream,
@@ -202,6 +234,8 @@ impl Hub {
                 cancel,
                 refused: Mutex::new(HashMap::new()),
                 lists: list::Coalescer::default(),
+                share,
+                donors: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -238,12 +272,16 @@ impl Hub {
         }
         let req = key::eligible(info, uri.query(), headers, identity)?;
         let ident = identity_headers(headers);
+        // Across identities first, when the apiserver says this one may join.
+        if let Some(shared) = self.serve_shared(&req, &ident, identity).await {
+            return shared;
+        }
         let broad = req.key(true);
         let broad_refused = req.has_selectors() && self.recently_refused(&broad);
         if !broad_refused {
-            match self.serve_on(broad.clone(), &req, &ident).await {
+            match self.serve_on(broad.clone(), &req, &ident, true).await {
                 Outcome::Served(r) => return Some(r),
-                Outcome::Forward => return None,
+                Outcome::Forward | Outcome::Absent => return None,
                 Outcome::Refused(f) => {
                     if !(f.status == StatusCode::FORBIDDEN && req.has_selectors()) {
                         return Some(f.response());
@@ -253,11 +291,92 @@ impl Hub {
             }
         }
         // The identity may not list everything, but perhaps what it asked for.
-        match self.serve_on(req.key(false), &req, &ident).await {
+        match self.serve_on(req.key(false), &req, &ident, true).await {
             Outcome::Served(r) => Some(r),
             Outcome::Refused(f) => Some(f.response()),
-            Outcome::Forward => None,
+            Outcome::Forward | Outcome::Absent => None,
         }
+    }
+
+    /// Serves the request from a stream shared across identities when a
+    /// SubjectAccessReview allows this identity what it asked. `None`: stay
+    /// in the identity's own scope; `Some(None)`: forward.
+    async fn serve_shared(
+        &self,
+        req: &Eligible,
+        ident: &HeaderMap,
+        identity: &Identity,
+    ) -> Option<Option<Response<Body>>> {
+        let share = self.shared.share.as_ref()?;
+        let (label, field) = (req.label.clone(), req.field.clone());
+        if !share
+            .may_join(identity, req.verb(), &req.target, label, field)
+            .await
+        {
+            return None;
+        }
+        // The broad stream, then (with selectors) the exact one.
+        let mut keys = vec![req.key_in(SHARED_SCOPE, true)];
+        if req.has_selectors() {
+            keys.push(req.key_in(SHARED_SCOPE, false));
+        }
+        for key in keys {
+            let sent = key.upstream_selectors.clone().unwrap_or_default();
+            self.forget_gone_donor(share, &key, &sent).await;
+            let donor = share.may_open(identity, &req.target, &sent).await;
+            if donor {
+                self.record_donor(&key, identity);
+            }
+            match self.serve_on(key, req, ident, donor).await {
+                Outcome::Served(r) => return Some(Some(r)),
+                Outcome::Forward => return Some(None),
+                // The stream spoke with a donor's credentials, perhaps not
+                // this client's: never pass that refusal on. If this client
+                // lent its credentials, ask about it again next time.
+                Outcome::Refused(_) => {
+                    if donor {
+                        share.forget(identity, &req.target, &sent).await;
+                    }
+                }
+                Outcome::Absent => {}
+            }
+        }
+        None
+    }
+
+    /// If `key` has no stream now, forgets the answers of the identity
+    /// whose credentials the last one used (it may have been refused).
+    async fn forget_gone_donor(
+        &self,
+        share: &share::Sharing,
+        key: &StreamKey,
+        sent: &(Option<String>, Option<String>),
+    ) {
+        // Lock order: the hub's map, then the donors.
+        let gone = {
+            let streams = self
+                .shared
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if streams.contains_key(key) {
+                None
+            } else {
+                let mut donors = self.shared.donors.lock().unwrap_or_else(|e| e.into_inner());
+                donors.remove(key)
+            }
+        };
+        if let Some(identity) = gone {
+            share.forget(&identity, &key.target, sent).await;
+        }
+    }
+
+    fn record_donor(&self, key: &StreamKey, identity: &Identity) {
+        let mut donors = self.shared.donors.lock().unwrap_or_else(|e| e.into_inner());
+        if donors.len() >= MAX_REFUSED && !donors.contains_key(key) {
+            donors.clear();
+        }
+        donors.insert(key.clone(), identity.clone());
     }
 
     fn recently_refused(&self, key: &StreamKey) -> bool {
@@ -281,11 +400,19 @@ impl Hub {
         map.insert(key, Instant::now());
     }
 
-    async fn serve_on(&self, key: StreamKey, req: &Eligible, ident: &HeaderMap) -> Outcome {
+    async fn serve_on(
+        &self,
+        key: StreamKey,
+        req: &Eligible,
+        ident: &HeaderMap,
+        donor: bool,
+    ) -> Outcome {
         let sel = Arc::new(req.selector.clone());
         // A stream may close between lookup and join; a few tries settle it.
         for _ in 0..3 {
-            let stream = self.stream_for(&key, ident);
+            let Some(stream) = self.stream_for(&key, ident, donor) else {
+                return Outcome::Absent;
+            };
             let res = match &req.mode {
                 Mode::Watch(opts) => stream.join(sel.clone(), opts).await,
                 Mode::ListCached => stream.list(&sel).await,
@@ -303,18 +430,27 @@ impl Hub {
         Outcome::Forward
     }
 
-    fn stream_for(&self, key: &StreamKey, ident: &HeaderMap) -> Arc<Stream> {
+    /// The stream for `key`, started with `ident` if there is none. Only a
+    /// `donor` lends the stream its credentials (the latest donor's carry
+    /// its upstream requests); a non-donor joins an existing stream or
+    /// gets `None`.
+    fn stream_for(&self, key: &StreamKey, ident: &HeaderMap, donor: bool) -> Option<Arc<Stream>> {
         let mut map = self
             .shared
             .streams
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if let Some(s) = map.get(key) {
-            s.set_headers(ident.clone());
-            return s.clone();
+            if donor {
+                s.set_headers(ident.clone());
+            }
+            return Some(s.clone());
+        }
+        if !donor {
+            return None;
         }
         let s = Stream::start(key.clone(), ident.clone(), self.shared.clone());
         map.insert(key.clone(), s.clone());
-        s
+        Some(s)
     }
 }
