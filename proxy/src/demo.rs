@@ -258,8 +258,10 @@ pub async fn run(
          \n  kubectl get pods -A -w\
          \n\nA ServiceAccount that may only read pods in namespace demo (try a 403):\
          \n\n  KUBECONFIG={kcv} kubectl get configmaps -n demo\
-         \n\nWatch sharing (many identical watches, one upstream watch):\
-         \n\n  curl -s http://{admin}/metrics | grep -E 'breakwater_watch_(shared_ratio|upstream_streams|subscribers)'\
+         \n\nWatch sharing — informer-style (JSON) watches share one upstream watch\
+         \n(kubectl get -w asks for Tables, which pass through unshared):\
+         \n\n  for i in 1 2 3 4 5; do kubectl get --raw '/api/v1/pods?watch=1' >/dev/null & done\
+         \n  curl -s http://{admin}/metrics | grep -E 'breakwater_watch_(shared_ratio|upstream_streams|subscribers) '\
          \n\nOr straight to kube-sim, for comparison:\
          \n\n  KUBECONFIG={kcd} kubectl get pods -A\
          \n\nCtrl-C stops both.",

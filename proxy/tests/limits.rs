@@ -194,6 +194,10 @@ async fn third_watch_is_rejected_with_retry_after_and_a_closed_watch_frees_a_slo
     let (code, headers, _) = watch_status(&env, &token).await;
     assert_eq!(code, 200);
     assert_eq!(headers["x-breakwater-rule"], "viewers");
+    // The demo turns on the IETF draft headers: the rule's bucket, as sent.
+    assert_eq!(headers["ratelimit-policy"], "\"viewers\";q=1000;w=1");
+    let remaining = headers["ratelimit"].to_str().expect("ascii");
+    assert!(remaining.starts_with("\"viewers\";r="), "{remaining}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
