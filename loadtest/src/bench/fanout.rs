@@ -35,8 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http::header::{ACCEPT, AUTHORIZATION, HOST, USER_AGENT};
-use http::{HeaderValue, Method, Request};
+use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, Empty};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -729,20 +728,13 @@ pub(crate) fn watch_request(
     connector: &Connector,
     auth: &HeaderValue,
 ) -> Request<Empty<Bytes>> {
-    let mut b = Request::builder()
-        .method(Method::GET)
-        .uri(conn.request_uri(connector.addr, WATCH_PATH))
-        .header(AUTHORIZATION, auth.clone())
-        .header(ACCEPT, HeaderValue::from_static("application/json"))
-        .header(
-            USER_AGENT,
-            HeaderValue::from_static("breakwater-loadtest/fanout"),
-        );
-    if matches!(conn, Conn::H1(_)) {
-        b = b.header(HOST, connector.addr.to_string());
-    }
-    b.body(Empty::new())
-        .expect("static request parts are valid")
+    super::get_request(
+        conn,
+        connector,
+        WATCH_PATH,
+        auth,
+        "breakwater-loadtest/fanout",
+    )
 }
 
 /// One watcher: connect (h1) or use the shared connection (h2), open the

@@ -329,6 +329,30 @@ pub fn fmt_us(us: u64) -> String {
     }
 }
 
+/// A GET of `path` on `conn` with a bearer `auth` header, as the benchmark
+/// clients send it (built from shared header values: cheap clones).
+pub(crate) fn get_request(
+    conn: &Conn,
+    connector: &Connector,
+    path: &str,
+    auth: &http::HeaderValue,
+    agent: &'static str,
+) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    use http::HeaderValue;
+    use http::header::{ACCEPT, AUTHORIZATION, HOST, USER_AGENT};
+    let mut b = http::Request::builder()
+        .method(http::Method::GET)
+        .uri(conn.request_uri(connector.addr, path))
+        .header(AUTHORIZATION, auth.clone())
+        .header(ACCEPT, HeaderValue::from_static("application/json"))
+        .header(USER_AGENT, HeaderValue::from_static(agent));
+    if matches!(conn, Conn::H1(_)) {
+        b = b.header(HOST, connector.addr.to_string());
+    }
+    b.body(http_body_util::Empty::new())
+        .expect("static request parts are valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

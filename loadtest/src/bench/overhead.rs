@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http::header::{ACCEPT, AUTHORIZATION, HOST, USER_AGENT};
-use http::{HeaderValue, Method, Request};
+use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, Empty};
 use serde::Serialize;
 use serde_json::json;
@@ -427,20 +426,13 @@ fn seed(sim: &KubeSim) -> anyhow::Result<()> {
 
 /// The benchmark request, built from shared header values (cheap clones).
 fn request(conn: &Conn, connector: &Connector, auth: &HeaderValue) -> Request<Empty<Bytes>> {
-    let mut b = Request::builder()
-        .method(Method::GET)
-        .uri(conn.request_uri(connector.addr, BENCH_PATH))
-        .header(AUTHORIZATION, auth.clone())
-        .header(ACCEPT, HeaderValue::from_static("application/json"))
-        .header(
-            USER_AGENT,
-            HeaderValue::from_static("breakwater-loadtest/bench"),
-        );
-    if matches!(conn, Conn::H1(_)) {
-        b = b.header(HOST, connector.addr.to_string());
-    }
-    b.body(Empty::new())
-        .expect("static request parts are valid")
+    super::get_request(
+        conn,
+        connector,
+        BENCH_PATH,
+        auth,
+        "breakwater-loadtest/bench",
+    )
 }
 
 /// One GET that must answer 200 with the seeded ConfigMap.
@@ -671,6 +663,7 @@ impl Drop for ScratchDir {
 
 #[cfg(test)]
 mod tests {
+    use http::header::AUTHORIZATION;
     use std::net::SocketAddr;
 
     use http_body_util::Full;
