@@ -9,6 +9,7 @@
 //!    normal end of stream and re-watch elsewhere, and the process exits.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +19,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,7 +30,15 @@ use crate::identity::{Authenticator, IdentityError, TokenReviewer};
 use crate::proxy::{self, Shared};
 use crate::reload;
 use crate::tls::{ServerTls, TlsError};
-use crate::upstream::{Upstream, UpstreamConfigError};
+use crate::upstream::{BoxError, Upstream, UpstreamConfigError};
+
+/// HTTP/2 streams per client connection.
+const MAX_STREAMS: u32 = 1000;
+/// HTTP/2 PINGs on idle connections, and how long to wait for the answer.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an HTTP/1.1 client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -186,15 +194,18 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     let done = tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            let graceful = GracefulShutdown::new();
-            accept_loop(listener, server_tls, shared.clone(), &graceful, shutdown).await;
+            let conns = Connections {
+                tracker: TaskTracker::new(),
+                stop: CancellationToken::new(),
+            };
+            accept_loop(listener, server_tls, shared.clone(), &conns, shutdown).await;
             for task in [reloader, limits_watcher].into_iter().flatten() {
                 task.abort();
             }
             upkeep.abort();
             // Step 1 is done (listener closed); fail readiness too.
             admin_state.ready.store(false, Ordering::Release);
-            drain(graceful, &shared, cfg.shutdown_grace).await;
+            drain(conns, &shared, cfg.shutdown_grace).await;
             // Every client stream is over: the watch hub's upstream streams end too.
             shared.streams.cancel();
             admin_stop.cancel();
@@ -219,11 +230,20 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     })
 }
 
+/// The client connections: their tasks (from accept to close, TLS handshake
+/// included) and the signal that tells each to finish gracefully.
+struct Connections {
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
 /// Steps 2 and 3 of the shutdown order.
-async fn drain(graceful: GracefulShutdown, shared: &Shared, grace: Duration) {
-    let connections = graceful.count();
+async fn drain(conns: Connections, shared: &Shared, grace: Duration) {
+    let connections = conns.tracker.len();
     tracing::info!(connections, grace_s = grace.as_secs_f64(), "draining");
-    let all_done = graceful.shutdown();
+    conns.tracker.close();
+    conns.stop.cancel();
+    let all_done = conns.tracker.wait();
     tokio::pin!(all_done);
     if tokio::time::timeout(grace, all_done.as_mut()).await.is_ok() {
         tracing::info!("drained");
@@ -243,10 +263,9 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ServerTls>,
     shared: Arc<Shared>,
-    graceful: &GracefulShutdown,
+    conns: &Connections,
     shutdown: CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(5);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -267,64 +286,129 @@ async fn accept_loop(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let conn = serve_connection(tcp, peer, tls.acceptor(), shared.clone(), graceful);
-        tracker.spawn(conn);
+        let conn = serve_connection(
+            tcp,
+            peer,
+            tls.acceptor(),
+            shared.clone(),
+            conns.stop.clone(),
+        );
+        conns.tracker.spawn(conn);
     }
     drop(listener);
-    tracker.close();
 }
 
-/// The TLS handshake and the HTTP connection, watched by `graceful`.
-fn serve_connection(
+/// The TLS handshake and the HTTP connection, which finishes gracefully
+/// once `stop` is cancelled.
+async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
     shared: Arc<Shared>,
-    graceful: &GracefulShutdown,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let watcher = graceful.watcher();
-    async move {
-        // A client that never finishes its handshake must not hold a task.
-        let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(err)) => {
-                tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "TLS handshake timed out");
-                return;
-            }
-        };
-        // x509 identity: once per connection, from the verified chain's leaf.
-        let cert = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-            None => None,
-            Some(leaf) => match Authenticator::from_certificate(leaf) {
-                Ok(identity) => Some(Arc::new(identity)),
-                Err(err) => {
-                    tracing::info!(%peer, error = %err, "client certificate carries no usable identity");
-                    None
-                }
-            },
-        };
-        let svc = service_fn(move |req| {
-            let (shared, cert) = (shared.clone(), cert.clone());
-            async move { Ok::<_, Infallible>(proxy::handle(shared, req, peer, cert).await) }
-        });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30));
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(1000)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-        if let Err(err) = watcher.watch(conn.into_owned()).await {
-            tracing::debug!(%peer, error = %err, "connection ended with an error");
+    stop: CancellationToken,
+) {
+    // A client that never finishes its handshake must not hold a task.
+    // Boxed, so that the handshake's state is freed when it is done
+    // instead of sizing this task for the connection's whole life.
+    let handshake = Box::pin(acceptor.accept(tcp));
+    let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+            return;
         }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    // x509 identity: once per connection, from the verified chain's leaf.
+    let cert = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        None => None,
+        Some(leaf) => match Authenticator::from_certificate(leaf) {
+            Ok(identity) => Some(Arc::new(identity)),
+            Err(err) => {
+                tracing::info!(%peer, error = %err, "client certificate carries no usable identity");
+                None
+            }
+        },
+    };
+    let svc = service_fn(move |req| {
+        let (shared, cert) = (shared.clone(), cert.clone());
+        // Boxed: the handler's state machine is ~5 KiB, and hyper keeps a
+        // slot of the service future's size for the connection's life
+        // (h1) or inline in each stream's task (h2) — long after a
+        // watch's handler has returned its response. Boxed, that slot is
+        // one pointer and the handler's memory is freed when it returns.
+        Box::pin(async move { Ok::<_, Infallible>(proxy::handle(shared, req, peer, cert).await) })
+    });
+    // ALPN already chose the protocol: serve it directly. The auto
+    // builder would first read 24 bytes to sniff the HTTP/2 preface, and
+    // handing those back to HTTP/1.1 makes hyper grow its read buffer to
+    // 16 KiB, kept for the connection's life (every idle watch pays it).
+    // Without ALPN (rare) the auto builder sniffs as before.
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let io = TokioIo::new(tls);
+    let res: Result<(), BoxError> = match alpn.as_deref() {
+        Some(b"h2") => {
+            let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            h2.timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+            let conn = h2.serve_connection(io, svc);
+            until_stopped(Box::pin(conn), &stop, |c| c.as_mut().graceful_shutdown())
+                .await
+                .map_err(Into::into)
+        }
+        Some(b"http/1.1") => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            until_stopped(Box::pin(conn), &stop, |c| c.as_mut().graceful_shutdown())
+                .await
+                .map_err(Into::into)
+        }
+        _ => {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+            let conn = builder.serve_connection_with_upgrades(io, svc);
+            until_stopped(Box::pin(conn), &stop, |c| c.as_mut().graceful_shutdown()).await
+        }
+    };
+    if let Err(err) = res {
+        tracing::debug!(%peer, error = %err, "connection ended with an error");
     }
+}
+
+/// Drives `conn` to its end; once `stop` is cancelled, asks it to finish
+/// gracefully (h1: close after the current response, h2: GOAWAY) and keeps
+/// driving it until it has. Callers box `conn`: the three kinds differ in
+/// size, and boxed, the connection's task is sized for the one it serves.
+async fn until_stopped<C, E>(
+    conn: C,
+    stop: &CancellationToken,
+    graceful_shutdown: impl FnOnce(&mut C),
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>> + Unpin,
+{
+    let mut conn = conn;
+    tokio::select! {
+        res = &mut conn => return res,
+        _ = stop.cancelled() => {}
+    }
+    graceful_shutdown(&mut conn);
+    conn.await
 }
