@@ -6,11 +6,13 @@
 //!
 //! Every test starts its own kube-sim on 127.0.0.1:0.
 
-use std::sync::Arc;
+mod common;
+
+use common::{start, start_with};
 use std::time::Duration;
 
 use breakwater_loadtest::pki::CertPair;
-use breakwater_loadtest::sim::{Authorization, KubeSim, SimConfig, SimPki, resources, seed_demo};
+use breakwater_loadtest::sim::{Authorization, KubeSim, SimConfig, resources};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -18,25 +20,12 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 
 /// How long any single network step may take before the test fails.
 const STEP: Duration = Duration::from_secs(10);
 
 const WHOAMI: &str = "/apis/authentication.k8s.io/v1/selfsubjectreviews";
-
-async fn start_with(cfg: SimConfig) -> KubeSim {
-    let pki = SimPki::generate(&["127.0.0.1", "localhost"]).expect("pki");
-    let sim = KubeSim::start(cfg, pki).await.expect("start");
-    seed_demo(sim.store()).expect("seed");
-    sim
-}
-
-async fn start() -> KubeSim {
-    start_with(SimConfig::default()).await
-}
 
 /// A hyper client (HTTP/2) presenting `cert` (or nothing) and `token` (or nothing).
 struct Api {
@@ -46,32 +35,7 @@ struct Api {
 }
 
 fn api(sim: &KubeSim, cert: Option<&CertPair>, token: Option<&str>) -> Api {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(sim.pki().serving_ca.cert_pem().as_bytes()) {
-        roots.add(c.expect("ca pem")).expect("add root");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots);
-    let tls = match cert {
-        Some(pair) => {
-            let certs = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .expect("cert pem");
-            let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes()).expect("key pem");
-            builder
-                .with_client_auth_cert(certs, key)
-                .expect("client auth")
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http2()
-        .build();
+    let connector = common::connector(sim, cert, true);
     Api {
         client: Client::builder(TokioExecutor::new())
             .http2_only(true)

@@ -4,10 +4,12 @@
 //!
 //! Every test starts its own kube-sim on 127.0.0.1:0.
 
-use std::sync::Arc;
+mod common;
+
+use common::{start, start_with};
 use std::time::Duration;
 
-use breakwater_loadtest::sim::{KubeSim, SimConfig, SimPki, resources, seed_demo};
+use breakwater_loadtest::sim::{KubeSim, SimConfig, resources};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -16,8 +18,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 
 /// How long any single network step may take before the test fails.
@@ -36,17 +36,6 @@ enum Cred<'a> {
     Anonymous,
 }
 
-async fn start_with(cfg: SimConfig) -> KubeSim {
-    let pki = SimPki::generate(&["127.0.0.1", "localhost"]).expect("pki");
-    let sim = KubeSim::start(cfg, pki).await.expect("start");
-    seed_demo(sim.store()).expect("seed");
-    sim
-}
-
-async fn start() -> KubeSim {
-    start_with(SimConfig::default()).await
-}
-
 /// A hyper client speaking `proto` to `sim`, presenting the admin cert
 /// (Admin) or nothing (Token/Anonymous).
 struct Api {
@@ -56,35 +45,9 @@ struct Api {
 }
 
 fn api(sim: &KubeSim, proto: Proto, cred: Cred<'_>) -> Api {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(sim.pki().serving_ca.cert_pem().as_bytes()) {
-        roots.add(c.expect("ca pem")).expect("add root");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots);
-    let tls = match cred {
-        Cred::Admin => {
-            let admin = sim.pki().admin_client().expect("admin cert");
-            let certs = CertificateDer::pem_slice_iter(admin.cert_pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .expect("cert pem");
-            let key = PrivateKeyDer::from_pem_slice(admin.key_pem.as_bytes()).expect("key pem");
-            builder
-                .with_client_auth_cert(certs, key)
-                .expect("client auth")
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only();
-    let (connector, h2) = match proto {
-        Proto::H1 => (connector.enable_http1().build(), false),
-        Proto::H2 => (connector.enable_http2().build(), true),
-    };
+    let admin = matches!(cred, Cred::Admin).then(|| sim.pki().admin_client().expect("admin cert"));
+    let h2 = matches!(proto, Proto::H2);
+    let connector = common::connector(sim, admin.as_ref(), h2);
     let client = Client::builder(TokioExecutor::new())
         .http2_only(h2)
         .build(connector);
