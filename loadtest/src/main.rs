@@ -134,9 +134,9 @@ struct FanoutArgs {
     /// TLS HTTP/2 (watches multiplexed as streams) instead of TLS HTTP/1.1.
     #[arg(long)]
     http2: bool,
-    /// Accepted for the wording; breakwater serves TLS only, so this is the default.
-    #[arg(long)]
-    tls: bool,
+    /// Plain HTTP/1.1 on loopback (breakwater's --plain-listen) instead of TLS HTTP/1.1.
+    #[arg(long, conflicts_with = "http2")]
+    plain: bool,
     /// HTTP/2: watches per connection (breakwater allows 1,000 streams).
     #[arg(long, default_value_t = 500)]
     streams_per_connection: usize,
@@ -397,7 +397,6 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
 
 async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     use breakwater_loadtest::bench::fanout::{FanoutOpts, run_fanout};
-    let _ = a.tls; // TLS is the only way breakwater serves
     let opts = FanoutOpts {
         subscribers: a.subscribers,
         event_size: a.event_size,
@@ -406,6 +405,8 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         window: a.window,
         protocol: if a.http2 {
             Protocol::Http2
+        } else if a.plain {
+            Protocol::PlainHttp1
         } else {
             Protocol::Http1
         },

@@ -31,6 +31,9 @@ pub const BREAKWATER_BIN_ENV: &str = "BREAKWATER_BIN";
 
 /// Prefix of the readiness line carrying the proxy's listen address.
 const LISTEN_PREFIX: &str = "breakwater: listening on https://";
+/// Prefix of the (optional) line carrying the plain loopback listener's
+/// address; printed before the two readiness lines.
+const PLAIN_PREFIX: &str = "breakwater: plain HTTP on http://";
 /// Prefix of the readiness line carrying the admin listener's address.
 const ADMIN_PREFIX: &str = "breakwater: admin on http://";
 
@@ -197,6 +200,7 @@ pub struct BreakwaterProcess {
     child: Child,
     listen: SocketAddr,
     admin: SocketAddr,
+    plain: Option<SocketAddr>,
     tail: Tail,
 }
 
@@ -252,6 +256,7 @@ impl BreakwaterProcess {
         let waited = tokio::time::timeout(opts.ready_timeout, async {
             let mut listen = None;
             let mut admin = None;
+            let mut plain = None;
             while listen.is_none() || admin.is_none() {
                 let Some(line) = lines.next_line().await? else {
                     return Ok(None); // stdout closed: the child is exiting
@@ -262,13 +267,15 @@ impl BreakwaterProcess {
                     listen = Some(parse_addr(rest, &line)?);
                 } else if let Some(rest) = trimmed.strip_prefix(ADMIN_PREFIX) {
                     admin = Some(parse_addr(rest, &line)?);
+                } else if let Some(rest) = trimmed.strip_prefix(PLAIN_PREFIX) {
+                    plain = Some(parse_addr(rest, &line)?);
                 }
             }
-            Ok::<_, ProcError>(listen.zip(admin))
+            Ok::<_, ProcError>(listen.zip(admin).map(|(l, a)| (l, a, plain)))
         })
         .await;
 
-        let (listen, admin) = match waited {
+        let (listen, admin, plain) = match waited {
             Ok(Ok(Some(addrs))) => addrs,
             Ok(Ok(None)) => {
                 let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
@@ -307,8 +314,14 @@ impl BreakwaterProcess {
             child,
             listen,
             admin,
+            plain,
             tail,
         })
+    }
+
+    /// The plain-HTTP loopback listener, when started with `--plain-listen`.
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain
     }
 
     /// The proxy's TLS listen address.

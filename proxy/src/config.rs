@@ -82,6 +82,11 @@ pub struct RunOptions {
     /// Requests without credentials proceed as system:anonymous (true) or get 401 (false) [default: true].
     #[arg(long, action = clap::ArgAction::Set)]
     pub anonymous_auth: Option<bool>,
+    /// Also serve plain HTTP (HTTP/1.1 and HTTP/2 with prior knowledge) on this loopback
+    /// address, for clients on the same host or in the same pod (as `kubectl proxy` does);
+    /// callers authenticate with bearer tokens only. Refused unless the address is loopback.
+    #[arg(long)]
+    pub plain_listen: Option<SocketAddr>,
     /// Plain-HTTP admin listener: /healthz /livez /readyz /metrics [default: 127.0.0.1:9444].
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
@@ -108,6 +113,8 @@ pub struct RunOptions {
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
+    /// Plain HTTP on loopback (`--plain-listen`).
+    pub plain_listen: Option<SocketAddr>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub client_ca: Option<PathBuf>,
@@ -132,6 +139,11 @@ pub struct LimitsConfig {
 /// What is wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(
+        "--plain-listen {0}: plain HTTP is served on loopback addresses only (127.0.0.1, ::1); \
+         clients from elsewhere must use TLS on --listen"
+    )]
+    PlainNotLoopback(SocketAddr),
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,
@@ -175,6 +187,7 @@ impl RunOptions {
         RunOptions {
             config: self.config,
             listen: self.listen.or(file.listen),
+            plain_listen: self.plain_listen.or(file.plain_listen),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             client_ca: self.client_ca.or(file.client_ca),
@@ -229,7 +242,13 @@ impl RunOptions {
             _ => return Err(ConfigError::HalfClientCert),
         };
         let defaults = Timeouts::default();
+        if let Some(a) = self.plain_listen
+            && !a.ip().is_loopback()
+        {
+            return Err(ConfigError::PlainNotLoopback(a));
+        }
         Ok(ProxyConfig {
+            plain_listen: self.plain_listen,
             listen: self
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 6443))),
@@ -339,6 +358,24 @@ mod tests {
     fn unknown_file_fields_are_refused() {
         let err = serde_yaml_ng::from_str::<RunOptions>("upstreem: x\n").expect_err("unknown");
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_is_refused_off_loopback() {
+        let opts = |listen: &str| RunOptions {
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            upstream: Some("https://127.0.0.1:6444".into()),
+            plain_listen: Some(listen.parse().expect("addr")),
+            ..RunOptions::default()
+        };
+        let err = opts("0.0.0.0:8001").validate().expect_err("not loopback");
+        assert!(err.to_string().contains("loopback"), "{err}");
+        assert!(opts("10.0.0.1:8001").validate().is_err());
+        for ok in ["127.0.0.1:8001", "[::1]:8001"] {
+            let cfg = opts(ok).validate().expect("loopback");
+            assert_eq!(cfg.plain_listen, Some(ok.parse().expect("addr")));
+        }
     }
 
     #[test]

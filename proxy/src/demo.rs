@@ -157,6 +157,7 @@ impl Demo {
         // cluster's keys, and tells kube-sim who is calling in X-Remote-*
         // headers over its front-proxy certificate.
         let proxy = server::start(ProxyConfig {
+            plain_listen: None,
             listen: SocketAddr::new(loopback, opts.port),
             tls_cert: dir.join("proxy.crt"),
             tls_key: dir.join("proxy.key"),

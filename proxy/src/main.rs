@@ -122,6 +122,9 @@ async fn main() -> anyhow::Result<()> {
             let handle = breakwater::server::start(cfg).await?;
             let stop = shutdown_signal();
             // Scripts (and the loadtest crate) read these two lines.
+            if let Some(plain) = handle.plain_addr() {
+                println!("breakwater: plain HTTP on http://{plain}");
+            }
             println!("breakwater: listening on https://{}", handle.addr());
             println!("breakwater: admin on http://{}", handle.admin_addr());
             let handle = std::sync::Arc::new(handle);

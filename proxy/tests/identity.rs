@@ -47,6 +47,7 @@ async fn proxy_in_mode(
     };
     breakwater::server::start(ProxyConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
+        plain_listen: None,
         tls_cert: dir.join("proxy.crt"),
         tls_key: dir.join("proxy.key"),
         client_ca: Some(dir.join("client-ca.crt")),

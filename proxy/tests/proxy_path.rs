@@ -233,3 +233,58 @@ async fn readyz(admin: std::net::SocketAddr) -> String {
     s.read_to_end(&mut buf).await.expect("read");
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// `--plain-listen`: the same proxy over plain HTTP on loopback, HTTP/1.1
+/// and HTTP/2 with prior knowledge, identified by the bearer token; a
+/// client-sent X-Remote-User changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_loopback_listener_serves_http1_and_h2c_by_token() {
+    let env = demo_env().await;
+    let proxy = breakwater::server::start(common::passthrough_config(
+        &env,
+        env.demo.sim.url(),
+        Duration::from_secs(1),
+    ))
+    .await
+    .expect("start");
+    let plain = proxy.plain_addr().expect("plain listener configured");
+    assert!(plain.ip().is_loopback());
+    for h2 in [false, true] {
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(h2)
+                .build_http();
+        let review = format!("http://{plain}/api/v1/namespaces/default/configmaps");
+        let resp = client
+            .request(get(&review, &env.demo.token))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), 200, "h2={h2}");
+        assert_eq!(
+            resp.version(),
+            if h2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            }
+        );
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["kind"], "ConfigMapList");
+
+        // No token: anonymous, which kube-sim's RBAC refuses, whatever the
+        // client claims in X-Remote-User.
+        let mut spoof = get(&review, "");
+        spoof.headers_mut().remove(http::header::AUTHORIZATION);
+        spoof
+            .headers_mut()
+            .insert("x-remote-user", http::HeaderValue::from_static("admin"));
+        spoof.headers_mut().insert(
+            "x-remote-group",
+            http::HeaderValue::from_static("system:masters"),
+        );
+        let resp = client.request(spoof).await.expect("response");
+        assert_eq!(resp.status(), 403, "h2={h2}");
+    }
+    proxy.shutdown().await;
+}

@@ -19,9 +19,9 @@
 //! the proxy is kept busy without overrunning its per-subscriber queue (which
 //! would evict subscribers, as the apiserver does, and measure nothing).
 //!
-//! Breakwater serves TLS only, so there is no plaintext HTTP/1.1 figure: the
-//! runs are TLS HTTP/1.1 (one connection per watch) and TLS HTTP/2 (watches
-//! multiplexed as streams). The raw-socket limit is plaintext TCP: one thread
+//! The runs are TLS HTTP/1.1 (one connection per watch), TLS HTTP/2 (watches
+//! multiplexed as streams) and plain HTTP/1.1 on breakwater's loopback
+//! listener (`--plain-listen`, `--plain`). The raw-socket limit is plaintext TCP: one thread
 //! writes the same event bytes to N loopback sockets (one event per write, and
 //! eight per write) while async readers drain them.
 
@@ -307,6 +307,8 @@ impl ProxyEnv {
             tls_key: dir.write("breakwater.key", &cert.key_pem)?,
             upstream: sim.url(),
             upstream_ca: dir.write("upstream-ca.crt", sim.pki().serving_ca.cert_pem())?,
+            // Plain HTTP/1.1 on loopback too, for the plaintext figure.
+            extra: vec!["--plain-listen".into(), "127.0.0.1:0".into()],
             ..RunArgs::default()
         };
         let start = StartOptions {
@@ -330,8 +332,15 @@ impl ProxyEnv {
 
     /// A connector to the proxy speaking `proto`.
     pub(crate) fn connector(&self, proto: Protocol) -> anyhow::Result<Connector> {
+        let addr = match proto {
+            Protocol::PlainHttp1 => self
+                .proxy
+                .plain_addr()
+                .context("breakwater announced no plain listener")?,
+            _ => self.proxy.listen_addr(),
+        };
         Ok(Connector {
-            addr: self.proxy.listen_addr(),
+            addr,
             tls: client_tls(&[self.proxy_ca.cert_pem()], proto)?,
             proto,
         })
@@ -553,7 +562,7 @@ async fn with_sim(sim: &KubeSim, bin: &Path, opts: &FanoutOpts) -> anyhow::Resul
     let n = opts.subscribers;
     // Connections: one per watch (h1), or shared by `streams_per_connection`.
     let conns = match opts.protocol {
-        Protocol::Http1 => n,
+        Protocol::Http1 | Protocol::PlainHttp1 => n,
         Protocol::Http2 => n.div_ceil(opts.streams_per_connection.max(1)),
     };
     let handshakes = Arc::new(Semaphore::new(128));
@@ -568,7 +577,7 @@ async fn with_sim(sim: &KubeSim, bin: &Path, opts: &FanoutOpts) -> anyhow::Resul
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let conn = match opts.protocol {
-            Protocol::Http1 => None,
+            Protocol::Http1 | Protocol::PlainHttp1 => None,
             Protocol::Http2 => Some(h2[i % conns].share().expect("h2 connections can be shared")),
         };
         let (connector, auth, shared, sem, expected) = (

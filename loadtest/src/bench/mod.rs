@@ -59,12 +59,14 @@ pub enum ClientError {
 pub enum Protocol {
     Http1,
     Http2,
+    /// HTTP/1.1 without TLS, on breakwater's loopback `--plain-listen`.
+    PlainHttp1,
 }
 
 impl Protocol {
     fn alpn(self) -> &'static str {
         match self {
-            Protocol::Http1 => "http/1.1",
+            Protocol::Http1 | Protocol::PlainHttp1 => "http/1.1",
             Protocol::Http2 => "h2",
         }
     }
@@ -75,6 +77,7 @@ impl std::fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Http1 => "HTTP/1.1",
             Protocol::Http2 => "HTTP/2",
+            Protocol::PlainHttp1 => "plain HTTP/1.1",
         })
     }
 }
@@ -126,6 +129,15 @@ impl Connector {
                 addr: self.addr,
                 source,
             })?;
+        if self.proto == Protocol::PlainHttp1 {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "benchmark plain h1 connection ended");
+                }
+            });
+            return Ok(Conn::H1(sender));
+        }
         let name = ServerName::IpAddress(self.addr.ip().into());
         let tls = TlsConnector::from(self.tls.clone())
             .connect(name, tcp)
@@ -148,7 +160,7 @@ impl Connector {
         }
         let io = TokioIo::new(tls);
         match self.proto {
-            Protocol::Http1 => {
+            Protocol::Http1 | Protocol::PlainHttp1 => {
                 let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

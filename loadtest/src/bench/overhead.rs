@@ -482,7 +482,7 @@ async fn run_phase(
 ) -> anyhow::Result<(Figures, usize)> {
     // Connect everything before the clock starts: handshakes are not requests.
     let conns: Vec<Conn> = match opts.protocol {
-        Protocol::Http1 => connect_all(connector, opts.clients).await?,
+        Protocol::Http1 | Protocol::PlainHttp1 => connect_all(connector, opts.clients).await?,
         Protocol::Http2 => {
             let n = opts.h2_connections.clamp(1, opts.clients);
             let shared = connect_all(connector, n).await?;
@@ -496,7 +496,7 @@ async fn run_phase(
         }
     };
     let connections = match opts.protocol {
-        Protocol::Http1 => opts.clients,
+        Protocol::Http1 | Protocol::PlainHttp1 => opts.clients,
         Protocol::Http2 => opts.h2_connections.clamp(1, opts.clients),
     };
 

@@ -1,5 +1,7 @@
 //! API discovery: `/version`, `/api`, `/apis`, `/api/v1`, `/apis/{g}` and
-//! `/apis/{g}/{v}`, generated from the resource table.
+//! `/apis/{g}/{v}`, generated from the types served now: the resource table
+//! plus the custom resources of the CRDs created so far
+//! ([`Store::types`](crate::sim::store::Store::types)).
 //!
 //! Clients (kubectl, client-go's RESTMapper, kube-rs) read these documents
 //! before any resource request, so their shapes follow the apiserver's
@@ -13,7 +15,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::{Map, Value, json};
 
-use crate::sim::resources::{self, RESOURCES, ResourceType};
+use crate::sim::resources::{self, ResourceType};
 
 /// The version kube-sim claims. kubectl's dispatcher picks its own minor from
 /// `minor`, so this must name a kubectl that is installed (1.32).
@@ -23,26 +25,27 @@ pub const GIT_VERSION: &str = "v1.32.0-kube-sim";
 /// advertise address; clients ignore it unless they match the CIDR rules).
 const SERVER_ADDRESS: &str = "127.0.0.1:6443";
 
-/// Answers a discovery path, or `None` when `path` is not one.
+/// Answers a discovery path from the served `types`, or `None` when `path`
+/// is not one.
 ///
 /// `/apis/{unknown}` and `/apis/{g}/{unknown}` are discovery paths the
 /// apiserver answers with a 404 Status, so they get one here too.
-pub fn serve(path: &str) -> Option<Response<Bytes>> {
+pub fn serve(path: &str, types: &[&'static ResourceType]) -> Option<Response<Bytes>> {
     let path = path.strip_suffix('/').unwrap_or(path);
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     match segments.as_slice() {
         ["version"] => Some(json_response(StatusCode::OK, &version())),
         ["api"] => Some(json_response(StatusCode::OK, &api_versions())),
-        ["apis"] => Some(json_response(StatusCode::OK, &api_group_list())),
-        ["api", version] => Some(match resource_list("", version) {
+        ["apis"] => Some(json_response(StatusCode::OK, &api_group_list(types))),
+        ["api", version] => Some(match resource_list(types, "", version) {
             Some(doc) => json_response(StatusCode::OK, &doc),
             None => not_found(),
         }),
-        ["apis", group] => Some(match api_group(group) {
+        ["apis", group] => Some(match api_group(types, group) {
             Some(doc) => json_response(StatusCode::OK, &doc),
             None => not_found(),
         }),
-        ["apis", group, version] => Some(match resource_list(group, version) {
+        ["apis", group, version] => Some(match resource_list(types, group, version) {
             Some(doc) => json_response(StatusCode::OK, &doc),
             None => not_found(),
         }),
@@ -77,9 +80,9 @@ pub fn api_versions() -> Value {
 }
 
 /// The named groups in discovery order (core excluded), each with its versions.
-fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
+fn groups(types: &[&'static ResourceType]) -> Vec<(&'static str, Vec<&'static str>)> {
     let mut out: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
-    for (group, version) in resources::group_versions() {
+    for (group, version) in resources::group_versions_of(types.iter().copied()) {
         if group.is_empty() {
             continue;
         }
@@ -102,8 +105,8 @@ fn group_entry(group: &str, versions: &[&str]) -> Value {
 }
 
 /// `/apis`.
-pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = groups()
+pub fn api_group_list(types: &[&'static ResourceType]) -> Value {
+    let groups: Vec<Value> = groups(types)
         .iter()
         .map(|(g, versions)| group_entry(g, versions))
         .collect();
@@ -111,8 +114,8 @@ pub fn api_group_list() -> Value {
 }
 
 /// `/apis/{group}`; `None` for a group kube-sim does not serve.
-pub fn api_group(group: &str) -> Option<Value> {
-    let (name, versions) = groups().into_iter().find(|(g, _)| *g == group)?;
+pub fn api_group(types: &[&'static ResourceType], group: &str) -> Option<Value> {
+    let (name, versions) = groups(types).into_iter().find(|(g, _)| *g == group)?;
     let mut entry = group_entry(name, &versions);
     let obj = entry.as_object_mut().expect("group_entry builds an object");
     let mut doc = Map::new();
@@ -125,9 +128,10 @@ pub fn api_group(group: &str) -> Option<Value> {
 /// `/api/v1` (group "") or `/apis/{group}/{version}`: an `APIResourceList`
 /// with every resource and subresource, sorted by name like the apiserver.
 /// `None` for a group/version kube-sim does not serve.
-pub fn resource_list(group: &str, version: &str) -> Option<Value> {
-    let types: Vec<&ResourceType> = RESOURCES
+pub fn resource_list(types: &[&'static ResourceType], group: &str, version: &str) -> Option<Value> {
+    let types: Vec<&ResourceType> = types
         .iter()
+        .copied()
         .filter(|r| r.group == group && r.version == version)
         .collect();
     if types.is_empty() {
@@ -273,7 +277,14 @@ pub(crate) fn not_found() -> Response<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::resources::RESOURCES;
     use std::collections::BTreeSet;
+
+    /// Discovery of the built-in types (a kube-sim without CRDs).
+    fn serve(path: &str) -> Option<Response<Bytes>> {
+        let types: Vec<&'static ResourceType> = RESOURCES.iter().collect();
+        super::serve(path, &types)
+    }
 
     fn fixture(name: &str) -> Value {
         let path = format!(

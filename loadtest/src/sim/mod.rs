@@ -3,7 +3,8 @@
 //! Good enough that kubectl, client-go and kube-rs cannot tell the difference
 //! for the covered surface: discovery and OpenAPI, CRUD on the types in
 //! [`resources`], list with selectors and pagination, watch with the
-//! apiserver's resourceVersion semantics, bookmarks and 410, x509,
+//! apiserver's resourceVersion semantics, bookmarks and 410,
+//! CustomResourceDefinitions (their types served once created, [`crd`]), x509,
 //! front-proxy and ServiceAccount token authentication, impersonation, RBAC,
 //! and the review APIs. The tests, the
 //! demo and the load tests all run it in-process with [`KubeSim::start`].
@@ -16,6 +17,7 @@
 
 pub mod auth;
 pub mod capacity;
+pub mod crd;
 pub mod discovery;
 pub mod exec;
 pub mod metrics;

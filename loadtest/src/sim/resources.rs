@@ -2,7 +2,10 @@
 //!
 //! Discovery, OpenAPI, routing, Tables and storage all read this table, so a
 //! type is added in exactly one place. The shapes follow the apiserver's
-//! `APIResource` (see fixtures/discovery_*.body).
+//! `APIResource` (see fixtures/discovery_*.body). Custom resources are not
+//! here: a running kube-sim adds the types of its CRDs
+//! ([`Store::types`](crate::sim::store::Store::types), built by `crd`);
+//! OpenAPI documents only the built-in types.
 
 /// One served resource (a plural name under a group/version).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +24,10 @@ pub struct ResourceType {
     /// Subresources served for this type (e.g. `status`, `exec`, `token`).
     pub subresources: &'static [Subresource],
     pub categories: &'static [&'static str],
+    /// A custom resource served because a CustomResourceDefinition exists
+    /// (see `crd`): its objects may be read through any served version of
+    /// the CRD, and it prints the CRD default Table (Name, Age).
+    pub custom: bool,
 }
 
 /// A subresource as discovery lists it (`pods/exec`).
@@ -48,7 +55,8 @@ pub const CRUD: &[&str] = &[
 /// Review-style types (TokenReview, SubjectAccessReview): create only.
 pub const CREATE_ONLY: &[&str] = &["create"];
 
-const STATUS: Subresource = Subresource {
+/// The `status` subresource of an ordinary stored type.
+pub const STATUS: Subresource = Subresource {
     name: "status",
     kind: "",
     group: "",
@@ -106,6 +114,7 @@ pub const RESOURCES: &[ResourceType] = &[
         ],
         subresources: &[STATUS],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "",
@@ -118,6 +127,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[STATUS],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "",
@@ -146,6 +156,7 @@ pub const RESOURCES: &[ResourceType] = &[
             },
         ],
         categories: &["all"],
+        custom: false,
     },
     ResourceType {
         group: "",
@@ -158,6 +169,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "",
@@ -170,6 +182,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "",
@@ -182,6 +195,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[STATUS],
         categories: &["all"],
+        custom: false,
     },
     ResourceType {
         group: "",
@@ -200,6 +214,7 @@ pub const RESOURCES: &[ResourceType] = &[
             verbs: &["create"],
         }],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "",
@@ -212,6 +227,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "apps",
@@ -224,6 +240,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[STATUS],
         categories: &["all"],
+        custom: false,
     },
     ResourceType {
         group: "apps",
@@ -236,6 +253,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[STATUS],
         categories: &["all"],
+        custom: false,
     },
     ResourceType {
         group: "coordination.k8s.io",
@@ -248,6 +266,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "rbac.authorization.k8s.io",
@@ -260,6 +279,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "rbac.authorization.k8s.io",
@@ -272,6 +292,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "rbac.authorization.k8s.io",
@@ -284,6 +305,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "rbac.authorization.k8s.io",
@@ -296,6 +318,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "authentication.k8s.io",
@@ -308,6 +331,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CREATE_ONLY,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "authentication.k8s.io",
@@ -320,6 +344,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CREATE_ONLY,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "authorization.k8s.io",
@@ -332,6 +357,7 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CREATE_ONLY,
         subresources: &[],
         categories: &[],
+        custom: false,
     },
     ResourceType {
         group: "authorization.k8s.io",
@@ -344,13 +370,37 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CREATE_ONLY,
         subresources: &[],
         categories: &[],
+        custom: false,
+    },
+    // Creating one registers its custom resource types (see `crd`).
+    ResourceType {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        plural: "customresourcedefinitions",
+        singular: "customresourcedefinition",
+        kind: "CustomResourceDefinition",
+        namespaced: false,
+        short_names: &["crd", "crds"],
+        verbs: CRUD,
+        subresources: &[STATUS],
+        categories: &["api-extensions"],
+        custom: false,
     },
 ];
 
-/// The distinct group/versions, in discovery order (core first).
+/// The distinct group/versions of the built-in types, in discovery order
+/// (core first). A running kube-sim also serves its CRDs' types:
+/// [`Store::group_versions`](crate::sim::store::Store::group_versions).
 pub fn group_versions() -> Vec<(&'static str, &'static str)> {
+    group_versions_of(RESOURCES.iter())
+}
+
+/// The distinct group/versions of `types`, in their order.
+pub fn group_versions_of<'a>(
+    types: impl IntoIterator<Item = &'a ResourceType>,
+) -> Vec<(&'static str, &'static str)> {
     let mut out: Vec<(&'static str, &'static str)> = Vec::new();
-    for r in RESOURCES {
+    for r in types {
         if !out.contains(&(r.group, r.version)) {
             out.push((r.group, r.version));
         }
@@ -358,14 +408,17 @@ pub fn group_versions() -> Vec<(&'static str, &'static str)> {
     out
 }
 
-/// Looks a type up by group, version and plural.
+/// Looks a built-in type up by group, version and plural. Custom resources
+/// exist per kube-sim instance: [`Store::find`](crate::sim::store::Store::find).
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
     RESOURCES
         .iter()
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
-/// Looks a type up by its `apiVersion` and `kind` (as found in a request body).
+/// Looks a built-in type up by its `apiVersion` and `kind` (as found in a
+/// request body); [`Store::find_kind`](crate::sim::store::Store::find_kind)
+/// also sees custom resources.
 pub fn find_kind(api_version: &str, kind: &str) -> Option<&'static ResourceType> {
     RESOURCES
         .iter()

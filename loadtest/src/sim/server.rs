@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 use super::auth::{self, Authenticator, Impersonate, UserInfo};
 use super::metrics::{RequestLabels, SimMetrics};
 use super::rbac::{self, Attributes, Authorizer, Decision};
-use super::resources::{self, ResourceType};
+use super::resources::ResourceType;
 use super::store::{Event, EventType, ListOptions, ListResult, PatchKind, Store, StoreError};
 use super::{SimError, SimPki, discovery, exec, openapi, protobuf, table};
 
@@ -301,7 +301,7 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
     // Phase 3: may this user make this request?
     let attrs = request_attributes(req.method(), path, req.uri().query());
     if let Err(resp) = authorize(&state.authz, &user, &attrs, req.headers()) {
-        let labels = classify(req.method(), path, req.uri().query())
+        let labels = classify(&state.store, req.method(), path, req.uri().query())
             .map(|info| info.labels())
             .unwrap_or_else(|_| non_resource_labels());
         state.metrics.record(labels, 403);
@@ -317,7 +317,7 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
     }
 
     // Phase 5: classify to a served type.
-    let info = match classify(req.method(), path, req.uri().query()) {
+    let info = match classify(&state.store, req.method(), path, req.uri().query()) {
         Ok(info) => info,
         Err(Reject::NotFound) => return not_found(),
         Err(Reject::MethodNotAllowed) => return method_not_allowed(),
@@ -390,7 +390,7 @@ fn public(path: &str) -> Option<Response<ResBody>> {
         {
             Some(text(StatusCode::OK, "ok"))
         }
-        "/version" => discovery::serve(path).map(bytes_response),
+        "/version" => discovery::serve(path, &[]).map(bytes_response),
         _ => None,
     }
 }
@@ -405,7 +405,7 @@ fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBo
         );
         return Some(resp);
     }
-    if let Some(resp) = discovery::serve(path) {
+    if let Some(resp) = discovery::serve(path, &state.store.types()) {
         return Some(bytes_response(resp));
     }
     openapi::serve(path, req.uri().query(), req.headers()).map(bytes_response)
@@ -762,8 +762,14 @@ enum Reject {
     MethodNotAllowed,
 }
 
-/// The apiserver's RequestInfo for `/api/v1/...` and `/apis/{g}/{v}/...`.
-fn classify(method: &Method, path: &str, query: Option<&str>) -> Result<ReqInfo, Reject> {
+/// The apiserver's RequestInfo for `/api/v1/...` and `/apis/{g}/{v}/...`,
+/// against the types `store` serves now (custom resources included).
+fn classify(
+    store: &Store,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<ReqInfo, Reject> {
     let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let (group, version, mut rest) = match parts.as_slice() {
         ["api", version, rest @ ..] => ("", *version, rest),
@@ -790,7 +796,7 @@ fn classify(method: &Method, path: &str, query: Option<&str>) -> Result<ReqInfo,
         [resource, name, sub] => (*resource, Some(*name), Some(*sub)),
         _ => return Err(Reject::NotFound),
     };
-    let Some(rt) = resources::find(group, version, resource) else {
+    let Some(rt) = store.find(group, version, resource) else {
         return Err(Reject::NotFound);
     };
     if rt.namespaced != namespace.is_some() && (name.is_some() || !rt.namespaced) {
@@ -1063,6 +1069,10 @@ fn write(
         (Verb::Patch, None | Some("status")) => {
             let kind = match content_type {
                 "application/merge-patch+json" => PatchKind::Merge,
+                // Custom resources have no patch strategies (no Go struct tags).
+                "application/strategic-merge-patch+json" if rt.custom => {
+                    return Ok(unsupported_media_type_custom());
+                }
                 "application/strategic-merge-patch+json" => PatchKind::StrategicMerge,
                 "application/json-patch+json" => PatchKind::Json,
                 _ => return Ok(unsupported_media_type()),
@@ -1506,6 +1516,14 @@ fn method_not_allowed() -> Response<ResBody> {
     )
 }
 
+/// What the apiserver answers a strategic merge patch of a custom resource.
+fn unsupported_media_type_custom() -> Response<ResBody> {
+    status_response(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml","reason":"UnsupportedMediaType","code":415}"#,
+    )
+}
+
 /// Server-side apply (`application/apply-patch+yaml`) is not simulated.
 fn unsupported_media_type() -> Response<ResBody> {
     status_response(
@@ -1519,7 +1537,7 @@ mod tests {
     use super::*;
 
     fn info(method: Method, path: &str, query: &str) -> Result<ReqInfo, StatusCode> {
-        classify(&method, path, Some(query)).map_err(|r| match r {
+        classify(&Store::new(10, 10), &method, path, Some(query)).map_err(|r| match r {
             Reject::NotFound => StatusCode::NOT_FOUND,
             Reject::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         })
@@ -1688,7 +1706,7 @@ mod tests {
 
     #[test]
     fn list_items_lose_kind_and_api_version() {
-        let rt = resources::find("", "v1", "configmaps").expect("cm");
+        let rt = crate::sim::resources::find("", "v1", "configmaps").expect("cm");
         let result = ListResult {
             items: vec![Arc::new(
                 json!({"kind":"ConfigMap","apiVersion":"v1","metadata":{"name":"a"}}),

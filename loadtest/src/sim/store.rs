@@ -13,18 +13,28 @@
 //! `try_send`; a full queue closes that watcher, like the apiserver closing a
 //! slow watcher, and the client re-watches from its last RV).
 //!
+//! Custom resources: the types a CRD defines (see [`crd`](crate::sim::crd))
+//! are registered per store, under the CRD type's lock, before the CRD write
+//! commits; their states live in an `RwLock`ed map beside the fixed map of
+//! built-in types (whose lookups take no lock). A CRD's versions share one
+//! state, each reader and watcher getting objects in its own version.
+//!
 //! Lock order: a write never holds two type locks at once (a namespaced create
 //! checks its namespace first, then takes its own type's lock; creating a
-//! Namespace creates its "default" ServiceAccount after releasing the lock).
+//! Namespace creates its "default" ServiceAccount after releasing the lock),
+//! except a CRD write, which holds the CRD type's lock, then briefly the
+//! custom-type registry, then (deleting a CRD's objects) that type's lock;
+//! nothing takes these the other way round.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
+use crate::sim::crd;
 use crate::sim::resources::{self, RESOURCES, ResourceType};
 use crate::sim::selectors::{FieldSelector, LabelSelector, is_dns1123_subdomain};
 
@@ -189,7 +199,10 @@ impl Watch {
     /// Ask the store to queue a BOOKMARK with the current RV into THIS watch's queue, in order
     /// with its other events (no-op unless allow_bookmarks). Used before the timeout.
     pub fn request_bookmark(&self) {
-        let mut ts = self.shared.lock(self.rt);
+        let Ok(slot) = self.shared.slot(self.rt) else {
+            return;
+        };
+        let mut ts = slot.lock();
         let rv = self.shared.rv.load(Ordering::SeqCst);
         let bookmark = Event {
             kind: EventType::Bookmark,
@@ -209,7 +222,10 @@ impl Watch {
 impl Drop for Watch {
     fn drop(&mut self) {
         let id = self.id;
-        self.shared.lock(self.rt).watchers.retain(|w| w.id != id);
+        // A custom type whose CRD is gone took its watchers with it.
+        if let Ok(slot) = self.shared.slot(self.rt) {
+            slot.lock().watchers.retain(|w| w.id != id);
+        }
     }
 }
 
@@ -248,6 +264,10 @@ pub enum StoreError {
     /// 404 for a namespaced create into a missing namespace.
     #[error("namespaces \"{0}\" not found")]
     NamespaceNotFound(String),
+    /// 404: a custom resource type whose CRD is gone (or was never created
+    /// in this kube-sim), as the apiserver answers an unknown resource.
+    #[error("the server could not find the requested resource")]
+    NotServed,
 }
 
 /// `details` of a Status naming a resource: `plural.group` splits into kind + group.
@@ -270,7 +290,9 @@ impl StoreError {
     /// The HTTP status code.
     pub fn code(&self) -> u16 {
         match self {
-            StoreError::NotFound { .. } | StoreError::NamespaceNotFound(_) => 404,
+            StoreError::NotFound { .. }
+            | StoreError::NamespaceNotFound(_)
+            | StoreError::NotServed => 404,
             StoreError::AlreadyExists { .. } | StoreError::Conflict { .. } => 409,
             StoreError::Invalid { .. } => 422,
             StoreError::BadRequest(_) => 400,
@@ -280,7 +302,9 @@ impl StoreError {
 
     fn reason(&self) -> &'static str {
         match self {
-            StoreError::NotFound { .. } | StoreError::NamespaceNotFound(_) => "NotFound",
+            StoreError::NotFound { .. }
+            | StoreError::NamespaceNotFound(_)
+            | StoreError::NotServed => "NotFound",
             StoreError::AlreadyExists { .. } => "AlreadyExists",
             StoreError::Conflict { .. } => "Conflict",
             StoreError::Invalid { .. } => "Invalid",
@@ -315,6 +339,7 @@ impl StoreError {
                     "causes": [{"reason": reason, "message": cause, "field": field}],
                 }))
             }
+            StoreError::NotServed => Some(json!({})),
             StoreError::BadRequest(_)
             | StoreError::Expired { .. }
             | StoreError::ContinueExpired => None,
@@ -377,6 +402,9 @@ impl Change {
 /// A registered watcher: its filter and its bounded queue.
 struct Watcher {
     id: u64,
+    /// The type (version) watched: a custom type's versions share one
+    /// `TypeState`, and each watcher gets objects in its own version.
+    rt: &'static ResourceType,
     namespace: Option<String>,
     label: LabelSelector,
     field: FieldSelector,
@@ -428,6 +456,15 @@ struct TypeState {
 }
 
 impl TypeState {
+    fn new() -> TypeState {
+        TypeState {
+            objects: BTreeMap::new(),
+            window: VecDeque::new(),
+            dropped: None,
+            watchers: Vec::new(),
+        }
+    }
+
     /// The lowest RV from which the window replays completely (the
     /// apiserver's `oldest-1`); None when nothing was ever dropped.
     fn oldest_servable(&self) -> Option<Rv> {
@@ -473,20 +510,154 @@ struct Shared {
     /// so within one type RVs are allocated in commit order.
     rv: AtomicU64,
     next_watcher: AtomicU64,
+    /// The built-in types' states, fixed at construction: read without a lock.
     types: HashMap<(&'static str, &'static str), Mutex<TypeState>>,
+    /// The custom resource types this kube-sim's CRDs define (per instance:
+    /// several kube-sims in one process must not see each other's CRDs).
+    custom: RwLock<CustomTypes>,
     window: usize,
     watcher_queue: usize,
 }
 
+/// Custom resource types, registered and unregistered by CRD writes.
+#[derive(Default)]
+struct CustomTypes {
+    /// (CRD name, the types of its served versions, storage version first),
+    /// in creation order: discovery lists them in this order.
+    crds: Vec<(String, Vec<&'static ResourceType>)>,
+    /// One state per (group, plural): a CRD's versions share their objects.
+    states: HashMap<(&'static str, &'static str), Arc<Mutex<TypeState>>>,
+}
+
+impl CustomTypes {
+    fn types(&self) -> impl Iterator<Item = &'static ResourceType> + '_ {
+        self.crds
+            .iter()
+            .flat_map(|(_, types)| types.iter().copied())
+    }
+
+    /// Why `def`'s names cannot be accepted for CRD `name`: another CRD
+    /// serves the same plural or kind in the group.
+    fn conflict(&self, name: &str, def: &crd::Definition) -> Option<String> {
+        let other = self
+            .crds
+            .iter()
+            .filter(|(n, _)| n != name)
+            .flat_map(|(_, types)| types.iter())
+            .find(|t| t.group == def.group && (t.plural == def.plural || t.kind == def.kind))?;
+        Some(if other.plural == def.plural {
+            format!("\"{}\" is already in use", def.plural)
+        } else {
+            format!("\"{}\" is already in use", def.kind)
+        })
+    }
+
+    /// Serves `types` for CRD `name` (replacing what it served before);
+    /// returns the states of (group, plural)s it no longer serves.
+    fn register(
+        &mut self,
+        name: &str,
+        types: Vec<&'static ResourceType>,
+    ) -> Vec<Arc<Mutex<TypeState>>> {
+        for t in &types {
+            self.states
+                .entry((t.group, t.plural))
+                .or_insert_with(|| Arc::new(Mutex::new(TypeState::new())));
+        }
+        match self.crds.iter_mut().find(|(n, _)| n == name) {
+            Some((_, old)) => *old = types,
+            None => self.crds.push((name.to_string(), types)),
+        }
+        self.collect_unserved()
+    }
+
+    /// Stops serving CRD `name`'s types; returns their states.
+    fn unregister(&mut self, name: &str) -> Vec<Arc<Mutex<TypeState>>> {
+        self.crds.retain(|(n, _)| n != name);
+        self.collect_unserved()
+    }
+
+    fn collect_unserved(&mut self) -> Vec<Arc<Mutex<TypeState>>> {
+        let served: Vec<(&'static str, &'static str)> =
+            self.types().map(|t| (t.group, t.plural)).collect();
+        let gone: Vec<_> = self
+            .states
+            .keys()
+            .filter(|k| !served.contains(k))
+            .copied()
+            .collect();
+        gone.iter().filter_map(|k| self.states.remove(k)).collect()
+    }
+}
+
+/// Where a type's state lives: borrowed for a built-in type, shared for a
+/// custom one (whose entry a CRD deletion may remove meanwhile).
+enum Slot<'a> {
+    Builtin(&'a Mutex<TypeState>),
+    Custom(Arc<Mutex<TypeState>>),
+}
+
+impl Slot<'_> {
+    fn lock(&self) -> MutexGuard<'_, TypeState> {
+        let m = match self {
+            Slot::Builtin(m) => m,
+            Slot::Custom(m) => &**m,
+        };
+        lock_state(m)
+    }
+}
+
+fn lock_state(m: &Mutex<TypeState>) -> MutexGuard<'_, TypeState> {
+    // A panic while holding the lock leaves consistent data (every
+    // mutation is a single insert/push), so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Shared {
-    fn lock(&self, rt: &ResourceType) -> MutexGuard<'_, TypeState> {
-        let m = self
-            .types
+    /// The state of `rt`; `NotServed` for a custom type this kube-sim does not
+    /// (or no longer) serve.
+    fn slot(&self, rt: &ResourceType) -> Result<Slot<'_>, StoreError> {
+        if !rt.custom {
+            let m = self
+                .types
+                .get(&(rt.group, rt.plural))
+                .expect("every built-in ResourceType comes from RESOURCES");
+            return Ok(Slot::Builtin(m));
+        }
+        self.custom
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .states
             .get(&(rt.group, rt.plural))
-            .expect("every ResourceType comes from RESOURCES");
-        // A panic while holding the lock leaves consistent data (every
-        // mutation is a single insert/push), so poisoning is ignored.
-        m.lock().unwrap_or_else(|e| e.into_inner())
+            .cloned()
+            .map(Slot::Custom)
+            .ok_or(StoreError::NotServed)
+    }
+
+    /// A built-in type's state (unit tests inspect watchers with it).
+    #[cfg(test)]
+    fn lock(&self, rt: &ResourceType) -> MutexGuard<'_, TypeState> {
+        lock_state(
+            self.types
+                .get(&(rt.group, rt.plural))
+                .expect("a built-in type"),
+        )
+    }
+
+    fn custom(&self) -> std::sync::RwLockReadGuard<'_, CustomTypes> {
+        // Every mutation of CustomTypes completes before it could panic.
+        self.custom.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn custom_mut(&self) -> std::sync::RwLockWriteGuard<'_, CustomTypes> {
+        self.custom.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every state: built-in ones, then custom ones.
+    fn all_slots(&self) -> Vec<Slot<'_>> {
+        let mut out: Vec<Slot<'_>> = self.types.values().map(Slot::Builtin).collect();
+        out.extend(self.custom().states.values().cloned().map(Slot::Custom));
+        out
     }
 
     /// Commits a change under `ts`'s lock: window, then fan-out to watchers.
@@ -505,7 +676,12 @@ impl Shared {
             }
             match transition(&change, &w.label, &w.field) {
                 // Full or closed: drop the watcher, which closes its stream.
-                Some(ev) => w.tx.try_send(ev).is_ok(),
+                Some(mut ev) => {
+                    if w.rt.custom {
+                        ev.object = as_version(w.rt, ev.object);
+                    }
+                    w.tx.try_send(ev).is_ok()
+                }
                 None => true,
             }
         });
@@ -543,6 +719,62 @@ fn resource_name(rt: &ResourceType) -> String {
     } else {
         format!("{}.{}", rt.plural, rt.group)
     }
+}
+
+/// `obj` as `rt`'s version: a custom resource is stored in the version it
+/// was written in and read in any served version of its CRD, converting by
+/// `apiVersion` alone (the CRD `None` conversion strategy).
+fn as_version(rt: &ResourceType, obj: Arc<Value>) -> Arc<Value> {
+    if !rt.custom {
+        return obj;
+    }
+    let want = rt.api_version();
+    if obj.get("apiVersion").and_then(Value::as_str) == Some(want.as_str()) {
+        return obj;
+    }
+    let mut o = (*obj).clone();
+    if let Some(m) = o.as_object_mut() {
+        m.insert("apiVersion".into(), Value::String(want));
+    }
+    Arc::new(o)
+}
+
+/// Whether `metadata.generation` moves from `old` to `new`: on a change of
+/// the spec for apps types; for custom resources and CRDs on a change of
+/// anything but metadata (and status when it is a subresource), as their
+/// registry strategies do.
+fn generation_changes(rt: &ResourceType, old: &Value, new: &Value) -> bool {
+    if rt.group == "apps" {
+        return new.get("spec") != old.get("spec");
+    }
+    let status_is_separate = !rt.subresources.is_empty();
+    let body = |o: &Value| -> Map<String, Value> {
+        o.as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| match k.as_str() {
+                        "metadata" | "apiVersion" | "kind" => false,
+                        "status" => !status_is_separate,
+                        _ => true,
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    body(old) != body(new)
+}
+
+/// Types whose objects carry `metadata.generation`.
+fn has_generation(rt: &ResourceType) -> bool {
+    rt.group == "apps" || rt.custom || rt.kind == CRD_KIND
+}
+
+/// The kind whose writes register custom resource types.
+const CRD_KIND: &str = "CustomResourceDefinition";
+
+fn is_crd(rt: &ResourceType) -> bool {
+    !rt.custom && rt.kind == CRD_KIND
 }
 
 fn with_rv(obj: &Value, rv: Rv) -> Value {
@@ -636,6 +868,14 @@ fn validate_name(rt: &ResourceType, name: &str) -> Result<(), StoreError> {
         name: name.to_string(),
         message: format!("metadata.name: Invalid value: \"{name}\": {msg}"),
     };
+    if rt.custom {
+        // Custom resources: the generic rule, whatever their kind is called.
+        return if is_dns1123_subdomain(name) {
+            Ok(())
+        } else {
+            Err(invalid(SUBDOMAIN_MSG))
+        };
+    }
     match rt.kind {
         "Namespace" if !is_dns1123_label(name) => Err(invalid(LABEL_MSG)),
         "Service"
@@ -732,23 +972,14 @@ impl Store {
     pub fn new(window: usize, watcher_queue: usize) -> Store {
         let types = RESOURCES
             .iter()
-            .map(|rt| {
-                (
-                    (rt.group, rt.plural),
-                    Mutex::new(TypeState {
-                        objects: BTreeMap::new(),
-                        window: VecDeque::new(),
-                        dropped: None,
-                        watchers: Vec::new(),
-                    }),
-                )
-            })
+            .map(|rt| ((rt.group, rt.plural), Mutex::new(TypeState::new())))
             .collect();
         Store {
             shared: Arc::new(Shared {
                 rv: AtomicU64::new(0),
                 next_watcher: AtomicU64::new(1),
                 types,
+                custom: RwLock::new(CustomTypes::default()),
                 window,
                 watcher_queue: watcher_queue.max(1),
             }),
@@ -760,12 +991,92 @@ impl Store {
         self.shared.rv.load(Ordering::SeqCst)
     }
 
+    /// Every type served now: the built-in ones, then those of the CRDs
+    /// in creation order (each CRD's storage version first).
+    pub fn types(&self) -> Vec<&'static ResourceType> {
+        let mut out: Vec<&'static ResourceType> = RESOURCES.iter().collect();
+        out.extend(self.shared.custom().types());
+        out
+    }
+
+    /// Looks a served type up by group, version and plural (custom ones included).
+    pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
+        resources::find(group, version, plural).or_else(|| {
+            self.shared
+                .custom()
+                .types()
+                .find(|r| r.group == group && r.version == version && r.plural == plural)
+        })
+    }
+
+    /// Looks a served type up by `apiVersion` and `kind` (custom ones included).
+    pub fn find_kind(&self, api_version: &str, kind: &str) -> Option<&'static ResourceType> {
+        resources::find_kind(api_version, kind).or_else(|| {
+            self.shared
+                .custom()
+                .types()
+                .find(|r| r.kind == kind && r.api_version() == api_version)
+        })
+    }
+
+    /// The distinct group/versions served now, in discovery order (core first).
+    pub fn group_versions(&self) -> Vec<(&'static str, &'static str)> {
+        resources::group_versions_of(self.types())
+    }
+
     fn namespace_exists(&self, ns: &str) -> bool {
         let rt = namespaces_type();
-        self.shared
-            .lock(rt)
+        let Ok(slot) = self.shared.slot(rt) else {
+            return false;
+        };
+        slot.lock()
             .objects
             .contains_key(&(String::new(), ns.to_string()))
+    }
+
+    /// CRD `name` was written: accept its names unless another CRD holds
+    /// them, serve its types (before the CRD is committed, so a client that
+    /// sees it Established can use them at once) and write its status.
+    /// Called under the CRD type's lock, which orders all CRD writes.
+    fn establish(
+        &self,
+        name: &str,
+        def: &crd::Definition,
+        obj: &mut Value,
+        old: Option<&Value>,
+    ) -> Result<(), StoreError> {
+        let conflict = self.shared.custom().conflict(name, def);
+        let unserved = match conflict {
+            None => {
+                let types = def
+                    .types
+                    .iter()
+                    .map(crd::intern)
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.shared.custom_mut().register(name, types)
+            }
+            Some(_) => self.shared.custom_mut().unregister(name),
+        };
+        self.purge(unserved);
+        crd::set_status(obj, def, old, conflict.as_deref(), &now_rfc3339());
+        Ok(())
+    }
+
+    /// The apiextensions finalizer's job for types no longer served: delete
+    /// every object (watchers see each DELETED), then end the watches.
+    /// Lock order: CRD type lock, then the custom registry (released), then
+    /// each custom type's lock; nothing takes them the other way round.
+    fn purge(&self, states: Vec<Arc<Mutex<TypeState>>>) {
+        for state in states {
+            let mut ts = lock_state(&state);
+            let keys: Vec<Key> = ts.objects.keys().cloned().collect();
+            for key in keys {
+                if let Some(old) = ts.objects.get(&key).cloned() {
+                    Self::delete_existing(&self.shared, &mut ts, key, old);
+                }
+            }
+            ts.watchers.clear();
+        }
     }
 
     /// Creates an object: fills uid, resourceVersion, creationTimestamp,
@@ -816,10 +1127,15 @@ impl Store {
         set_meta(&mut obj, "uid", Value::String(random_uid()));
         set_meta(&mut obj, "creationTimestamp", Value::String(now_rfc3339()));
         remove_meta(&mut obj, "deletionTimestamp");
-        if rt.group == "apps" {
+        if has_generation(rt) {
             set_meta(&mut obj, "generation", json!(1));
         }
-        if rt.kind == "Namespace" {
+        let definition = if is_crd(rt) {
+            Some(crd::validate(&mut obj)?)
+        } else {
+            None
+        };
+        if !rt.custom && rt.kind == "Namespace" {
             // What the namespace registry strategy fills in.
             if obj.get("spec").and_then(|s| s.get("finalizers")).is_none() {
                 obj["spec"] = json!({"finalizers": ["kubernetes"]});
@@ -828,12 +1144,16 @@ impl Store {
         }
         let key = key_of(rt, namespace, &name)?;
         let created = {
-            let mut ts = self.shared.lock(rt);
+            let slot = self.shared.slot(rt)?;
+            let mut ts = slot.lock();
             if ts.objects.contains_key(&key) {
                 return Err(StoreError::AlreadyExists {
                     resource: resource_name(rt),
                     name,
                 });
+            }
+            if let Some(def) = &definition {
+                self.establish(&name, def, &mut obj, None)?;
             }
             let rv = self.shared.next_rv();
             set_meta(&mut obj, "resourceVersion", Value::String(rv.to_string()));
@@ -850,7 +1170,7 @@ impl Store {
             );
             created
         };
-        if rt.kind == "Namespace" {
+        if !rt.custom && rt.kind == "Namespace" {
             // The ServiceAccount controller's job: every namespace has "default".
             if let Some(sa) = resources::find("", "v1", "serviceaccounts") {
                 let body = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}});
@@ -873,11 +1193,10 @@ impl Store {
         name: &str,
     ) -> Result<Arc<Value>, StoreError> {
         let key = key_of(rt, namespace, name)?;
-        self.shared
-            .lock(rt)
-            .objects
-            .get(&key)
-            .cloned()
+        let slot = self.shared.slot(rt)?;
+        let found = slot.lock().objects.get(&key).cloned();
+        found
+            .map(|o| as_version(rt, o))
             .ok_or_else(|| StoreError::NotFound {
                 resource: resource_name(rt),
                 name: name.to_string(),
@@ -913,11 +1232,13 @@ impl Store {
                     ));
         }
         let key = key_of(rt, namespace, name)?;
-        let mut ts = self.shared.lock(rt);
+        let slot = self.shared.slot(rt)?;
+        let mut ts = slot.lock();
         self.update_locked(rt, &mut ts, key, obj)
     }
 
-    /// The shared tail of update and patch, under the type lock.
+    /// The shared tail of update and patch, under the type lock. Returns the
+    /// stored object in `rt`'s version.
     fn update_locked(
         &self,
         rt: &'static ResourceType,
@@ -951,7 +1272,18 @@ impl Store {
             }
         }
         set_meta(&mut obj, "resourceVersion", Value::String(old_rv));
-        if rt.group == "apps" && obj.get("spec") != old.get("spec") {
+        if rt.custom
+            && let (Some(o), Some(av)) = (obj.as_object_mut(), old.get("apiVersion"))
+        {
+            // Stays in the version it was stored in (see `as_version`), so
+            // that rewriting it unchanged through another version is a no-op.
+            o.insert("apiVersion".into(), av.clone());
+        }
+        if is_crd(rt) {
+            let def = crd::validate(&mut obj)?;
+            self.establish(&name, &def, &mut obj, Some(&old))?;
+        }
+        if has_generation(rt) && generation_changes(rt, &old, &obj) {
             let generation = meta(&old)
                 .and_then(|m| m.get("generation"))
                 .and_then(Value::as_i64)
@@ -960,7 +1292,7 @@ impl Store {
         }
         if obj == *old {
             // A no-op write: same RV, no event (like the apiserver).
-            return Ok(old);
+            return Ok(as_version(rt, old));
         }
         let rv = self.shared.next_rv();
         set_meta(&mut obj, "resourceVersion", Value::String(rv.to_string()));
@@ -975,7 +1307,7 @@ impl Store {
                 old_at_rv: OnceLock::new(),
             },
         );
-        Ok(new)
+        Ok(as_version(rt, new))
     }
 
     /// Applies a patch to the stored object and stores the result (a
@@ -989,14 +1321,16 @@ impl Store {
         kind: PatchKind,
     ) -> Result<Arc<Value>, StoreError> {
         let key = key_of(rt, namespace, name)?;
-        let mut ts = self.shared.lock(rt);
+        let slot = self.shared.slot(rt)?;
+        let mut ts = slot.lock();
         let Some(old) = ts.objects.get(&key).cloned() else {
             return Err(StoreError::NotFound {
                 resource: resource_name(rt),
                 name: name.to_string(),
             });
         };
-        let mut obj = (*old).clone();
+        // The patch applies to the object as the client reads it.
+        let mut obj = (*as_version(rt, old)).clone();
         match kind {
             PatchKind::Merge => patch::merge_patch(&mut obj, patch),
             PatchKind::StrategicMerge => {
@@ -1024,8 +1358,19 @@ impl Store {
         name: &str,
     ) -> Result<Arc<Value>, StoreError> {
         let key = key_of(rt, namespace, name)?;
-        let mut ts = self.shared.lock(rt);
-        Self::delete_locked(&self.shared, rt, &mut ts, key)
+        let slot = self.shared.slot(rt)?;
+        let mut ts = slot.lock();
+        if is_crd(rt) && ts.objects.contains_key(&key) {
+            self.remove_crd_types(name);
+        }
+        Self::delete_locked(&self.shared, rt, &mut ts, key).map(|o| as_version(rt, o))
+    }
+
+    /// What deleting CRD `name` does before the CRD itself goes (under the
+    /// CRD type's lock): its objects are deleted, its types unserved.
+    fn remove_crd_types(&self, name: &str) {
+        let unserved = self.shared.custom_mut().unregister(name);
+        self.purge(unserved);
     }
 
     fn delete_locked(
@@ -1040,6 +1385,16 @@ impl Store {
                 name: key.1,
             });
         };
+        Ok(Self::delete_existing(shared, ts, key, old))
+    }
+
+    /// Commits the deletion of `old`, stored at `key`; returns the tombstone.
+    fn delete_existing(
+        shared: &Shared,
+        ts: &mut TypeState,
+        key: Key,
+        old: Arc<Value>,
+    ) -> Arc<Value> {
         let rv = shared.next_rv();
         let tomb = Arc::new(with_rv(&old, rv));
         let old_at_rv = OnceLock::new();
@@ -1054,7 +1409,7 @@ impl Store {
                 old_at_rv,
             },
         );
-        Ok(tomb)
+        tomb
     }
 
     /// Deletes every object the selectors match (in `namespace` if given).
@@ -1064,7 +1419,8 @@ impl Store {
         namespace: Option<&str>,
         opts: &ListOptions,
     ) -> Result<Vec<Arc<Value>>, StoreError> {
-        let mut ts = self.shared.lock(rt);
+        let slot = self.shared.slot(rt)?;
+        let mut ts = slot.lock();
         let keys: Vec<Key> = ts
             .objects
             .iter()
@@ -1075,7 +1431,12 @@ impl Store {
             .map(|(k, _)| k.clone())
             .collect();
         keys.into_iter()
-            .map(|k| Self::delete_locked(&self.shared, rt, &mut ts, k))
+            .map(|k| {
+                if is_crd(rt) {
+                    self.remove_crd_types(&k.1);
+                }
+                Self::delete_locked(&self.shared, rt, &mut ts, k).map(|o| as_version(rt, o))
+            })
             .collect()
     }
 
@@ -1117,7 +1478,8 @@ impl Store {
                 "resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\"".into(),
             ));
         }
-        let ts = self.shared.lock(rt);
+        let slot = self.shared.slot(rt)?;
+        let ts = slot.lock();
         let current = self.shared.rv.load(Ordering::SeqCst);
         let mut limit = opts.limit;
         let mut after: Option<String> = None;
@@ -1173,7 +1535,7 @@ impl Store {
         let mut items = Vec::new();
         let mut last_key = None;
         for (k, o) in matching.by_ref() {
-            items.push(o.clone());
+            items.push(as_version(rt, o.clone()));
             last_key = Some(k);
             if limit.is_some_and(|l| items.len() >= l) {
                 break;
@@ -1224,7 +1586,8 @@ impl Store {
         let in_ns = |k: &Key| ns.as_deref().is_none_or(|n| k.0 == n);
         let (label, field) = (&opts.label_selector, &opts.field_selector);
 
-        let mut ts = self.shared.lock(rt);
+        let slot = self.shared.slot(rt)?;
+        let mut ts = slot.lock();
         let current = self.shared.rv.load(Ordering::SeqCst);
         let mut initial = Vec::new();
         if send_initial {
@@ -1232,7 +1595,7 @@ impl Store {
                 if in_ns(k) && selected(label, field, o) {
                     initial.push(Event {
                         kind: EventType::Added,
-                        object: o.clone(),
+                        object: as_version(rt, o.clone()),
                         rv: rv_of(o),
                     });
                 }
@@ -1247,7 +1610,8 @@ impl Store {
         } else if let Some(n) = from {
             ts.check_not_expired(n)?;
             for c in ts.window.iter().filter(|c| c.rv > n && in_ns(&c.key)) {
-                if let Some(ev) = transition(c, label, field) {
+                if let Some(mut ev) = transition(c, label, field) {
+                    ev.object = as_version(rt, ev.object);
                     initial.push(ev);
                 }
             }
@@ -1256,6 +1620,7 @@ impl Store {
         let id = self.shared.next_watcher.fetch_add(1, Ordering::Relaxed);
         ts.watchers.push(Watcher {
             id,
+            rt,
             namespace: ns.clone(),
             label: label.clone(),
             field: field.clone(),
@@ -1263,6 +1628,7 @@ impl Store {
             tx,
         });
         drop(ts);
+        drop(slot);
         Ok(Watch {
             initial,
             rx,
@@ -1274,8 +1640,13 @@ impl Store {
 
     /// Queue a BOOKMARK (current RV) into every live watcher that allowed bookmarks.
     pub fn send_bookmarks(&self) {
-        for rt in RESOURCES {
-            let mut ts = self.shared.lock(rt);
+        // Per type, not per state: the versions of a custom type share a
+        // state, and each watcher's bookmark names its own version.
+        for rt in self.types() {
+            let Ok(slot) = self.shared.slot(rt) else {
+                continue;
+            };
+            let mut ts = slot.lock();
             if ts.watchers.is_empty() {
                 continue;
             }
@@ -1285,28 +1656,36 @@ impl Store {
                 object: Arc::new(bookmark_object(rt, rv, false)),
                 rv,
             };
-            ts.watchers
-                .retain(|w| !w.allow_bookmarks || w.tx.try_send(bookmark.clone()).is_ok());
+            ts.watchers.retain(|w| {
+                w.rt.version != rt.version
+                    || !w.allow_bookmarks
+                    || w.tx.try_send(bookmark.clone()).is_ok()
+            });
         }
     }
 
     /// Test hook: forget the event window of `rt` (a watch from an older RV gets 410).
     pub fn compact(&self, rt: &'static ResourceType) {
-        let mut ts = self.shared.lock(rt);
-        ts.window.clear();
-        ts.dropped = Some(self.shared.rv.load(Ordering::SeqCst));
+        if let Ok(slot) = self.shared.slot(rt) {
+            let mut ts = slot.lock();
+            ts.window.clear();
+            ts.dropped = Some(self.shared.rv.load(Ordering::SeqCst));
+        }
     }
 
     /// Test hook: end every open watch stream (their rx close).
     pub fn close_watches(&self) {
-        for rt in RESOURCES {
-            self.shared.lock(rt).watchers.clear();
+        for slot in self.shared.all_slots() {
+            slot.lock().watchers.clear();
         }
     }
 
-    /// Number of objects of a type (all namespaces).
+    /// Number of objects of a type (all namespaces); 0 for a type not served.
     pub fn count(&self, rt: &'static ResourceType) -> usize {
-        self.shared.lock(rt).objects.len()
+        self.shared
+            .slot(rt)
+            .map(|slot| slot.lock().objects.len())
+            .unwrap_or(0)
     }
 }
 

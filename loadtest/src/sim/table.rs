@@ -448,6 +448,20 @@ const LEASE_COLUMNS: &[Column] = &[
     AGE,
 ];
 
+/// A custom resource without `additionalPrinterColumns`: the CRD default
+/// Age column (type date, printed as an age) after Name (the CRD table
+/// convertor of apiextensions-apiserver).
+const CUSTOM_RESOURCE_COLUMNS: &[Column] = &[
+    NAME,
+    Column {
+        name: "Age",
+        type_: "date",
+        format: "",
+        description: "Custom resource definition column (in JSONPath format): .metadata.creationTimestamp",
+        priority: 0,
+    },
+];
+
 /// The default table convertor's columns (types without a printer).
 const DEFAULT_COLUMNS: &[Column] = &[
     NAME,
@@ -461,6 +475,9 @@ const DEFAULT_COLUMNS: &[Column] = &[
 ];
 
 fn columns(rt: &ResourceType) -> &'static [Column] {
+    if rt.custom {
+        return CUSTOM_RESOURCE_COLUMNS;
+    }
     match (rt.group, rt.plural) {
         ("", "pods") => POD_COLUMNS,
         ("", "configmaps") => CONFIGMAP_COLUMNS,
@@ -480,6 +497,9 @@ fn columns(rt: &ResourceType) -> &'static [Column] {
 fn cells(rt: &ResourceType, o: &Value, now: SystemTime) -> Vec<Value> {
     let name = json!(s(o, "/metadata/name"));
     let age = json!(age(o.pointer("/metadata/creationTimestamp"), now));
+    if rt.custom {
+        return vec![name, age];
+    }
     match (rt.group, rt.plural) {
         ("", "pods") => pod_cells(o, name, age),
         ("", "configmaps") => vec![name, json!(len(o, "/data") + len(o, "/binaryData")), age],
@@ -1079,6 +1099,29 @@ mod tests {
             let cells = t["rows"][0]["cells"].as_array().expect("cells").len();
             assert_eq!(cols, cells, "{}", r.plural);
         }
+    }
+
+    #[test]
+    fn custom_resources_get_name_and_age_like_a_crd_without_printer_columns() {
+        let def = crate::sim::crd::TypeSpec {
+            group: "example.com".into(),
+            version: "v1".into(),
+            plural: "widgets".into(),
+            singular: "widget".into(),
+            kind: "Widget".into(),
+            namespaced: true,
+            short_names: vec![],
+            categories: vec![],
+            status: false,
+        };
+        let widgets = crate::sim::crd::intern(&def).expect("interned");
+        let created = SystemTime::now() - Duration::from_secs(300);
+        let obj = json!({"metadata": {"name": "w", "creationTimestamp":
+            humantime::format_rfc3339_seconds(created).to_string()}});
+        let t = object_table(widgets, &obj, IncludeObject::None);
+        assert_eq!(t["rows"][0]["cells"], json!(["w", "5m"]));
+        assert_eq!(t["columnDefinitions"][1]["name"], "Age");
+        assert_eq!(t["columnDefinitions"][1]["type"], "date");
     }
 
     #[test]

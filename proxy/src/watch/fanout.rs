@@ -15,18 +15,18 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::Frame;
-use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
 use crate::upstream::BoxError;
 use crate::watch::Stats;
+use crate::watch::filter::Selector;
 use crate::watch::stream::Stream;
 
 /// Upper bound of one coalesced frame: big enough to batch a burst, small
@@ -37,14 +37,151 @@ const MAX_FRAME: usize = 64 * 1024;
 /// (so the client resumes from the newest RV), as the apiserver does.
 const PRE_TIMEOUT_BOOKMARK: Duration = Duration::from_secs(2);
 
+/// Queued events a subscriber's queue gives back its memory above (after
+/// a burst, once drained): an idle watcher holds no queue at all.
+const KEEP_QUEUE: usize = 16;
+
+/// Why [`QueueTx::try_send`] did not queue.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SendError {
+    /// The subscriber is not reading: evict it.
+    Full,
+    /// The subscriber is gone.
+    Closed,
+}
+
+/// One subscriber's bounded queue.
+///
+/// Not a tokio `mpsc` channel: that allocates a block of 32 slots (about
+/// 1.3 KiB) per channel up front and keeps it, and at 10,000 idle watches
+/// that is most of what a watch costs. This queue is a `VecDeque` that is
+/// empty — unallocated — while the watcher is idle, behind a mutex that
+/// only the stream (pushing, under its own lock) and the subscriber's body
+/// (draining a whole batch per lock) ever take.
+struct Queue {
+    state: Mutex<QueueState>,
+    bound: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Bytes>,
+    /// The sender is gone (evicted, 410, shutdown) or the body is.
+    closed: bool,
+    waker: Option<Waker>,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // No code path panics while holding it; recover rather than spread.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The stream's end of a subscriber's queue. Dropping it ends the
+/// subscriber's stream once what is queued has been sent.
+pub(crate) struct QueueTx(Arc<Queue>);
+
+/// The body's end.
+struct QueueRx(Arc<Queue>);
+
+/// A bounded queue of `bound` events.
+pub(crate) fn queue(bound: usize) -> (QueueTx, QueueRxHandle) {
+    let q = Arc::new(Queue {
+        state: Mutex::new(QueueState::default()),
+        bound: bound.max(1),
+    });
+    (QueueTx(q.clone()), QueueRxHandle(QueueRx(q)))
+}
+
+/// The body's end of a queue, handed to [`SubBody::new`].
+pub(crate) struct QueueRxHandle(QueueRx);
+
+impl QueueTx {
+    /// Queues `b` unless the subscriber is gone or not reading.
+    pub(crate) fn try_send(&self, b: Bytes) -> Result<(), SendError> {
+        let waker = {
+            let mut st = self.0.lock();
+            if st.closed {
+                return Err(SendError::Closed);
+            }
+            if st.items.len() >= self.0.bound {
+                return Err(SendError::Full);
+            }
+            st.items.push_back(b);
+            st.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for QueueTx {
+    fn drop(&mut self) {
+        let waker = {
+            let mut st = self.0.lock();
+            st.closed = true;
+            st.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl QueueRx {
+    /// Moves queued events (up to about `max` bytes) into `out`; `true`
+    /// when the queue is closed and empty (the end of the stream). Registers
+    /// the task's waker when nothing was queued.
+    fn drain(&self, cx: &Context<'_>, max: usize, mut out: impl FnMut(Bytes) -> usize) -> bool {
+        let mut st = self.0.lock();
+        let mut total = 0usize;
+        let mut took = false;
+        while total < max {
+            match st.items.pop_front() {
+                Some(b) => {
+                    total += out(b);
+                    took = true;
+                }
+                None => break,
+            }
+        }
+        if st.items.is_empty() {
+            if st.items.capacity() > KEEP_QUEUE {
+                st.items = VecDeque::new();
+            }
+            if st.closed {
+                return true;
+            }
+            if !took && !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                st.waker = Some(cx.waker().clone());
+            }
+        }
+        false
+    }
+}
+
+impl Drop for QueueRx {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.closed = true;
+        st.items = VecDeque::new();
+        st.waker = None;
+    }
+}
+
 /// The response body of one shared watch.
 pub struct SubBody {
     initial: VecDeque<Bytes>,
-    rx: mpsc::Receiver<Bytes>,
+    rx: QueueRx,
     deadline: Pin<Box<Sleep>>,
     pre_timeout: Option<Pin<Box<Sleep>>>,
     stream: Arc<Stream>,
     id: u64,
+    /// Where the stream filed this subscriber.
+    sel: Arc<Selector>,
     done: bool,
     stats: Arc<Stats>,
 }
@@ -52,13 +189,14 @@ pub struct SubBody {
 impl SubBody {
     pub(crate) fn new(
         initial: Vec<Bytes>,
-        rx: mpsc::Receiver<Bytes>,
+        rx: QueueRxHandle,
         timeout: Duration,
         bookmarks: bool,
         stream: Arc<Stream>,
         id: u64,
-        stats: Arc<Stats>,
+        sel: Arc<Selector>,
     ) -> SubBody {
+        let stats = stream.hub_stats();
         stats.subscribers.fetch_add(1, Ordering::Relaxed);
         stats.publish();
         let pre_timeout = timeout
@@ -67,11 +205,12 @@ impl SubBody {
             .map(|d| Box::pin(tokio::time::sleep(d)));
         SubBody {
             initial: initial.into(),
-            rx,
+            rx: rx.0,
             deadline: Box::pin(tokio::time::sleep(timeout)),
             pre_timeout,
             stream,
             id,
+            sel,
             done: false,
             stats,
         }
@@ -99,7 +238,7 @@ impl http_body::Body for SubBody {
             && pre.as_mut().poll(cx).is_ready()
         {
             this.pre_timeout = None;
-            this.stream.request_bookmark(this.id);
+            this.stream.request_bookmark(this.id, &this.sel);
         }
         let mut first: Option<Bytes> = None;
         let mut buf: Option<BytesMut> = None;
@@ -123,18 +262,18 @@ impl http_body::Body for SubBody {
                 None => break,
             }
         }
+        if this.initial.is_empty() && this.initial.capacity() > 0 {
+            // The snapshot is out: its slots are not needed for the
+            // watch's (long) rest.
+            this.initial = VecDeque::new();
+        }
         let mut ended = false;
-        if this.initial.is_empty() {
-            while total < MAX_FRAME {
-                match this.rx.poll_recv(cx) {
-                    Poll::Ready(Some(b)) => push(b, &mut total),
-                    Poll::Ready(None) => {
-                        ended = true;
-                        break;
-                    }
-                    Poll::Pending => break,
-                }
-            }
+        if this.initial.is_empty() && total < MAX_FRAME {
+            ended = this.rx.drain(cx, MAX_FRAME - total, |b| {
+                let n = b.len();
+                push(b, &mut total);
+                n
+            });
         }
         let frame = match (buf, first) {
             (Some(m), _) => Some(m.freeze()),
@@ -155,7 +294,7 @@ impl http_body::Body for SubBody {
 
 impl Drop for SubBody {
     fn drop(&mut self) {
-        self.stream.remove(self.id);
+        self.stream.remove(self.id, &self.sel);
         self.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
         self.stats.publish();
     }

@@ -95,6 +95,15 @@ impl Meta {
         }
     }
 
+    /// The value a field requirement compares with.
+    pub(crate) fn field(&self, at: FieldRef) -> &str {
+        match at {
+            FieldRef::Name => &self.name,
+            FieldRef::Namespace => &self.namespace,
+            FieldRef::At(i) => self.fields.get(i).map(String::as_str).unwrap_or_default(),
+        }
+    }
+
     fn label(&self, key: &str) -> Option<&str> {
         self.labels
             .iter()
@@ -152,8 +161,8 @@ struct LabelReq {
 }
 
 /// Where a field requirement reads its value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FieldRef {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum FieldRef {
     Name,
     Namespace,
     /// Index into [`Meta::fields`].
@@ -194,30 +203,36 @@ impl Selector {
         self.labels.is_empty() && self.fields.is_empty()
     }
 
+    /// A field this selector requires to equal one value (the first such
+    /// requirement): only objects with that value can ever match, so the
+    /// stream files the subscriber under it (`spec.nodeName=node-7`).
+    pub(crate) fn index_key(&self) -> Option<(FieldRef, &str)> {
+        self.fields
+            .iter()
+            .find(|r| r.equals)
+            .map(|r| (r.field, r.value.as_str()))
+    }
+
     /// Whether the object passes.
     pub fn matches(&self, m: &Meta) -> bool {
-        self.fields.iter().all(|r| {
-            let have = match r.field {
-                FieldRef::Name => m.name.as_str(),
-                FieldRef::Namespace => m.namespace.as_str(),
-                FieldRef::At(i) => m.fields.get(i).map(String::as_str).unwrap_or_default(),
-            };
-            (have == r.value) == r.equals
-        }) && self.labels.iter().all(|r| {
-            let v = m.label(&r.key);
-            match &r.op {
-                LabelOp::In(vals) => v.is_some_and(|v| vals.iter().any(|x| x == v)),
-                LabelOp::NotIn(vals) => !v.is_some_and(|v| vals.iter().any(|x| x == v)),
-                LabelOp::Exists => v.is_some(),
-                LabelOp::DoesNotExist => v.is_none(),
-                LabelOp::Gt(n) => v
-                    .and_then(|v| v.parse::<i64>().ok())
-                    .is_some_and(|v| v > *n),
-                LabelOp::Lt(n) => v
-                    .and_then(|v| v.parse::<i64>().ok())
-                    .is_some_and(|v| v < *n),
-            }
-        })
+        self.fields
+            .iter()
+            .all(|r| (m.field(r.field) == r.value) == r.equals)
+            && self.labels.iter().all(|r| {
+                let v = m.label(&r.key);
+                match &r.op {
+                    LabelOp::In(vals) => v.is_some_and(|v| vals.iter().any(|x| x == v)),
+                    LabelOp::NotIn(vals) => !v.is_some_and(|v| vals.iter().any(|x| x == v)),
+                    LabelOp::Exists => v.is_some(),
+                    LabelOp::DoesNotExist => v.is_none(),
+                    LabelOp::Gt(n) => v
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .is_some_and(|v| v > *n),
+                    LabelOp::Lt(n) => v
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .is_some_and(|v| v < *n),
+                }
+            })
     }
 
     /// What a subscriber with this selector gets for a change of one object.

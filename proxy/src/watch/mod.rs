@@ -34,6 +34,7 @@ pub mod key;
 pub mod list;
 pub mod share;
 pub mod stream;
+mod subs;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,8 +1,9 @@
 //! One shared upstream stream: LIST, WATCH, re-watch, the cache and the ring.
 //!
-//! A background task LISTs the collection (paginated, consistent) to fill the
-//! cache and learn its resourceVersion and kind, then WATCHes from that RV
-//! with bookmarks. Each upstream event is parsed once (type, key, RV, labels,
+//! A background task LISTs the collection (first from the apiserver's watch
+//! cache, `resourceVersion=0`; after a 410 consistently, paginated) to fill
+//! the cache and learn its resourceVersion and kind, then WATCHes from that
+//! RV with bookmarks. Each upstream event is parsed once (type, key, RV, labels,
 //! selectable fields), applied to the cache, appended to a bounded ring of
 //! recent changes, and fanned out to the subscribers — all under one lock, so
 //! a client joining under that lock gets a snapshot (or a replay) and then
@@ -24,14 +25,15 @@ use http::header::{ACCEPT, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
-use tokio::sync::{OnceCell, mpsc, watch};
+use tokio::sync::{OnceCell, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::classify::ResourceVersion;
 use crate::upstream::{Body, full};
-use crate::watch::fanout::SubBody;
+use crate::watch::fanout::{SendError, SubBody, queue};
 use crate::watch::filter::{Meta, Selector, Transition, selectable_fields};
 use crate::watch::key::{StreamKey, WatchOpts};
+use crate::watch::subs::{Sub, Subs};
 use crate::watch::{HubShared, Stats};
 
 /// An error answer from the apiserver, passed on to clients as it came.
@@ -142,17 +144,6 @@ fn event_line(kind: &str, object: &[u8]) -> Bytes {
     b.freeze()
 }
 
-/// One subscriber as the stream sees it.
-struct Sub {
-    id: u64,
-    sel: Arc<Selector>,
-    bookmarks: bool,
-    /// Events at or below this RV were already sent (or predate the join).
-    min_rv: u64,
-    /// Bounded; full = the client is not reading = evicted.
-    tx: mpsc::Sender<Bytes>,
-}
-
 /// What joiners wait on.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -181,7 +172,7 @@ struct State {
     ring_floor: u64,
     /// The upstream answered 410 for this RV: any RV up to it is expired.
     expired_below: u64,
-    subs: Vec<Sub>,
+    subs: Subs,
     idle_since: Option<Instant>,
 }
 
@@ -274,6 +265,10 @@ impl Stream {
         &self.hub.stats
     }
 
+    pub(crate) fn hub_stats(&self) -> Arc<Stats> {
+        self.hub.stats.clone()
+    }
+
     fn publish(&self, st: &State) {
         self.progress.send_modify(|p| {
             p.live = st.live;
@@ -345,7 +340,13 @@ impl Stream {
         }
     }
 
-    async fn list_all(&self) -> Result<Listed, Fetch> {
+    /// The whole collection. The first fill reads `resourceVersion=0`, as
+    /// client-go's reflector does: one request the apiserver answers from its
+    /// watch cache (it ignores `limit` there), possibly a little behind —
+    /// which the watch from its RV then catches up, and consistent joiners
+    /// wait out with the freshness check. A relist after 410 must not go
+    /// back in time, so it reads consistently from etcd, in pages of 500.
+    async fn list_all(&self, from_cache: bool) -> Result<Listed, Fetch> {
         #[derive(serde::Deserialize)]
         struct ListMeta {
             #[serde(rename = "resourceVersion", default)]
@@ -368,7 +369,11 @@ impl Stream {
         loop {
             let query = {
                 let mut base = form_urlencoded::Serializer::new(String::new());
-                base.append_pair("limit", "500");
+                if from_cache {
+                    base.append_pair("resourceVersion", "0");
+                } else {
+                    base.append_pair("limit", "500");
+                }
                 if let Some(c) = &cont {
                     base.append_pair("continue", c);
                 }
@@ -472,16 +477,20 @@ impl Stream {
 
     async fn run(self: Arc<Self>) {
         let mut backoff = Backoff::default();
+        let mut from_cache = true;
         'list: loop {
             if self.cancel.is_cancelled() {
                 break;
             }
             let listed = tokio::select! {
                 _ = self.cancel.cancelled() => break,
-                r = self.list_all() => r,
+                r = self.list_all(from_cache) => r,
             };
             match listed {
-                Ok(l) => self.install(l),
+                Ok(l) => {
+                    self.install(l);
+                    from_cache = false;
+                }
                 Err(Fetch::Refused(f)) => {
                     self.fail(f);
                     return;
@@ -628,10 +637,7 @@ impl Stream {
                         if !s.bookmarks || s.min_rv >= rv {
                             return true;
                         }
-                        !matches!(
-                            s.tx.try_send(line.clone()),
-                            Err(mpsc::error::TrySendError::Full(_))
-                        )
+                        s.tx.try_send(line.clone()) != Err(SendError::Full)
                     });
                     self.publish(&st);
                 }
@@ -696,7 +702,11 @@ impl Stream {
             leave: OnceLock::new(),
         });
         let (mut delivered, mut evicted) = (0u64, 0u64);
-        st.subs.retain(|sub| {
+        let (old_meta, new_meta) = (
+            change.old.as_ref().map(|o| &o.meta),
+            change.new.as_ref().map(|n| &n.meta),
+        );
+        st.subs.retain_seeing(old_meta, new_meta, |sub| {
             if rv <= sub.min_rv {
                 return true;
             }
@@ -708,11 +718,11 @@ impl Stream {
                     delivered += 1;
                     true
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(SendError::Full) => {
                     evicted += 1;
                     false
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(SendError::Closed) => false,
             }
         });
         s.deliveries.fetch_add(delivered, Ordering::Relaxed);
@@ -740,7 +750,7 @@ impl Stream {
         s.relists.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         st.expired_below = st.expired_below.max(st.rv);
-        for sub in st.subs.drain(..) {
+        for sub in st.subs.take() {
             let _ = sub.tx.try_send(line.clone());
         }
         st.live = false;
@@ -754,7 +764,7 @@ impl Stream {
         self.leave_hub();
         let mut st = self.lock();
         st.failed = Some(f);
-        st.subs.clear();
+        drop(st.subs.take());
         self.publish(&st);
         drop(st);
         self.shut();
@@ -778,7 +788,7 @@ impl Stream {
             st.shut = true;
             st.closed = true;
             self.account(&st, false);
-            st.subs.clear();
+            drop(st.subs.take());
             st.objects.clear();
             st.ring.clear();
             st.bytes = 0;
@@ -1012,26 +1022,18 @@ impl Stream {
         } else {
             min_rv = st.rv;
         }
-        let (tx, rx) = mpsc::channel(self.hub.cfg.queue);
+        let (tx, rx) = queue(self.hub.cfg.queue);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         st.subs.push(Sub {
             id,
-            sel,
+            sel: sel.clone(),
             bookmarks: opts.bookmarks,
             min_rv,
             tx,
         });
         st.idle_since = None;
         drop(st);
-        let body = SubBody::new(
-            initial,
-            rx,
-            timeout,
-            opts.bookmarks,
-            self.clone(),
-            id,
-            self.hub.stats.clone(),
-        );
+        let body = SubBody::new(initial, rx, timeout, opts.bookmarks, self.clone(), id, sel);
         Ok(watch_response(http_body_util::BodyExt::boxed(body)))
     }
 
@@ -1107,22 +1109,24 @@ impl Stream {
 
     /// Queues a BOOKMARK at the current RV for one subscriber, in order with
     /// its events (before its timeout).
-    pub(crate) fn request_bookmark(&self, id: u64) {
+    pub(crate) fn request_bookmark(&self, id: u64, sel: &Selector) {
         let st = self.lock();
-        if let Some(sub) = st.subs.iter().find(|s| s.id == id && s.bookmarks) {
+        if let Some(sub) = st.subs.find(id, sel).filter(|s| s.bookmarks) {
             let _ = sub.tx.try_send(self.bookmark_line(&st, false));
         }
     }
 
     /// Forgets a subscriber (its body was dropped).
-    pub(crate) fn remove(&self, id: u64) {
+    pub(crate) fn remove(&self, id: u64, sel: &Selector) {
         let mut st = self.lock();
-        if let Some(i) = st.subs.iter().position(|s| s.id == id) {
-            st.subs.swap_remove(i);
-        }
+        // Dropped after the lock (dropping a queue wakes nobody here, but
+        // keep the critical section to the bookkeeping).
+        let sub = st.subs.remove(id, sel);
         if st.subs.is_empty() && st.idle_since.is_none() {
             st.idle_since = Some(Instant::now());
         }
+        drop(st);
+        drop(sub);
     }
 
     /// Subscribers right now (tests, stats).
