@@ -362,6 +362,76 @@ async fn joins_at_unset_zero_recent_and_expired_resource_versions() {
     );
 }
 
+/// A consistent join ("" or sendInitialEvents) must not wait for the next
+/// bookmark when the apiserver's RV moved on for other collections only:
+/// kube-sim, like the apiserver, bookmarks once a minute, and the freshness
+/// check's RV is the store's global one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_joins_are_prompt_when_only_other_collections_changed() {
+    let env = demo_env().await;
+    namespace(&env, "w9");
+    let c = clients(&env);
+    let base = "/api/v1/namespaces/w9/pods?watch=1";
+    create_pod(&env, "w9", "a", "node-1");
+    let mut first = c.watch(&format!("{base}&resourceVersion=0")).await;
+    assert_eq!(summary(&take(&mut first, 1).await)[0].1, "a");
+    for round in 0..3 {
+        // Other collections move the global RV past the pods' stream.
+        for i in 0..3 {
+            env.demo
+                .sim
+                .store()
+                .create(
+                    rt("configmaps"),
+                    Some("w9"),
+                    json!({"apiVersion": "v1", "kind": "ConfigMap",
+                           "metadata": {"name": format!("cm-{round}-{i}"), "namespace": "w9"}}),
+                )
+                .expect("configmap");
+        }
+        let pq = if round == 2 {
+            format!(
+                "{base}&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan"
+            )
+        } else {
+            base.to_string()
+        };
+        let opened = tokio::time::timeout(Duration::from_secs(10), c.watch(&pq))
+            .await
+            .expect("a consistent join within seconds, not at the next bookmark");
+        let mut unset = opened;
+        let mut direct = c.direct_watch(&pq).await;
+        let pods = round + 1;
+        let (got, want) = (take(&mut unset, pods).await, take(&mut direct, pods).await);
+        assert_eq!(summary(&got), summary(&want), "round {round}");
+        if round == 2 {
+            let (end, direct_end) = (take(&mut unset, 1).await, take(&mut direct, 1).await);
+            for e in [&end[0], &direct_end[0]] {
+                assert_eq!(e["type"], "BOOKMARK");
+                assert_eq!(
+                    e["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+                    "true"
+                );
+            }
+            let newest = got.iter().map(|e| rv_of(&e["object"])).max().expect("pods");
+            assert!(rv_of(&end[0]["object"]) >= newest);
+        }
+        // And it is live: a new pod reaches both.
+        create_pod(&env, "w9", &format!("p{round}"), "node-1");
+        assert_eq!(
+            summary(&take(&mut unset, 1).await)[0].1,
+            format!("p{round}")
+        );
+        assert_eq!(
+            summary(&take(&mut direct, 1).await)[0].1,
+            format!("p{round}")
+        );
+        drop(direct);
+        // The next round's joins see this pod too.
+        let _ = take(&mut first, 1).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bookmarks_timeouts_and_initial_events_end_follow_the_client() {
     let env = demo_env().await;

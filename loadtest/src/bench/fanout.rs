@@ -169,8 +169,11 @@ impl FanoutReport {
     /// The human-readable summary.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "breakwater fan-out: TLS {}, {} subscribers over {} connections, events of {} B, {}\n",
-            self.protocol,
+            "breakwater fan-out: {}, {} subscribers over {} connections, events of {} B, {}\n",
+            match self.protocol {
+                Protocol::PlainHttp1 => "plain HTTP/1.1 (loopback)".to_string(),
+                p => format!("TLS {p}"),
+            },
             self.subscribers,
             self.connections,
             self.event_bytes,

@@ -149,6 +149,8 @@ fn event_line(kind: &str, object: &[u8]) -> Bytes {
 pub struct Progress {
     pub live: bool,
     pub rv: u64,
+    /// Nothing in this collection changed up to here (see [`Stream::reach`]).
+    pub fresh: u64,
     pub failed: Option<Failure>,
     pub closed: bool,
 }
@@ -161,6 +163,9 @@ struct State {
     shut: bool,
     failed: Option<Failure>,
     rv: u64,
+    /// Confirmed by a probe: no change of this collection up to this RV,
+    /// though no event or bookmark has carried the stream's `rv` there.
+    fresh: u64,
     kind: String,
     api_version: String,
     /// (namespace, name) → object, in the apiserver's key order.
@@ -273,6 +278,7 @@ impl Stream {
         self.progress.send_modify(|p| {
             p.live = st.live;
             p.rv = st.rv;
+            p.fresh = st.fresh;
             p.failed = st.failed.clone();
             p.closed = st.closed;
         });
@@ -457,6 +463,7 @@ impl Stream {
         st.api_version = listed.api_version;
         st.ring.clear();
         st.ring_floor = listed.rv;
+        st.fresh = 0;
         st.live = true;
         self.account(&st, true);
         self.publish(&st);
@@ -860,7 +867,8 @@ impl Stream {
     /// Waits until the stream is live and has seen `rv`.
     async fn ready(&self, rv: u64) -> Result<(), JoinError> {
         let mut rx = self.progress.subscribe();
-        let wait = rx.wait_for(|p| p.closed || p.failed.is_some() || (p.live && p.rv >= rv));
+        let wait =
+            rx.wait_for(|p| p.closed || p.failed.is_some() || (p.live && p.rv.max(p.fresh) >= rv));
         let p = match tokio::time::timeout(self.hub.cfg.ready_timeout, wait).await {
             Ok(Ok(p)) => p.clone(),
             Ok(Err(_)) => return Err(JoinError::Closed),
@@ -877,6 +885,54 @@ impl Stream {
             return Err(JoinError::Closed);
         }
         Ok(())
+    }
+
+    /// Waits until the stream is known to hold everything up to `need`, the
+    /// apiserver's RV from the freshness check.
+    ///
+    /// That RV is the store's, global: when only other collections changed
+    /// since this stream's last event, no event will ever carry the stream
+    /// there, and bookmarks come about once a minute. So if the stream does
+    /// not get there at once, one short upstream watch from the stream's RV
+    /// (shared by every joiner waiting meanwhile) tells whether anything in
+    /// this collection changed up to `need`: if not, the stream is fresh;
+    /// if so, the stream's own watch brings the change and we look again.
+    async fn reach(&self, need: u64) -> Result<(), JoinError> {
+        if need == 0 {
+            return self.ready(0).await;
+        }
+        let until = Instant::now() + self.hub.cfg.ready_timeout;
+        loop {
+            if let Ok(r) = tokio::time::timeout(REACH_AT_ONCE, self.ready(need)).await {
+                return r;
+            }
+            if Instant::now() >= until {
+                return Err(JoinError::Unavailable(
+                    "the shared stream did not reach the apiserver's resourceVersion in time"
+                        .into(),
+                ));
+            }
+            let _one = self.probe.lock().await;
+            let from = {
+                let st = self.lock();
+                if st.rv.max(st.fresh) >= need {
+                    continue;
+                }
+                st.rv
+            };
+            self.stats()
+                .upstream_watches
+                .fetch_add(1, Ordering::Relaxed);
+            let probe = tokio::time::timeout(Duration::from_secs(5), self.gap_is_empty(from, need));
+            if matches!(probe.await, Ok(true)) {
+                let mut st = self.lock();
+                // A relist meanwhile starts over from its own, newer RV.
+                if st.rv >= from && st.live {
+                    st.fresh = st.fresh.max(need);
+                    self.publish(&st);
+                }
+            }
+        }
     }
 
     /// Lets the ring reach back to `n` when the apiserver confirms nothing
@@ -967,7 +1023,7 @@ impl Stream {
             }
             _ => 0,
         };
-        self.ready(need).await?;
+        self.reach(need).await?;
         if let (ResourceVersion::Exact(n), false) = (&opts.rv, send_initial) {
             self.extend_back(n.parse().unwrap_or(0)).await;
         }
@@ -1101,7 +1157,7 @@ impl Stream {
             "{{\"kind\":{},\"apiVersion\":{},\"metadata\":{{\"resourceVersion\":\"{}\",\"creationTimestamp\":null{}}}}}",
             Value::String(st.kind.clone()),
             Value::String(st.api_version.clone()),
-            st.rv,
+            st.rv.max(st.fresh),
             annotations
         );
         event_line("BOOKMARK", object.as_bytes())
@@ -1185,6 +1241,10 @@ fn watch_response(body: Body) -> Response<Body> {
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
+
+/// How long a consistent joiner waits for the stream's own events before
+/// probing upstream (see [`Stream::reach`]).
+const REACH_AT_ONCE: Duration = Duration::from_millis(200);
 
 /// Exponential backoff with jitter, 100 ms to 10 s.
 #[derive(Default)]
