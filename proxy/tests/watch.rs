@@ -836,6 +836,110 @@ async fn reflector_loops_and_kube_rs_watchers_converge_to_the_true_state() {
     assert_eq!(reflected, true_rvs, "reflector loop");
 }
 
+/// A consistent LIST (rv unset, kube-rs and client-go relists) of a
+/// collection with a live stream is answered from its cache once the stream
+/// is confirmed fresh: the same items as kube-sim's own consistent LIST, a
+/// few cheap upstream checks instead of one LIST each. A LIST that would
+/// need more than one page goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_lists_of_a_watched_collection_are_served_fresh_from_the_cache() {
+    let env = demo_env().await;
+    namespace(&env, "w11");
+    for i in 0..5 {
+        create_pod(
+            &env,
+            "w11",
+            &format!("p{i}"),
+            if i < 3 { "node-1" } else { "node-2" },
+        );
+    }
+    let c = Arc::new(clients(&env));
+    let node1 = "/api/v1/namespaces/w11/pods?fieldSelector=spec.nodeName%3Dnode-1";
+    // An agent's watch opens the (broad) shared stream.
+    let mut watch = c.watch(&format!("{node1}&watch=1&resourceVersion=0")).await;
+    assert_eq!(take(&mut watch, 3).await.len(), 3);
+    let names = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| i["metadata"]["name"].as_str().expect("name").to_string())
+            .collect()
+    };
+    let direct_list = |pq: String| {
+        let c = c.clone();
+        async move {
+            let resp = c
+                .direct
+                .request(get(&format!("{}{pq}", c.sim_url), &c.token))
+                .await
+                .expect("direct list");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            serde_json::from_slice::<Value>(&body).expect("json")
+        }
+    };
+    let paged = format!("{node1}&limit=500");
+    let before = env.demo.sim.request_count("LIST", "pods");
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let (c, pq) = (c.clone(), paged.clone());
+        tasks.push(tokio::spawn(async move { c.get_json(&pq).await }));
+    }
+    let want = direct_list(paged.clone()).await;
+    for t in tasks {
+        let got = t.await.expect("join");
+        assert_eq!(names(&got), names(&want));
+        assert_eq!(got["kind"], "PodList");
+        assert!(got["metadata"]["continue"].is_null());
+    }
+    // Less the direct LIST that gave `want`.
+    let upstream = env.demo.sim.request_count("LIST", "pods") - before - 1;
+    eprintln!("100 consistent LISTs cost {upstream} upstream LIST requests");
+    assert!(
+        upstream < 25,
+        "100 consistent LISTs cost {upstream} upstream LISTs"
+    );
+
+    // Fresh after a write, and prompt after other collections moved the RV.
+    create_pod(&env, "w11", "late", "node-1");
+    env.demo
+        .sim
+        .store()
+        .create(
+            rt("configmaps"),
+            Some("w11"),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "moves-rv"}}),
+        )
+        .expect("configmap");
+    let got = tokio::time::timeout(Duration::from_secs(10), c.get_json(&paged))
+        .await
+        .expect("a consistent LIST within seconds");
+    assert_eq!(names(&got), names(&direct_list(paged.clone()).await));
+    assert!(names(&got).contains(&"late".to_string()));
+    // Its RV is one a watch can continue from: the next change arrives.
+    let rv = got["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("rv")
+        .to_string();
+    let mut from = c
+        .watch(&format!("{node1}&watch=1&resourceVersion={rv}"))
+        .await;
+    move_pod(&env, "w11", "p0", "node-2");
+    let ev = take(&mut from, 1).await;
+    let (kind, name, _) = &summary(&ev)[0];
+    assert_eq!((kind.as_str(), name.as_str()), ("DELETED", "p0"));
+
+    // More matches than the limit: the apiserver's own pages.
+    let small = format!("{node1}&limit=2");
+    let got = c.get_json(&small).await;
+    assert_eq!(names(&got).len(), 2);
+    assert!(
+        got["metadata"]["continue"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_concurrent_consistent_lists_share_upstream_requests() {
     let env = demo_env().await;

@@ -372,7 +372,33 @@ pub enum PatchKind {
 }
 
 /// (namespace or "" for cluster-scoped, name): the etcd key order.
-type Key = (String, String);
+/// (namespace, name); "" namespace for cluster-scoped objects. Ordered as
+/// etcd orders the apiserver's storage keys `…/<namespace>/<name>`: byte
+/// order of `namespace + "/" + name`, so namespace `a-b` (`-` < `/`) sorts
+/// before `a`. LISTs and initial watch events come in this order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key(String, String);
+
+impl Ord for Key {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        use std::cmp::Ordering::Equal;
+        let (a, b) = (self.0.as_bytes(), o.0.as_bytes());
+        let n = a.len().min(b.len());
+        match a[..n].cmp(&b[..n]) {
+            Equal if a.len() == b.len() => self.1.cmp(&o.1),
+            // One namespace is a prefix of the other: the shorter one goes on with '/'.
+            Equal if a.len() < b.len() => b'/'.cmp(&b[n]),
+            Equal => a[n].cmp(&b'/'),
+            other => other,
+        }
+    }
+}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
 
 /// One committed change, retained in the type's window.
 struct Change {
@@ -938,13 +964,13 @@ fn check_type(rt: &ResourceType, obj: &mut Value) -> Result<(), StoreError> {
 fn key_of(rt: &ResourceType, namespace: Option<&str>, name: &str) -> Result<Key, StoreError> {
     if rt.namespaced {
         match namespace {
-            Some(ns) if !ns.is_empty() => Ok((ns.to_string(), name.to_string())),
+            Some(ns) if !ns.is_empty() => Ok(Key(ns.to_string(), name.to_string())),
             _ => Err(StoreError::BadRequest(
                 "the server could not find the requested resource".into(),
             )),
         }
     } else {
-        Ok((String::new(), name.to_string()))
+        Ok(Key(String::new(), name.to_string()))
     }
 }
 
@@ -1031,7 +1057,7 @@ impl Store {
         };
         slot.lock()
             .objects
-            .contains_key(&(String::new(), ns.to_string()))
+            .contains_key(&Key(String::new(), ns.to_string()))
     }
 
     /// CRD `name` was written: accept its names unless another CRD holds
@@ -1521,11 +1547,11 @@ impl Store {
         let lower: Bound<Key> = match &after {
             Some(last) if all_namespaces => {
                 let (ns, name) = last.split_once('/').unwrap_or((last.as_str(), ""));
-                Bound::Excluded((ns.to_string(), name.to_string()))
+                Bound::Excluded(Key(ns.to_string(), name.to_string()))
             }
-            Some(last) => Bound::Excluded((ns_key.clone(), last.clone())),
+            Some(last) => Bound::Excluded(Key(ns_key.clone(), last.clone())),
             None if all_namespaces => Bound::Unbounded,
-            None => Bound::Included((ns_key.clone(), String::new())),
+            None => Bound::Included(Key(ns_key.clone(), String::new())),
         };
         let selectors_empty = opts.label_selector.is_empty() && opts.field_selector.is_empty();
         let mut matching = objects

@@ -67,6 +67,12 @@ pub enum Mode {
     Watch(WatchOpts),
     /// LIST with resourceVersion=0, served from the cache.
     ListCached,
+    /// LIST with resourceVersion unset: served from a live stream's cache once
+    /// it is confirmed as fresh as the apiserver, when the answer fits in
+    /// one page (`limit`); otherwise forwarded.
+    ListConsistent {
+        limit: Option<u64>,
+    },
 }
 
 /// The per-client watch options.
@@ -108,7 +114,7 @@ impl Eligible {
     pub fn verb(&self) -> &'static str {
         match self.mode {
             Mode::Watch(_) => "watch",
-            Mode::ListCached => "list",
+            Mode::ListCached | Mode::ListConsistent { .. } => "list",
         }
     }
 
@@ -146,8 +152,9 @@ pub fn scope_of(identity: &Identity) -> String {
     format!("{}\u{0}{}", identity.username, groups.join("\u{0}"))
 }
 
-/// A consistent LIST of a collection (`resourceVersion` unset): coalesced
-/// with identical concurrent ones, never served from a cache.
+/// A consistent LIST of a collection (`resourceVersion` unset): served from
+/// a live stream when it can be (see [`Mode::ListConsistent`]), else
+/// coalesced with identical concurrent ones.
 pub fn is_consistent_list(info: &RequestInfo, query: Option<&str>) -> bool {
     info.is_resource_request
         && info.error.is_none()
@@ -194,6 +201,15 @@ pub fn eligible(
                 && params.continue_token.is_none() =>
         {
             Mode::ListCached
+        }
+        Verb::List
+            if params.resource_version == ResourceVersion::Unset
+                && params.continue_token.is_none()
+                && params.resource_version_match.is_none() =>
+        {
+            Mode::ListConsistent {
+                limit: params.limit.filter(|&l| l > 0),
+            }
         }
         _ => return None,
     };
@@ -273,8 +289,15 @@ mod tests {
             .is_none()
         );
         assert!(
-            check("/api/v1/pods", "", None).is_none(),
-            "consistent lists go upstream"
+            matches!(
+                check("/api/v1/pods", "limit=500", None).map(|e| e.mode),
+                Some(Mode::ListConsistent { limit: Some(500) })
+            ),
+            "consistent lists may be served by a live stream"
+        );
+        assert!(
+            check("/api/v1/pods", "limit=500&continue=abc", None).is_none(),
+            "their next pages are the apiserver's"
         );
         assert!(check("/api/v1/pods", "watch=1&resourceVersion=abc", None).is_none());
         assert!(

@@ -8,7 +8,8 @@
 //!   broad key         (collection, shared scope or identity) — no selector upstream
 //!     stream::Stream  LIST + WATCH upstream, cache, ring, re-watch, 410 → relist
 //!       join          snapshot / replay / 410, then live events (fanout::SubBody)
-//!       list          LIST rv=0 from the cache
+//!       list          LIST rv=0 from the cache; consistent LIST (rv unset) from
+//!                     a live stream's cache after the freshness check
 //!   list::Coalescer   identical concurrent consistent LISTs share one upstream request
 //!   exact key         only when the broad LIST/WATCH is refused (403)
 //! ```
@@ -24,7 +25,8 @@
 //! revocation is bounded: see [`share`].
 //!
 //! Anything the hub cannot answer exactly as the apiserver would (Tables,
-//! protobuf, consistent LISTs, `resourceVersionMatch=Exact`, selectors on
+//! protobuf, `resourceVersionMatch=Exact`, continue tokens, consistent LISTs
+//! with no live stream or more matches than their `limit`, selectors on
 //! fields this proxy cannot read) returns `None`, and the proxy forwards it
 //! as before.
 
@@ -259,7 +261,13 @@ impl Hub {
         if !self.shared.cfg.enabled {
             return None;
         }
+        let req = key::eligible(info, uri.query(), headers, identity);
         if key::is_consistent_list(info, uri.query()) {
+            if let Some(req) = &req
+                && let Some(resp) = self.serve_eligible(req, headers, identity).await
+            {
+                return Some(resp);
+            }
             return self
                 .shared
                 .lists
@@ -271,7 +279,17 @@ impl Hub {
                 )
                 .await;
         }
-        let req = key::eligible(info, uri.query(), headers, identity)?;
+        self.serve_eligible(&req?, headers, identity).await
+    }
+
+    /// [`Hub::serve`] for an eligible request.
+    async fn serve_eligible(
+        &self,
+        req: &Eligible,
+        headers: &HeaderMap,
+        identity: &Identity,
+    ) -> Option<Response<Body>> {
+        let req = req.clone();
         let ident = identity_headers(headers);
         // Across identities first, when the apiserver says this one may join.
         if let Some(shared) = self.serve_shared(&req, &ident, identity).await {
@@ -410,13 +428,17 @@ impl Hub {
     ) -> Outcome {
         let sel = Arc::new(req.selector.clone());
         // A stream may close between lookup and join; a few tries settle it.
+        // A consistent LIST is served by a live stream, never starts one: a
+        // one-off LIST is cheaper upstream than a LIST and a WATCH.
+        let create = !matches!(req.mode, Mode::ListConsistent { .. });
         for _ in 0..3 {
-            let Some(stream) = self.stream_for(&key, ident, donor) else {
+            let Some(stream) = self.stream_for(&key, ident, donor, create) else {
                 return Outcome::Absent;
             };
             let res = match &req.mode {
                 Mode::Watch(opts) => stream.join(sel.clone(), opts).await,
-                Mode::ListCached => stream.list(&sel).await,
+                Mode::ListCached => stream.list(&sel, None).await,
+                Mode::ListConsistent { limit } => stream.list(&sel, Some(*limit)).await,
             };
             match res {
                 Ok(resp) => return Outcome::Served(resp),
@@ -431,11 +453,18 @@ impl Hub {
         Outcome::Forward
     }
 
-    /// The stream for `key`, started with `ident` if there is none. Only a
+    /// The stream for `key`, started with `ident` if there is none and
+    /// `create` says so. Only a
     /// `donor` lends the stream its credentials (the latest donor's carry
     /// its upstream requests); a non-donor joins an existing stream or
     /// gets `None`.
-    fn stream_for(&self, key: &StreamKey, ident: &HeaderMap, donor: bool) -> Option<Arc<Stream>> {
+    fn stream_for(
+        &self,
+        key: &StreamKey,
+        ident: &HeaderMap,
+        donor: bool,
+        create: bool,
+    ) -> Option<Arc<Stream>> {
         let mut map = self
             .shared
             .streams
@@ -447,7 +476,7 @@ impl Hub {
             }
             return Some(s.clone());
         }
-        if !donor {
+        if !donor || !create {
             return None;
         }
         let s = Stream::start(key.clone(), ident.clone(), self.shared.clone());

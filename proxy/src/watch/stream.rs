@@ -168,8 +168,10 @@ struct State {
     fresh: u64,
     kind: String,
     api_version: String,
-    /// (namespace, name) → object, in the apiserver's key order.
-    objects: BTreeMap<(String, String), Arc<Obj>>,
+    /// `namespace/name` → object: the order of the apiserver's storage keys
+    /// (`/registry/pods/a-b/x` sorts before `/registry/pods/a/x`), which is
+    /// the order of its consistent LISTs.
+    objects: BTreeMap<String, Arc<Obj>>,
     bytes: usize,
     ring: VecDeque<Arc<Change>>,
     /// Every change after this RV is in the ring: replays from an RV below
@@ -446,7 +448,7 @@ impl Stream {
             };
             bytes += full.len();
             objects.insert(
-                (meta.namespace.clone(), meta.name.clone()),
+                object_key(&meta),
                 Arc::new(Obj {
                     bytes: full,
                     meta,
@@ -657,7 +659,7 @@ impl Stream {
         let meta = Meta::of(object, self.fields);
         let bytes = object_bytes(&line, kind)
             .unwrap_or_else(|| Bytes::from(serde_json::to_vec(object).unwrap_or_default()));
-        let key = (meta.namespace.clone(), meta.name.clone());
+        let key = object_key(&meta);
         let new_obj = Arc::new(Obj {
             bytes,
             meta,
@@ -836,11 +838,15 @@ impl Stream {
     // ----------------------------------------------------------------- clients
 
     /// The apiserver's current RV, from a LIST with limit=1. Every client
-    /// that asked before the check started shares it.
+    /// that asked before the check started shares it; a round gathers
+    /// arrivals for [`FRESH_GATHER`] before it starts, so a burst of
+    /// consistent LISTs and joins costs one cheap check per few
+    /// milliseconds, not one per client.
     async fn fresh_rv(&self) -> Result<u64, String> {
         let round = self.fresh.lock().unwrap_or_else(|e| e.into_inner()).clone();
         round
             .get_or_init(|| async {
+                tokio::time::sleep(FRESH_GATHER).await;
                 // Clients arriving from now on need a check of their own.
                 *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(OnceCell::new());
                 self.stats().upstream_lists.fetch_add(1, Ordering::Relaxed);
@@ -1093,13 +1099,29 @@ impl Stream {
         Ok(watch_response(http_body_util::BodyExt::boxed(body)))
     }
 
-    /// `LIST ?resourceVersion=0`, from the cache.
-    pub(crate) async fn list(&self, sel: &Selector) -> Result<Response<Body>, JoinError> {
+    /// A LIST from the cache: `consistent` is `None` for `resourceVersion=0`
+    /// (the cache as it is, `limit` ignored as the apiserver's watch cache
+    /// does), or `Some(limit)` for a consistent LIST (rv unset): served once
+    /// the stream is confirmed as fresh as the apiserver (the freshness check
+    /// a consistent watch join waits for), and only when every match fits in
+    /// one page — a continue token would be ours, not the apiserver's.
+    pub(crate) async fn list(
+        &self,
+        sel: &Selector,
+        consistent: Option<Option<u64>>,
+    ) -> Result<Response<Body>, JoinError> {
         self.ready(0).await?;
+        if consistent.is_some() {
+            let need = self.fresh_rv().await.map_err(JoinError::Unavailable)?;
+            self.reach(need).await?;
+        }
         let (objs, rv, kind, api_version) = {
             let mut st = self.lock();
             if st.closed || !st.live {
                 return Err(JoinError::Closed);
+            }
+            if let Some(f) = &st.failed {
+                return Err(JoinError::Refused(f.clone()));
             }
             // A LIST is the start of an informer: keep the stream for its WATCH.
             if st.subs.is_empty() {
@@ -1111,7 +1133,22 @@ impl Stream {
                 .filter(|o| sel.matches(&o.meta))
                 .cloned()
                 .collect();
-            (objs, st.rv, st.kind.clone(), st.api_version.clone())
+            if let Some(Some(limit)) = consistent
+                && objs.len() as u64 > limit
+            {
+                return Err(JoinError::Unavailable(format!(
+                    "{} items exceed limit={limit}: the apiserver pages them",
+                    objs.len()
+                )));
+            }
+            // Every change up to `rv` is applied (or, past it up to `fresh`,
+            // confirmed absent): the snapshot is consistent there.
+            (
+                objs,
+                st.rv.max(st.fresh),
+                st.kind.clone(),
+                st.api_version.clone(),
+            )
         };
         let size: usize = objs.iter().map(|o| o.bytes.len() + 1).sum();
         let mut out = Vec::with_capacity(size + 128);
@@ -1191,6 +1228,11 @@ impl Stream {
     }
 }
 
+/// The cache's key of an object: its storage key below the resource prefix.
+fn object_key(meta: &Meta) -> String {
+    format!("{}/{}", meta.namespace, meta.name)
+}
+
 /// Writes a cached object as a list item: without kind and apiVersion.
 fn write_item(out: &mut Vec<u8>, bytes: &[u8], prefixes: &[String; 2]) {
     for p in prefixes {
@@ -1241,6 +1283,9 @@ fn watch_response(body: Body) -> Response<Body> {
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
+
+/// How long a freshness round waits for more clients before it checks.
+const FRESH_GATHER: Duration = Duration::from_millis(5);
 
 /// How long a consistent joiner waits for the stream's own events before
 /// probing upstream (see [`Stream::reach`]).

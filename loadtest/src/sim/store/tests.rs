@@ -1150,3 +1150,50 @@ proptest! {
 fn resources_lookup_helper_agrees() {
     assert_eq!(find("", "v1", "configmaps"), Some(cms()));
 }
+
+#[test]
+fn lists_come_in_etcd_key_order_across_namespaces() {
+    let s = Store::new(100, 100);
+    for ns in ["a", "a-b", "a0"] {
+        s.create(rt("namespaces"), None, json!({"metadata": {"name": ns}}))
+            .expect("namespace");
+        for name in ["y", "x"] {
+            s.create(cms(), Some(ns), cm(name, json!({})))
+                .expect("configmap");
+        }
+    }
+    let all = s.list(cms(), None, &opts("")).expect("list");
+    let keys: Vec<String> = all
+        .items
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                meta_str(o, "namespace").unwrap_or_default(),
+                meta_str(o, "name").unwrap_or_default()
+            )
+        })
+        .collect();
+    // Byte order of "namespace/name": '-' < '/' < '0'.
+    assert_eq!(keys, ["a-b/x", "a-b/y", "a/x", "a/y", "a0/x", "a0/y"]);
+    // Pages continue in the same order.
+    let first = s.list(cms(), None, &opts("limit=3")).expect("page 1");
+    let token = first.continue_token.expect("more");
+    let rest = s
+        .list(cms(), None, &opts(&format!("limit=3&continue={token}")))
+        .expect("page 2");
+    let names: Vec<&str> = first
+        .items
+        .iter()
+        .chain(rest.items.iter())
+        .map(|o| meta_str(o, "namespace").unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["a-b", "a-b", "a", "a", "a0", "a0"]);
+    assert_eq!(
+        s.list(cms(), Some("a"), &opts(""))
+            .expect("one ns")
+            .items
+            .len(),
+        2
+    );
+}
