@@ -7,15 +7,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
-
-use breakwater_loadtest::sim::KubeSim;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
 const CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -54,90 +46,21 @@ fn widget(name: &str, color: &str, size: u32) -> String {
     )
 }
 
-/// kube-sim (demo seed) and a kubeconfig for its admin in a private temp dir.
-struct Env {
-    sim: KubeSim,
-    dir: PathBuf,
-}
+/// kube-sim (demo seed) driven by kubectl as its admin.
+struct Env(common::Kubectl);
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+impl std::ops::Deref for Env {
+    type Target = common::Kubectl;
+    fn deref(&self) -> &common::Kubectl {
+        &self.0
     }
-}
-
-/// kubectl is an external tool: without it there is nothing to drive.
-fn kubectl_available() -> bool {
-    let ok = std::process::Command::new("kubectl")
-        .args(["version", "--client"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("kubectl not found on PATH; skipping");
-    }
-    ok
 }
 
 async fn start() -> Env {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let sim = common::start().await;
-    let admin = sim.pki().admin_client().expect("admin cert");
-    let dir = std::env::temp_dir().join(format!(
-        "sim-crd-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let write = |name: &str, text: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).expect("write");
-        p
-    };
-    let ca = write("ca.crt", sim.pki().serving_ca.cert_pem());
-    let cert = write("admin.crt", &admin.cert_pem);
-    let key = write("admin.key", &admin.key_pem);
-    write(
-        "kubeconfig",
-        &format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: sim\n  context: {{cluster: sim, user: admin}}\ncurrent-context: sim\n",
-            sim.url(),
-            ca.display(),
-            cert.display(),
-            key.display()
-        ),
-    );
-    Env { sim, dir }
+    Env(common::Kubectl::new(common::start().await, "sim-crd"))
 }
 
 impl Env {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("kubectl");
-        c.arg("--kubeconfig")
-            .arg(self.dir.join("kubeconfig"))
-            .arg("--cache-dir")
-            .arg(self.dir.join("cache"))
-            .args(args)
-            .env("HOME", &self.dir)
-            .kill_on_drop(true)
-            .stdin(Stdio::null());
-        c
-    }
-
-    /// Runs kubectl (at most 60 s): (success, stdout, stderr).
-    async fn try_run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
-            .await
-            .expect("kubectl finishes within 60s")
-            .expect("kubectl runs");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
     /// Runs kubectl, which must succeed; returns stdout (stderr must be empty:
     /// no discovery or OpenAPI warnings).
     async fn run(&self, args: &[&str]) -> String {
@@ -152,8 +75,7 @@ impl Env {
     }
 
     fn file(&self, name: &str, text: &str) -> String {
-        let p = self.dir.join(name);
-        std::fs::write(&p, text).expect("write");
+        let p = self.0.file(name, text);
         p.to_str().expect("utf-8 temp path").to_string()
     }
 
@@ -189,7 +111,7 @@ fn names(list: &Value) -> Vec<&str> {
 
 #[tokio::test]
 async fn kubectl_applies_a_crd_then_its_widgets_and_deleting_it_removes_the_type() {
-    if !kubectl_available() {
+    if !common::kubectl_available() {
         return;
     }
     let env = start().await;
@@ -390,7 +312,7 @@ async fn kubectl_applies_a_crd_then_its_widgets_and_deleting_it_removes_the_type
 
 #[tokio::test]
 async fn kubectl_get_widgets_watch_prints_rows_for_new_widgets() {
-    if !kubectl_available() {
+    if !common::kubectl_available() {
         return;
     }
     let env = start().await;
@@ -398,26 +320,13 @@ async fn kubectl_get_widgets_watch_prints_rows_for_new_widgets() {
     let f = env.file("w.yaml", &widget("first", "blue", 1));
     env.run(&["apply", "-f", &f]).await;
 
-    let mut child = env
-        .command(&["get", "widgets", "-n", "demo", "-w"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut next = async || {
-        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("a line within 30s")
-            .expect("read")
-            .expect("kubectl still running")
-    };
-    let header = next().await;
+    let mut kubectl = env.spawn_lines(&["get", "widgets", "-n", "demo", "-w"]);
+    let header = kubectl.next().await;
     assert_eq!(
         header.split_whitespace().collect::<Vec<_>>(),
         ["NAME", "AGE"]
     );
-    assert!(next().await.starts_with("first "));
+    assert!(kubectl.next().await.starts_with("first "));
 
     let rt = env
         .sim
@@ -433,6 +342,6 @@ async fn kubectl_get_widgets_watch_prints_rows_for_new_widgets() {
                 "metadata": {"name": "second", "namespace": "demo"}, "spec": {"size": 2}}),
         )
         .expect("create");
-    assert!(next().await.starts_with("second "));
-    child.kill().await.expect("stop kubectl");
+    assert!(kubectl.next().await.starts_with("second "));
+    kubectl.child.kill().await.expect("stop kubectl");
 }

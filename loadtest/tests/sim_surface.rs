@@ -2,6 +2,8 @@
 //! routes every request to `exec::serve`, and a tokio-tungstenite client
 //! speaks `v5.channel.k8s.io` to it the way kubectl does.
 
+mod common;
+
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -151,113 +153,20 @@ async fn exec_without_websocket_upgrade_is_a_400_status() {
 // ---- real kubectl against a running kube-sim --------------------------------
 
 mod kubectl {
-    use std::path::{Path, PathBuf};
-    use std::process::Stdio;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
+    use std::path::Path;
 
-    use breakwater_loadtest::sim::{KubeSim, SimConfig, SimPki, resources, seed_demo};
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    use tokio::process::Command;
+    use breakwater_loadtest::sim::resources;
 
     /// A kube-sim with the demo seed, and a kubeconfig for its admin in a
     /// private temp dir (removed on drop).
-    pub struct Env {
-        pub sim: KubeSim,
-        pub dir: PathBuf,
-    }
+    pub use crate::common::Kubectl as Env;
 
-    impl Drop for Env {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    /// kubectl is an external tool: without it these tests have nothing to
-    /// drive and say so instead of failing.
     pub fn available() -> bool {
-        let ok = std::process::Command::new("kubectl")
-            .args(["version", "--client"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("kubectl not found on PATH; skipping");
-        }
-        ok
+        crate::common::kubectl_available()
     }
 
     pub async fn start() -> Env {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let pki = SimPki::generate(&["127.0.0.1", "localhost"]).expect("pki");
-        let admin = pki.admin_client().expect("admin cert");
-        let sim = KubeSim::start(SimConfig::default(), pki)
-            .await
-            .expect("kube-sim starts");
-        seed_demo(sim.store()).expect("seed");
-        let dir = std::env::temp_dir().join(format!(
-            "sim-surface-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let write = |name: &str, text: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, text).expect("write");
-            p
-        };
-        let ca = write("ca.crt", sim.pki().serving_ca.cert_pem());
-        let cert = write("admin.crt", &admin.cert_pem);
-        let key = write("admin.key", &admin.key_pem);
-        write(
-            "kubeconfig",
-            &format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: sim\n  context: {{cluster: sim, user: admin}}\ncurrent-context: sim\n",
-                sim.url(),
-                ca.display(),
-                cert.display(),
-                key.display()
-            ),
-        );
-        Env { sim, dir }
-    }
-
-    impl Env {
-        pub fn command(&self, args: &[&str]) -> Command {
-            let mut c = Command::new("kubectl");
-            c.arg("--kubeconfig")
-                .arg(self.dir.join("kubeconfig"))
-                .arg("--cache-dir")
-                .arg(self.dir.join("cache"))
-                .args(args)
-                .env("HOME", &self.dir)
-                .kill_on_drop(true)
-                .stdin(Stdio::null());
-            c
-        }
-
-        /// Runs kubectl to completion (at most 60 s); returns (stdout, stderr)
-        /// and asserts it succeeded.
-        pub async fn run(&self, args: &[&str]) -> (String, String) {
-            let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
-                .await
-                .expect("kubectl finishes within 60s")
-                .expect("kubectl runs");
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(
-                out.status.success(),
-                "kubectl {args:?} failed: {stderr}\n{stdout}"
-            );
-            (stdout, stderr)
-        }
-
-        pub fn file(&self, name: &str, text: &str) -> PathBuf {
-            let p = self.dir.join(name);
-            std::fs::write(&p, text).expect("write");
-            p
-        }
+        Env::new(crate::common::start().await, "sim-surface")
     }
 
     pub fn path_str(p: &Path) -> &str {
@@ -369,27 +278,14 @@ mod kubectl {
             return;
         }
         let env = start().await;
-        let mut child = env
-            .command(&["get", "cm", "-n", "demo", "-w"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kubectl runs");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut next = async || {
-            tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-                .await
-                .expect("a line within 30s")
-                .expect("read")
-                .expect("kubectl still running")
-        };
-        let header = next().await;
+        let mut kubectl = env.spawn_lines(&["get", "cm", "-n", "demo", "-w"]);
+        let header = kubectl.next().await;
         assert!(
             header.starts_with("NAME") && header.contains("DATA"),
             "{header}"
         );
         // The seed has two configmaps in demo; wait until both are printed.
-        let (a, b) = (next().await, next().await);
+        let (a, b) = (kubectl.next().await, kubectl.next().await);
         assert!(a.contains("-config") && b.contains("-config"), "{a} / {b}");
 
         let rt = resources::find("", "v1", "configmaps").expect("type");
@@ -402,8 +298,8 @@ mod kubectl {
                     "metadata": {"name": "watched", "namespace": "demo"}, "data": {"k": "v"}}),
             )
             .expect("create");
-        let row = next().await;
+        let row = kubectl.next().await;
         assert!(row.starts_with("watched") && row.contains(" 1 "), "{row}");
-        child.kill().await.expect("stop kubectl");
+        kubectl.child.kill().await.expect("stop kubectl");
     }
 }

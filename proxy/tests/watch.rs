@@ -12,9 +12,7 @@ use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
-use common::{Env, HttpsClient, Lines, demo_env, get, https_client};
-
-const WAIT: Duration = Duration::from_secs(20);
+use common::{Env, WAIT, clients, demo_env, get, https_client, take, until_stats};
 
 fn rt(plural: &str) -> &'static ResourceType {
     resources::find("", "v1", plural).expect("known type")
@@ -71,72 +69,6 @@ fn rv_of(obj: &Value) -> u64 {
         .expect("rv")
 }
 
-/// Clients to the proxy and straight to kube-sim.
-struct Clients {
-    proxy: HttpsClient,
-    direct: HttpsClient,
-    proxy_url: String,
-    sim_url: String,
-    token: String,
-}
-
-fn clients(env: &Env) -> Clients {
-    let sim_ca = std::fs::read_to_string(env.dir.path().join("kube-sim-ca.crt")).expect("ca");
-    Clients {
-        proxy: https_client(&env.demo.proxy_ca_pem, true),
-        direct: https_client(&sim_ca, true),
-        proxy_url: env.proxy_url(),
-        sim_url: env.demo.sim.url(),
-        token: env.demo.token.clone(),
-    }
-}
-
-impl Clients {
-    async fn open(&self, client: &HttpsClient, base: &str, pq: &str) -> Lines {
-        let resp = tokio::time::timeout(
-            WAIT,
-            client.request(get(&format!("{base}{pq}"), &self.token)),
-        )
-        .await
-        .expect("answered in time")
-        .expect("request");
-        assert_eq!(resp.status(), 200, "{pq}");
-        Lines::new(resp.into_body())
-    }
-
-    async fn watch(&self, pq: &str) -> Lines {
-        self.open(&self.proxy, &self.proxy_url, pq).await
-    }
-
-    async fn direct_watch(&self, pq: &str) -> Lines {
-        self.open(&self.direct, &self.sim_url, pq).await
-    }
-
-    async fn get_json(&self, pq: &str) -> Value {
-        let resp = self
-            .proxy
-            .request(get(&format!("{}{pq}", self.proxy_url), &self.token))
-            .await
-            .expect("request");
-        assert_eq!(resp.status(), 200, "{pq}");
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
-        serde_json::from_slice(&body).expect("json")
-    }
-}
-
-/// The next `n` events of a stream, parsed.
-async fn take(lines: &mut Lines, n: usize) -> Vec<Value> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let line = lines
-            .next_within(WAIT)
-            .await
-            .expect("an event, not the end");
-        out.push(serde_json::from_str(&line).expect("event json"));
-    }
-    out
-}
-
 fn summary(events: &[Value]) -> Vec<(String, String, String)> {
     events
         .iter()
@@ -154,17 +86,6 @@ fn summary(events: &[Value]) -> Vec<(String, String, String)> {
             )
         })
         .collect()
-}
-
-/// Waits (bounded) until the hub's accounting satisfies `cond`.
-async fn until_stats(env: &Env, what: &str, cond: impl Fn(&breakwater::watch::HubStats) -> bool) {
-    for _ in 0..2000 {
-        if cond(&env.demo.proxy.watch_hub().stats()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: {:?}", env.demo.proxy.watch_hub().stats());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,15 +7,13 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use breakwater_loadtest::sim::resources::{self, ResourceType};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
-use common::{Env, HttpsClient, Lines, demo_env, get, https_client};
+use common::{Env, WAIT, clients, demo_env, get, take, until_stats};
 
-const WAIT: Duration = Duration::from_secs(20);
 const NS: &str = "crd1";
 const WATCHERS: usize = 50;
 
@@ -71,74 +69,6 @@ fn widget(name: &str, color: &str, size: u64) -> Value {
            "spec": {"size": size}})
 }
 
-/// Clients to the proxy and straight to kube-sim, with the demo's token.
-struct Clients {
-    proxy: HttpsClient,
-    direct: HttpsClient,
-    proxy_url: String,
-    sim_url: String,
-    token: String,
-}
-
-fn clients(env: &Env) -> Clients {
-    let sim_ca = std::fs::read_to_string(env.dir.path().join("kube-sim-ca.crt")).expect("ca");
-    Clients {
-        proxy: https_client(&env.demo.proxy_ca_pem, true),
-        direct: https_client(&sim_ca, true),
-        proxy_url: env.proxy_url(),
-        sim_url: env.demo.sim.url(),
-        token: env.demo.token.clone(),
-    }
-}
-
-impl Clients {
-    async fn open(&self, client: &HttpsClient, base: &str, pq: &str) -> Lines {
-        let resp = tokio::time::timeout(
-            WAIT,
-            client.request(get(&format!("{base}{pq}"), &self.token)),
-        )
-        .await
-        .expect("answered in time")
-        .expect("request");
-        assert_eq!(resp.status(), 200, "{pq}");
-        Lines::new(resp.into_body())
-    }
-
-    async fn watch(&self, pq: &str) -> Lines {
-        self.open(&self.proxy, &self.proxy_url, pq).await
-    }
-
-    async fn direct_watch(&self, pq: &str) -> Lines {
-        self.open(&self.direct, &self.sim_url, pq).await
-    }
-
-    async fn get_json(&self, client: &HttpsClient, base: &str, pq: &str) -> Value {
-        let resp = tokio::time::timeout(
-            WAIT,
-            client.request(get(&format!("{base}{pq}"), &self.token)),
-        )
-        .await
-        .expect("answered in time")
-        .expect("request");
-        assert_eq!(resp.status(), 200, "{pq}");
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
-        serde_json::from_slice(&body).expect("json")
-    }
-}
-
-/// The next `n` events of a stream, parsed.
-async fn take(lines: &mut Lines, n: usize) -> Vec<Value> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let line = lines
-            .next_within(WAIT)
-            .await
-            .expect("an event, not the end");
-        out.push(serde_json::from_str(&line).expect("event json"));
-    }
-    out
-}
-
 fn kinds_and_names(events: &[Value]) -> Vec<(&str, &str)> {
     events
         .iter()
@@ -149,17 +79,6 @@ fn kinds_and_names(events: &[Value]) -> Vec<(&str, &str)> {
             )
         })
         .collect()
-}
-
-/// Waits (bounded) until the hub's accounting satisfies `cond`.
-async fn until_stats(env: &Env, what: &str, cond: impl Fn(&breakwater::watch::HubStats) -> bool) {
-    for _ in 0..2000 {
-        if cond(&env.demo.proxy.watch_hub().stats()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: {:?}", env.demo.proxy.watch_hub().stats());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,14 +179,14 @@ async fn fifty_widget_watches_share_one_upstream_watch_and_see_what_a_direct_wat
     // and the same items kube-sim holds.
     let lists = env.demo.sim.request_count("LIST", "widgets");
     let list_pq = format!("/apis/example.com/v1/namespaces/{NS}/widgets?resourceVersion=0");
-    let cached = c.get_json(&c.proxy, &c.proxy_url, &list_pq).await;
+    let cached = c.get_json(&list_pq).await;
     assert_eq!(
         env.demo.sim.request_count("LIST", "widgets"),
         lists,
         "answered by the hub"
     );
     let blue = c
-        .get_json(
+        .get_json_from(
             &c.proxy,
             &c.proxy_url,
             &format!("{list_pq}&labelSelector=color%3Dblue"),
@@ -275,7 +194,7 @@ async fn fifty_widget_watches_share_one_upstream_watch_and_see_what_a_direct_wat
         .await;
     assert_eq!(env.demo.sim.request_count("LIST", "widgets"), lists);
     let truth = c
-        .get_json(
+        .get_json_from(
             &c.direct,
             &c.sim_url,
             &format!("/apis/example.com/v1/namespaces/{NS}/widgets"),

@@ -62,3 +62,146 @@ pub fn connector(
         b.enable_http1().build()
     }
 }
+
+// ---------------------------------------------------------------- kubectl
+
+/// kubectl is an external tool: without it the kubectl tests have nothing
+/// to drive and say so instead of failing (`.ci/run` requires it).
+pub fn kubectl_available() -> bool {
+    let ok = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("kubectl not found on PATH; skipping");
+    }
+    ok
+}
+
+/// A kube-sim and a kubeconfig for its admin in a private temp dir
+/// (removed on drop), for driving it with real kubectl.
+pub struct Kubectl {
+    pub sim: KubeSim,
+    pub dir: std::path::PathBuf,
+}
+
+impl Drop for Kubectl {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Kubectl {
+    /// Writes the admin kubeconfig for `sim` into a fresh temp dir named
+    /// after `prefix`.
+    pub fn new(sim: KubeSim, prefix: &str) -> Kubectl {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let admin = sim.pki().admin_client().expect("admin cert");
+        let dir = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).expect("write");
+            p
+        };
+        let ca = write("ca.crt", sim.pki().serving_ca.cert_pem());
+        let cert = write("admin.crt", &admin.cert_pem);
+        let key = write("admin.key", &admin.key_pem);
+        write(
+            "kubeconfig",
+            &format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: sim\n  context: {{cluster: sim, user: admin}}\ncurrent-context: sim\n",
+                sim.url(),
+                ca.display(),
+                cert.display(),
+                key.display()
+            ),
+        );
+        Kubectl { sim, dir }
+    }
+
+    /// `kubectl ARGS` with this kubeconfig and a private cache and HOME.
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("kubectl");
+        c.arg("--kubeconfig")
+            .arg(self.dir.join("kubeconfig"))
+            .arg("--cache-dir")
+            .arg(self.dir.join("cache"))
+            .args(args)
+            .env("HOME", &self.dir)
+            .kill_on_drop(true)
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    /// Runs kubectl (at most 60 s): (success, stdout, stderr).
+    pub async fn try_run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            self.command(args).output(),
+        )
+        .await
+        .expect("kubectl finishes within 60s")
+        .expect("kubectl runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs kubectl, which must succeed: (stdout, stderr).
+    pub async fn run(&self, args: &[&str]) -> (String, String) {
+        let (ok, stdout, stderr) = self.try_run(args).await;
+        assert!(ok, "kubectl {args:?} failed: {stderr}\n{stdout}");
+        (stdout, stderr)
+    }
+
+    /// Starts a long-running kubectl (`get … -w`) whose stdout is read line
+    /// by line.
+    pub fn spawn_lines(&self, args: &[&str]) -> KubectlLines {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = self
+            .command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        let out = child.stdout.take().expect("stdout");
+        KubectlLines {
+            child,
+            lines: tokio::io::BufReader::new(out).lines(),
+        }
+    }
+
+    /// Writes `text` to `name` in the temp dir.
+    pub fn file(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+}
+
+/// A running kubectl's stdout, a line at a time (killed on drop).
+pub struct KubectlLines {
+    pub child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl KubectlLines {
+    /// The next line, within 30 s; kubectl must still be running.
+    pub async fn next(&mut self) -> String {
+        tokio::time::timeout(std::time::Duration::from_secs(30), self.lines.next_line())
+            .await
+            .expect("a line within 30s")
+            .expect("read")
+            .expect("kubectl still running")
+    }
+}

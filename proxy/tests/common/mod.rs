@@ -15,12 +15,14 @@ use breakwater::identity::AuthConfig;
 use breakwater::upstream::UpstreamConfig;
 use breakwater_loadtest::sim::SimConfig;
 use bytes::{Bytes, BytesMut};
+use http::Response;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::pem::PemObject;
+use serde_json::Value;
 
 pub struct Env {
     pub demo: Demo,
@@ -241,4 +243,97 @@ pub fn event_summary(line: &str) -> (String, String, String) {
             .unwrap_or_default()
             .to_string(),
     )
+}
+
+// ------------------------------------------------------------ watch tests
+
+/// How long a watch test waits for an answer or an event.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Clients to the proxy and straight to kube-sim, with the demo's token.
+pub struct Clients {
+    pub proxy: HttpsClient,
+    pub direct: HttpsClient,
+    pub proxy_url: String,
+    pub sim_url: String,
+    pub token: String,
+}
+
+pub fn clients(env: &Env) -> Clients {
+    let sim_ca = std::fs::read_to_string(env.dir.path().join("kube-sim-ca.crt")).expect("ca");
+    Clients {
+        proxy: https_client(&env.demo.proxy_ca_pem, true),
+        direct: https_client(&sim_ca, true),
+        proxy_url: env.proxy_url(),
+        sim_url: env.demo.sim.url(),
+        token: env.demo.token.clone(),
+    }
+}
+
+impl Clients {
+    async fn answer(&self, client: &HttpsClient, base: &str, pq: &str) -> Response<Incoming> {
+        let resp = tokio::time::timeout(
+            WAIT,
+            client.request(get(&format!("{base}{pq}"), &self.token)),
+        )
+        .await
+        .expect("answered in time")
+        .expect("request");
+        assert_eq!(resp.status(), 200, "{pq}");
+        resp
+    }
+
+    pub async fn open(&self, client: &HttpsClient, base: &str, pq: &str) -> Lines {
+        Lines::new(self.answer(client, base, pq).await.into_body())
+    }
+
+    /// A watch through the proxy.
+    pub async fn watch(&self, pq: &str) -> Lines {
+        self.open(&self.proxy, &self.proxy_url, pq).await
+    }
+
+    /// The same watch straight to kube-sim.
+    pub async fn direct_watch(&self, pq: &str) -> Lines {
+        self.open(&self.direct, &self.sim_url, pq).await
+    }
+
+    /// A JSON GET through `client` at `base`.
+    pub async fn get_json_from(&self, client: &HttpsClient, base: &str, pq: &str) -> Value {
+        let resp = self.answer(client, base, pq).await;
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        serde_json::from_slice(&body).expect("json")
+    }
+
+    /// A JSON GET through the proxy.
+    pub async fn get_json(&self, pq: &str) -> Value {
+        self.get_json_from(&self.proxy, &self.proxy_url, pq).await
+    }
+}
+
+/// The next `n` events of a stream, parsed.
+pub async fn take(lines: &mut Lines, n: usize) -> Vec<Value> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let line = lines
+            .next_within(WAIT)
+            .await
+            .expect("an event, not the end");
+        out.push(serde_json::from_str(&line).expect("event json"));
+    }
+    out
+}
+
+/// Waits (bounded) until the hub's accounting satisfies `cond`.
+pub async fn until_stats(
+    env: &Env,
+    what: &str,
+    cond: impl Fn(&breakwater::watch::HubStats) -> bool,
+) {
+    for _ in 0..2000 {
+        if cond(&env.demo.proxy.watch_hub().stats()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: {:?}", env.demo.proxy.watch_hub().stats());
 }
