@@ -171,14 +171,19 @@ pub enum RequestKind {
     List {
         rt: &'static ResourceType,
         consistent: bool,
+        /// Objects etcd reads at most: `limit + 1` for a paged LIST without
+        /// selectors (the apiserver asks etcd for one page and one more key);
+        /// `None` when it may read them all (selectors filter after reading).
+        scan_bound: Option<usize>,
     },
     Write,
     Read,
 }
 
 /// The CPU a finished request cost: its kind, the objects a LIST scanned
-/// (every object of the type: a namespaced LIST is charged as a cluster-wide
-/// one, a slight overestimate) and the bytes it answers.
+/// (every object of the type, or one page of them for a paged LIST without
+/// selectors; a namespaced LIST is charged as a cluster-wide one, a slight
+/// overestimate) and the bytes it answers.
 pub fn request_cost(
     cost: &CostModel,
     store: &Store,
@@ -189,13 +194,18 @@ pub fn request_cost(
         .exact()
         .map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX));
     match *kind {
-        RequestKind::List { rt, consistent } => {
+        RequestKind::List {
+            rt,
+            consistent,
+            scan_bound,
+        } => {
             let source = if consistent {
                 ListSource::Etcd
             } else {
                 ListSource::Cache
             };
-            cost.list(source, store.count(rt), bytes)
+            let all = store.count(rt);
+            cost.list(source, scan_bound.map_or(all, |b| b.min(all)), bytes)
         }
         RequestKind::Write => cost.write(bytes),
         RequestKind::Read => cost.read(bytes),

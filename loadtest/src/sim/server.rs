@@ -369,11 +369,22 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
 fn info_cost(info: &ReqInfo) -> super::capacity::RequestKind {
     use super::capacity::RequestKind;
     match info.verb {
-        Verb::List => RequestKind::List {
-            rt: info.rt,
-            consistent: ListOptions::from_query(info.rt, &info.list_query)
-                .is_ok_and(|o| o.resource_version.as_deref().is_none_or(str::is_empty)),
-        },
+        Verb::List => {
+            let opts = ListOptions::from_query(info.rt, &info.list_query).ok();
+            let consistent = opts
+                .as_ref()
+                .is_some_and(|o| o.resource_version.as_deref().is_none_or(str::is_empty));
+            // A consistent page without selectors reads limit+1 keys from etcd.
+            let scan_bound = opts.as_ref().and_then(|o| {
+                let plain = o.label_selector.is_empty() && o.field_selector.is_empty();
+                o.limit.filter(|_| consistent && plain).map(|l| l + 1)
+            });
+            RequestKind::List {
+                rt: info.rt,
+                consistent,
+                scan_bound,
+            }
+        }
         Verb::Create | Verb::Update | Verb::Patch | Verb::Delete | Verb::DeleteCollection => {
             RequestKind::Write
         }

@@ -288,7 +288,10 @@ async fn list(
     state: &AgentState,
     counters: &FleetCounters,
 ) -> Result<String, Failure> {
+    // client-go's reflector pages its LISTs (500); with resourceVersion=0
+    // the apiserver's watch cache ignores the limit.
     let mut query = selector(&spec.node);
+    query.push_str("&limit=500");
     if !spec.consistent_list {
         query.push_str("&resourceVersion=0");
     }

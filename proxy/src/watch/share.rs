@@ -14,9 +14,10 @@
 //!
 //! Answers are cached per (identity, attributes) in a bounded moka cache:
 //! "allowed" for [`POSITIVE_TTL`], "denied" for [`NEGATIVE_TTL`] (so a
-//! freshly granted role works soon), failures to ask not at all. Identical
-//! concurrent reviews (a DaemonSet's agents arriving at once) share one
-//! upstream request through `try_get_with`.
+//! freshly granted role works soon); a failure to ask counts as a denial
+//! (a proxy without permission to create reviews must not ask once per
+//! watch of a storm). Identical concurrent reviews (a DaemonSet's agents
+//! arriving at once) share one upstream request through `get_with`.
 //!
 //! # Whose credentials a shared stream uses
 //!
@@ -211,6 +212,10 @@ impl Expiry<Key, bool> for AnswerExpiry {
 pub struct Sharing {
     reviewer: Arc<dyn AccessReviewer>,
     cache: Cache<Key, bool>,
+    /// When a failed review was last logged at warn level (at most once a
+    /// minute: a proxy without permission to create SubjectAccessReviews
+    /// would otherwise log one line per watch).
+    warned: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Sharing {
@@ -226,17 +231,19 @@ impl Sharing {
                 .max_capacity(capacity)
                 .expire_after(AnswerExpiry { positive, negative })
                 .build(),
+            warned: std::sync::Mutex::new(None),
         }
     }
 
     /// Whether `identity` may do `attrs`; a failure to ask counts as "no"
-    /// (the caller then stays within the identity's own scope) and is not
-    /// cached.
+    /// (the caller then stays within the identity's own scope) and is
+    /// remembered like a denial: a proxy the apiserver will not answer
+    /// (no permission to create SubjectAccessReviews, an outage) must not
+    /// ask again for every watch of a storm.
     pub async fn allowed(&self, identity: &Identity, attrs: Attributes) -> bool {
         let key = (identity.clone(), attrs);
-        let answer = self
-            .cache
-            .try_get_with_by_ref(&key, async {
+        self.cache
+            .get_with_by_ref(&key, async {
                 let res = self.reviewer.review(&key.0, &key.1).await;
                 let result = match &res {
                     Ok(true) => "allowed",
@@ -244,15 +251,21 @@ impl Sharing {
                     Err(_) => "error",
                 };
                 metrics::counter!("breakwater_watch_sar_total", "result" => result).increment(1);
-                res
+                res.unwrap_or_else(|err| {
+                    self.warn_failed(&err, &key.0);
+                    false
+                })
             })
-            .await;
-        match answer {
-            Ok(allowed) => allowed,
-            Err(err) => {
-                tracing::warn!(error = %err, user = %identity.username, "not sharing a watch across identities");
-                false
-            }
+            .await
+    }
+
+    fn warn_failed(&self, err: &dyn std::fmt::Display, identity: &Identity) {
+        let mut last = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(error = %err, user = %identity.username, "not sharing watches across identities (SubjectAccessReview failed; repeats are logged at debug for a minute; see breakwater_watch_sar_total{{result=\"error\"}})");
+        } else {
+            tracing::debug!(error = %err, user = %identity.username, "not sharing a watch across identities");
         }
     }
 
@@ -400,20 +413,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn selectors_are_part_of_the_question_and_failures_are_not_cached() {
+    async fn selectors_are_part_of_the_question_and_failures_count_as_denials() {
         let f = fake();
-        let s = sharing(&f);
+        // moka keeps its own clock, so the expiry is waited for for real.
+        let s = Sharing::new(
+            f.clone(),
+            100,
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+        );
         *f.fail.lock().expect("lock") = true;
         let field = Some("spec.nodeName=n1".to_string());
-        assert!(
-            !s.may_join(&who("alice"), "watch", &pods(), None, field.clone())
-                .await
+        for _ in 0..3 {
+            assert!(
+                !s.may_join(&who("alice"), "watch", &pods(), None, field.clone())
+                    .await
+            );
+        }
+        assert_eq!(
+            f.calls.load(Ordering::SeqCst),
+            1,
+            "a failure is remembered: a storm does not ask once per watch"
         );
         *f.fail.lock().expect("lock") = false;
-        assert!(
-            s.may_join(&who("alice"), "watch", &pods(), None, field.clone())
+        let mut allowed = false;
+        for _ in 0..100 {
+            if s.may_join(&who("alice"), "watch", &pods(), None, field.clone())
                 .await
-        );
+            {
+                allowed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(allowed, "asked again once the denial expired");
         assert_eq!(f.calls.load(Ordering::SeqCst), 2);
         let seen = f.seen.lock().expect("lock").clone();
         assert_eq!(seen[1].field_selector, field);
