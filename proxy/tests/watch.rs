@@ -263,7 +263,8 @@ async fn joins_at_unset_zero_recent_and_expired_resource_versions() {
     let got = take(&mut replay, 1).await;
     assert_eq!(got, take(&mut direct_replay, 1).await);
     assert_eq!(summary(&got)[0].1, "c");
-    // Older than the shared stream: the apiserver answers, as to a direct watch.
+    // Older than the shared stream: the apiserver replays the gap (one short
+    // upstream watch), then the shared stream carries on; as a direct watch.
     let old = format!("{base}&resourceVersion=1");
     let mut before = c.watch(&old).await;
     let mut direct_before = c.direct_watch(&old).await;
@@ -273,14 +274,20 @@ async fn joins_at_unset_zero_recent_and_expired_resource_versions() {
     );
     // Everything live still flows to every joiner.
     create_pod(&env, "w3", "d", "node-3");
-    for w in [&mut first, &mut unset, &mut zero, &mut replay] {
+    for w in [&mut first, &mut unset, &mut zero, &mut replay, &mut before] {
         assert_eq!(summary(&take(w, 1).await)[0].1, "d");
     }
-    assert_eq!(
-        env.demo.sim.open_watches("pods"),
-        5,
-        "one shared, one forwarded (older than the stream), three direct"
-    );
+    // The watch older than the stream caught up with one short upstream
+    // watch and joined: kube-sim holds the shared watch and three direct.
+    let mut open = 0;
+    for _ in 0..1000 {
+        open = env.demo.sim.open_watches("pods");
+        if open == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(open, 4, "one shared, three direct");
 }
 
 /// A consistent join ("" or sendInitialEvents) must not wait for the next
@@ -1025,7 +1032,9 @@ async fn a_watch_from_a_consistent_list_just_before_the_stream_started_is_shared
     for w in [&mut first, &mut second] {
         assert_eq!(summary(&take(w, 1).await)[0].1, "b");
     }
-    // A pod changed in the gap: the apiserver must answer, not the hub.
+    // Pods changed in the gap: one short upstream watch replays the gap
+    // (the apiserver's own events for this client, its selectors applied
+    // by the apiserver), then the client is on the shared stream.
     let old = rv_of(
         &env.demo
             .sim
@@ -1033,9 +1042,42 @@ async fn a_watch_from_a_consistent_list_just_before_the_stream_started_is_shared
             .get(rt("pods"), Some("w12"), "a")
             .expect("a"),
     ) - 1;
-    let pq = format!("/api/v1/namespaces/w12/pods?watch=1&resourceVersion={old}");
-    let mut forwarded = c.watch(&pq).await;
-    let mut direct = c.direct_watch(&pq).await;
-    assert_eq!(take(&mut forwarded, 2).await, take(&mut direct, 2).await);
-    assert_eq!(env.demo.proxy.watch_hub().stats().subscribers, 2);
+    let mut kept = Vec::new();
+    for pq in [
+        format!("/api/v1/namespaces/w12/pods?watch=1&resourceVersion={old}"),
+        format!(
+            "/api/v1/namespaces/w12/pods?watch=1&resourceVersion={old}&fieldSelector=spec.nodeName%3Dnode-1"
+        ),
+    ] {
+        let subscribers = env.demo.proxy.watch_hub().stats().subscribers;
+        let mut caught_up = c.watch(&pq).await;
+        let mut direct = c.direct_watch(&pq).await;
+        assert_eq!(take(&mut caught_up, 2).await, take(&mut direct, 2).await);
+        until_stats(&env, "caught up, then shared", |s| {
+            s.subscribers == subscribers + 1
+        })
+        .await;
+        let name = format!("c{subscribers}");
+        create_pod(&env, "w12", &name, "node-1");
+        let (got, want) = (take(&mut caught_up, 1).await, take(&mut direct, 1).await);
+        assert_eq!(got, want);
+        for w in [&mut first, &mut second] {
+            assert_eq!(summary(&take(w, 1).await)[0].1, name);
+        }
+        for w in &mut kept {
+            assert_eq!(summary(&take(w, 1).await)[0].1, name);
+        }
+        kept.push(caught_up);
+        drop(direct);
+    }
+    // The catch-up watches were short: kube-sim holds the shared one only.
+    let mut open = 0;
+    for _ in 0..1000 {
+        open = env.demo.sim.open_watches("pods");
+        if open == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(open, 1, "only the shared watch stays open upstream");
 }

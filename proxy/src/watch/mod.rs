@@ -436,7 +436,10 @@ impl Hub {
                 return Outcome::Absent;
             };
             let res = match &req.mode {
-                Mode::Watch(opts) => stream.join(sel.clone(), opts).await,
+                Mode::Watch(opts) => {
+                    let selectors = (req.label.as_deref(), req.field.as_deref());
+                    stream.join(sel.clone(), opts, selectors).await
+                }
                 Mode::ListCached => stream.list(&sel, None).await,
                 Mode::ListConsistent { limit } => stream.list(&sel, Some(*limit)).await,
             };

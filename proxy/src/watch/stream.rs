@@ -975,6 +975,74 @@ impl Stream {
         }
     }
 
+    /// The events a watch from `n` with the client's own `selectors` gets
+    /// up to `floor` (where the stream's ring begins), read from one short
+    /// upstream watch (`timeoutSeconds=1`; the apiserver replays what it
+    /// has at once). The apiserver computes the selector transitions, so
+    /// they are exactly a direct watch's; the shared stream carries on from
+    /// `floor`. `None` (forward the watch instead) when the apiserver does
+    /// not answer in time or the gap is larger than the ring.
+    async fn catch_up(
+        &self,
+        n: u64,
+        floor: u64,
+        (label, field): (Option<&str>, Option<&str>),
+    ) -> Option<Gap> {
+        let query = {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            q.append_pair("watch", "1");
+            q.append_pair("resourceVersion", &n.to_string());
+            q.append_pair("timeoutSeconds", "1");
+            if let Some(l) = label {
+                q.append_pair("labelSelector", l);
+            }
+            if let Some(f) = field {
+                q.append_pair("fieldSelector", f);
+            }
+            q.finish()
+        };
+        self.stats()
+            .upstream_watches
+            .fetch_add(1, Ordering::Relaxed);
+        let read = async {
+            let resp = self.get(&query, true).await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let mut body = resp.into_body();
+            let (mut buf, mut lines) = (BytesMut::new(), Vec::new());
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame.ok()?.into_data() else {
+                    continue;
+                };
+                buf.extend_from_slice(&data);
+                while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                    let line = buf.split_to(pos + 1).freeze();
+                    let v: Value = serde_json::from_slice(&line).ok()?;
+                    let rv = v
+                        .pointer("/object/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    match v.get("type").and_then(Value::as_str) {
+                        Some("ERROR") => return Some(Gap::Error(line)),
+                        Some("BOOKMARK") if rv >= floor => return Some(Gap::Events(lines)),
+                        Some("BOOKMARK") => {}
+                        Some(_) if rv > floor => return Some(Gap::Events(lines)),
+                        Some(_) if lines.len() < self.hub.cfg.ring => lines.push(line),
+                        _ => return None,
+                    }
+                }
+            }
+            // The replay is complete: the watch ended (timeoutSeconds).
+            Some(Gap::Events(lines))
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .ok()
+            .flatten()
+    }
+
     async fn gap_is_empty(&self, n: u64, floor: u64) -> bool {
         let query = self.query(&format!("watch=1&resourceVersion={n}&timeoutSeconds=1"));
         let Ok(resp) = self.get(&query, true).await else {
@@ -1018,6 +1086,7 @@ impl Stream {
         self: &Arc<Self>,
         sel: Arc<Selector>,
         opts: &WatchOpts,
+        selectors: (Option<&str>, Option<&str>),
     ) -> Result<Response<Body>, JoinError> {
         let send_initial = opts
             .send_initial_events
@@ -1030,8 +1099,22 @@ impl Stream {
             _ => 0,
         };
         self.reach(need).await?;
+        // A watch from before the stream's floor: its gap, from the apiserver.
+        let mut caught_up: Option<(u64, Vec<Bytes>)> = None;
         if let (ResourceVersion::Exact(n), false) = (&opts.rv, send_initial) {
-            self.extend_back(n.parse().unwrap_or(0)).await;
+            let n: u64 = n.parse().unwrap_or(0);
+            self.extend_back(n).await;
+            let (floor, expired_below) = {
+                let st = self.lock();
+                (st.ring_floor, st.expired_below)
+            };
+            if n < floor && n > expired_below {
+                match self.catch_up(n, floor, selectors).await {
+                    Some(Gap::Events(lines)) => caught_up = Some((floor, lines)),
+                    Some(Gap::Error(line)) => return Ok(watch_response(full(line))),
+                    None => {}
+                }
+            }
         }
         let timeout = match opts.timeout_seconds {
             Some(s) if s > 0 => Duration::from_secs(s),
@@ -1066,7 +1149,9 @@ impl Stream {
                 drop(st);
                 return Ok(expired_response(n, floor));
             }
-            if n < st.ring_floor {
+            // After a catch-up the ring takes over at the floor it reached.
+            let from = caught_up.as_ref().map_or(n, |(floor, _)| *floor);
+            if from < st.ring_floor {
                 // Older than what this stream saw, but the apiserver may
                 // still have it (the stream started, or its ring rolled,
                 // after N): let the apiserver answer.
@@ -1074,13 +1159,16 @@ impl Stream {
                     "resourceVersion {n} predates the shared stream"
                 )));
             }
+            if let Some((_, lines)) = caught_up.take() {
+                initial.extend(lines);
+            }
             initial.extend(
                 st.ring
                     .iter()
-                    .filter(|c| c.rv > n)
+                    .filter(|c| c.rv > from)
                     .filter_map(|c| c.line_for(c.transition(&sel))),
             );
-            min_rv = n.max(st.rv);
+            min_rv = from.max(st.rv);
         } else {
             min_rv = st.rv;
         }
@@ -1282,6 +1370,14 @@ fn watch_response(body: Body) -> Response<Body> {
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// What [`Stream::catch_up`] read.
+enum Gap {
+    /// The client's events after its RV, up to the stream's floor.
+    Events(Vec<Bytes>),
+    /// The apiserver's ERROR event (410: the RV is too old), to pass on.
+    Error(Bytes),
 }
 
 /// How long a freshness round waits for more clients before it checks.
