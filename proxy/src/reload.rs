@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +48,16 @@ pub fn reload_all(tls: &ServerTls, shared: &Shared) -> usize {
     failed
 }
 
+/// Whether a file event can change what a reload reads. Not reads: the
+/// reload itself opens and reads the watched files, and on Linux inotify
+/// reports those as access events — reacting to them would reload forever.
+fn is_change(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+    )
+}
+
 /// Watches the directories of `files` until `stop`, calling `reload` after
 /// each burst of changes.
 pub fn spawn(
@@ -73,7 +83,7 @@ pub fn spawn(
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut watcher = match notify::recommended_watcher(
         move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            if res.is_ok_and(|ev| is_change(&ev.kind)) {
                 let _ = tx.try_send(());
             }
         },
@@ -108,4 +118,61 @@ pub fn spawn(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, ModifyKind};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn reads_are_not_changes() {
+        assert!(!is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
+        assert!(is_change(&EventKind::Create(CreateKind::File)));
+    }
+
+    /// A reload reads the watched files; that must not trigger the next
+    /// one (it did: the demo reloaded five times a second, forever).
+    #[tokio::test]
+    async fn one_write_is_one_reload_even_though_the_reload_reads_the_files() {
+        let dir = std::env::temp_dir().join(format!("bw-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("tls.crt");
+        std::fs::write(&file, "one").expect("write");
+        let reloads = Arc::new(AtomicUsize::new(0));
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let task = spawn(vec![file.clone()], stop.clone(), {
+            let (reloads, file) = (reloads.clone(), file.clone());
+            move || {
+                // As reload_all does: read what is watched.
+                let _ = std::fs::read(&file);
+                reloads.fetch_add(1, Ordering::SeqCst);
+                let _ = done_tx.send(());
+            }
+        })
+        .expect("watching");
+        std::fs::write(&file, "two").expect("rotate");
+        tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
+            .await
+            .expect("reloaded after the write");
+        // The reload's own reads would show up within the 200 ms settle
+        // time; give them five times that.
+        let again = tokio::time::timeout(Duration::from_secs(1), done_rx.recv()).await;
+        assert!(again.is_err(), "a reload triggered another reload");
+        assert_eq!(reloads.load(Ordering::SeqCst), 1);
+        stop.cancel();
+        task.await.expect("watcher task");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -245,7 +245,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     tracing::info!(
         %addr,
         %admin_addr,
-        plain = ?plain_addr,
+        plain = %plain_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         upstream = %cfg.upstream.url,
         mode = cfg.upstream.mode.as_str(),
         "breakwater serving"
