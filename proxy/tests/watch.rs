@@ -69,6 +69,20 @@ fn rv_of(obj: &Value) -> u64 {
         .expect("rv")
 }
 
+/// kube-sim's open pod watches once they reach `want` (short upstream
+/// watches end a moment after their clients), or after 10 s.
+async fn open_pod_watches_settle_at(env: &Env, want: i64) -> i64 {
+    let mut open = env.demo.sim.open_watches("pods");
+    for _ in 0..1000 {
+        if open == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        open = env.demo.sim.open_watches("pods");
+    }
+    open
+}
+
 fn summary(events: &[Value]) -> Vec<(String, String, String)> {
     events
         .iter()
@@ -279,15 +293,11 @@ async fn joins_at_unset_zero_recent_and_expired_resource_versions() {
     }
     // The watch older than the stream caught up with one short upstream
     // watch and joined: kube-sim holds the shared watch and three direct.
-    let mut open = 0;
-    for _ in 0..1000 {
-        open = env.demo.sim.open_watches("pods");
-        if open == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(open, 4, "one shared, three direct");
+    assert_eq!(
+        open_pod_watches_settle_at(&env, 4).await,
+        4,
+        "one shared, three direct"
+    );
 }
 
 /// A consistent join ("" or sendInitialEvents) must not wait for the next
@@ -1071,13 +1081,9 @@ async fn a_watch_from_a_consistent_list_just_before_the_stream_started_is_shared
         drop(direct);
     }
     // The catch-up watches were short: kube-sim holds the shared one only.
-    let mut open = 0;
-    for _ in 0..1000 {
-        open = env.demo.sim.open_watches("pods");
-        if open == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(open, 1, "only the shared watch stays open upstream");
+    assert_eq!(
+        open_pod_watches_settle_at(&env, 1).await,
+        1,
+        "only the shared watch stays open upstream"
+    );
 }

@@ -926,11 +926,7 @@ impl Stream {
                 }
                 st.rv
             };
-            self.stats()
-                .upstream_watches
-                .fetch_add(1, Ordering::Relaxed);
-            let probe = tokio::time::timeout(Duration::from_secs(5), self.gap_is_empty(from, need));
-            if matches!(probe.await, Ok(true)) {
+            if self.probe_gap(from, need).await {
                 let mut st = self.lock();
                 // A relist meanwhile starts over from its own, newer RV.
                 if st.rv >= from && st.live {
@@ -962,11 +958,7 @@ impl Stream {
             }
             st.ring_floor
         };
-        self.stats()
-            .upstream_watches
-            .fetch_add(1, Ordering::Relaxed);
-        let probe = tokio::time::timeout(Duration::from_secs(5), self.gap_is_empty(n, floor));
-        if matches!(probe.await, Ok(true)) {
+        if self.probe_gap(n, floor).await {
             let mut st = self.lock();
             // Unless a relist or the ring moved the floor meanwhile.
             if st.ring_floor == floor {
@@ -1041,6 +1033,16 @@ impl Stream {
             .await
             .ok()
             .flatten()
+    }
+
+    /// [`Stream::gap_is_empty`], counted as an upstream watch and bounded
+    /// in time (no answer in 5 s: not empty).
+    async fn probe_gap(&self, n: u64, floor: u64) -> bool {
+        self.stats()
+            .upstream_watches
+            .fetch_add(1, Ordering::Relaxed);
+        let probe = tokio::time::timeout(Duration::from_secs(5), self.gap_is_empty(n, floor));
+        matches!(probe.await, Ok(true))
     }
 
     async fn gap_is_empty(&self, n: u64, floor: u64) -> bool {
