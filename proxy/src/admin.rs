@@ -198,3 +198,41 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     );
     resp
 }
+
+/// Why `breakwater probe` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{0}: only plain http:// URLs (the admin listener) can be probed")]
+    NotHttp(String),
+    #[error("{0}: {1}")]
+    Request(String, String),
+    #[error("{0} answered {1}")]
+    Status(String, http::StatusCode),
+    #[error("{0}: no answer within {1:?}")]
+    Timeout(String, std::time::Duration),
+}
+
+/// `breakwater probe`: GETs an admin endpoint (default `/readyz`) and
+/// succeeds on 200. For exec probes where the kubelet cannot reach the
+/// admin listener on the pod's loopback (a sidecar without hostNetwork),
+/// in an image without curl.
+pub async fn probe(url: &str, within: std::time::Duration) -> Result<(), ProbeError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ProbeError::Request(url.into(), e.to_string()))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(ProbeError::NotHttp(url.into()));
+    }
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let resp = tokio::time::timeout(within, client.get(uri))
+        .await
+        .map_err(|_| ProbeError::Timeout(url.into(), within))?
+        .map_err(|e| ProbeError::Request(url.into(), e.to_string()))?;
+    if resp.status() == http::StatusCode::OK {
+        Ok(())
+    } else {
+        Err(ProbeError::Status(url.into(), resp.status()))
+    }
+}

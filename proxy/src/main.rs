@@ -34,6 +34,16 @@ enum Command {
         #[arg(long = "group")]
         groups: Vec<String>,
     },
+    /// Exit 0 when an admin endpoint answers 200 (an exec readiness probe for
+    /// images without curl, e.g. a sidecar the kubelet cannot reach on 127.0.0.1).
+    Probe {
+        /// The endpoint to GET (plain HTTP).
+        #[arg(long, default_value = "http://127.0.0.1:9444/readyz")]
+        url: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Run kube-sim behind the proxy on loopback, with ready-made kubeconfigs.
     #[cfg(feature = "demo")]
     Demo {
@@ -147,6 +157,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(report) => print!("{report}"),
             Err(problems) => {
                 eprintln!("{problems}");
+                std::process::exit(1);
+            }
+        },
+        Command::Probe { url, timeout } => match breakwater::admin::probe(&url, timeout).await {
+            Ok(()) => println!("ok: {url}"),
+            Err(err) => {
+                eprintln!("not ready: {err}");
                 std::process::exit(1);
             }
         },

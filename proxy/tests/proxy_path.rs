@@ -288,3 +288,37 @@ async fn the_plain_loopback_listener_serves_http1_and_h2c_by_token() {
     }
     proxy.shutdown().await;
 }
+
+/// `breakwater probe` (the exec readiness probe for sidecars): 0 on a ready
+/// admin listener, 1 with a reason when nothing answers or the URL is not
+/// plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_command_reports_readiness_by_exit_code() {
+    let env = demo_env().await;
+    let bin = env!("CARGO_BIN_EXE_breakwater");
+    let run = |url: String| async move {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(bin)
+                .args(["probe", "--url", &url])
+                .output(),
+        )
+        .await
+        .expect("probe finishes")
+        .expect("probe runs")
+    };
+    let ready = run(format!("http://{}/readyz", env.demo.proxy.admin_addr())).await;
+    assert!(ready.status.success(), "{ready:?}");
+    assert!(String::from_utf8_lossy(&ready.stdout).starts_with("ok: "));
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let down = run(format!("http://127.0.0.1:{port}/readyz")).await;
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("not ready"));
+
+    let tls = run(format!("https://{}/readyz", env.demo.proxy.addr())).await;
+    assert_eq!(tls.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&tls.stderr).contains("only plain http://"));
+}
