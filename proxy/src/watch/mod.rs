@@ -289,16 +289,15 @@ impl Hub {
         headers: &HeaderMap,
         identity: &Identity,
     ) -> Option<Response<Body>> {
-        let req = req.clone();
         let ident = identity_headers(headers);
         // Across identities first, when the apiserver says this one may join.
-        if let Some(shared) = self.serve_shared(&req, &ident, identity).await {
+        if let Some(shared) = self.serve_shared(req, &ident, identity).await {
             return shared;
         }
         let broad = req.key(true);
         let broad_refused = req.has_selectors() && self.recently_refused(&broad);
         if !broad_refused {
-            match self.serve_on(broad.clone(), &req, &ident, true).await {
+            match self.serve_on(broad.clone(), req, &ident, true).await {
                 Outcome::Served(r) => return Some(r),
                 Outcome::Forward | Outcome::Absent => return None,
                 Outcome::Refused(f) => {
@@ -310,7 +309,7 @@ impl Hub {
             }
         }
         // The identity may not list everything, but perhaps what it asked for.
-        match self.serve_on(req.key(false), &req, &ident, true).await {
+        match self.serve_on(req.key(false), req, &ident, true).await {
             Outcome::Served(r) => Some(r),
             Outcome::Refused(f) => Some(f.response()),
             Outcome::Forward | Outcome::Absent => None,

@@ -16,6 +16,7 @@
 //! lingers, then closes and leaves the hub.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -625,11 +626,7 @@ impl Stream {
         };
         let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
         let object = v.get("object").unwrap_or(&Value::Null);
-        let rv = object
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(0);
+        let rv = resource_version(object).unwrap_or(0);
         match kind {
             "ERROR" => {
                 if object.get("code").and_then(Value::as_u64) == Some(410) {
@@ -861,9 +858,7 @@ impl Stream {
                     .map_err(|e| e.to_string())?
                     .to_bytes();
                 let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-                v.pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-                    .and_then(|s| s.parse().ok())
+                resource_version(&v)
                     .ok_or_else(|| "no resourceVersion in the freshness check".to_string())
             })
             .await
@@ -926,7 +921,7 @@ impl Stream {
                 }
                 st.rv
             };
-            if self.probe_gap(from, need).await {
+            if self.gap_is_empty(from, need).await {
                 let mut st = self.lock();
                 // A relist meanwhile starts over from its own, newer RV.
                 if st.rv >= from && st.live {
@@ -958,7 +953,7 @@ impl Stream {
             }
             st.ring_floor
         };
-        if self.probe_gap(n, floor).await {
+        if self.gap_is_empty(n, floor).await {
             let mut st = self.lock();
             // Unless a relist or the ring moved the floor meanwhile.
             if st.ring_floor == floor {
@@ -993,16 +988,72 @@ impl Stream {
             }
             q.finish()
         };
+        let mut lines = Vec::new();
+        let ring = self.hub.cfg.ring;
+        // Break(Some(Some(line))): the apiserver's ERROR; Break(Some(None)):
+        // the replay reached the floor.
+        let end = self
+            .short_watch(&query, |line, kind, rv| match kind {
+                "" => ControlFlow::Break(None),
+                "ERROR" => ControlFlow::Break(Some(Some(line))),
+                "BOOKMARK" if rv >= floor => ControlFlow::Break(Some(None)),
+                "BOOKMARK" => ControlFlow::Continue(()),
+                _ if rv > floor => ControlFlow::Break(Some(None)),
+                _ if lines.len() < ring => {
+                    lines.push(line);
+                    ControlFlow::Continue(())
+                }
+                _ => ControlFlow::Break(None),
+            })
+            .await?;
+        Some(match end {
+            Short::Stopped(Some(error)) => Gap::Error(error),
+            // Reached the floor, or the watch ended (timeoutSeconds): the
+            // replay is complete.
+            Short::Stopped(None) | Short::Ended => Gap::Events(lines),
+        })
+    }
+
+    /// Whether nothing in this collection changed in `(n, floor]`, from a
+    /// short upstream watch from `n` (no answer: not empty).
+    async fn gap_is_empty(&self, n: u64, floor: u64) -> bool {
+        let query = self.query(&format!("watch=1&resourceVersion={n}&timeoutSeconds=1"));
+        let end = self
+            .short_watch(&query, |_, kind, rv| match kind {
+                "BOOKMARK" if rv >= floor => ControlFlow::Break(Some(true)),
+                "BOOKMARK" => ControlFlow::Continue(()),
+                "ADDED" | "MODIFIED" | "DELETED" => ControlFlow::Break(Some(rv > floor)),
+                _ => ControlFlow::Break(Some(false)),
+            })
+            .await;
+        match end {
+            Some(Short::Stopped(empty)) => empty,
+            // Ended (timeoutSeconds) with no change at all since `n`.
+            Some(Short::Ended) => true,
+            None => false,
+        }
+    }
+
+    /// One short upstream watch (`query` asks for `timeoutSeconds=1`),
+    /// counted and bounded to 5 s. Each event line goes to `on_event` with
+    /// its type and RV: `Continue` reads on, `Break(Some(t))` stops with
+    /// `t`, `Break(None)` gives up. `None`: no usable answer (refused,
+    /// broken, undecodable, too slow).
+    async fn short_watch<T>(
+        &self,
+        query: &str,
+        mut on_event: impl FnMut(Bytes, &str, u64) -> ControlFlow<Option<T>>,
+    ) -> Option<Short<T>> {
         self.stats()
             .upstream_watches
             .fetch_add(1, Ordering::Relaxed);
         let read = async {
-            let resp = self.get(&query, true).await.ok()?;
+            let resp = self.get(query, true).await.ok()?;
             if !resp.status().is_success() {
                 return None;
             }
             let mut body = resp.into_body();
-            let (mut buf, mut lines) = (BytesMut::new(), Vec::new());
+            let mut buf = BytesMut::new();
             while let Some(frame) = body.frame().await {
                 let Ok(data) = frame.ok()?.into_data() else {
                     continue;
@@ -1011,76 +1062,19 @@ impl Stream {
                 while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                     let line = buf.split_to(pos + 1).freeze();
                     let v: Value = serde_json::from_slice(&line).ok()?;
-                    let rv = v
-                        .pointer("/object/metadata/resourceVersion")
-                        .and_then(Value::as_str)
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .unwrap_or(0);
-                    match v.get("type").and_then(Value::as_str) {
-                        Some("ERROR") => return Some(Gap::Error(line)),
-                        Some("BOOKMARK") if rv >= floor => return Some(Gap::Events(lines)),
-                        Some("BOOKMARK") => {}
-                        Some(_) if rv > floor => return Some(Gap::Events(lines)),
-                        Some(_) if lines.len() < self.hub.cfg.ring => lines.push(line),
-                        _ => return None,
+                    let rv = v.get("object").and_then(resource_version).unwrap_or(0);
+                    let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
+                    if let ControlFlow::Break(done) = on_event(line, kind, rv) {
+                        return done.map(Short::Stopped);
                     }
                 }
             }
-            // The replay is complete: the watch ended (timeoutSeconds).
-            Some(Gap::Events(lines))
+            Some(Short::Ended)
         };
         tokio::time::timeout(Duration::from_secs(5), read)
             .await
             .ok()
             .flatten()
-    }
-
-    /// [`Stream::gap_is_empty`], counted as an upstream watch and bounded
-    /// in time (no answer in 5 s: not empty).
-    async fn probe_gap(&self, n: u64, floor: u64) -> bool {
-        self.stats()
-            .upstream_watches
-            .fetch_add(1, Ordering::Relaxed);
-        let probe = tokio::time::timeout(Duration::from_secs(5), self.gap_is_empty(n, floor));
-        matches!(probe.await, Ok(true))
-    }
-
-    async fn gap_is_empty(&self, n: u64, floor: u64) -> bool {
-        let query = self.query(&format!("watch=1&resourceVersion={n}&timeoutSeconds=1"));
-        let Ok(resp) = self.get(&query, true).await else {
-            return false;
-        };
-        if !resp.status().is_success() {
-            return false;
-        }
-        let mut body = resp.into_body();
-        let mut buf = BytesMut::new();
-        while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else { return false };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            buf.extend_from_slice(&data);
-            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-                let line = buf.split_to(pos + 1);
-                let Ok(v) = serde_json::from_slice::<Value>(&line) else {
-                    return false;
-                };
-                let rv = v
-                    .pointer("/object/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .unwrap_or(0);
-                match v.get("type").and_then(Value::as_str) {
-                    Some("BOOKMARK") if rv >= floor => return true,
-                    Some("BOOKMARK") => {}
-                    Some("ADDED" | "MODIFIED" | "DELETED") => return rv > floor,
-                    _ => return false,
-                }
-            }
-        }
-        // Ended (timeoutSeconds) with no change at all since `n`.
-        true
     }
 
     /// A client's watch: its snapshot or replay, then the live events.
@@ -1372,6 +1366,21 @@ fn watch_response(body: Body) -> Response<Body> {
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// How a [`Stream::short_watch`] ended.
+enum Short<T> {
+    /// The event callback stopped it with this.
+    Stopped(T),
+    /// The apiserver ended it (its `timeoutSeconds`).
+    Ended,
+}
+
+/// An object's `metadata.resourceVersion`, as a number.
+fn resource_version(obj: &Value) -> Option<u64> {
+    obj.pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
 }
 
 /// What [`Stream::catch_up`] read.

@@ -27,76 +27,70 @@ pub(crate) struct Sub {
     pub(crate) tx: QueueTx,
 }
 
-type Key = (FieldRef, Box<str>);
-
 /// Every subscriber of one stream.
 #[derive(Default)]
 pub(crate) struct Subs {
     /// Subscribers filed under no field value.
     flat: Vec<Sub>,
-    filed: HashMap<Key, Vec<Sub>>,
-    /// The fields subscribers are filed under, with how many are.
-    fields: Vec<(FieldRef, usize)>,
-    len: usize,
-}
-
-fn key_of(sel: &Selector) -> Option<Key> {
-    sel.index_key().map(|(f, v)| (f, v.into()))
+    /// field → value → subscribers; no empty lists or maps are kept, so the
+    /// outer keys are exactly the fields subscribers are filed under.
+    filed: HashMap<FieldRef, HashMap<Box<str>, Vec<Sub>>>,
 }
 
 impl Subs {
+    /// How many (a walk over the files: for stats and tests).
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.flat.len()
+            + self
+                .filed
+                .values()
+                .flat_map(HashMap::values)
+                .map(Vec::len)
+                .sum::<usize>()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.len == 0
+        self.flat.is_empty() && self.filed.is_empty()
     }
 
     pub(crate) fn push(&mut self, sub: Sub) {
-        self.len += 1;
-        let Some(key) = key_of(&sub.sel) else {
-            self.flat.push(sub);
-            return;
-        };
-        match self.fields.iter_mut().find(|(f, _)| *f == key.0) {
-            Some((_, n)) => *n += 1,
-            None => self.fields.push((key.0, 1)),
-        }
-        self.filed.entry(key).or_default().push(sub);
-    }
-
-    /// Removes subscriber `id`, whose selector is `sel`.
-    pub(crate) fn remove(&mut self, id: u64, sel: &Selector) -> Option<Sub> {
-        let Some(key) = key_of(sel) else {
-            let i = self.flat.iter().position(|s| s.id == id)?;
-            self.len -= 1;
-            return Some(self.flat.swap_remove(i));
-        };
-        let list = self.filed.get_mut(&key)?;
-        let i = list.iter().position(|s| s.id == id)?;
-        let sub = list.swap_remove(i);
-        if list.is_empty() {
-            self.filed.remove(&key);
-        }
-        self.unfile(key.0, 1);
-        self.len -= 1;
-        Some(sub)
-    }
-
-    fn unfile(&mut self, field: FieldRef, n: usize) {
-        if let Some(i) = self.fields.iter().position(|(f, _)| *f == field) {
-            self.fields[i].1 -= n;
-            if self.fields[i].1 == 0 {
-                self.fields.swap_remove(i);
+        match sub.sel.index_key() {
+            None => self.flat.push(sub),
+            Some((field, value)) => {
+                let value: Box<str> = value.into();
+                self.filed
+                    .entry(field)
+                    .or_default()
+                    .entry(value)
+                    .or_default()
+                    .push(sub);
             }
         }
     }
 
+    /// Removes subscriber `id`, whose selector is `sel`.
+    pub(crate) fn remove(&mut self, id: u64, sel: &Selector) -> Option<Sub> {
+        let Some((field, value)) = sel.index_key() else {
+            let i = self.flat.iter().position(|s| s.id == id)?;
+            return Some(self.flat.swap_remove(i));
+        };
+        let values = self.filed.get_mut(&field)?;
+        let list = values.get_mut(value)?;
+        let i = list.iter().position(|s| s.id == id)?;
+        let sub = list.swap_remove(i);
+        if list.is_empty() {
+            values.remove(value);
+            if values.is_empty() {
+                self.filed.remove(&field);
+            }
+        }
+        Some(sub)
+    }
+
     pub(crate) fn find(&self, id: u64, sel: &Selector) -> Option<&Sub> {
-        let list = match key_of(sel) {
+        let list = match sel.index_key() {
             None => &self.flat,
-            Some(key) => self.filed.get(&key)?,
+            Some((field, value)) => self.filed.get(&field)?.get(value)?,
         };
         list.iter().find(|s| s.id == id)
     }
@@ -107,64 +101,47 @@ impl Subs {
             std::mem::take(&mut self.flat),
             std::mem::take(&mut self.filed),
         );
-        self.fields.clear();
-        self.len = 0;
-        flat.into_iter().chain(filed.into_values().flatten())
+        flat.into_iter()
+            .chain(filed.into_values().flat_map(HashMap::into_values).flatten())
     }
 
     /// Keeps the subscribers for which `keep` says so.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Sub) -> bool) {
-        let before = self.flat.len();
         self.flat.retain(&mut keep);
-        self.len -= before - self.flat.len();
-        let keys: Vec<Key> = self.filed.keys().cloned().collect();
-        for key in keys {
-            self.retain_filed(&key, &mut keep);
-        }
+        self.filed.retain(|_, values| {
+            values.retain(|_, list| {
+                list.retain(&mut keep);
+                !list.is_empty()
+            });
+            !values.is_empty()
+        });
     }
 
     /// Like [`Subs::retain`], but visits only the subscribers that can see
-    /// a change from `old` to `new`; the others are kept.
+    /// a change from `old` to `new`; the others are kept. Per event: no
+    /// allocation, a lookup per filed field and side of the change.
     pub(crate) fn retain_seeing(
         &mut self,
         old: Option<&Meta>,
         new: Option<&Meta>,
         mut keep: impl FnMut(&Sub) -> bool,
     ) {
-        let before = self.flat.len();
         self.flat.retain(&mut keep);
-        self.len -= before - self.flat.len();
-        if self.filed.is_empty() {
-            return;
-        }
-        let mut keys: Vec<Key> = Vec::with_capacity(self.fields.len() * 2);
-        for &(field, _) in &self.fields {
-            for m in [old, new].into_iter().flatten() {
-                let key: Key = (field, m.field(field).into());
-                if !keys.contains(&key) {
-                    keys.push(key);
+        self.filed.retain(|&field, values| {
+            let old_value = old.map(|m| m.field(field));
+            let new_value = new
+                .map(|m| m.field(field))
+                .filter(|v| Some(*v) != old_value);
+            for value in [old_value, new_value].into_iter().flatten() {
+                if let Some(list) = values.get_mut(value) {
+                    list.retain(&mut keep);
+                    if list.is_empty() {
+                        values.remove(value);
+                    }
                 }
             }
-        }
-        for key in keys {
-            self.retain_filed(&key, &mut keep);
-        }
-    }
-
-    fn retain_filed(&mut self, key: &Key, keep: &mut impl FnMut(&Sub) -> bool) {
-        let Some(list) = self.filed.get_mut(key) else {
-            return;
-        };
-        let before = list.len();
-        list.retain(&mut *keep);
-        let gone = before - list.len();
-        if list.is_empty() {
-            self.filed.remove(key);
-        }
-        if gone > 0 {
-            self.len -= gone;
-            self.unfile(key.0, gone);
-        }
+            !values.is_empty()
+        });
     }
 }
 
@@ -244,7 +221,7 @@ mod tests {
             v
         };
         assert_eq!(left, vec![2, 5, 7]);
-        assert!(subs.is_empty() && subs.fields.is_empty());
+        assert!(subs.is_empty() && subs.filed.is_empty());
     }
 
     fn subs_sel(f: &str) -> Selector {
