@@ -102,6 +102,10 @@ struct SimArgs {
     /// Seed namespaces, nodes, pods, configmaps and ServiceAccount demo/agent.
     #[arg(long)]
     seed_demo: bool,
+    /// Concurrent streams allowed per HTTP/2 connection, as the apiserver's
+    /// flag: 0 means Go's default, 250.
+    #[arg(long, default_value_t = breakwater_loadtest::sim::GO_HTTP2_MAX_STREAMS)]
+    http2_max_streams_per_connection: u32,
 }
 
 #[derive(Subcommand)]
@@ -245,6 +249,7 @@ async fn sim(a: SimArgs) -> anyhow::Result<()> {
         .context("issue the admin client certificate")?;
     let cfg = SimConfig {
         listen: a.listen,
+        http2_max_streams_per_connection: a.http2_max_streams_per_connection,
         ..SimConfig::default()
     };
     let sim = KubeSim::start(cfg, pki)

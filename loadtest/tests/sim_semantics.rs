@@ -851,6 +851,97 @@ async fn shutdown_ends_open_watches() {
     assert!(w.next().await.is_none(), "the watch ends with the server");
 }
 
+// ---- HTTP/2 stream limit ------------------------------------------------
+
+const PODS_WATCH: &str = "/api/v1/namespaces/default/pods?watch=true";
+
+/// A bodiless GET of `path` on `sim`, for a raw HTTP/2 connection.
+fn h2_get(sim: &KubeSim, path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("{}{path}", sim.url()))
+        .body(Full::default())
+        .expect("request")
+}
+
+#[tokio::test]
+async fn a_request_beyond_the_stream_limit_waits_for_a_free_stream() {
+    let sim = start_with(SimConfig {
+        http2_max_streams_per_connection: 5,
+        ..SimConfig::default()
+    })
+    .await;
+    let admin = sim.pki().admin_client().expect("admin cert");
+    let (mut send, conn) = common::h2_connect(&sim, Some(&admin)).await;
+    let driver = tokio::spawn(conn);
+
+    // Five watches fill the connection; each gets its headers.
+    let mut watches = Vec::new();
+    for _ in 0..5 {
+        let resp = tokio::time::timeout(STEP, send.send_request(h2_get(&sim, PODS_WATCH)))
+            .await
+            .expect("watch headers in time")
+            .expect("watch response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        watches.push(resp.into_body());
+    }
+
+    // The sixth has no stream to open while they stay open. /version
+    // answers at once when it gets through, so a pending answer means the
+    // stream limit held it.
+    let mut sixth = std::pin::pin!(send.send_request(h2_get(&sim, "/version")));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sixth.as_mut())
+            .await
+            .is_err(),
+        "a sixth stream was served while five were open"
+    );
+
+    // Ending one watch frees its stream for the waiting request.
+    drop(watches.pop());
+    let resp = tokio::time::timeout(STEP, sixth)
+        .await
+        .expect("the sixth request is served once a stream is free")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    drop(watches);
+    drop(send);
+    tokio::time::timeout(STEP, driver)
+        .await
+        .expect("the connection closes once its handles are gone")
+        .expect("driver task")
+        .expect("connection ends cleanly");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_default_stream_limit_is_gos_250() {
+    // 0 is the apiserver's spelling of "Go's default".
+    for limit in [SimConfig::default().http2_max_streams_per_connection, 0] {
+        let sim = start_with(SimConfig {
+            http2_max_streams_per_connection: limit,
+            ..SimConfig::default()
+        })
+        .await;
+        let (mut send, conn) = common::h2_connect(&sim, None).await;
+        let mut conn = std::pin::pin!(conn);
+        // kube-sim's SETTINGS frame precedes any response on the
+        // connection, so after one round trip the client has applied it.
+        let round_trip = async {
+            let resp = send.send_request(h2_get(&sim, "/version")).await?;
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.into_body().collect().await.map(|_| ())
+        };
+        tokio::select! {
+            r = tokio::time::timeout(STEP, round_trip) => {
+                r.expect("GET /version in time").expect("GET /version");
+            }
+            r = conn.as_mut() => panic!("the connection ended during GET /version: {r:?}"),
+        }
+        assert_eq!(conn.current_max_send_streams(), 250, "limit {limit}");
+        sim.shutdown().await;
+    }
+}
+
 // ---- kubectl end to end -------------------------------------------------
 
 fn base64(data: &[u8]) -> String {

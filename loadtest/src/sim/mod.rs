@@ -46,6 +46,10 @@ pub use rbac::Authorization;
 /// default `--requestheader-allowed-names`.
 pub const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
 
+/// Go's http2 server default for SETTINGS_MAX_CONCURRENT_STREAMS, which the
+/// apiserver keeps when `--http2-max-streams-per-connection` is 0.
+pub const GO_HTTP2_MAX_STREAMS: u32 = 250;
+
 /// How long [`KubeSim::shutdown`] waits for connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -129,6 +133,22 @@ pub struct SimConfig {
     pub authorization: Authorization,
     /// The capacity model (seats, queue, CPU cost); `None` = unlimited.
     pub capacity: Option<capacity::CapacityConfig>,
+    /// `--http2-max-streams-per-connection`: the SETTINGS_MAX_CONCURRENT_STREAMS
+    /// kube-sim advertises on each HTTP/2 connection; 0 means Go's default,
+    /// 250 ([`GO_HTTP2_MAX_STREAMS`]), as in the apiserver. A client that puts
+    /// every request on one connection waits for a free stream beyond it.
+    pub http2_max_streams_per_connection: u32,
+}
+
+impl SimConfig {
+    /// The stream limit actually advertised: `http2_max_streams_per_connection`
+    /// with 0 resolved to Go's default.
+    pub fn effective_http2_max_streams(&self) -> u32 {
+        match self.http2_max_streams_per_connection {
+            0 => GO_HTTP2_MAX_STREAMS,
+            n => n,
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -145,6 +165,7 @@ impl Default for SimConfig {
             requestheader_allowed_names: vec![FRONT_PROXY_CLIENT.to_string()],
             authorization: Authorization::Rbac,
             capacity: None,
+            http2_max_streams_per_connection: GO_HTTP2_MAX_STREAMS,
         }
     }
 }
@@ -238,6 +259,7 @@ impl KubeSim {
             cancel,
             tracker: tracker.clone(),
             capacity,
+            http2_max_streams: cfg.effective_http2_max_streams(),
         });
         tracker.spawn(server::accept_loop(
             listener,

@@ -82,6 +82,9 @@ pub(crate) struct State {
     pub(crate) tracker: TaskTracker,
     /// Incident lab: the capacity model (capacity.rs), when configured.
     pub(crate) capacity: Option<Arc<super::capacity::Capacity>>,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS per HTTP/2 connection (never 0 here:
+    /// [`super::SimConfig::effective_http2_max_streams`] resolved it).
+    pub(crate) http2_max_streams: u32,
 }
 
 /// The rustls config: our serving cert, ALPN h2 + http/1.1, client certs
@@ -251,7 +254,13 @@ async fn serve_connection(
         let conn = Arc::clone(&conn);
         async move { Ok::<_, Infallible>(handle(&state, &conn, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // The apiserver's stream limit, not hyper's default of 200: a client
+    // multiplexing everything on one connection must stall where it would
+    // against the real thing.
+    builder
+        .http2()
+        .max_concurrent_streams(state.http2_max_streams);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     tokio::select! {

@@ -1,5 +1,5 @@
 //! Shared harness for kube-sim's HTTP-level tests: a seeded kube-sim on
-//! 127.0.0.1:0 and TLS connectors that trust it.
+//! 127.0.0.1:0, TLS connectors that trust it, and a raw HTTP/2 connection.
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
@@ -7,10 +7,14 @@ use std::sync::Arc;
 
 use breakwater_loadtest::pki::CertPair;
 use breakwater_loadtest::sim::{KubeSim, SimConfig, SimPki, seed_demo};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 /// kube-sim with fresh certificates and the demo seed.
 pub async fn start_with(cfg: SimConfig) -> KubeSim {
@@ -25,13 +29,9 @@ pub async fn start() -> KubeSim {
     start_with(SimConfig::default()).await
 }
 
-/// A connector trusting `sim`'s serving CA, presenting `cert` (or nothing),
-/// offering only h2 or only HTTP/1.1.
-pub fn connector(
-    sim: &KubeSim,
-    cert: Option<&CertPair>,
-    h2: bool,
-) -> HttpsConnector<HttpConnector> {
+/// A rustls client config trusting `sim`'s serving CA and presenting `cert`
+/// (or nothing); no ALPN, the caller picks the protocols.
+pub fn client_tls(sim: &KubeSim, cert: Option<&CertPair>) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(sim.pki().serving_ca.cert_pem().as_bytes()) {
         roots.add(c.expect("ca pem")).expect("add root");
@@ -41,7 +41,7 @@ pub fn connector(
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_root_certificates(roots);
-    let tls = match cert {
+    match cert {
         Some(pair) => {
             let certs = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
                 .collect::<Result<Vec<_>, _>>()
@@ -52,15 +52,58 @@ pub fn connector(
                 .expect("client auth")
         }
         None => builder.with_no_client_auth(),
-    };
+    }
+}
+
+/// A connector trusting `sim`'s serving CA, presenting `cert` (or nothing),
+/// offering only h2 or only HTTP/1.1.
+pub fn connector(
+    sim: &KubeSim,
+    cert: Option<&CertPair>,
+    h2: bool,
+) -> HttpsConnector<HttpConnector> {
     let b = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
+        .with_tls_config(client_tls(sim, cert))
         .https_only();
     if h2 {
         b.enable_http2().build()
     } else {
         b.enable_http1().build()
     }
+}
+
+/// The IO of a raw connection to kube-sim: TLS over TCP.
+pub type TlsIo = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// ONE HTTP/2 connection to `sim` over TLS (ALPN h2), presenting `cert` (or
+/// nothing), with no pool behind it: every request sent on the returned
+/// handle shares the connection, as with a proxy that multiplexes all its
+/// traffic upstream. The caller drives the connection (spawn or poll it).
+pub async fn h2_connect(
+    sim: &KubeSim,
+    cert: Option<&CertPair>,
+) -> (
+    http2::SendRequest<Full<Bytes>>,
+    http2::Connection<TlsIo, Full<Bytes>, TokioExecutor>,
+) {
+    let mut tls = client_tls(sim, cert);
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(sim.addr())
+        .await
+        .expect("connect to kube-sim");
+    let name = ServerName::IpAddress(sim.addr().ip().into());
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with kube-sim");
+    assert_eq!(
+        stream.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "kube-sim negotiates h2"
+    );
+    http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .expect("HTTP/2 handshake with kube-sim")
 }
 
 // ---------------------------------------------------------------- kubectl
