@@ -12,7 +12,7 @@ use breakwater_loadtest::bench::Protocol;
 use breakwater_loadtest::bench::overhead::{OverheadOpts, run_overhead};
 use breakwater_loadtest::proc::StderrMode;
 use breakwater_loadtest::sim::{KubeSim, SimConfig, SimPki, seed_demo};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -106,6 +106,18 @@ struct SimArgs {
     /// flag: 0 means Go's default, 250.
     #[arg(long, default_value_t = breakwater_loadtest::sim::GO_HTTP2_MAX_STREAMS)]
     http2_max_streams_per_connection: u32,
+    /// Treat requests without credentials as system:anonymous (true) or
+    /// answer them 401 (false), as the apiserver's flag:
+    /// `--anonymous-auth=false`.
+    #[arg(
+        long,
+        action = ArgAction::Set,
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    anonymous_auth: bool,
 }
 
 #[derive(Subcommand)]
@@ -250,6 +262,7 @@ async fn sim(a: SimArgs) -> anyhow::Result<()> {
     let cfg = SimConfig {
         listen: a.listen,
         http2_max_streams_per_connection: a.http2_max_streams_per_connection,
+        anonymous_auth: a.anonymous_auth,
         ..SimConfig::default()
     };
     let sim = KubeSim::start(cfg, pki)

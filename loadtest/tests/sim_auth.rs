@@ -564,6 +564,12 @@ async fn anonymous_requests_reach_health_only_and_bad_credentials_are_401() {
         v["message"],
         "pods is forbidden: User \"system:anonymous\" cannot list resource \"pods\" in API group \"\" at the cluster scope"
     );
+    let (s, v) = anon.get("/api/v1/namespaces", &[]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(
+        v["message"],
+        "namespaces is forbidden: User \"system:anonymous\" cannot list resource \"namespaces\" in API group \"\" at the cluster scope"
+    );
     let (s, v) = anon.get("/api", &[]).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     assert_eq!(
@@ -579,6 +585,59 @@ async fn anonymous_requests_reach_health_only_and_bad_credentials_are_401() {
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{path}");
         assert_eq!(v, fixture("error-401-unauthorized.body"));
     }
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_anonymous_auth_a_request_with_no_credentials_is_401() {
+    assert!(
+        SimConfig::default().anonymous_auth,
+        "the apiserver's default is --anonymous-auth=true"
+    );
+    let sim = start_with(SimConfig {
+        anonymous_auth: false,
+        ..SimConfig::default()
+    })
+    .await;
+    // No credentials: the union authenticator has no anonymous fallback, so
+    // even the paths system:public-info-viewer grants are refused.
+    let anon = api(&sim, None, None);
+    for path in ["/healthz", "/version", "/api", "/api/v1/namespaces"] {
+        let (s, h, v) = anon.call(Method::GET, path, None, &[]).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(h["content-type"], "application/json", "{path}");
+        assert_eq!(h["cache-control"], "no-cache, private", "{path}");
+        assert_eq!(v, fixture("error-401-unauthorized.body"), "{path}");
+    }
+    let (s, v) = anon.whoami(&[]).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+
+    // Every real credential still authenticates.
+    let admin = sim.pki().admin_client().expect("admin cert");
+    let (s, _) = api(&sim, Some(&admin), None)
+        .get("/api/v1/namespaces", &[])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let token = sim.issue_token("demo", "viewer", Duration::from_secs(600));
+    let (s, me) = api(&sim, None, Some(&token)).whoami(&[]).await;
+    assert_eq!(
+        (s, me["username"].clone()),
+        (
+            StatusCode::CREATED,
+            json!("system:serviceaccount:demo:viewer")
+        )
+    );
+    let proxy_cert = sim.pki().front_proxy_client().expect("front-proxy cert");
+    let proxy = api(&sim, Some(&proxy_cert), None);
+    let (s, me) = proxy.whoami(&[("X-Remote-User", "alice")]).await;
+    assert_eq!(
+        (s, me["username"].clone()),
+        (StatusCode::CREATED, json!("alice"))
+    );
+    // A front-proxy certificate without X-Remote-User was never anonymous.
+    let (s, v) = proxy.get("/api/v1/namespaces", &[]).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(v, fixture("error-401-unauthorized.body"));
     sim.shutdown().await;
 }
 

@@ -138,6 +138,11 @@ pub struct SimConfig {
     /// 250 ([`GO_HTTP2_MAX_STREAMS`]), as in the apiserver. A client that puts
     /// every request on one connection waits for a free stream beyond it.
     pub http2_max_streams_per_connection: u32,
+    /// `--anonymous-auth`: a request with no credentials at all runs as
+    /// `system:anonymous` (group `system:unauthenticated`) when true, the
+    /// apiserver's default; when false it gets the 401 Status a bad
+    /// credential gets.
+    pub anonymous_auth: bool,
 }
 
 impl SimConfig {
@@ -166,6 +171,7 @@ impl Default for SimConfig {
             authorization: Authorization::Rbac,
             capacity: None,
             http2_max_streams_per_connection: GO_HTTP2_MAX_STREAMS,
+            anonymous_auth: true,
         }
     }
 }
@@ -260,6 +266,7 @@ impl KubeSim {
             tracker: tracker.clone(),
             capacity,
             http2_max_streams: cfg.effective_http2_max_streams(),
+            anonymous_auth: cfg.anonymous_auth,
         });
         tracker.spawn(server::accept_loop(
             listener,

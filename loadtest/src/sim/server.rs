@@ -3,8 +3,9 @@
 //! One request goes through named phases, in the apiserver's filter order:
 //! 1. `authenticate` — requestheader (front-proxy CA connection with an
 //!    allowed CN + X-Remote-User), then the client certificate, then a Bearer
-//!    SA token; no credentials at all is `system:anonymous`; a credential
-//!    that fails verification is a bare 401 Status;
+//!    SA token; no credentials at all is `system:anonymous` (401 with
+//!    `--anonymous-auth=false`); a credential that fails verification is a
+//!    bare 401 Status;
 //! 2. `impersonate` — Impersonate-* headers, each authorized with the
 //!    `impersonate` verb (403 when denied);
 //! 3. `authorize` — the request's attributes (the apiserver's RequestInfo,
@@ -85,6 +86,9 @@ pub(crate) struct State {
     /// SETTINGS_MAX_CONCURRENT_STREAMS per HTTP/2 connection (never 0 here:
     /// [`super::SimConfig::effective_http2_max_streams`] resolved it).
     pub(crate) http2_max_streams: u32,
+    /// `--anonymous-auth`: whether a request without credentials is
+    /// `system:anonymous` (true) or refused with 401 (false).
+    pub(crate) anonymous_auth: bool,
 }
 
 /// The rustls config: our serving cert, ALPN h2 + http/1.1, client certs
@@ -291,7 +295,7 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
     let path = req.uri().path();
 
     // Phase 1: who is calling.
-    let Some(user) = authenticate(&state.auth, conn, req.headers()) else {
+    let Some(user) = authenticate(&state.auth, state.anonymous_auth, conn, req.headers()) else {
         state.metrics.record(non_resource_labels(), 401);
         return unauthorized();
     };
@@ -432,9 +436,15 @@ fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBo
 }
 
 /// The apiserver's union authenticator: requestheader, x509, bearer token;
-/// None (401) when a credential was presented and none succeeded; the
-/// anonymous user when nothing was presented.
-fn authenticate(auth: &Authenticator, conn: &ConnInfo, headers: &HeaderMap) -> Option<UserInfo> {
+/// None (401) when a credential was presented and none succeeded; when
+/// nothing was presented, the anonymous user if `anonymous` allows it
+/// (`--anonymous-auth`), else None as well.
+fn authenticate(
+    auth: &Authenticator,
+    anonymous: bool,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+) -> Option<UserInfo> {
     // A credential that failed: the request is refused unless a later
     // authenticator succeeds (the union returns the first success).
     let mut failed = false;
@@ -470,7 +480,10 @@ fn authenticate(auth: &Authenticator, conn: &ConnInfo, headers: &HeaderMap) -> O
             }
         }
     }
-    if failed {
+    // The anonymous authenticator is the union's last member: it never
+    // rescues a failed credential, and without it an empty request fails
+    // like a bad one.
+    if failed || !anonymous {
         None
     } else {
         Some(UserInfo::anonymous())
