@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::identity::AuthConfig;
 use crate::tls::UpstreamTls;
-use crate::upstream::{AuthMode, DEFAULT_PROXY_USER, Timeouts, UpstreamConfig};
+use crate::upstream::{AuthMode, DEFAULT_PROXY_USER, LaneLimits, Lanes, Timeouts, UpstreamConfig};
 
 /// Flags of `breakwater run`, and the fields of its `--config` file.
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
@@ -96,6 +96,21 @@ pub struct RunOptions {
     /// Response-header timeout for requests that are not long-running [default: 60s].
     #[arg(long)]
     pub upstream_timeout: Option<String>,
+    /// Upstream connections for unary requests; each carries as many streams as the
+    /// apiserver allows (250) [default: 8].
+    #[arg(long)]
+    pub upstream_max_connections_unary: Option<usize>,
+    /// Upstream connections for long-running requests (forwarded watches, logs -f,
+    /// proxy) [default: 64].
+    #[arg(long)]
+    pub upstream_max_connections_long_running: Option<usize>,
+    /// Upstream connections reserved for requests of exempt rules [default: 8].
+    #[arg(long)]
+    pub upstream_max_connections_exempt: Option<usize>,
+    /// How long a request waits for an upstream stream when its lane is at its cap,
+    /// before a 429 [default: 1s].
+    #[arg(long)]
+    pub upstream_stream_wait: Option<String>,
     /// Share identical and node-scoped watches (and serve LIST rv=0) from one upstream
     /// stream per collection and identity [default: true].
     #[arg(long, action = clap::ArgAction::Set)]
@@ -165,6 +180,8 @@ pub enum ConfigError {
         #[source]
         source: humantime::DurationError,
     },
+    #[error("--{0} must be at least 1")]
+    Zero(&'static str),
     #[error("--upstream-client-cert and --upstream-client-key go together")]
     HalfClientCert,
 }
@@ -214,6 +231,16 @@ impl RunOptions {
             admin_listen: self.admin_listen.or(file.admin_listen),
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
             upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
+            upstream_max_connections_unary: self
+                .upstream_max_connections_unary
+                .or(file.upstream_max_connections_unary),
+            upstream_max_connections_long_running: self
+                .upstream_max_connections_long_running
+                .or(file.upstream_max_connections_long_running),
+            upstream_max_connections_exempt: self
+                .upstream_max_connections_exempt
+                .or(file.upstream_max_connections_exempt),
+            upstream_stream_wait: self.upstream_stream_wait.or(file.upstream_stream_wait),
             watch_cache: self.watch_cache.or(file.watch_cache),
             watch_linger: self.watch_linger.or(file.watch_linger),
             watch_share_across_identities: self
@@ -279,6 +306,38 @@ impl RunOptions {
                         defaults.response,
                     )?,
                     ..defaults
+                },
+                lanes: {
+                    let d = Lanes::default();
+                    let wait = duration(
+                        "upstream-stream-wait",
+                        self.upstream_stream_wait,
+                        d.unary.wait,
+                    )?;
+                    let lane = |option, value: Option<usize>, default: LaneLimits| match value {
+                        Some(0) => Err(ConfigError::Zero(option)),
+                        v => Ok(LaneLimits {
+                            max_connections: v.unwrap_or(default.max_connections),
+                            wait,
+                        }),
+                    };
+                    Lanes {
+                        unary: lane(
+                            "upstream-max-connections-unary",
+                            self.upstream_max_connections_unary,
+                            d.unary,
+                        )?,
+                        long_running: lane(
+                            "upstream-max-connections-long-running",
+                            self.upstream_max_connections_long_running,
+                            d.long_running,
+                        )?,
+                        exempt: lane(
+                            "upstream-max-connections-exempt",
+                            self.upstream_max_connections_exempt,
+                            d.exempt,
+                        )?,
+                    }
                 },
             },
             auth: AuthConfig {

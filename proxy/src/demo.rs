@@ -175,6 +175,7 @@ impl Demo {
                 mode: AuthMode::FrontProxy,
                 proxy_user: DEFAULT_PROXY_USER.to_string(),
                 timeouts: Timeouts::default(),
+                lanes: Default::default(),
             },
             auth: AuthConfig {
                 service_account_key_files: vec![dir.join("sa.pub")],

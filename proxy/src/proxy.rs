@@ -33,8 +33,10 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use crate::admit::{Admission, Admit};
 use crate::classify::{self, RequestInfo};
 use crate::identity::{AuthError, Authenticator, Identity};
-use crate::status::{Reason, Status};
-use crate::upstream::{AuthMode, Body, BoxError, Upstream, UpstreamError};
+use crate::status::{Details, Reason, Status};
+use crate::upstream::{
+    AuthMode, Body, BoxError, PoolError, ResponseBody, Route, Upstream, UpstreamError,
+};
 use breakwater_limits::Permit;
 
 /// What every request handler shares.
@@ -76,6 +78,9 @@ pub async fn handle(
         }
     };
     log.user = identity.username.clone();
+    // Nothing verified a request without credentials: it asserts no
+    // identity upstream, and the apiserver applies its own anonymous policy.
+    let anonymous = shared.auth.is_unverified(&identity);
 
     // Admit before forwarding: a rejected request costs the apiserver
     // nothing. The permit releases its slots when the response ends.
@@ -91,7 +96,7 @@ pub async fn handle(
     if let Err(resp) = identify_upstream(
         &shared.upstream,
         &identity,
-        cert.is_some(),
+        Via::of(cert.is_some(), anonymous),
         req.headers_mut(),
     ) {
         return log.finish_with(
@@ -102,10 +107,13 @@ pub async fn handle(
 
     // Watches and cached LISTs: served from one shared upstream stream when
     // the hub can answer exactly as the apiserver would; else forwarded.
-    if let Some(resp) = shared
-        .hub
-        .serve(&info, req.uri(), req.headers(), &identity)
-        .await
+    // Anonymous requests are always forwarded: what they may see is the
+    // apiserver's decision, made per request.
+    if !anonymous
+        && let Some(resp) = shared
+            .hub
+            .serve(&info, req.uri(), req.headers(), &identity)
+            .await
     {
         return respond_local(&shared, resp, log, long_running, permit);
     }
@@ -115,7 +123,8 @@ pub async fn handle(
     // is consumed; it resolves once we answer 101.
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let resp = match forward(&shared.upstream, req, long_running, upgrade).await {
+    let route = Route::client(long_running, upgrade, permit.is_exempt(), anonymous);
+    let resp = match forward(&shared.upstream, req, route).await {
         Ok(resp) => resp,
         Err(err) => {
             let status = upstream_status(&err);
@@ -130,23 +139,22 @@ pub async fn handle(
     respond(&shared, resp, log, long_running, client_upgrade, permit)
 }
 
-/// Sends the sanitized request upstream.
+/// Sends the sanitized request upstream, in its lane.
 async fn forward(
     upstream: &Upstream,
     req: Request<Incoming>,
-    long_running: bool,
-    upgrade: bool,
-) -> Result<Response<Incoming>, UpstreamError> {
+    route: Route,
+) -> Result<Response<ResponseBody>, UpstreamError> {
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream.uri_for(parts.uri.path_and_query());
     let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
-    upstream.send(req, long_running, upgrade).await
+    upstream.send(req, route).await
 }
 
 /// Streams the upstream response back to the client.
 fn respond(
     shared: &Shared,
-    resp: Response<Incoming>,
+    resp: Response<ResponseBody>,
     log: AccessLog,
     long_running: bool,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -255,7 +263,30 @@ fn is_impersonation_header(name: &HeaderName) -> bool {
     name.as_str().starts_with("impersonate-")
 }
 
+/// How the caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Certificate,
+    Token,
+    /// No credentials at all.
+    Nothing,
+}
+
+impl Via {
+    fn of(certificate: bool, anonymous: bool) -> Via {
+        match (certificate, anonymous) {
+            (true, _) => Via::Certificate,
+            (false, true) => Via::Nothing,
+            (false, false) => Via::Token,
+        }
+    }
+}
+
 /// Sets the headers that tell the apiserver who the caller is, per mode.
+///
+/// A caller without credentials gets no identity headers in any mode (and
+/// travels over connections that present no certificate): asserting
+/// `system:anonymous` would bypass the apiserver's own `--anonymous-auth`.
 ///
 /// - passthrough: the client's `Authorization` goes through as is. A caller
 ///   known only by its client certificate cannot be passed on (the proxy
@@ -267,13 +298,27 @@ fn is_impersonation_header(name: &HeaderName) -> bool {
 fn identify_upstream(
     upstream: &Upstream,
     identity: &Identity,
-    via_certificate: bool,
+    via: Via,
     headers: &mut HeaderMap,
 ) -> Result<(), Status> {
     let refuse = |code: StatusCode, reason: Reason, msg: &str| Status::failure(code, reason, msg);
+    if via == Via::Nothing {
+        if upstream.mode() == AuthMode::Impersonate && headers.keys().any(is_impersonation_header) {
+            // Passed on, the apiserver would judge them for an anonymous
+            // caller anyway; refused for the same reason as below.
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                Reason::Forbidden,
+                "Impersonate-* headers cannot be used through this proxy: it already \
+                 impersonates the caller (--upstream-auth impersonate)",
+            ));
+        }
+        headers.remove(header::AUTHORIZATION);
+        return Ok(());
+    }
     match upstream.mode() {
         AuthMode::Passthrough => {
-            if via_certificate {
+            if via == Via::Certificate {
                 return Err(refuse(
                     StatusCode::UNAUTHORIZED,
                     Reason::Unauthorized,
@@ -370,7 +415,21 @@ fn upstream_status(err: &UpstreamError) -> Status {
             "the apiserver did not answer within {}s",
             d.as_secs()
         )),
-        UpstreamError::Unreachable(_) => {
+        UpstreamError::Pool(PoolError::Saturated {
+            lane, connections, ..
+        }) => Status::failure(
+            StatusCode::TOO_MANY_REQUESTS,
+            Reason::TooManyRequests,
+            format!(
+                "too many requests: all {connections} of Breakwater's upstream connections for {} requests are full; retry later",
+                lane.as_str()
+            ),
+        )
+        .with_details(Details {
+            retry_after_seconds: Some(1),
+            ..Details::default()
+        }),
+        UpstreamError::Pool(PoolError::Connect(_) | PoolError::Send(_)) => {
             Status::service_unavailable("the apiserver is unreachable from the proxy")
         }
     }

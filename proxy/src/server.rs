@@ -70,6 +70,7 @@ pub struct ProxyHandle {
     admission: Arc<Admission>,
     reload_all: Arc<dyn Fn() + Send + Sync>,
     hub: crate::watch::Hub,
+    upstream: Upstream,
 }
 
 impl ProxyHandle {
@@ -91,6 +92,11 @@ impl ProxyHandle {
     /// The watch multiplexer (its accounting: [`crate::watch::Hub::stats`]).
     pub fn watch_hub(&self) -> &crate::watch::Hub {
         &self.hub
+    }
+
+    /// The client to the apiserver (its lanes: [`Upstream::lane_stats`]).
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     /// Limits, blocks and their state.
@@ -124,7 +130,11 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         &cfg.tls_key,
         cfg.client_ca.as_deref(),
     )?);
+    // The recorder first: the upstream lanes register their metric handles
+    // when they are built.
+    admin::prometheus();
     let upstream = Upstream::new(&cfg.upstream)?;
+    let handle_upstream = upstream.clone();
     let reviewer: Arc<dyn TokenReviewer> = Arc::new(upstream.clone());
     let key_files = cfg.auth.service_account_key_files.clone();
     let auth = Authenticator::new(cfg.auth.clone(), Some(reviewer))?;
@@ -151,7 +161,6 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
             addr: cfg.admin_listen,
             source,
         })?;
-    admin::prometheus();
 
     let shutdown = CancellationToken::new();
     let admission = Arc::new(Admission::new(
@@ -259,6 +268,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         admission,
         reload_all,
         hub,
+        upstream: handle_upstream,
     })
 }
 

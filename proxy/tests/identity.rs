@@ -61,6 +61,7 @@ async fn proxy_in_mode(
             mode,
             proxy_user: DEFAULT_PROXY_USER.to_string(),
             timeouts: Timeouts::default(),
+            lanes: Default::default(),
         },
         auth,
         admin_listen: "127.0.0.1:0".parse().expect("addr"),

@@ -301,6 +301,13 @@ impl Authenticator {
         x509::identity(leaf.as_ref()).map(Identity::with_authenticated_group)
     }
 
+    /// Whether `identity` is the one given to a request without credentials
+    /// (nothing verified it: the apiserver must decide about such a request
+    /// itself).
+    pub fn is_unverified(&self, identity: &Arc<Identity>) -> bool {
+        Arc::ptr_eq(identity, &self.anonymous)
+    }
+
     /// The caller's identity: the connection's certificate identity if any,
     /// else the bearer token's, else anonymous (if allowed).
     pub async fn authenticate(

@@ -107,7 +107,10 @@ async fn fetch(
         .body(crate::upstream::empty())
         .ok()?;
     *req.headers_mut() = headers.clone();
-    let resp = upstream.send(req, false, false).await.ok()?;
+    let resp = upstream
+        .send(req, crate::upstream::Route::hub(false))
+        .await
+        .ok()?;
     let (parts, body) = resp.into_parts();
     let body = Limited::new(body, MAX_BODY)
         .collect()

@@ -306,7 +306,7 @@ impl Stream {
         &self,
         query: &str,
         long_running: bool,
-    ) -> Result<Response<hyper::body::Incoming>, String> {
+    ) -> Result<Response<crate::upstream::ResponseBody>, String> {
         let pq = format!("{}?{}", self.key.target.path(), query);
         let pq: http::uri::PathAndQuery = pq.parse().map_err(|e| format!("bad path: {e}"))?;
         let mut req = Request::get(self.hub.upstream.uri_for(Some(&pq)))
@@ -319,12 +319,12 @@ impl Stream {
             .clone();
         self.hub
             .upstream
-            .send(req, long_running, false)
+            .send(req, crate::upstream::Route::hub(long_running))
             .await
             .map_err(|e| e.to_string())
     }
 
-    async fn failure(resp: Response<hyper::body::Incoming>) -> Failure {
+    async fn failure(resp: Response<crate::upstream::ResponseBody>) -> Failure {
         let status = resp.status();
         let content_type = resp.headers().get(CONTENT_TYPE).cloned();
         let body = resp

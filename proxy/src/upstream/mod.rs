@@ -1,35 +1,41 @@
-//! The pooled client to the kube-apiserver.
+//! The client to the kube-apiserver.
 //!
-//! Three hyper-util clients share one TLS setup:
-//! - `forward`, pooled, offering h2 and http/1.1 by ALPN (against an
-//!   apiserver, h2 lets every client stream share a few connections), for
-//!   client requests;
-//! - `upgrades`, HTTP/1.1 only, for protocol upgrades (exec, attach,
-//!   port-forward), which need a connection of their own;
-//! - `own`, pooled, for the proxy's own requests (TokenReview, probes).
+//! Requests travel in lanes ([`Lane`]), each a pool of connections with
+//! stream accounting ([`pool`]): unary requests, long-running requests
+//! (watches, `logs -f`, proxy), requests of exempt identities, and the
+//! proxy's own (TokenReview, SubjectAccessReview, probes). A lane opens
+//! another connection when the apiserver's per-connection stream limit (250)
+//! is reached, up to its cap, and past the cap answers promptly instead of
+//! queueing: 250 watches can never starve a GET, and the rollback always has
+//! a path (see docs/architecture.md, "Upstream lanes").
 //!
-//! What the forwarding clients present depends on the upstream auth mode:
+//! What the forwarding connections present depends on the upstream auth mode:
 //! nothing in `passthrough` (a client request must never borrow the proxy's
 //! identity), the proxy's certificate in `front-proxy` and `impersonate`.
-//! The `own` client always presents the proxy's credentials.
+//! A request that came without credentials asserts no identity at all: it
+//! goes over connections that present no certificate, so the apiserver
+//! applies its own anonymous policy. The `own` lane always presents the
+//! proxy's credentials. Protocol upgrades (exec, attach, port-forward) get an
+//! HTTP/1.1 connection of their own.
 //!
-//! Long-running requests (watch, exec, logs, port-forward) get no timeout of
-//! any kind here: the stream ends only when the client or the apiserver ends
-//! it. Other requests get a response-header timeout (504 when it passes);
-//! their bodies still stream without one. HTTP/2 keepalive pings keep quiet
-//! upstream connections (a watch with no events) alive through middleboxes.
+//! Long-running requests get no timeout of any kind here: the stream ends
+//! only when the client or the apiserver ends it. Other requests get a
+//! response-header timeout (504 when it passes); their bodies still stream
+//! without one. HTTP/2 keepalive pings keep quiet upstream connections (a
+//! watch with no events) alive through middleboxes.
+
+pub mod pool;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower::ServiceExt;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +44,8 @@ use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 
 use crate::tls::{self, ClientCert, TlsError, UpstreamTls};
+use pool::Pool;
+pub use pool::{H2Settings, Lane, LaneLimits, LaneStats, PoolError, ResponseBody};
 
 /// Errors boxed for bodies that mix our own and hyper's.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,13 +69,82 @@ pub fn empty() -> Body {
 /// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// No connection could be made, or it broke before a response arrived.
-    #[error("upstream unreachable: {0}")]
-    Unreachable(#[source] hyper_util::client::legacy::Error),
+    /// No connection could be made, or it broke before a response arrived,
+    /// or every connection of the lane is full (see [`PoolError`]).
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     /// No response headers within the timeout.
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
 }
+
+/// Where a request goes and how long it may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub lane: Lane,
+    /// No response-header timeout (watch, follow, exec, proxy).
+    pub long_running: bool,
+    /// A protocol upgrade: an HTTP/1.1 connection of its own.
+    pub upgrade: bool,
+    /// The caller presented no credentials: assert no identity upstream,
+    /// over connections that present no certificate.
+    pub anonymous: bool,
+}
+
+impl Route {
+    /// A client request.
+    pub fn client(long_running: bool, upgrade: bool, exempt: bool, anonymous: bool) -> Route {
+        Route {
+            lane: Lane::of(long_running || upgrade, exempt),
+            long_running: long_running || upgrade,
+            upgrade,
+            anonymous,
+        }
+    }
+
+    /// A request of the watch hub on behalf of its subscribers.
+    pub fn hub(long_running: bool) -> Route {
+        Route::client(long_running, false, false, false)
+    }
+}
+
+/// The caps of the forwarding lanes (`--upstream-max-connections-*`,
+/// `--upstream-stream-wait`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lanes {
+    pub unary: LaneLimits,
+    pub long_running: LaneLimits,
+    pub exempt: LaneLimits,
+}
+
+impl Default for Lanes {
+    fn default() -> Self {
+        let wait = Duration::from_secs(1);
+        Lanes {
+            // 8 × 250 concurrent unary requests: more than an apiserver's
+            // --max-requests-inflight plus --max-mutating-requests-inflight.
+            unary: LaneLimits {
+                max_connections: 8,
+                wait,
+            },
+            // 64 × 250 = 16,000 forwarded watches and follows.
+            long_running: LaneLimits {
+                max_connections: 64,
+                wait,
+            },
+            exempt: LaneLimits {
+                max_connections: 8,
+                wait,
+            },
+        }
+    }
+}
+
+/// The proxy's own lane: TokenReviews, SubjectAccessReviews, probes.
+const OWN_LANE: LaneLimits = LaneLimits {
+    max_connections: 4,
+    wait: Duration::from_secs(5),
+};
 
 /// Timeouts for upstream requests.
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +199,8 @@ pub struct UpstreamConfig {
     /// In front-proxy mode, the user the proxy's own requests carry.
     pub proxy_user: String,
     pub timeouts: Timeouts,
+    /// Connection caps per lane.
+    pub lanes: Lanes,
 }
 
 impl UpstreamConfig {
@@ -137,6 +216,7 @@ impl UpstreamConfig {
             mode: AuthMode::Passthrough,
             proxy_user: DEFAULT_PROXY_USER.to_string(),
             timeouts: Timeouts::default(),
+            lanes: Lanes::default(),
         }
     }
 }
@@ -144,16 +224,39 @@ impl UpstreamConfig {
 /// The identity the proxy's own front-proxy requests carry by default.
 pub const DEFAULT_PROXY_USER: &str = "system:serviceaccount:kube-system:breakwater";
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The forwarding lanes, and the connector for upgrades, for one kind of
+/// connection (presenting the mode's certificate, or nothing).
+#[derive(Clone)]
+struct Forward {
+    unary: Pool,
+    long_running: Pool,
+    exempt: Pool,
+    /// HTTP/1.1 only: an upgrade takes its connection for good.
+    upgrades: Connector,
+}
+
+impl Forward {
+    fn pool(&self, lane: Lane) -> &Pool {
+        match lane {
+            Lane::Unary | Lane::Own => &self.unary,
+            Lane::LongRunning => &self.long_running,
+            Lane::Exempt => &self.exempt,
+        }
+    }
+}
 
 /// The apiserver, as the proxy sees it.
 #[derive(Clone)]
 pub struct Upstream {
     scheme: Scheme,
     authority: Authority,
-    forward: HttpsClient,
-    upgrades: HttpsClient,
-    own: HttpsClient,
+    forward: Forward,
+    /// For callers without credentials, when `forward` presents a
+    /// certificate (front-proxy, impersonate); else `forward` serves them.
+    anonymous: Option<Forward>,
+    own: Pool,
     client_cert: Option<Arc<ClientCert>>,
     token: Option<Arc<TokenFile>>,
     mode: AuthMode,
@@ -267,27 +370,40 @@ impl Upstream {
             AuthMode::FrontProxy | AuthMode::Impersonate => client_cert.clone(),
         };
         let ca = cfg.tls.ca.as_deref();
-        let pooled = |cert: Option<Arc<ClientCert>>| -> Result<HttpsClient, TlsError> {
-            let mut builder = Client::builder(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .http2_keep_alive_interval(cfg.timeouts.keepalive)
-                .http2_keep_alive_timeout(cfg.timeouts.keepalive * 2)
-                .http2_keep_alive_while_idle(true)
-                .http2_adaptive_window(true);
-            Ok(builder.build(tls::upstream_connector(ca, cert, true)?))
+        let h2 = H2Settings {
+            keepalive: cfg.timeouts.keepalive,
         };
-        let upgrades = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build(tls::upstream_connector(ca, forward_cert.clone(), false)?);
+        let target: Uri = format!("{scheme}://{authority}")
+            .parse()
+            .map_err(|_| UpstreamConfigError::BadUrl(url.to_string()))?;
+        let forward = |cert: Option<Arc<ClientCert>>| -> Result<Forward, TlsError> {
+            let connector = tls::upstream_connector(ca, cert.clone(), true)?;
+            let pool =
+                |lane, limits| Pool::new(lane, connector.clone(), target.clone(), limits, h2);
+            Ok(Forward {
+                unary: pool(Lane::Unary, cfg.lanes.unary),
+                long_running: pool(Lane::LongRunning, cfg.lanes.long_running),
+                exempt: pool(Lane::Exempt, cfg.lanes.exempt),
+                upgrades: tls::upstream_connector(ca, cert, false)?,
+            })
+        };
+        let anonymous = match forward_cert {
+            Some(_) => Some(forward(None)?),
+            None => None,
+        };
+        let own = Pool::new(
+            Lane::Own,
+            tls::upstream_connector(ca, client_cert.clone(), true)?,
+            target.clone(),
+            OWN_LANE,
+            h2,
+        );
         Ok(Upstream {
             scheme,
             authority,
-            forward: pooled(forward_cert)?,
-            upgrades,
-            own: pooled(client_cert.clone())?,
+            forward: forward(forward_cert)?,
+            anonymous,
+            own,
             client_cert,
             token,
             mode: cfg.mode,
@@ -351,22 +467,30 @@ impl Upstream {
     }
 
     /// Sends a client request whose URI is already absolute (see
-    /// [`Upstream::uri_for`]) and whose headers already carry the identity.
+    /// [`Upstream::uri_for`]) and whose headers already carry the identity
+    /// (none for an anonymous route).
     ///
-    /// `long_running` requests wait for their response headers without a
-    /// timeout; `upgrade` requests go over a dedicated HTTP/1.1 connection.
+    /// Long-running requests wait for their response headers without a
+    /// timeout; upgrades go over an HTTP/1.1 connection of their own.
     pub async fn send(
         &self,
         req: Request<Body>,
-        long_running: bool,
-        upgrade: bool,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let client = if upgrade {
-            &self.upgrades
-        } else {
-            &self.forward
+        route: Route,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let forward = match (&self.anonymous, route.anonymous) {
+            (Some(anonymous), true) => anonymous,
+            _ => &self.forward,
         };
-        self.send_with(client, req, long_running || upgrade).await
+        if route.upgrade {
+            return self
+                .with_timeout(
+                    Self::send_upgrade(forward.upgrades.clone(), req, &self.authority),
+                    false,
+                )
+                .await;
+        }
+        let pool = forward.pool(route.lane);
+        self.with_timeout(pool.send(req), !route.long_running).await
     }
 
     /// Sends one of the proxy's own requests (TokenReview, probes) with the
@@ -374,7 +498,7 @@ impl Upstream {
     pub async fn send_own(
         &self,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
         let headers = req.headers_mut();
         if let Some(token) = self.own_token() {
             headers.insert(http::header::AUTHORIZATION, token);
@@ -382,26 +506,58 @@ impl Upstream {
         if self.mode == AuthMode::FrontProxy {
             headers.insert("x-remote-user", self.proxy_user.clone());
         }
-        self.send_with(&self.own, req, false).await
+        self.with_timeout(self.own.send(req), true).await
     }
 
-    async fn send_with(
+    /// Connections and streams in use in one forwarding lane (for callers
+    /// with credentials).
+    pub fn lane_stats(&self, lane: Lane) -> LaneStats {
+        match lane {
+            Lane::Own => self.own.stats(),
+            lane => self.forward.pool(lane).stats(),
+        }
+    }
+
+    async fn with_timeout<F>(
         &self,
-        client: &HttpsClient,
-        mut req: Request<Body>,
-        no_timeout: bool,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        // The pooled client picks h2 or h1 per connection; a request marked
-        // HTTP/2 would be refused on an h1 connection.
-        *req.version_mut() = Version::HTTP_11;
-        let fut = client.request(req);
-        if no_timeout {
-            return fut.await.map_err(UpstreamError::Unreachable);
+        fut: F,
+        timeout: bool,
+    ) -> Result<Response<ResponseBody>, UpstreamError>
+    where
+        F: std::future::Future<Output = Result<Response<ResponseBody>, PoolError>>,
+    {
+        if !timeout {
+            return Ok(fut.await?);
         }
         match tokio::time::timeout(self.timeouts.response, fut).await {
-            Ok(res) => res.map_err(UpstreamError::Unreachable),
+            Ok(res) => Ok(res?),
             Err(_) => Err(UpstreamError::Timeout(self.timeouts.response)),
         }
+    }
+
+    /// An upgrade (exec, attach, port-forward) on a new HTTP/1.1 connection,
+    /// which the upgraded stream then owns.
+    async fn send_upgrade(
+        connector: Connector,
+        mut req: Request<Body>,
+        authority: &Authority,
+    ) -> Result<Response<ResponseBody>, PoolError> {
+        let io = connector
+            .oneshot(req.uri().clone())
+            .await
+            .map_err(PoolError::Connect)?;
+        let (mut tx, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| PoolError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+            }
+        });
+        pool::origin_form(&mut req, authority);
+        let resp = tx.send_request(req).await.map_err(PoolError::Send)?;
+        Ok(resp.map(ResponseBody::unpooled))
     }
 
     /// Whether the apiserver answers its readiness endpoint (any HTTP answer
@@ -478,9 +634,10 @@ impl crate::identity::TokenReviewer for Upstream {
                 req.headers_mut()
                     .insert(http::header::AUTHORIZATION, bearer);
                 // Without own credentials the mode is passthrough, whose
-                // forward client presents no certificate: the token speaks
-                // for itself.
-                self.send_with(&self.forward, req, false).await
+                // forward lanes present no certificate: the token speaks for
+                // itself.
+                self.send(req, Route::client(false, false, false, false))
+                    .await
             }
             .map_err(|e| failed(e.to_string()))?;
             let status = resp.status();

@@ -1,0 +1,698 @@
+//! Upstream connections with stream accounting, one pool per lane.
+//!
+//! The apiserver, like every Go HTTP/2 server, serves at most 250 concurrent
+//! streams on one connection (`--http2-max-streams-per-connection`). A watch
+//! holds its stream for as long as it lives, so a client that puts every
+//! request on one connection stalls for good once 250 watches are open: each
+//! new request waits for a stream that never frees. Go's client opens another
+//! connection then. hyper-util's pool cannot: it keeps one HTTP/2 connection
+//! per host and lets hyper queue requests for a free stream without bound,
+//! and it exposes neither the peer's stream limit nor how many streams are in
+//! use. So the proxy keeps its own pool of hyper `SendRequest` handles:
+//!
+//! - every connection knows the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`
+//!   (read from the connection after each poll) and how many streams it
+//!   carries; a request takes a stream on the oldest connection with one free,
+//!   else opens a new connection, up to the lane's cap;
+//! - at the cap, a request waits a short, bounded time for a stream, then is
+//!   refused ([`PoolError::Saturated`], a 429 at the edge), never queued
+//!   without bound;
+//! - the stream is held until the response body ends or is dropped (an h2
+//!   stream stays open as long as its response streams);
+//! - an apiserver that speaks only HTTP/1.1 gets one request per connection,
+//!   connections are kept alive and reused, and the cap is scaled so the lane
+//!   carries as many requests as over HTTP/2.
+//!
+//! Lanes are separate pools (see [`Lane`]): watches never take the streams
+//! that GETs need, and exempt identities keep a path of their own.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::uri::Authority;
+use http::{HeaderValue, Request, Response, Uri, Version};
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Notify;
+use tower::ServiceExt;
+
+use super::{Body, BoxError};
+
+/// The connections a request may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Requests that end on their own (GET, LIST, PATCH, …).
+    Unary,
+    /// Watches, `logs -f`, proxy and other long-running requests.
+    LongRunning,
+    /// Requests admitted by an exempt rule of the limits file: the path the
+    /// rollback takes, whatever the fleet holds.
+    Exempt,
+    /// The proxy's own requests (TokenReview, SubjectAccessReview, probes).
+    Own,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Unary => "unary",
+            Lane::LongRunning => "long-running",
+            Lane::Exempt => "exempt",
+            Lane::Own => "own",
+        }
+    }
+
+    /// The lane of a client request.
+    pub fn of(long_running: bool, exempt: bool) -> Lane {
+        match (exempt, long_running) {
+            (true, _) => Lane::Exempt,
+            (false, true) => Lane::LongRunning,
+            (false, false) => Lane::Unary,
+        }
+    }
+}
+
+/// How large a lane may grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneLimits {
+    /// HTTP/2 connections the lane may open (each carries as many streams
+    /// as the apiserver allows, 250 by default).
+    pub max_connections: usize,
+    /// How long a request waits for a stream when every connection is full
+    /// and the lane is at its cap, before it is refused.
+    pub wait: Duration,
+}
+
+/// Over HTTP/1.1 a connection carries one request at a time; a lane may open
+/// this many of them for each HTTP/2 connection it would have had (Go's
+/// default stream limit), so its capacity in requests stays the same.
+const H1_CONNECTIONS_PER_H2: usize = 250;
+
+/// Connecting (TCP, TLS, HTTP/2 preface) gives up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection without streams for this long is closed, except the lane's
+/// last one (a storm's connections do not linger for ever).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// HTTP/2 settings for the connections.
+#[derive(Debug, Clone, Copy)]
+pub struct H2Settings {
+    pub keepalive: Duration,
+}
+
+/// Why a request got no upstream response.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No connection could be made.
+    #[error("connecting to the apiserver failed")]
+    Connect(#[source] BoxError),
+    /// The connection broke before a response arrived.
+    #[error("the upstream connection failed")]
+    Send(#[source] hyper::Error),
+    /// Every connection of the lane is full and the lane is at its cap.
+    #[error(
+        "all {connections} upstream connections of lane {} are full ({streams} streams in use)",
+        lane.as_str()
+    )]
+    Saturated {
+        lane: Lane,
+        connections: usize,
+        streams: usize,
+    },
+}
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// A lane's connections to the apiserver.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    lane: Lane,
+    connector: Connector,
+    target: Uri,
+    authority: Authority,
+    limits: LaneLimits,
+    h2: H2Settings,
+    state: Mutex<State>,
+    /// Signalled when a stream frees, a connection lands or a connect fails.
+    changed: Notify,
+    metrics: LaneMetrics,
+}
+
+#[derive(Default)]
+struct State {
+    conns: Vec<Conn>,
+    /// Connections being established.
+    connecting: usize,
+    /// The apiserver answered the last connection with HTTP/1.1.
+    h1: bool,
+    next_id: u64,
+}
+
+struct Conn {
+    id: u64,
+    tx: Tx,
+    /// Streams (h2) or requests (h1, 0 or 1) in use.
+    in_use: usize,
+    /// The peer's current stream limit (h2), kept by the connection's driver.
+    max: Arc<AtomicUsize>,
+    idle_since: Option<Instant>,
+}
+
+enum Tx {
+    H2(http2::SendRequest<Body>),
+    /// `None` while a request uses the connection.
+    H1(Option<http1::SendRequest<Body>>),
+}
+
+impl Conn {
+    fn capacity(&self) -> usize {
+        match &self.tx {
+            Tx::H2(_) => self.max.load(Ordering::Relaxed),
+            Tx::H1(_) => 1,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match &self.tx {
+            Tx::H2(tx) => !tx.is_closed(),
+            Tx::H1(Some(tx)) => !tx.is_closed(),
+            Tx::H1(None) => true,
+        }
+    }
+}
+
+/// Pre-registered metric handles of one lane.
+struct LaneMetrics {
+    connections: metrics::Gauge,
+    streams: metrics::Gauge,
+    waiting: metrics::Gauge,
+    saturated: metrics::Counter,
+}
+
+impl LaneMetrics {
+    fn new(lane: Lane) -> LaneMetrics {
+        let l = lane.as_str();
+        LaneMetrics {
+            connections: metrics::gauge!("breakwater_upstream_connections", "lane" => l),
+            streams: metrics::gauge!("breakwater_upstream_streams_in_use", "lane" => l),
+            waiting: metrics::gauge!("breakwater_upstream_stream_waiters", "lane" => l),
+            saturated: metrics::counter!("breakwater_upstream_saturated_total", "lane" => l),
+        }
+    }
+}
+
+/// A snapshot of a lane, for tests and the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LaneStats {
+    pub connections: usize,
+    pub streams: usize,
+}
+
+/// A stream (or an HTTP/1.1 connection) held by one request until its
+/// response ends.
+struct Slot {
+    pool: Arc<Inner>,
+    conn: u64,
+    h1: Option<http1::SendRequest<Body>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.pool.release(self.conn, self.h1.take());
+    }
+}
+
+enum Sender {
+    H2(http2::SendRequest<Body>),
+    H1,
+}
+
+impl Pool {
+    pub fn new(
+        lane: Lane,
+        connector: Connector,
+        target: Uri,
+        limits: LaneLimits,
+        h2: H2Settings,
+    ) -> Pool {
+        let authority = target
+            .authority()
+            .cloned()
+            .expect("the upstream URL was checked to have an authority");
+        Pool {
+            inner: Arc::new(Inner {
+                lane,
+                connector,
+                target,
+                authority,
+                limits,
+                h2,
+                state: Mutex::new(State::default()),
+                changed: Notify::new(),
+                metrics: LaneMetrics::new(lane),
+            }),
+        }
+    }
+
+    /// Connections and streams in use right now.
+    pub fn stats(&self) -> LaneStats {
+        let st = self.inner.lock();
+        LaneStats {
+            connections: st.conns.len(),
+            streams: st.conns.iter().map(|c| c.in_use).sum(),
+        }
+    }
+
+    /// Sends a request whose URI is absolute (scheme and authority of the
+    /// apiserver). The stream is held until the response body ends.
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<ResponseBody>, PoolError> {
+        let mut retried = false;
+        loop {
+            let (mut slot, sender) = self.inner.acquire().await?;
+            let result = match sender {
+                Sender::H2(mut tx) => {
+                    *req.version_mut() = Version::HTTP_2;
+                    tx.try_send_request(req).await
+                }
+                Sender::H1 => {
+                    origin_form(&mut req, &self.inner.authority);
+                    let tx = slot.h1.as_mut().expect("an HTTP/1.1 slot holds its sender");
+                    tx.try_send_request(req).await
+                }
+            };
+            match result {
+                Ok(resp) => return Ok(resp.map(|b| ResponseBody::new(b, slot))),
+                // A connection closing under us (GOAWAY, idle close) hands
+                // the request back unsent: try once more on another one.
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !retried => {
+                        retried = true;
+                        self.inner.discard(slot.conn);
+                        req = back;
+                    }
+                    _ => return Err(PoolError::Send(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves counters that are still
+        // consistent enough to go on with; never poison the whole proxy.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a stream: on an open connection with room, else on a new
+    /// connection, else after waiting for one to free.
+    async fn acquire(self: &Arc<Self>) -> Result<(Slot, Sender), PoolError> {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            // Register interest before looking, so a stream freed between the
+            // look and the wait is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let connect = {
+                let mut st = self.lock();
+                self.reap(&mut st);
+                if let Some(taken) = self.take(&mut st) {
+                    return Ok(taken);
+                }
+                let cap = if st.h1 {
+                    self.limits.max_connections * H1_CONNECTIONS_PER_H2
+                } else {
+                    self.limits.max_connections
+                };
+                // Over HTTP/2 one new connection serves hundreds of waiters:
+                // open them one at a time. Over HTTP/1.1 each request needs one.
+                let may_connect =
+                    st.conns.len() + st.connecting < cap.max(1) && (st.connecting == 0 || st.h1);
+                if may_connect {
+                    st.connecting += 1;
+                }
+                (may_connect, st.connecting)
+            };
+            match connect {
+                (true, _) => return self.connect_and_take().await,
+                // A connection is on its way: wait for it, however long the
+                // connect takes (it has its own timeout).
+                (false, connecting) if connecting > 0 => {
+                    self.metrics.waiting.increment(1.0);
+                    changed.await;
+                    self.metrics.waiting.decrement(1.0);
+                }
+                (false, _) => {
+                    let deadline =
+                        *deadline.get_or_insert_with(|| Instant::now() + self.limits.wait);
+                    if Instant::now() >= deadline {
+                        return Err(self.saturated(&self.lock()));
+                    }
+                    self.metrics.waiting.increment(1.0);
+                    let woke = tokio::time::timeout_at(deadline.into(), changed).await;
+                    self.metrics.waiting.decrement(1.0);
+                    if woke.is_err() {
+                        // One last look: a stream may have freed at the deadline.
+                        let mut st = self.lock();
+                        if let Some(taken) = self.take(&mut st) {
+                            return Ok(taken);
+                        }
+                        return Err(self.saturated(&st));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The refusal at the cap; `st` is the locked state (the caller holds
+    /// the lock: it must not be taken again here).
+    fn saturated(&self, st: &State) -> PoolError {
+        self.metrics.saturated.increment(1);
+        PoolError::Saturated {
+            lane: self.lane,
+            connections: st.conns.len(),
+            streams: st.conns.iter().map(|c| c.in_use).sum(),
+        }
+    }
+
+    /// A stream on the oldest open connection with room (packing streams
+    /// onto few connections lets the others go idle and close).
+    fn take(self: &Arc<Self>, st: &mut State) -> Option<(Slot, Sender)> {
+        let i = st
+            .conns
+            .iter()
+            .position(|c| c.in_use < c.capacity() && c.is_open())?;
+        Some(self.take_at(st, i))
+    }
+
+    /// Closes connections that have carried nothing for a while (dropping
+    /// the last `SendRequest` ends an h2 connection gracefully), and forgets
+    /// closed ones.
+    fn reap(&self, st: &mut State) {
+        let before = st.conns.len();
+        let mut kept_idle = false;
+        st.conns.retain(|c| {
+            if !c.is_open() && c.in_use == 0 {
+                return false;
+            }
+            match c.idle_since {
+                Some(t) if t.elapsed() >= IDLE_TIMEOUT && kept_idle => false,
+                Some(_) => {
+                    kept_idle = true;
+                    true
+                }
+                None => true,
+            }
+        });
+        let gone = before - st.conns.len();
+        if gone > 0 {
+            self.metrics.connections.decrement(gone as f64);
+        }
+    }
+
+    async fn connect_and_take(self: &Arc<Self>) -> Result<(Slot, Sender), PoolError> {
+        let result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await;
+        let mut st = self.lock();
+        st.connecting -= 1;
+        let conn = match result {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                drop(st);
+                // Waiters for this connection try for themselves.
+                self.changed.notify_waiters();
+                return Err(e);
+            }
+            Err(_) => {
+                drop(st);
+                self.changed.notify_waiters();
+                return Err(PoolError::Connect(
+                    format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()).into(),
+                ));
+            }
+        };
+        st.h1 = matches!(conn.tx, Tx::H1(_));
+        st.conns.push(conn);
+        self.metrics.connections.increment(1.0);
+        let last = st.conns.len() - 1;
+        let taken = self.take_at(&mut st, last);
+        drop(st);
+        // The rest of the new connection's streams are for the waiters.
+        self.changed.notify_waiters();
+        Ok(taken)
+    }
+
+    fn take_at(self: &Arc<Self>, st: &mut State, i: usize) -> (Slot, Sender) {
+        let conn = &mut st.conns[i];
+        conn.in_use += 1;
+        conn.idle_since = None;
+        self.metrics.streams.increment(1.0);
+        let (h1, sender) = match &mut conn.tx {
+            Tx::H2(tx) => (None, Sender::H2(tx.clone())),
+            Tx::H1(tx) => (tx.take(), Sender::H1),
+        };
+        (
+            Slot {
+                pool: Arc::clone(self),
+                conn: conn.id,
+                h1,
+            },
+            sender,
+        )
+    }
+
+    /// One new connection: TCP, TLS (ALPN h2 then http/1.1), then the
+    /// protocol's handshake; its driver runs on its own task.
+    async fn connect(self: &Arc<Self>) -> Result<Conn, PoolError> {
+        let io = self
+            .connector
+            .clone()
+            .oneshot(self.target.clone())
+            .await
+            .map_err(PoolError::Connect)?;
+        let h2 = io.connected().is_negotiated_h2();
+        let id = {
+            let mut st = self.lock();
+            st.next_id += 1;
+            st.next_id
+        };
+        let max = Arc::new(AtomicUsize::new(0));
+        let tx = if h2 {
+            let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(self.h2.keepalive)
+                .keep_alive_timeout(self.h2.keepalive * 2)
+                .keep_alive_while_idle(true)
+                .adaptive_window(true)
+                .handshake(io)
+                .await
+                .map_err(|e| PoolError::Connect(e.into()))?;
+            max.store(conn.current_max_send_streams(), Ordering::Relaxed);
+            tokio::spawn(Driver {
+                conn: Box::pin(conn),
+                max: Arc::clone(&max),
+                pool: Arc::downgrade(self),
+                id,
+            });
+            Tx::H2(tx)
+        } else {
+            let (tx, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| PoolError::Connect(e.into()))?;
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+                }
+                if let Some(pool) = pool.upgrade() {
+                    pool.discard(id);
+                }
+            });
+            max.store(1, Ordering::Relaxed);
+            Tx::H1(Some(tx))
+        };
+        Ok(Conn {
+            id,
+            tx,
+            in_use: 0,
+            max,
+            idle_since: None,
+        })
+    }
+
+    /// Gives a stream back. An HTTP/1.1 connection returns to the pool once
+    /// hyper says it can take the next request.
+    fn release(self: &Arc<Self>, id: u64, h1: Option<http1::SendRequest<Body>>) {
+        match h1 {
+            None => self.put_back(id, None),
+            Some(tx) if tx.is_ready() => self.put_back(id, Some(tx)),
+            Some(mut tx) => {
+                // The response's end may still be on its way to hyper's
+                // dispatcher: wait for it off this thread, or drop the
+                // connection if it cannot be reused.
+                let pool = Arc::clone(self);
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(async move {
+                            match std::future::poll_fn(|cx| tx.poll_ready(cx)).await {
+                                Ok(()) => pool.put_back(id, Some(tx)),
+                                Err(_) => pool.discard(id),
+                            }
+                        });
+                    }
+                    Err(_) => self.discard(id),
+                }
+            }
+        }
+    }
+
+    fn put_back(&self, id: u64, h1: Option<http1::SendRequest<Body>>) {
+        let mut st = self.lock();
+        if let Some(conn) = st.conns.iter_mut().find(|c| c.id == id) {
+            conn.in_use = conn.in_use.saturating_sub(1);
+            self.metrics.streams.decrement(1.0);
+            if let (Tx::H1(slot), Some(tx)) = (&mut conn.tx, h1) {
+                *slot = Some(tx);
+            }
+            if conn.in_use == 0 {
+                conn.idle_since = Some(Instant::now());
+            }
+        }
+        drop(st);
+        self.changed.notify_one();
+    }
+
+    /// Forgets a connection that closed or refused a request; its streams
+    /// still in use end with their responses.
+    fn discard(&self, id: u64) {
+        let mut st = self.lock();
+        if let Some(i) = st.conns.iter().position(|c| c.id == id) {
+            // `remove`, not `swap_remove`: the picker relies on oldest first.
+            let conn = st.conns.remove(i);
+            self.metrics.connections.decrement(1.0);
+            self.metrics.streams.decrement(conn.in_use as f64);
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+}
+
+/// Drives an h2 connection and keeps the pool's view of the peer's stream
+/// limit current (the server's SETTINGS arrive after the handshake, and may
+/// change later).
+struct Driver {
+    conn: Pin<Box<H2Conn>>,
+    max: Arc<AtomicUsize>,
+    pool: Weak<Inner>,
+    id: u64,
+}
+
+/// What the connector yields: TLS over TCP.
+type Io = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+type H2Conn = http2::Connection<Io, Body, TokioExecutor>;
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let res = this.conn.as_mut().poll(cx);
+        let max = this.conn.current_max_send_streams();
+        if this.max.swap(max, Ordering::Relaxed) < max
+            && let Some(pool) = this.pool.upgrade()
+        {
+            // More room than assumed: waiters may go.
+            pool.changed.notify_waiters();
+        }
+        match res {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(res) => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+                if let Some(pool) = this.pool.upgrade() {
+                    pool.discard(this.id);
+                }
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+/// A response body that holds its stream until it ends.
+pub struct ResponseBody {
+    inner: Incoming,
+    slot: Option<Slot>,
+}
+
+impl ResponseBody {
+    fn new(inner: Incoming, slot: Slot) -> ResponseBody {
+        ResponseBody {
+            inner,
+            slot: Some(slot),
+        }
+    }
+
+    /// A body that holds no pooled stream (upgrades on their own connection).
+    pub(crate) fn unpooled(inner: Incoming) -> ResponseBody {
+        ResponseBody { inner, slot: None }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(res, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            // The stream is over: its slot is free for the next request now,
+            // not when the body is dropped.
+            self.slot = None;
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// HTTP/1.1 wants origin-form (`/path?query`) and a Host header.
+pub(crate) fn origin_form(req: &mut Request<Body>, authority: &Authority) {
+    *req.version_mut() = Version::HTTP_11;
+    if !req.headers().contains_key(HOST)
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(HOST, v);
+    }
+    if let Some(pq) = req.uri().path_and_query().cloned() {
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
