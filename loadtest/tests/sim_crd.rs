@@ -263,6 +263,43 @@ async fn kubectl_applies_a_crd_then_its_widgets_and_deleting_it_removes_the_type
     assert_eq!(page["kind"], "WidgetList");
     assert!(page["metadata"]["continue"].is_string(), "{page}");
 
+    // What kube-sim itself sends (kubectl fills kind/apiVersion in for
+    // -o json): a custom resource's list items keep their TypeMeta, as the
+    // apiserver's unstructured storage returns them; a built-in type's
+    // items carry none.
+    let raw = env
+        .json(&[
+            "get",
+            "--raw",
+            "/apis/example.com/v1/namespaces/demo/widgets",
+        ])
+        .await;
+    assert_eq!(names(&raw), ["w1", "w2"]);
+    for item in raw["items"].as_array().expect("items") {
+        assert_eq!(item["kind"], "Widget", "{item}");
+        assert_eq!(item["apiVersion"], "example.com/v1", "{item}");
+    }
+    let beta = env
+        .json(&[
+            "get",
+            "--raw",
+            "/apis/example.com/v1beta1/namespaces/demo/widgets",
+        ])
+        .await;
+    assert_eq!(beta["items"][0]["apiVersion"], "example.com/v1beta1");
+    let builtin = env
+        .json(&["get", "--raw", "/api/v1/namespaces/demo/configmaps"])
+        .await;
+    let items = builtin["items"].as_array().expect("items");
+    assert!(!items.is_empty(), "the demo seed has configmaps: {builtin}");
+    for item in items {
+        let item = item.as_object().expect("object");
+        assert!(
+            !item.contains_key("kind") && !item.contains_key("apiVersion"),
+            "{item:?}"
+        );
+    }
+
     let out = env.run(&["delete", "widget", "w2", "-n", "demo"]).await;
     assert_eq!(out.trim(), "widget.example.com \"w2\" deleted");
     let list = env

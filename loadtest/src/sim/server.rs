@@ -1358,15 +1358,28 @@ fn list_metadata(result: &ListResult) -> Value {
     Value::Object(meta)
 }
 
-/// A `{Kind}List` body; items are written without kind/apiVersion, as the
-/// apiserver does, straight from the shared objects (no per-item clone).
+/// A `{Kind}List` body, shaped as the apiserver's storage shapes it.
+///
+/// Built-in types: a typed list, whose items carry no kind/apiVersion (the
+/// encoder sets TypeMeta on the top-level object only). Custom resources:
+/// an `UnstructuredList`, whose items are the stored objects as they are,
+/// TypeMeta included, and whose keys are a Go map's (sorted, `continue`
+/// always present, as in fixtures/apiserver-v1.24/list-widgets-empty.body).
+/// Items are written straight from the shared objects (no per-item clone).
 fn list_body(rt: &ResourceType, result: &ListResult) -> Vec<u8> {
-    struct Items<'a>(&'a [Arc<Value>]);
+    struct Items<'a> {
+        items: &'a [Arc<Value>],
+        type_meta: bool,
+    }
     impl Serialize for Items<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut seq = s.serialize_seq(Some(self.0.len()))?;
-            for item in self.0 {
-                seq.serialize_element(&WithoutTypeMeta(item))?;
+            let mut seq = s.serialize_seq(Some(self.items.len()))?;
+            for item in self.items {
+                if self.type_meta {
+                    seq.serialize_element(&**item)?;
+                } else {
+                    seq.serialize_element(&WithoutTypeMeta(item))?;
+                }
             }
             seq.end()
         }
@@ -1394,13 +1407,38 @@ fn list_body(rt: &ResourceType, result: &ListResult) -> Vec<u8> {
         metadata: Value,
         items: Items<'a>,
     }
-    let list = List {
-        kind: rt.list_kind(),
-        api_version: rt.api_version(),
-        metadata: list_metadata(result),
-        items: Items(&result.items),
+    #[derive(serde::Serialize)]
+    struct UnstructuredList<'a> {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        items: Items<'a>,
+        kind: String,
+        metadata: Value,
+    }
+    let items = Items {
+        items: &result.items,
+        type_meta: rt.custom,
     };
-    serde_json::to_vec(&list).unwrap_or_default()
+    let mut metadata = list_metadata(result);
+    let body = if rt.custom {
+        if let Some(m) = metadata.as_object_mut() {
+            m.entry("continue").or_insert_with(|| json!(""));
+        }
+        serde_json::to_vec(&UnstructuredList {
+            api_version: rt.api_version(),
+            items,
+            kind: rt.list_kind(),
+            metadata,
+        })
+    } else {
+        serde_json::to_vec(&List {
+            kind: rt.list_kind(),
+            api_version: rt.api_version(),
+            metadata,
+            items,
+        })
+    };
+    body.unwrap_or_default()
 }
 
 /// Reads and decodes a request body (at most [`MAX_BODY`]): JSON, or the
@@ -1754,6 +1792,55 @@ mod tests {
             json!({"kind":"ConfigMapList","apiVersion":"v1",
                    "metadata":{"resourceVersion":"7","continue":"c","remainingItemCount":1},
                    "items":[{"metadata":{"name":"a"}}]})
+        );
+    }
+
+    #[test]
+    fn custom_resource_list_items_keep_kind_and_api_version_in_the_apiservers_shape() {
+        let rt = crate::sim::crd::intern(&crate::sim::crd::TypeSpec {
+            group: "example.com".into(),
+            version: "v1".into(),
+            plural: "widgets".into(),
+            singular: "widget".into(),
+            kind: "Widget".into(),
+            namespaced: true,
+            short_names: Vec::new(),
+            categories: Vec::new(),
+            status: false,
+        })
+        .expect("interned");
+        // The recorded empty list (an apiserver v1.24 answering JSON for a
+        // CRD), byte for byte once compacted: sorted keys, `continue: ""`.
+        let fixture = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/apiserver-v1.24/list-widgets-empty.body"
+        ))
+        .expect("fixture");
+        let recorded: Value = serde_json::from_slice(&fixture).expect("json");
+        let empty = ListResult {
+            items: Vec::new(),
+            resource_version: 13450,
+            continue_token: None,
+            remaining_item_count: None,
+        };
+        assert_eq!(
+            String::from_utf8(list_body(rt, &empty)).expect("utf-8"),
+            serde_json::to_string(&recorded).expect("json")
+        );
+        let w = json!({"apiVersion":"example.com/v1","kind":"Widget",
+                       "metadata":{"name":"w"},"spec":{"size":1}});
+        let result = ListResult {
+            items: vec![Arc::new(w.clone())],
+            resource_version: 7,
+            continue_token: Some("c".to_string()),
+            remaining_item_count: Some(1),
+        };
+        let body: Value = serde_json::from_slice(&list_body(rt, &result)).expect("json");
+        assert_eq!(
+            body,
+            json!({"apiVersion":"example.com/v1","kind":"WidgetList",
+                   "metadata":{"continue":"c","remainingItemCount":1,"resourceVersion":"7"},
+                   "items":[w]})
         );
     }
 }

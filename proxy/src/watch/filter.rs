@@ -14,8 +14,6 @@
 //! matched & new matches → MODIFIED; only new → ADDED; only old → DELETED
 //! (the old object at the new resourceVersion); neither → nothing.
 
-use serde_json::Value;
-
 /// The fields the apiserver lets a `fieldSelector` use for a resource, beyond
 /// `metadata.name` and `metadata.namespace` (which every type has).
 /// Core-group types only; every other type (CRDs included) gets the two
@@ -57,7 +55,8 @@ pub fn selectable_fields(group: &str, resource: &str) -> &'static [&'static str]
 
 /// What the hub keeps parsed of each object: its key, resourceVersion,
 /// labels and the values of the type's selectable fields (aligned with
-/// [`selectable_fields`]).
+/// [`selectable_fields`]), as [`object::read`](crate::watch::object::read)
+/// takes them out of the object's bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Meta {
     pub namespace: String,
@@ -68,33 +67,6 @@ pub struct Meta {
 }
 
 impl Meta {
-    /// Extracts the parsed fields from a decoded object.
-    pub fn of(obj: &Value, fields: &[&str]) -> Meta {
-        let meta = obj.get("metadata");
-        let s = |k: &str| {
-            meta.and_then(|m| m.get(k))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let labels = meta
-            .and_then(|m| m.get("labels"))
-            .and_then(Value::as_object)
-            .map(|l| {
-                l.iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Meta {
-            namespace: s("namespace"),
-            name: s("name"),
-            rv: s("resourceVersion").parse().unwrap_or(0),
-            labels,
-            fields: fields.iter().map(|f| field_value(obj, f)).collect(),
-        }
-    }
-
     /// The value a field requirement compares with.
     pub(crate) fn field(&self, at: FieldRef) -> &str {
         match at {
@@ -112,35 +84,23 @@ impl Meta {
     }
 }
 
-/// A selectable field's value as the apiserver's `GetAttrs` renders it:
-/// strings as they are, booleans "true"/"false" (absent → "false"), absent
-/// strings as "".
-fn field_value(obj: &Value, field: &str) -> String {
-    // Events expose `source` as the reporting component's name.
-    let path = if field == "source" {
+/// Where in the object a selectable field's value is (events expose
+/// `source` as the reporting component's name).
+pub(crate) fn field_path(field: &str) -> &str {
+    if field == "source" {
         "source.component"
     } else {
         field
-    };
-    let mut cur = obj;
-    for part in path.split('.') {
-        match cur.get(part) {
-            Some(v) => cur = v,
-            None => {
-                return if matches!(field, "spec.unschedulable" | "spec.hostNetwork") {
-                    "false".into()
-                } else {
-                    String::new()
-                };
-            }
-        }
     }
-    match cur {
-        Value::String(s) => s.clone(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::Null => String::new(),
-        other => other.to_string(),
+}
+
+/// A selectable field's value when the object does not have it, as the
+/// apiserver's `GetAttrs` renders it: booleans "false", strings "".
+pub(crate) fn absent_field_value(field: &str) -> &'static str {
+    if matches!(field, "spec.unschedulable" | "spec.hostNetwork") {
+        "false"
+    } else {
+        ""
     }
 }
 
@@ -429,10 +389,18 @@ fn parse_fields(s: &str, supported: &[&str]) -> Option<Vec<FieldReq>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
+
+    /// What the hub reads of `obj` (see [`crate::watch::object::read`]).
+    pub(super) fn meta_of(obj: &Value, fields: &[&str]) -> Meta {
+        let bytes = serde_json::to_vec(obj).expect("json");
+        crate::watch::object::read(&bytes, fields)
+            .expect("an object")
+            .meta
+    }
 
     fn pod(node: &str, labels: Value) -> Meta {
-        Meta::of(
+        meta_of(
             &json!({"metadata": {"name": "p", "namespace": "d", "resourceVersion": "7", "labels": labels},
                     "spec": {"nodeName": node}}),
             selectable_fields("", "pods"),
@@ -501,9 +469,10 @@ mod tests {
         //! The same selectors on the same objects, here and in kube-sim
         //! (the reference implementation of the apiserver's semantics).
         use super::super::*;
+        use super::meta_of;
         use breakwater_loadtest::sim::selectors::{FieldSelector, LabelSelector};
         use proptest::prelude::*;
-        use serde_json::json;
+        use serde_json::{Value, json};
 
         fn label_term() -> impl Strategy<Value = String> {
             let key = prop::sample::select(vec!["app", "tier", "x.io/k"]);
@@ -581,7 +550,7 @@ mod tests {
                 .expect("supported");
                 let sim = LabelSelector::parse(&l).expect("sim parses").matches(&obj)
                     && FieldSelector::parse_for("Pod", &f).expect("sim parses").matches(&obj);
-                let meta = Meta::of(&obj, selectable_fields("", "pods"));
+                let meta = meta_of(&obj, selectable_fields("", "pods"));
                 prop_assert_eq!(ours.matches(&meta), sim, "labels {:?} fields {:?} on {}", l, f, obj);
             }
         }

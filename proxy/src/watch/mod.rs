@@ -7,6 +7,8 @@
 //!   share             may this identity join a cross-identity stream? (SubjectAccessReview)
 //!   broad key         (collection, shared scope or identity) — no selector upstream
 //!     stream::Stream  LIST + WATCH upstream, cache, ring, re-watch, 410 → relist
+//!       object        each object read borrowed (key, RV, labels, fields, TypeMeta),
+//!                     its bytes kept as the apiserver sent them
 //!       join          snapshot / replay / 410, then live events (fanout::SubBody)
 //!       list          LIST rv=0 from the cache; consistent LIST (rv unset) from
 //!                     a live stream's cache after the freshness check
@@ -34,6 +36,7 @@ pub mod fanout;
 pub mod filter;
 pub mod key;
 pub mod list;
+pub mod object;
 pub mod share;
 pub mod stream;
 mod subs;

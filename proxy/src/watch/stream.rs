@@ -26,6 +26,7 @@ use http::header::{ACCEPT, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::{OnceCell, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +35,7 @@ use crate::upstream::{Body, full};
 use crate::watch::fanout::{SendError, SubBody, queue};
 use crate::watch::filter::{Meta, Selector, Transition, selectable_fields};
 use crate::watch::key::{StreamKey, WatchOpts};
+use crate::watch::object::{self, TypeMetaJson};
 use crate::watch::subs::{Sub, Subs};
 use crate::watch::{HubShared, Stats};
 
@@ -70,8 +72,12 @@ pub enum JoinError {
     Unavailable(String),
 }
 
-/// An object in the cache: its bytes (with kind and apiVersion, as watch
-/// events carry it) and what was parsed of it.
+/// An object in the cache: its bytes and what was parsed of it.
+///
+/// The bytes are the object as a watch event carries it, with kind and
+/// apiVersion: an upstream event's object exactly as it came; a LIST item
+/// as it came when it has both keys (custom resources), else with the
+/// missing ones put in front (built-in types). Never re-encoded.
 pub struct Obj {
     pub bytes: Bytes,
     pub meta: Meta,
@@ -110,15 +116,7 @@ impl Change {
                 Some(
                     self.leave
                         .get_or_init(|| {
-                            let mut v: Value =
-                                serde_json::from_slice(&old.bytes).unwrap_or(Value::Null);
-                            if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-                                m.insert(
-                                    "resourceVersion".into(),
-                                    Value::String(self.rv.to_string()),
-                                );
-                            }
-                            event_line("DELETED", &serde_json::to_vec(&v).unwrap_or_default())
+                            event_line("DELETED", &object::at_resource_version(&old.bytes, self.rv))
                         })
                         .clone(),
                 )
@@ -169,6 +167,11 @@ struct State {
     fresh: u64,
     kind: String,
     api_version: String,
+    /// Whether the apiserver's LIST items of this collection carry kind and
+    /// apiVersion (custom resources: yes; built-in types: no), as the
+    /// stream's LISTs showed: a LIST from the cache writes its items the
+    /// same way. `None` until a LIST had an item to tell.
+    item_type_meta: Option<bool>,
     /// `namespace/name` → object: the order of the apiserver's storage keys
     /// (`/registry/pods/a-b/x` sorts before `/registry/pods/a/x`), which is
     /// the order of its consistent LISTs.
@@ -235,7 +238,62 @@ struct Listed {
     rv: u64,
     kind: String,
     api_version: String,
-    items: Vec<Value>,
+    /// Each item as the cache keeps it (see [`Obj`]).
+    items: Vec<(Meta, Bytes)>,
+    /// Whether the items carried kind and apiVersion.
+    item_type_meta: ItemTypeMeta,
+}
+
+/// One page of a LIST: its items are borrowed slices of the body, read
+/// one by one and kept as they came.
+#[derive(serde::Deserialize)]
+struct Page<'a> {
+    #[serde(default)]
+    kind: String,
+    #[serde(rename = "apiVersion", default)]
+    api_version: String,
+    metadata: ListMeta,
+    #[serde(borrow, default)]
+    items: Option<Vec<&'a RawValue>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListMeta {
+    #[serde(rename = "resourceVersion", default)]
+    resource_version: String,
+    #[serde(rename = "continue", default)]
+    cont: Option<String>,
+}
+
+/// Whether LIST items carry TypeMeta, from the items seen so far.
+#[derive(Debug, Default)]
+enum ItemTypeMeta {
+    #[default]
+    NoItems,
+    Uniform(bool),
+    Mixed,
+}
+
+impl ItemTypeMeta {
+    fn saw(&mut self, item: object::TypeMeta) {
+        *self = match (&*self, item.uniform()) {
+            (_, None) | (ItemTypeMeta::Mixed, _) => ItemTypeMeta::Mixed,
+            (ItemTypeMeta::NoItems, Some(t)) => ItemTypeMeta::Uniform(t),
+            (ItemTypeMeta::Uniform(a), Some(b)) if *a == b => ItemTypeMeta::Uniform(b),
+            (ItemTypeMeta::Uniform(_), Some(_)) => ItemTypeMeta::Mixed,
+        }
+    }
+
+    /// What a stream records after a LIST that saw `self`, having recorded
+    /// `before`: items without agreement leave it unknown (cached LISTs are
+    /// then forwarded); a LIST without items tells nothing new.
+    fn record(&self, before: Option<bool>) -> Option<bool> {
+        match self {
+            ItemTypeMeta::NoItems => before,
+            ItemTypeMeta::Uniform(t) => Some(*t),
+            ItemTypeMeta::Mixed => None,
+        }
+    }
 }
 
 impl Stream {
@@ -356,24 +414,8 @@ impl Stream {
     /// wait out with the freshness check. A relist after 410 must not go
     /// back in time, so it reads consistently from etcd, in pages of 500.
     async fn list_all(&self, from_cache: bool) -> Result<Listed, Fetch> {
-        #[derive(serde::Deserialize)]
-        struct ListMeta {
-            #[serde(rename = "resourceVersion", default)]
-            resource_version: String,
-            #[serde(rename = "continue", default)]
-            cont: Option<String>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Page {
-            #[serde(default)]
-            kind: String,
-            #[serde(rename = "apiVersion", default)]
-            api_version: String,
-            metadata: ListMeta,
-            #[serde(default)]
-            items: Option<Vec<Value>>,
-        }
         let mut items = Vec::new();
+        let mut seen = ItemTypeMeta::default();
         let mut cont: Option<String> = None;
         loop {
             let query = {
@@ -394,6 +436,7 @@ impl Stream {
                 // The continue token expired mid-list: start over.
                 cont = None;
                 items.clear();
+                seen = ItemTypeMeta::default();
                 continue;
             }
             if !resp.status().is_success() {
@@ -405,21 +448,29 @@ impl Stream {
                 .await
                 .map_err(|e| Fetch::Transient(e.to_string()))?
                 .to_bytes();
-            let page: Page = serde_json::from_slice(&body)
+            let page: Page<'_> = serde_json::from_slice(&body)
                 .map_err(|e| Fetch::Transient(format!("undecodable list: {e}")))?;
-            items.extend(page.items.unwrap_or_default());
+            let kind = page.kind.strip_suffix("List").unwrap_or(&page.kind);
+            let type_meta = TypeMetaJson::new(kind, &page.api_version);
+            for item in page.items.iter().flatten() {
+                let item = object::one_line(item.get().as_bytes());
+                let read = object::read(&item, self.fields)
+                    .map_err(|e| Fetch::Transient(format!("undecodable list item: {e}")))?;
+                seen.saw(read.type_meta);
+                items.push((read.meta, type_meta.complete(&item, read.type_meta)));
+            }
             match page.metadata.cont.filter(|c| !c.is_empty()) {
                 Some(c) => cont = Some(c),
                 None => {
+                    if matches!(seen, ItemTypeMeta::Mixed) {
+                        tracing::warn!(path = %self.key.target.path(), "list items disagree on kind/apiVersion; cached lists will be forwarded");
+                    }
                     return Ok(Listed {
                         rv: page.metadata.resource_version.parse().unwrap_or(0),
-                        kind: page
-                            .kind
-                            .strip_suffix("List")
-                            .unwrap_or(&page.kind)
-                            .to_string(),
+                        kind: kind.to_string(),
                         api_version: page.api_version,
                         items,
+                        item_type_meta: seen,
                     });
                 }
             }
@@ -428,25 +479,9 @@ impl Stream {
 
     /// Replaces the cache with a fresh LIST; the ring restarts at its RV.
     fn install(&self, listed: Listed) {
-        let prefix = format!(
-            "{{\"kind\":{},\"apiVersion\":{},",
-            Value::String(listed.kind.clone()),
-            Value::String(listed.api_version.clone())
-        );
         let mut objects = BTreeMap::new();
         let mut bytes = 0usize;
-        for item in listed.items {
-            let meta = Meta::of(&item, self.fields);
-            let raw = serde_json::to_vec(&item).unwrap_or_default();
-            // The item as a watch event carries it: kind and apiVersion first.
-            let full = if raw.len() > 2 {
-                let mut b = BytesMut::with_capacity(prefix.len() + raw.len());
-                b.extend_from_slice(prefix.as_bytes());
-                b.extend_from_slice(&raw[1..]);
-                b.freeze()
-            } else {
-                Bytes::from(prefix.trim_end_matches(',').to_string() + "}")
-            };
+        for (meta, full) in listed.items {
             bytes += full.len();
             objects.insert(
                 object_key(&meta),
@@ -464,6 +499,7 @@ impl Stream {
         st.rv = listed.rv;
         st.kind = listed.kind;
         st.api_version = listed.api_version;
+        st.item_type_meta = listed.item_type_meta.record(st.item_type_meta);
         st.ring.clear();
         st.ring_floor = listed.rv;
         st.fresh = 0;
@@ -616,46 +652,75 @@ impl Stream {
 
     /// Applies one upstream event line; `Some` ends this upstream watch.
     fn apply(&self, line: Bytes) -> Option<WatchEnd> {
-        let v: Value = match serde_json::from_slice(&line) {
-            Ok(v) => v,
+        /// The event, its object a borrowed slice of the line: read for
+        /// what the cache needs, and kept (and passed on) as it came.
+        #[derive(serde::Deserialize)]
+        struct Event<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            object: &'a RawValue,
+        }
+        let ev: Event<'_> = match serde_json::from_slice(&line) {
+            Ok(ev) => ev,
             Err(_) if line.trim_ascii().is_empty() => return None,
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable upstream watch event; re-watching");
                 return Some(WatchEnd::Again);
             }
         };
-        let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
-        let object = v.get("object").unwrap_or(&Value::Null);
-        let rv = resource_version(object).unwrap_or(0);
-        match kind {
+        // 'static, so the line can move on while the type is still needed.
+        let kind = match &*ev.kind {
+            "ADDED" => "ADDED",
+            "MODIFIED" => "MODIFIED",
+            "DELETED" => "DELETED",
+            "BOOKMARK" => "BOOKMARK",
             "ERROR" => {
-                if object.get("code").and_then(Value::as_u64) == Some(410) {
+                #[derive(serde::Deserialize)]
+                struct Status {
+                    code: Option<u64>,
+                }
+                let code = serde_json::from_str::<Status>(ev.object.get())
+                    .ok()
+                    .and_then(|s| s.code);
+                if code == Some(410) {
                     return Some(WatchEnd::Expired(line));
                 }
-                tracing::warn!(status = %object, "upstream watch ERROR event; re-watching");
+                tracing::warn!(status = %ev.object.get(), "upstream watch ERROR event; re-watching");
                 return Some(WatchEnd::Again);
             }
-            "BOOKMARK" => {
-                let mut st = self.lock();
-                if rv > st.rv {
-                    st.rv = rv;
-                    st.subs.retain(|s| {
-                        if !s.bookmarks || s.min_rv >= rv {
-                            return true;
-                        }
-                        s.tx.try_send(line.clone()) != Err(SendError::Full)
-                    });
-                    self.publish(&st);
-                }
-                return None;
-            }
-            "ADDED" | "MODIFIED" | "DELETED" => {}
             _ => return None,
+        };
+        let fields = if kind == "BOOKMARK" {
+            &[][..]
+        } else {
+            self.fields
+        };
+        let meta = match object::read(ev.object.get().as_bytes(), fields) {
+            Ok(read) => read.meta,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable object in an upstream watch event; re-watching");
+                return Some(WatchEnd::Again);
+            }
+        };
+        let rv = meta.rv;
+        if kind == "BOOKMARK" {
+            let mut st = self.lock();
+            if rv > st.rv {
+                st.rv = rv;
+                st.subs.retain(|s| {
+                    if !s.bookmarks || s.min_rv >= rv {
+                        return true;
+                    }
+                    s.tx.try_send(line.clone()) != Err(SendError::Full)
+                });
+                self.publish(&st);
+            }
+            return None;
         }
         self.stats().events.fetch_add(1, Ordering::Relaxed);
-        let meta = Meta::of(object, self.fields);
-        let bytes = object_bytes(&line, kind)
-            .unwrap_or_else(|| Bytes::from(serde_json::to_vec(object).unwrap_or_default()));
+        // The object's own bytes, shared with the line: nothing added.
+        let bytes = slice_of(&line, ev.object.get());
         let key = object_key(&meta);
         let new_obj = Arc::new(Obj {
             bytes,
@@ -838,7 +903,8 @@ impl Stream {
     /// that asked before the check started shares it; a round gathers
     /// arrivals for [`FRESH_GATHER`] before it starts, so a burst of
     /// consistent LISTs and joins costs one cheap check per few
-    /// milliseconds, not one per client.
+    /// milliseconds, not one per client. Its item, if any, also tells a
+    /// stream that does not know yet whether list items carry TypeMeta.
     async fn fresh_rv(&self) -> Result<u64, String> {
         let round = self.fresh.lock().unwrap_or_else(|e| e.into_inner()).clone();
         round
@@ -857,9 +923,21 @@ impl Stream {
                     .await
                     .map_err(|e| e.to_string())?
                     .to_bytes();
-                let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-                resource_version(&v)
-                    .ok_or_else(|| "no resourceVersion in the freshness check".to_string())
+                let page: Page<'_> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                // An item tells how the apiserver lists this collection's
+                // items, for a stream whose LIST had none to tell.
+                if let Some(item) = page.items.iter().flatten().next()
+                    && let Ok(read) = object::read(item.get().as_bytes(), &[])
+                {
+                    let mut st = self.lock();
+                    if st.item_type_meta.is_none() {
+                        st.item_type_meta = read.type_meta.uniform();
+                    }
+                }
+                page.metadata
+                    .resource_version
+                    .parse()
+                    .map_err(|_| "no resourceVersion in the freshness check".to_string())
             })
             .await
             .clone()
@@ -1199,7 +1277,7 @@ impl Stream {
             let need = self.fresh_rv().await.map_err(JoinError::Unavailable)?;
             self.reach(need).await?;
         }
-        let (objs, rv, kind, api_version) = {
+        let (objs, rv, kind, api_version, item_type_meta) = {
             let mut st = self.lock();
             if st.closed || !st.live {
                 return Err(JoinError::Closed);
@@ -1232,7 +1310,27 @@ impl Stream {
                 st.rv.max(st.fresh),
                 st.kind.clone(),
                 st.api_version.clone(),
+                st.item_type_meta,
             )
+        };
+        let item_type_meta = match item_type_meta {
+            Some(t) => t,
+            // No item to write: no question how.
+            None if objs.is_empty() => false,
+            None => {
+                // The stream's LISTs had no item to tell how the apiserver
+                // writes them; the freshness check's LIST (limit=1) may
+                // (a consistent LIST has just had one).
+                if consistent.is_none() {
+                    self.fresh_rv().await.map_err(JoinError::Unavailable)?;
+                }
+                self.lock().item_type_meta.ok_or_else(|| {
+                    JoinError::Unavailable(
+                        "whether this collection's list items carry kind and apiVersion is not known yet"
+                            .into(),
+                    )
+                })?
+            }
         };
         let size: usize = objs.iter().map(|o| o.bytes.len() + 1).sum();
         let mut out = Vec::with_capacity(size + 128);
@@ -1243,23 +1341,18 @@ impl Stream {
         out.extend_from_slice(b",\"metadata\":{\"resourceVersion\":\"");
         out.extend_from_slice(rv.to_string().as_bytes());
         out.extend_from_slice(b"\"},\"items\":[");
-        let prefixes = [
-            format!(
-                "{{\"kind\":{},\"apiVersion\":{},",
-                Value::String(kind.clone()),
-                Value::String(api_version.clone())
-            ),
-            format!(
-                "{{\"apiVersion\":{},\"kind\":{},",
-                Value::String(api_version),
-                Value::String(kind)
-            ),
-        ];
+        // Items as the apiserver writes them: custom resources' with their
+        // kind and apiVersion (the cached bytes as they are), built-in
+        // types' without.
+        let type_meta = (!item_type_meta).then(|| TypeMetaJson::new(&kind, &api_version));
         for (i, o) in objs.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            write_item(&mut out, &o.bytes, &prefixes);
+            match &type_meta {
+                Some(tm) => tm.write_without(&mut out, &o.bytes),
+                None => out.extend_from_slice(&o.bytes),
+            }
         }
         out.extend_from_slice(b"]}");
         let mut resp = Response::new(full(out));
@@ -1317,39 +1410,14 @@ fn object_key(meta: &Meta) -> String {
     format!("{}/{}", meta.namespace, meta.name)
 }
 
-/// Writes a cached object as a list item: without kind and apiVersion.
-fn write_item(out: &mut Vec<u8>, bytes: &[u8], prefixes: &[String; 2]) {
-    for p in prefixes {
-        if let Some(rest) = bytes.strip_prefix(p.as_bytes()) {
-            out.push(b'{');
-            out.extend_from_slice(rest);
-            return;
-        }
+/// `part`, a slice the JSON parser borrowed from `line`, as a `Bytes`
+/// sharing `line`'s buffer (a copy if it somehow is not inside it).
+fn slice_of(line: &Bytes, part: &str) -> Bytes {
+    let start = (part.as_ptr() as usize).wrapping_sub(line.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= line.len() => line.slice(start..end),
+        _ => Bytes::copy_from_slice(part.as_bytes()),
     }
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(mut v) => {
-            if let Some(m) = v.as_object_mut() {
-                m.remove("kind");
-                m.remove("apiVersion");
-            }
-            out.extend_from_slice(&serde_json::to_vec(&v).unwrap_or_default());
-        }
-        Err(_) => out.extend_from_slice(bytes),
-    }
-}
-
-/// The object's bytes inside an event line `{"type":"T","object":{…}}\n`,
-/// without copying; `None` when the line is shaped differently.
-fn object_bytes(line: &Bytes, kind: &str) -> Option<Bytes> {
-    let prefix_len = "{\"type\":\"\",\"object\":".len() + kind.len();
-    let head = line.get(..prefix_len)?;
-    let expect = format!("{{\"type\":\"{kind}\",\"object\":");
-    if head != expect.as_bytes() {
-        return None;
-    }
-    let trimmed = line.trim_ascii_end();
-    let end = trimmed.len().checked_sub(1)?;
-    (trimmed.get(end) == Some(&b'}') && end > prefix_len).then(|| line.slice(prefix_len..end))
 }
 
 /// 200 with one ERROR event (410 Expired), then the end: what the apiserver
@@ -1418,27 +1486,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn object_bytes_are_sliced_out_of_the_event_line() {
-        let line = Bytes::from_static(b"{\"type\":\"ADDED\",\"object\":{\"a\":1}}\n");
-        assert_eq!(
-            object_bytes(&line, "ADDED").as_deref(),
-            Some(&b"{\"a\":1}"[..])
-        );
-        assert!(object_bytes(&line, "DELETED").is_none());
+    fn an_event_object_is_the_lines_own_bytes() {
+        let line = Bytes::from_static(b"{\"type\":\"ADDED\",\"object\": {\"b\":1.0,\"a\":1} }\n");
+        #[derive(serde::Deserialize)]
+        struct Event<'a> {
+            #[serde(borrow)]
+            object: &'a RawValue,
+        }
+        let ev: Event<'_> = serde_json::from_slice(&line).expect("event");
+        let object = slice_of(&line, ev.object.get());
+        assert_eq!(&object[..], b"{\"b\":1.0,\"a\":1}");
+        let at = line.windows(2).position(|w| w == b" {").expect("object") + 1;
+        assert_eq!(object.as_ptr(), line[at..].as_ptr(), "shared, not copied");
+        assert_eq!(&slice_of(&line, "{}")[..], b"{}");
     }
 
     #[test]
-    fn list_items_lose_kind_and_api_version() {
-        let prefixes = [
-            "{\"kind\":\"Pod\",\"apiVersion\":\"v1\",".to_string(),
-            "{\"apiVersion\":\"v1\",\"kind\":\"Pod\",".to_string(),
-        ];
-        let mut out = Vec::new();
-        write_item(
-            &mut out,
-            b"{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{}}",
-            &prefixes,
+    fn a_stream_records_item_type_meta_only_from_items_that_agree() {
+        let (with, without) = (
+            object::TypeMeta {
+                kind: true,
+                api_version: true,
+            },
+            object::TypeMeta::default(),
         );
-        assert_eq!(out, b"{\"metadata\":{}}");
+        let seen = |items: &[object::TypeMeta]| {
+            let mut s = ItemTypeMeta::default();
+            for t in items {
+                s.saw(*t);
+            }
+            s
+        };
+        assert_eq!(seen(&[with, with]).record(None), Some(true));
+        assert_eq!(seen(&[without]).record(Some(true)), Some(false));
+        assert_eq!(
+            seen(&[]).record(Some(true)),
+            Some(true),
+            "no items: as before"
+        );
+        assert_eq!(seen(&[with, without]).record(Some(true)), None);
+        let half = object::TypeMeta {
+            kind: true,
+            api_version: false,
+        };
+        assert_eq!(seen(&[half]).record(None), None);
     }
 }
