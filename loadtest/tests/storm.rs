@@ -87,17 +87,16 @@ async fn small_storm_keeps_invariants_direct_and_through_breakwater() {
     assert!(d.upstream_lists >= AGENTS as u64, "direct: {d:?}");
     let b = &c.breakwater.metrics;
     assert_eq!(c.breakwater.mode, Mode::Breakwater);
-    // Through Breakwater, kube-sim sees a bounded number of pod watches:
-    // at most one per agent until the watch multiplexer (issue 6) shares
-    // them, then at most one per sharing scope — tighten this bound then.
-    // The figure is printed so a run records it.
+    // Through Breakwater, the node-scoped pod watches of every agent share
+    // one upstream watch (two while a re-watch overlaps the old stream):
+    // what the multiplexer promises. The figure is printed so a run records it.
     eprintln!(
         "through breakwater: peak upstream pod watches {} (agents {AGENTS}), upstream LISTs {}, WATCH requests {}",
         b.peak_upstream_watches, b.upstream_lists, b.upstream_watches
     );
     assert!(
-        b.peak_upstream_watches <= AGENTS as i64,
-        "upstream watches {} > agents {AGENTS}",
+        b.peak_upstream_watches <= 2,
+        "{AGENTS} agents cost {} upstream pod watches; the multiplexer shares them in one",
         b.peak_upstream_watches
     );
     // LISTs are bounded: each agent lists once, plus a re-list per 410

@@ -26,6 +26,16 @@ async fn proxy_in_mode(
     mode: AuthMode,
     local_sa_keys: bool,
 ) -> breakwater::server::ProxyHandle {
+    proxy_with(env, mode, local_sa_keys, true).await
+}
+
+/// [`proxy_in_mode`] with Breakwater's own `--anonymous-auth`.
+async fn proxy_with(
+    env: &Env,
+    mode: AuthMode,
+    local_sa_keys: bool,
+    anonymous: bool,
+) -> breakwater::server::ProxyHandle {
     let dir = env.dir.path();
     let client_cert = match mode {
         AuthMode::FrontProxy => (
@@ -45,6 +55,7 @@ async fn proxy_in_mode(
     } else {
         AuthConfig::default()
     };
+    let auth = AuthConfig { anonymous, ..auth };
     breakwater::server::start(ProxyConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         plain_listen: None,
@@ -457,5 +468,74 @@ async fn client_impersonation_passes_through_front_proxy_and_is_refused_in_imper
         msg.contains("Impersonate-* headers cannot be used through this proxy"),
         "{msg}"
     );
+    proxy.shutdown().await;
+}
+
+/// A request without any credentials: status code and Status body.
+async fn anonymous_get(client: &common::HttpsClient, url: &str) -> (u16, Value) {
+    let req = http::Request::get(url).body(Empty::new()).expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("answered in time")
+        .expect("response");
+    let code = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_credentials_meets_the_apiservers_own_anonymous_policy_in_every_mode() {
+    let env = demo_env().await;
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    let sim_ca = std::fs::read_to_string(env.dir.path().join("kube-sim-ca.crt")).expect("ca");
+    let direct = https_client(&sim_ca, true);
+    let paths = [
+        "/api/v1/namespaces",
+        // A watch: the hub never serves a caller nobody verified.
+        "/api/v1/namespaces/default/pods?watch=true&timeoutSeconds=1",
+        "/version",
+    ];
+    for mode in [
+        AuthMode::Passthrough,
+        AuthMode::FrontProxy,
+        AuthMode::Impersonate,
+    ] {
+        let proxy = proxy_in_mode(&env, mode, true).await;
+        let base = format!("https://{}", proxy.addr());
+        for sim_anonymous in [true, false] {
+            env.demo.sim.set_anonymous_auth(sim_anonymous);
+            for pq in paths {
+                // Through the proxy, the answer is the one the apiserver
+                // gives a client that came directly without credentials.
+                let (code, status) = anonymous_get(&client, &format!("{base}{pq}")).await;
+                let (want, want_status) =
+                    anonymous_get(&direct, &format!("{}{pq}", env.demo.sim.url())).await;
+                let ctx = format!("{mode:?}, kube-sim --anonymous-auth={sim_anonymous}, {pq}");
+                assert_eq!(code, want, "{ctx}: {status}");
+                match (sim_anonymous, pq) {
+                    (false, _) => assert_eq!(code, 401, "{ctx}"),
+                    (true, "/version") => assert_eq!(code, 200, "{ctx}"),
+                    (true, _) => {
+                        assert_eq!(code, 403, "{ctx}");
+                        let msg = status["message"].as_str().unwrap_or_default();
+                        assert!(msg.contains("User \"system:anonymous\""), "{ctx}: {msg}");
+                    }
+                }
+                if code != 200 {
+                    assert_eq!(status["reason"], want_status["reason"], "{ctx}");
+                    assert_eq!(status["message"], want_status["message"], "{ctx}");
+                }
+            }
+        }
+        proxy.shutdown().await;
+    }
+    env.demo.sim.set_anonymous_auth(true);
+
+    // Breakwater's own --anonymous-auth=false answers 401 itself, although
+    // the apiserver would have let the request in as system:anonymous.
+    let proxy = proxy_with(&env, AuthMode::FrontProxy, true, false).await;
+    let (code, status) = anonymous_get(&client, &format!("https://{}/version", proxy.addr())).await;
+    assert_eq!(code, 401, "{status}");
+    assert_eq!(status["reason"], "Unauthorized");
     proxy.shutdown().await;
 }

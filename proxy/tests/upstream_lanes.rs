@@ -50,7 +50,7 @@ async fn until_seen(mut body: Incoming, needle: &[u8]) -> Incoming {
                     }
                 }
             }
-            Some(Err(e)) => panic!("watch broke: {e}"),
+            Some(Err(e)) => panic!("watch broke: {e:?}"),
             None => panic!("watch ended before {:?}", String::from_utf8_lossy(needle)),
         }
     }

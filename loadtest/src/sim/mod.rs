@@ -266,7 +266,7 @@ impl KubeSim {
             tracker: tracker.clone(),
             capacity,
             http2_max_streams: cfg.effective_http2_max_streams(),
-            anonymous_auth: cfg.anonymous_auth,
+            anonymous_auth: std::sync::atomic::AtomicBool::new(cfg.anonymous_auth),
         });
         tracker.spawn(server::accept_loop(
             listener,
@@ -294,6 +294,13 @@ impl KubeSim {
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// Turns `--anonymous-auth` on or off for the requests that follow.
+    pub fn set_anonymous_auth(&self, on: bool) {
+        self.state
+            .anonymous_auth
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn pki(&self) -> &SimPki {

@@ -88,7 +88,9 @@ pub(crate) struct State {
     pub(crate) http2_max_streams: u32,
     /// `--anonymous-auth`: whether a request without credentials is
     /// `system:anonymous` (true) or refused with 401 (false).
-    pub(crate) anonymous_auth: bool,
+    /// Switchable at run time ([`super::KubeSim::set_anonymous_auth`]), as a
+    /// restarted apiserver with another flag would be.
+    pub(crate) anonymous_auth: std::sync::atomic::AtomicBool,
 }
 
 /// The rustls config: our serving cert, ALPN h2 + http/1.1, client certs
@@ -295,7 +297,14 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
     let path = req.uri().path();
 
     // Phase 1: who is calling.
-    let Some(user) = authenticate(&state.auth, state.anonymous_auth, conn, req.headers()) else {
+    let Some(user) = authenticate(
+        &state.auth,
+        state
+            .anonymous_auth
+            .load(std::sync::atomic::Ordering::Relaxed),
+        conn,
+        req.headers(),
+    ) else {
         state.metrics.record(non_resource_labels(), 401);
         return unauthorized();
     };

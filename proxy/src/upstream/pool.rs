@@ -104,6 +104,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// last one (a storm's connections do not linger for ever).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The receive window of one upstream stream: 256 KiB, ample on the
+/// loopback or LAN path to a co-located apiserver.
+const STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The receive window of one upstream connection: room for a full window
+/// on each of the 250 streams the apiserver allows (64 MiB).
+const CONNECTION_WINDOW: u32 = 256 * STREAM_WINDOW;
+
 /// HTTP/2 settings for the connections.
 #[derive(Debug, Clone, Copy)]
 pub struct H2Settings {
@@ -497,7 +505,17 @@ impl Inner {
                 .keep_alive_interval(self.h2.keepalive)
                 .keep_alive_timeout(self.h2.keepalive * 2)
                 .keep_alive_while_idle(true)
-                .adaptive_window(true)
+                // Fixed windows, no BDP: a stream's window is small enough
+                // that the connection's holds every stream's at once, so
+                // one slow client (its watch unread) can never stall the
+                // other 249 streams of its connection; and h2's budget for
+                // buffered small DATA frames (half the connection window)
+                // stays far from exhaustion, which would close the
+                // connection with ENHANCE_YOUR_CALM and break every watch
+                // on it (seen with BDP's 64 KiB starting window).
+                .adaptive_window(false)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
                 .handshake(io)
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
