@@ -357,7 +357,9 @@ impl Inner {
                 (may_connect, st.connecting)
             };
             match connect {
-                (true, _) => return self.connect_and_take().await,
+                // Then take a stream like any waiter (over HTTP/1.1 another
+                // request may win the new connection: look again).
+                (true, _) => self.connect().await?,
                 // A connection is on its way: wait for it, however long the
                 // connect takes (it has its own timeout).
                 (false, connecting) if connecting > 0 => {
@@ -433,35 +435,45 @@ impl Inner {
         }
     }
 
-    async fn connect_and_take(self: &Arc<Self>) -> Result<(Slot, Sender), PoolError> {
-        let result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await;
+    /// Opens a connection on a task of its own and waits for it to join the
+    /// pool. A requester that goes away meanwhile (client gone, timeout)
+    /// neither leaves `connecting` counted for ever, which would stop the
+    /// lane from connecting again, nor wastes the connection: waiters use it.
+    async fn connect(self: &Arc<Self>) -> Result<(), PoolError> {
+        let pool = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let result = tokio::time::timeout(CONNECT_TIMEOUT, pool.open()).await;
+            pool.landed(result)
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(e) => Err(PoolError::Connect(e.into())),
+        }
+    }
+
+    /// Settles a connect: the connection joins the pool, or the error is
+    /// returned; either way the waiters look again.
+    fn landed(
+        &self,
+        result: Result<Result<Conn, PoolError>, tokio::time::error::Elapsed>,
+    ) -> Result<(), PoolError> {
         let mut st = self.lock();
         st.connecting -= 1;
-        let conn = match result {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                drop(st);
-                // Waiters for this connection try for themselves.
-                self.changed.notify_waiters();
-                return Err(e);
+        let result = match result {
+            Ok(Ok(conn)) => {
+                st.h1 = matches!(conn.tx, Tx::H1(_));
+                st.conns.push(conn);
+                self.metrics.connections.increment(1.0);
+                Ok(())
             }
-            Err(_) => {
-                drop(st);
-                self.changed.notify_waiters();
-                return Err(PoolError::Connect(
-                    format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()).into(),
-                ));
-            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PoolError::Connect(
+                format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()).into(),
+            )),
         };
-        st.h1 = matches!(conn.tx, Tx::H1(_));
-        st.conns.push(conn);
-        self.metrics.connections.increment(1.0);
-        let last = st.conns.len() - 1;
-        let taken = self.take_at(&mut st, last);
         drop(st);
-        // The rest of the new connection's streams are for the waiters.
         self.changed.notify_waiters();
-        Ok(taken)
+        result
     }
 
     fn take_at(self: &Arc<Self>, st: &mut State, i: usize) -> (Slot, Sender) {
@@ -485,7 +497,7 @@ impl Inner {
 
     /// One new connection: TCP, TLS (ALPN h2 then http/1.1), then the
     /// protocol's handshake; its driver runs on its own task.
-    async fn connect(self: &Arc<Self>) -> Result<Conn, PoolError> {
+    async fn open(self: &Arc<Self>) -> Result<Conn, PoolError> {
         let io = self
             .connector
             .clone()
