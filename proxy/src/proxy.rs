@@ -302,17 +302,17 @@ fn identify_upstream(
     headers: &mut HeaderMap,
 ) -> Result<(), Status> {
     let refuse = |code: StatusCode, reason: Reason, msg: &str| Status::failure(code, reason, msg);
+    if upstream.mode() == AuthMode::Impersonate && headers.keys().any(is_impersonation_header) {
+        // A client that impersonates cannot combine with the proxy's own
+        // impersonation (anonymous callers included: refused the same way).
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            Reason::Forbidden,
+            "Impersonate-* headers cannot be used through this proxy: it already \
+             impersonates the caller (--upstream-auth impersonate)",
+        ));
+    }
     if via == Via::Nothing {
-        if upstream.mode() == AuthMode::Impersonate && headers.keys().any(is_impersonation_header) {
-            // Passed on, the apiserver would judge them for an anonymous
-            // caller anyway; refused for the same reason as below.
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                Reason::Forbidden,
-                "Impersonate-* headers cannot be used through this proxy: it already \
-                 impersonates the caller (--upstream-auth impersonate)",
-            ));
-        }
         headers.remove(header::AUTHORIZATION);
         return Ok(());
     }
@@ -341,14 +341,6 @@ fn identify_upstream(
             }
         }
         AuthMode::Impersonate => {
-            if headers.keys().any(is_impersonation_header) {
-                return Err(refuse(
-                    StatusCode::FORBIDDEN,
-                    Reason::Forbidden,
-                    "Impersonate-* headers cannot be used through this proxy: it already \
-                     impersonates the caller (--upstream-auth impersonate)",
-                ));
-            }
             headers.remove(header::AUTHORIZATION);
             if let Some(token) = upstream.own_token() {
                 headers.insert(header::AUTHORIZATION, token);
