@@ -127,7 +127,7 @@ impl Admission {
             namespace: &info.namespace,
             is_resource_request: info.is_resource_request,
         };
-        let verb = crate::proxy::verb_label(&info.verb);
+        let verb = info.verb.label();
         match self.limiter.admit(&subject, &attrs, Instant::now()) {
             Decision::Admitted(permit) => {
                 if let Some(would) = permit.shadow_rejection() {

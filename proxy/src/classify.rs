@@ -116,6 +116,15 @@ impl Verb {
         })
     }
 
+    /// The verb as a bounded metric label: a custom HTTP method on a
+    /// non-resource path is "other", so clients cannot mint label values.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verb::Unknown => "unknown",
+            other => other.as_static_str().unwrap_or("other"),
+        }
+    }
+
     /// Go's `strings.ToLower(req.Method)`; borrowed for the standard methods.
     fn lower_method(method: &http::Method) -> Verb {
         let lower: Cow<'static, str> = match method.as_str() {

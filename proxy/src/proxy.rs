@@ -534,7 +534,7 @@ impl AccessLog {
             start: Instant::now(),
             method: req.method().clone(),
             path: req.uri().path().to_string(),
-            verb: verb_label(&info.verb),
+            verb: info.verb.label(),
             resource,
             namespace: info.namespace.clone(),
             peer,
@@ -580,15 +580,6 @@ impl Drop for AccessLog {
             .increment(1);
         metrics::histogram!("breakwater_request_duration_seconds", "verb" => self.verb)
             .record(elapsed.as_secs_f64());
-    }
-}
-
-/// The verb as a bounded metric label: a custom HTTP method on a
-/// non-resource path is "other", so clients cannot mint label values.
-pub(crate) fn verb_label(verb: &classify::Verb) -> &'static str {
-    match verb {
-        classify::Verb::Unknown => "unknown",
-        other => other.as_static_str().unwrap_or("other"),
     }
 }
 
