@@ -247,6 +247,12 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
             drain(conns, &shared, cfg.shutdown_grace).await;
             // Every client stream is over: the watch hub's upstream streams end too.
             shared.streams.cancel();
+            if tokio::time::timeout(cfg.shutdown_grace, shared.hub.closed())
+                .await
+                .is_err()
+            {
+                tracing::warn!("watch hub tasks still running after the shutdown grace period");
+            }
             admin_stop.cancel();
             let _ = admin_task.await;
         }

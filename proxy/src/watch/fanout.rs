@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -25,9 +25,8 @@ use http_body::Frame;
 use tokio::time::Sleep;
 
 use crate::upstream::BoxError;
-use crate::watch::Stats;
+use crate::watch::context::Stats;
 use crate::watch::filter::Selector;
-use crate::watch::stream::Stream;
 
 /// Upper bound of one coalesced frame: big enough to batch a burst, small
 /// enough not to hold a large copy per subscriber.
@@ -172,16 +171,33 @@ impl Drop for QueueRx {
     }
 }
 
+/// What a subscriber's body asks of the stream it is subscribed to.
+///
+/// The body holds it weakly: the hub alone keeps streams alive, and a body
+/// that outlives its stream (shut down, refused) just has nobody to tell.
+pub(crate) trait Subscription: Send + Sync {
+    /// Queue a BOOKMARK at the stream's RV for subscriber `id`, in order
+    /// with its events.
+    fn request_bookmark(&self, id: u64, sel: &Selector);
+    /// Forget subscriber `id` (its body was dropped).
+    fn remove(&self, id: u64, sel: &Selector);
+}
+
+/// Which subscriber of which stream a body is.
+pub(crate) struct SubHandle {
+    pub(crate) stream: Weak<dyn Subscription>,
+    pub(crate) id: u64,
+    /// Where the stream filed this subscriber.
+    pub(crate) sel: Arc<Selector>,
+}
+
 /// The response body of one shared watch.
 pub struct SubBody {
     initial: VecDeque<Bytes>,
     rx: QueueRx,
     deadline: Pin<Box<Sleep>>,
     pre_timeout: Option<Pin<Box<Sleep>>>,
-    stream: Arc<Stream>,
-    id: u64,
-    /// Where the stream filed this subscriber.
-    sel: Arc<Selector>,
+    handle: SubHandle,
     done: bool,
     stats: Arc<Stats>,
 }
@@ -192,11 +208,9 @@ impl SubBody {
         rx: QueueRxHandle,
         timeout: Duration,
         bookmarks: bool,
-        stream: Arc<Stream>,
-        id: u64,
-        sel: Arc<Selector>,
+        handle: SubHandle,
+        stats: Arc<Stats>,
     ) -> SubBody {
-        let stats = stream.hub_stats();
         stats.subscribers.fetch_add(1, Ordering::Relaxed);
         stats.publish();
         let pre_timeout = timeout
@@ -208,9 +222,7 @@ impl SubBody {
             rx: rx.0,
             deadline: Box::pin(tokio::time::sleep(timeout)),
             pre_timeout,
-            stream,
-            id,
-            sel,
+            handle,
             done: false,
             stats,
         }
@@ -238,7 +250,10 @@ impl http_body::Body for SubBody {
             && pre.as_mut().poll(cx).is_ready()
         {
             this.pre_timeout = None;
-            this.stream.request_bookmark(this.id, &this.sel);
+            let h = &this.handle;
+            if let Some(stream) = h.stream.upgrade() {
+                stream.request_bookmark(h.id, &h.sel);
+            }
         }
         let mut first: Option<Bytes> = None;
         let mut buf: Option<BytesMut> = None;
@@ -294,8 +309,14 @@ impl http_body::Body for SubBody {
 
 impl Drop for SubBody {
     fn drop(&mut self) {
-        self.stream.remove(self.id, &self.sel);
+        let h = &self.handle;
+        if let Some(stream) = h.stream.upgrade() {
+            stream.remove(h.id, &h.sel);
+        }
         self.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
         self.stats.publish();
     }
 }
+
+#[cfg(test)]
+mod tests;

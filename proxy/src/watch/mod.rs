@@ -2,19 +2,27 @@
 //! apiserver one.
 //!
 //! ```text
-//! Hub::serve(request)
-//!   key::eligible     plain-JSON collection watch or LIST rv=0, selectors we can evaluate?
+//! Hub::serve(request)                       (this module: owns which streams exist)
+//!   key::eligible     collection watch or LIST rv=0 / consistent, selectors we can evaluate?
 //!   share             may this identity join a cross-identity stream? (SubjectAccessReview)
 //!   broad key         (collection, shared scope or identity) — no selector upstream
-//!     stream::Stream  LIST + WATCH upstream, cache, ring, re-watch, 410 → relist
-//!       object        each object read borrowed (key, RV, labels, fields, TypeMeta),
-//!                     its bytes kept as the apiserver sent them
-//!       join          snapshot / replay / 410, then live events (fanout::SubBody)
-//!       list          LIST rv=0 from the cache; consistent LIST (rv unset) from
-//!                     a live stream's cache after the freshness check
+//!     stream          one shared stream: state, an upstream frame → cache → subscribers
+//!       reflector     its task: LIST + WATCH upstream, re-watch, 410 → relist
+//!       cache         pure: objects at RV, changes since RV, 410?
+//!       codec         the encoding seam: frames, object metadata, envelopes
+//!         object        JSON objects read borrowed, bytes kept as the apiserver sent them
+//!       fresh         freshness checks and gap probes (short upstream watches)
+//!       serve         join: snapshot / replay / 410, then live events;
+//!                     list: LIST rv=0 or consistent LIST from the cache
+//!       subs, fanout  subscribers filed by field value; bounded queues and bodies
 //!   list::Coalescer   identical concurrent consistent LISTs share one upstream request
 //!   exact key         only when the broad LIST/WATCH is refused (403)
 //! ```
+//!
+//! Dependencies run one way, down this picture: a stream knows nothing of
+//! the hub (it gets a [`context::Ctx`]), a subscriber's body holds its
+//! stream weakly, and the hub alone adds streams to its map and removes
+//! them when their task ends.
 //!
 //! Sharing is scoped to one identity (same user and groups, so the same
 //! authorization decisions) by default: a stream speaks upstream with the
@@ -32,146 +40,52 @@
 //! fields this proxy cannot read) returns `None`, and the proxy forwards it
 //! as before.
 
-pub mod fanout;
+mod cache;
+mod codec;
+pub mod context;
+pub mod error;
+mod fanout;
 pub mod filter;
+mod fresh;
 pub mod key;
 pub mod list;
 pub mod object;
+mod reflector;
+mod serve;
 pub mod share;
-pub mod stream;
+mod stream;
 mod subs;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Response, StatusCode, Uri};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::classify::RequestInfo;
 use crate::identity::Identity;
 use crate::upstream::{Body, Upstream};
+use codec::Codec;
+use context::Ctx;
+pub use context::{HubConfig, HubStats, Stats};
+use error::{Failure, JoinError};
 use key::{Eligible, Mode, SHARED_SCOPE, StreamKey};
-use stream::{JoinError, Stream, identity_headers};
+use stream::Stream;
 
-/// Hub settings.
-#[derive(Debug, Clone)]
-pub struct HubConfig {
-    /// `--watch-cache`: false forwards every watch and list as before.
-    pub enabled: bool,
-    /// `--watch-linger`: how long a stream without subscribers stays open.
-    pub linger: Duration,
-    /// Recent changes kept per stream for watches from a recent RV.
-    pub ring: usize,
-    /// Events queued per subscriber before it counts as not reading.
-    pub queue: usize,
-    /// How long a client waits for a new stream's first LIST.
-    pub ready_timeout: Duration,
-    /// `--watch-share-across-identities`: let different identities share a
-    /// stream after a SubjectAccessReview (needs the proxy's own credentials).
-    pub share_across_identities: bool,
-}
-
-impl Default for HubConfig {
-    fn default() -> Self {
-        HubConfig {
-            enabled: true,
-            linger: Duration::from_secs(30),
-            ring: 1024,
-            queue: 1024,
-            ready_timeout: Duration::from_secs(60),
-            share_across_identities: true,
-        }
-    }
-}
-
-/// The hub's own accounting (also exported as metrics).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub streams: AtomicU64,
-    pub subscribers: AtomicU64,
-    pub events: AtomicU64,
-    pub deliveries: AtomicU64,
-    pub evictions: AtomicU64,
-    pub cache_objects: AtomicU64,
-    pub cache_bytes: AtomicU64,
-    pub expired: AtomicU64,
-    pub relists: AtomicU64,
-    pub upstream_lists: AtomicU64,
-    pub upstream_watches: AtomicU64,
-}
-
-/// A point-in-time copy of [`Stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HubStats {
-    pub streams: u64,
-    pub subscribers: u64,
-    pub events: u64,
-    pub deliveries: u64,
-    pub evictions: u64,
-    pub cache_objects: u64,
-    pub cache_bytes: u64,
-    pub expired: u64,
-    pub relists: u64,
-    pub upstream_lists: u64,
-    pub upstream_watches: u64,
-}
-
-impl Stats {
-    fn snapshot(&self) -> HubStats {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        HubStats {
-            streams: l(&self.streams),
-            subscribers: l(&self.subscribers),
-            events: l(&self.events),
-            deliveries: l(&self.deliveries),
-            evictions: l(&self.evictions),
-            cache_objects: l(&self.cache_objects),
-            cache_bytes: l(&self.cache_bytes),
-            expired: l(&self.expired),
-            relists: l(&self.relists),
-            upstream_lists: l(&self.upstream_lists),
-            upstream_watches: l(&self.upstream_watches),
-        }
-    }
-
-    /// Pushes the gauges (cheap; called when streams or subscribers change).
-    pub(crate) fn publish(&self) {
-        let s = self.snapshot();
-        metrics::gauge!("breakwater_watch_upstream_streams").set(s.streams as f64);
-        metrics::gauge!("breakwater_watch_subscribers").set(s.subscribers as f64);
-        let ratio = if s.streams == 0 {
-            0.0
-        } else {
-            s.subscribers as f64 / s.streams as f64
-        };
-        metrics::gauge!("breakwater_watch_shared_ratio").set(ratio);
-    }
-
-    /// Pushes everything (counters as absolute values).
-    fn export(&self) {
-        self.publish();
-        let s = self.snapshot();
-        metrics::counter!("breakwater_watch_events_total").absolute(s.events);
-        metrics::counter!("breakwater_watch_deliveries_total").absolute(s.deliveries);
-        metrics::counter!("breakwater_watch_evictions_total").absolute(s.evictions);
-        metrics::counter!("breakwater_watch_expired_total").absolute(s.expired);
-        metrics::counter!("breakwater_watch_relists_total").absolute(s.relists);
-        metrics::gauge!("breakwater_watch_cache_objects").set(s.cache_objects as f64);
-        metrics::gauge!("breakwater_watch_cache_bytes").set(s.cache_bytes as f64);
-    }
-}
-
-/// What streams share with the hub.
-pub(crate) struct HubShared {
-    pub(crate) upstream: Upstream,
-    pub(crate) cfg: HubConfig,
-    /// Bounded by what clients keep open: a stream leaves when it has had
+/// The hub's state: the streams, and what decides who may use them.
+struct HubShared {
+    ctx: Arc<Ctx>,
+    /// The streams that exist. Only the hub adds and removes them: a stream
+    /// is added when a donor opens it and removed when its task ends.
+    /// Bounded by what clients keep open: a stream closes when it has had
     /// no subscriber for the linger period.
-    pub(crate) streams: Mutex<HashMap<StreamKey, Arc<Stream>>>,
-    pub(crate) stats: Arc<Stats>,
-    pub(crate) cancel: CancellationToken,
+    streams: Mutex<HashMap<StreamKey, Arc<Stream>>>,
+    /// Ends every stream (the proxy's shutdown).
+    cancel: CancellationToken,
+    /// Every task of the hub (streams, metrics export), awaited at shutdown.
+    tasks: TaskTracker,
     /// Broad keys the apiserver refused recently: go straight to exact keys.
     /// Bounded: cleared when it reaches [`MAX_REFUSED`].
     refused: Mutex<HashMap<StreamKey, Instant>>,
@@ -187,6 +101,39 @@ pub(crate) struct HubShared {
     donors: Mutex<HashMap<StreamKey, Identity>>,
 }
 
+impl HubShared {
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Arc<Stream>>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets `stream` once its task has ended (unless a newer stream
+    /// already took its key).
+    fn forget(&self, stream: &Arc<Stream>) {
+        let mut map = self.streams();
+        if map.get(&stream.key).is_some_and(|s| Arc::ptr_eq(s, stream)) {
+            map.remove(&stream.key);
+        }
+    }
+
+    /// Whether `key` has a stream that still serves.
+    fn has_stream(&self, key: &StreamKey) -> bool {
+        self.streams().get(key).is_some_and(|s| !s.is_closed())
+    }
+}
+
+/// The headers that say who the caller is, copied from the client request
+/// (after the proxy set them for its upstream auth mode).
+fn identity_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in headers {
+        let n = name.as_str();
+        if n == "authorization" || n.starts_with("x-remote-") || n.starts_with("impersonate-") {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 const MAX_REFUSED: usize = 10_000;
 const REFUSED_TTL: Duration = Duration::from_secs(60);
 
@@ -198,19 +145,21 @@ pub struct Hub {
 
 enum Outcome {
     Served(Response<Body>),
-    Refused(stream::Failure),
+    Refused(Failure),
     Forward,
     /// No stream for the key, and this client may not start one.
     Absent,
 }
 
 impl Hub {
-    /// `cancel` ends every upstream stream (the proxy's shutdown).
+    /// `cancel` ends every upstream stream (the proxy's shutdown; then
+    /// [`Hub::closed`] waits for them).
     pub fn new(upstream: Upstream, cfg: HubConfig, cancel: CancellationToken) -> Hub {
         let stats = Arc::new(Stats::default());
+        let tasks = TaskTracker::new();
         if cfg.enabled {
             let (stats, cancel) = (stats.clone(), cancel.clone());
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(5));
                 loop {
                     tokio::select! {
@@ -233,11 +182,14 @@ impl Hub {
             });
         Hub {
             shared: Arc::new(HubShared {
-                upstream,
-                cfg,
+                ctx: Arc::new(Ctx {
+                    upstream,
+                    cfg,
+                    stats,
+                }),
                 streams: Mutex::new(HashMap::new()),
-                stats,
                 cancel,
+                tasks,
                 refused: Mutex::new(HashMap::new()),
                 lists: list::Coalescer::default(),
                 share,
@@ -248,7 +200,14 @@ impl Hub {
 
     /// The hub's accounting now.
     pub fn stats(&self) -> HubStats {
-        self.shared.stats.snapshot()
+        self.shared.ctx.stats.snapshot()
+    }
+
+    /// Waits until every task of the hub has ended (after its cancel token
+    /// was cancelled).
+    pub async fn closed(&self) {
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
     }
 
     /// Serves a watch or a LIST rv=0 from a shared stream, or `None` when
@@ -261,7 +220,7 @@ impl Hub {
         headers: &HeaderMap,
         identity: &Identity,
     ) -> Option<Response<Body>> {
-        if !self.shared.cfg.enabled {
+        if !self.shared.ctx.cfg.enabled {
             return None;
         }
         let req = key::eligible(info, uri.query(), headers, identity);
@@ -275,7 +234,7 @@ impl Hub {
                 .shared
                 .lists
                 .list(
-                    &self.shared.upstream,
+                    &self.shared.ctx.upstream,
                     &key::scope_of(identity),
                     uri,
                     headers,
@@ -373,19 +332,11 @@ impl Hub {
         key: &StreamKey,
         sent: &(Option<String>, Option<String>),
     ) {
-        // Lock order: the hub's map, then the donors.
-        let gone = {
-            let streams = self
-                .shared
-                .streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if streams.contains_key(key) {
-                None
-            } else {
-                let mut donors = self.shared.donors.lock().unwrap_or_else(|e| e.into_inner());
-                donors.remove(key)
-            }
+        let gone = if self.shared.has_stream(key) {
+            None
+        } else {
+            let mut donors = self.shared.donors.lock().unwrap_or_else(|e| e.into_inner());
+            donors.remove(key)
         };
         if let Some(identity) = gone {
             share.forget(&identity, &key.target, sent).await;
@@ -458,11 +409,10 @@ impl Hub {
         Outcome::Forward
     }
 
-    /// The stream for `key`, started with `ident` if there is none and
-    /// `create` says so. Only a
-    /// `donor` lends the stream its credentials (the latest donor's carry
-    /// its upstream requests); a non-donor joins an existing stream or
-    /// gets `None`.
+    /// The stream for `key`, started with `ident` if there is none (or
+    /// only a closed one) and `create` says so. Only a `donor` lends the
+    /// stream its credentials (the latest donor's carry its upstream
+    /// requests); a non-donor joins an existing stream or gets `None`.
     fn stream_for(
         &self,
         key: &StreamKey,
@@ -470,12 +420,8 @@ impl Hub {
         donor: bool,
         create: bool,
     ) -> Option<Arc<Stream>> {
-        let mut map = self
-            .shared
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = map.get(key) {
+        let mut map = self.shared.streams();
+        if let Some(s) = map.get(key).filter(|s| !s.is_closed()) {
             if donor {
                 s.set_headers(ident.clone());
             }
@@ -484,8 +430,23 @@ impl Hub {
         if !donor || !create {
             return None;
         }
-        let s = Stream::start(key.clone(), ident.clone(), self.shared.clone());
-        map.insert(key.clone(), s.clone());
-        Some(s)
+        let stream = Stream::new(
+            key.clone(),
+            ident.clone(),
+            self.shared.ctx.clone(),
+            Codec::Json,
+            self.shared.cancel.child_token(),
+        );
+        map.insert(key.clone(), stream.clone());
+        drop(map);
+        let hub: Weak<HubShared> = Arc::downgrade(&self.shared);
+        let run = stream.clone();
+        self.shared.tasks.spawn(async move {
+            run.clone().run().await;
+            if let Some(hub) = hub.upgrade() {
+                hub.forget(&run);
+            }
+        });
+        Some(stream)
     }
 }

@@ -38,7 +38,8 @@ pub(crate) struct Subs {
 }
 
 impl Subs {
-    /// How many (a walk over the files: for stats and tests).
+    /// How many (a walk over the files: for tests).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.flat.len()
             + self
