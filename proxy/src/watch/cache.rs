@@ -125,6 +125,8 @@ impl TypeMetaSeen {
 
 /// A LIST, complete.
 pub struct Listed {
+    /// The encoding the apiserver answered in.
+    pub codec: Codec,
     pub rv: u64,
     pub kind: String,
     pub api_version: String,
@@ -213,6 +215,7 @@ impl Cache {
             self.objects
                 .insert(object_key(&meta), Arc::new(Obj::new(bytes, meta)));
         }
+        self.codec = listed.codec;
         self.rv = listed.rv;
         self.kind = listed.kind;
         self.api_version = listed.api_version;

@@ -3,14 +3,16 @@
 //! built around objects whose bytes stay the apiserver's.
 //!
 //! The stream logic never branches on the encoding; it asks its [`Codec`].
-//! JSON is here (objects read by [`object`], borrowed); protobuf adds a
-//! variant with the same answers.
+//! JSON is here (objects read by [`object`], borrowed); protobuf is in
+//! [`protobuf`], with the same answers.
 
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use serde_json::value::RawValue;
+
+mod protobuf;
 
 use crate::watch::cache::Obj;
 use crate::watch::error::DecodeError;
@@ -22,6 +24,8 @@ pub enum Codec {
     /// `application/json`, watch events one per line.
     #[default]
     Json,
+    /// `application/vnd.kubernetes.protobuf`, watch events length-prefixed.
+    Protobuf,
 }
 
 /// A watch event's type.
@@ -78,46 +82,73 @@ pub struct ListPage {
 /// the objects of a LIST.
 pub enum ItemTypeMeta {
     Json(TypeMetaJson),
+    /// The envelope's encoded `typeMeta` field.
+    Protobuf(Vec<u8>),
 }
 
 impl ItemTypeMeta {
     /// `object` as a watch event carries it: with kind and apiVersion.
+    /// (Protobuf items never carry them: the envelope goes on.)
     pub fn complete(&self, object: &[u8], has: TypeMeta) -> Bytes {
         match self {
             ItemTypeMeta::Json(t) => t.complete(object, has),
-        }
-    }
-
-    /// Appends `object` as a built-in type's LIST item: without them.
-    pub fn write_without(&self, out: &mut Vec<u8>, object: &[u8]) {
-        match self {
-            ItemTypeMeta::Json(t) => t.write_without(out, object),
+            ItemTypeMeta::Protobuf(t) => protobuf::envelope(t, object),
         }
     }
 }
 
 impl Codec {
-    /// What the stream asks the apiserver for.
+    /// What a stream of this codec asks the apiserver for: protobuf with
+    /// JSON second, as client-go asks, since custom resources have no
+    /// protobuf (the answer's Content-Type then says, [`Codec::of_answer`]).
     pub fn accept(self) -> HeaderValue {
         match self {
             Codec::Json => HeaderValue::from_static("application/json"),
+            Codec::Protobuf => {
+                HeaderValue::from_static("application/vnd.kubernetes.protobuf, application/json")
+            }
         }
     }
 
-    /// The content type of the LISTs and watches the hub answers.
+    /// The encoding of an apiserver answer, by its Content-Type.
+    pub fn of_answer(content_type: Option<&HeaderValue>) -> Codec {
+        let media = content_type
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(str::trim)
+            .unwrap_or_default();
+        if media.eq_ignore_ascii_case(protobuf::MEDIA_TYPE) {
+            Codec::Protobuf
+        } else {
+            Codec::Json
+        }
+    }
+
+    /// The content type of the LISTs the hub answers.
     pub fn content_type(self) -> HeaderValue {
         match self {
             Codec::Json => HeaderValue::from_static("application/json"),
+            Codec::Protobuf => HeaderValue::from_static(protobuf::MEDIA_TYPE),
         }
     }
 
-    /// Cuts the next whole frame off `buf`, if there is one.
-    pub fn next_frame(self, buf: &mut BytesMut) -> Option<Bytes> {
+    /// The content type of the watches the hub answers.
+    pub fn watch_content_type(self) -> HeaderValue {
         match self {
-            Codec::Json => {
-                let pos = buf.iter().position(|&b| b == b'\n')?;
-                Some(buf.split_to(pos + 1).freeze())
-            }
+            Codec::Json => HeaderValue::from_static("application/json"),
+            Codec::Protobuf => HeaderValue::from_static(protobuf::WATCH_MEDIA_TYPE),
+        }
+    }
+
+    /// Cuts the next whole frame off `buf`, if there is one; an error for
+    /// bytes that cannot start a frame.
+    pub fn next_frame(self, buf: &mut BytesMut) -> Result<Option<Bytes>, DecodeError> {
+        match self {
+            Codec::Json => Ok(buf
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|pos| buf.split_to(pos + 1).freeze())),
+            Codec::Protobuf => protobuf::next_frame(buf),
         }
     }
 
@@ -142,6 +173,13 @@ impl Codec {
                     object: slice_of(frame, line.object.get()),
                 }))
             }
+            Codec::Protobuf => {
+                let (ty, object) = protobuf::decode_event(frame)?;
+                Ok(Some(Event {
+                    ty: EventType::parse(&ty),
+                    object,
+                }))
+            }
         }
     }
 
@@ -150,6 +188,29 @@ impl Codec {
     pub fn read(self, object: &[u8], fields: &[&str]) -> Result<object::Read, DecodeError> {
         match self {
             Codec::Json => Ok(object::read(object, fields)?),
+            Codec::Protobuf => protobuf::read(object, fields),
+        }
+    }
+
+    /// Reads a LIST item and makes it what the cache keeps: as a watch
+    /// event carries it.
+    pub fn read_item(
+        self,
+        item: &Bytes,
+        type_meta: &ItemTypeMeta,
+        fields: &[&str],
+    ) -> Result<(object::Read, Bytes), DecodeError> {
+        match self {
+            Codec::Json => {
+                let read = self.read(item, fields)?;
+                let full = type_meta.complete(item, read.type_meta);
+                Ok((read, full))
+            }
+            // The kind, which says where `fields` are, is on the envelope.
+            Codec::Protobuf => {
+                let full = type_meta.complete(item, TypeMeta::default());
+                Ok((self.read(&full, fields)?, full))
+            }
         }
     }
 
@@ -163,6 +224,7 @@ impl Codec {
                 }
                 serde_json::from_slice::<Status>(object).ok()?.code
             }
+            Codec::Protobuf => protobuf::status_code(object),
         }
     }
 
@@ -209,6 +271,20 @@ impl Codec {
                     items,
                 })
             }
+            Codec::Protobuf => {
+                let page = protobuf::decode_list(body)?;
+                Ok(ListPage {
+                    kind: page
+                        .kind
+                        .strip_suffix("List")
+                        .unwrap_or(page.kind)
+                        .to_string(),
+                    api_version: page.api_version.to_string(),
+                    resource_version: page.resource_version.to_string(),
+                    cont: (!page.cont.is_empty()).then(|| page.cont.to_string()),
+                    items: page.items.iter().map(|i| body.slice_ref(i)).collect(),
+                })
+            }
         }
     }
 
@@ -216,6 +292,7 @@ impl Codec {
     pub fn item_type_meta(self, kind: &str, api_version: &str) -> ItemTypeMeta {
         match self {
             Codec::Json => ItemTypeMeta::Json(TypeMetaJson::new(kind, api_version)),
+            Codec::Protobuf => ItemTypeMeta::Protobuf(protobuf::type_meta_field(api_version, kind)),
         }
     }
 
@@ -231,6 +308,7 @@ impl Codec {
                 b.extend_from_slice(b"}\n");
                 b.freeze()
             }
+            Codec::Protobuf => protobuf::event(ty.as_str(), object),
         }
     }
 
@@ -239,6 +317,11 @@ impl Codec {
     pub fn at_resource_version(self, object: &[u8], rv: u64) -> Vec<u8> {
         match self {
             Codec::Json => object::at_resource_version(object, rv),
+            // Cached objects were read once already; one that no longer
+            // reads is sent as it is.
+            Codec::Protobuf => {
+                protobuf::at_resource_version(object, rv).unwrap_or_else(|_| object.to_vec())
+            }
         }
     }
 
@@ -259,6 +342,7 @@ impl Codec {
                 );
                 self.event(EventType::Bookmark, object.as_bytes())
             }
+            Codec::Protobuf => protobuf::bookmark(kind, api_version, rv, initial_end),
         }
     }
 
@@ -272,7 +356,19 @@ impl Codec {
                 );
                 self.event(EventType::Error, status.as_bytes())
             }
+            Codec::Protobuf => {
+                let message = format!("too old resource version: {requested} ({oldest})");
+                let status = protobuf::status(&message, "Expired", 410);
+                self.event(EventType::Error, &status)
+            }
         }
+    }
+
+    /// Whether LIST items are written differently by type (JSON: custom
+    /// resources keep kind and apiVersion, built-in types lose them);
+    /// protobuf items are bare messages whatever the type.
+    pub fn items_vary_by_type(self) -> bool {
+        matches!(self, Codec::Json)
     }
 
     /// A LIST of `objs` at `rv`. `items_have_type_meta`: whether the
@@ -286,7 +382,7 @@ impl Codec {
         rv: u64,
         objs: &[Arc<Obj>],
         items_have_type_meta: bool,
-    ) -> Vec<u8> {
+    ) -> Result<Vec<u8>, DecodeError> {
         match self {
             Codec::Json => {
                 let size: usize = objs.iter().map(|o| o.bytes.len() + 1).sum();
@@ -298,8 +394,7 @@ impl Codec {
                 out.extend_from_slice(b",\"metadata\":{\"resourceVersion\":\"");
                 out.extend_from_slice(rv.to_string().as_bytes());
                 out.extend_from_slice(b"\"},\"items\":[");
-                let without =
-                    (!items_have_type_meta).then(|| self.item_type_meta(kind, api_version));
+                let without = (!items_have_type_meta).then(|| TypeMetaJson::new(kind, api_version));
                 for (i, o) in objs.iter().enumerate() {
                     if i > 0 {
                         out.push(b',');
@@ -310,7 +405,11 @@ impl Codec {
                     }
                 }
                 out.extend_from_slice(b"]}");
-                out
+                Ok(out)
+            }
+            // List items are bare messages whatever the type.
+            Codec::Protobuf => {
+                protobuf::list(kind, api_version, rv, objs.iter().map(|o| &o.bytes[..]))
             }
         }
     }
@@ -362,10 +461,10 @@ mod tests {
     fn frames_are_cut_at_line_ends_and_built_around_objects() {
         let mut buf = BytesMut::from(&b"{\"a\":1}\n{\"b\""[..]);
         assert_eq!(
-            Codec::Json.next_frame(&mut buf).as_deref(),
+            Codec::Json.next_frame(&mut buf).expect("json").as_deref(),
             Some(&b"{\"a\":1}\n"[..])
         );
-        assert_eq!(Codec::Json.next_frame(&mut buf), None);
+        assert_eq!(Codec::Json.next_frame(&mut buf).expect("json"), None);
         assert_eq!(&buf[..], b"{\"b\"");
         let ev = Codec::Json.event(EventType::Deleted, b"{\"x\":1}");
         assert_eq!(&ev[..], b"{\"type\":\"DELETED\",\"object\":{\"x\":1}}\n");

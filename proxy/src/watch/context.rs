@@ -3,8 +3,9 @@
 //! A leaf module: the streams and their subscribers read it, nothing here
 //! knows about them, so the hub's modules depend on each other one way.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::upstream::Upstream;
@@ -47,6 +48,36 @@ pub(crate) struct Ctx {
     pub(crate) upstream: Upstream,
     pub(crate) cfg: HubConfig,
     pub(crate) stats: Arc<Stats>,
+    /// Collections (group, resource) the apiserver answered in JSON when
+    /// asked for protobuf first: custom resources.
+    json_only: Mutex<HashSet<(String, String)>>,
+}
+
+impl Ctx {
+    pub(crate) fn new(upstream: Upstream, cfg: HubConfig, stats: Arc<Stats>) -> Ctx {
+        Ctx {
+            upstream,
+            cfg,
+            stats,
+            json_only: Mutex::default(),
+        }
+    }
+
+    /// Records that the apiserver has no protobuf for a collection.
+    pub(crate) fn answers_json(&self, group: &str, resource: &str) {
+        self.json_only
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((group.to_string(), resource.to_string()));
+    }
+
+    /// Whether the apiserver answered a collection in JSON to protobuf.
+    pub(crate) fn is_json_only(&self, group: &str, resource: &str) -> bool {
+        self.json_only
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(group.to_string(), resource.to_string()))
+    }
 }
 
 /// The hub's own accounting (also exported as metrics).

@@ -106,4 +106,6 @@ pub enum Unavailable {
     ExceedsLimit { items: usize, limit: u64 },
     #[error("whether this collection's list items carry kind and apiVersion is not known yet")]
     ItemTypeMetaUnknown,
+    #[error("a cached object no longer decodes")]
+    Undecodable(#[source] Arc<DecodeError>),
 }

@@ -85,12 +85,13 @@ impl Stream {
         if !resp.status().is_success() {
             return Err(FetchError::Status(resp.status()));
         }
+        let codec = self.answered(&resp)?;
         let body = Self::body(resp).await?;
-        let page = self.codec.decode_list(&body).map_err(FetchError::Decode)?;
+        let page = codec.decode_list(&body).map_err(FetchError::Decode)?;
         // An item tells how the apiserver lists this collection's items,
         // for a stream whose LIST had none to tell.
         if let Some(item) = page.items.first()
-            && let Ok(read) = self.codec.read(item, &[])
+            && let Ok(read) = codec.read(item, &[])
         {
             let mut st = self.lock();
             if st.cache.item_type_meta.is_none() {
@@ -283,6 +284,7 @@ impl Stream {
             if !resp.status().is_success() {
                 return Err(FetchError::Status(resp.status()));
             }
+            let codec = self.answered(&resp)?;
             let mut body = resp.into_body();
             let mut buf = BytesMut::new();
             while let Some(frame) = body.frame().await {
@@ -290,18 +292,14 @@ impl Stream {
                     continue;
                 };
                 buf.extend_from_slice(&data);
-                while let Some(frame) = self.codec.next_frame(&mut buf) {
-                    let Some(ev) = self
-                        .codec
-                        .decode_event(&frame)
-                        .map_err(FetchError::Decode)?
-                    else {
+                while let Some(frame) = codec.next_frame(&mut buf).map_err(FetchError::Decode)? {
+                    let Some(ev) = codec.decode_event(&frame).map_err(FetchError::Decode)? else {
                         continue;
                     };
                     let rv = match ev.ty {
                         Some(EventType::Error) | None => 0,
                         Some(_) => {
-                            self.codec
+                            codec
                                 .read(&ev.object, &[])
                                 .map_err(FetchError::Decode)?
                                 .meta

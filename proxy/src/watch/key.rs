@@ -2,8 +2,8 @@
 //!
 //! A request is eligible when the hub can answer it exactly as the apiserver
 //! would: a resource-collection watch or a `resourceVersion=0` list, asking
-//! for plain JSON (Tables and protobuf go upstream unshared), with selectors
-//! this proxy can evaluate itself. Everything else returns `None` and the
+//! for plain JSON or protobuf (Tables and other transformations go upstream
+//! unshared), with selectors this proxy can evaluate itself. Everything else returns `None` and the
 //! proxy forwards it untouched.
 //!
 //! The [`StreamKey`] names one upstream stream: the collection (group,
@@ -18,6 +18,7 @@ use http::header::ACCEPT;
 
 use crate::classify::{self, RequestInfo, ResourceVersion, Verb};
 use crate::identity::Identity;
+use crate::watch::codec::Codec;
 use crate::watch::filter::{Selector, selectable_fields};
 
 /// One upstream stream.
@@ -29,6 +30,9 @@ pub struct StreamKey {
     pub scope: String,
     /// Selectors sent upstream: `None` for the broad (selector-free) stream.
     pub upstream_selectors: Option<(Option<String>, Option<String>)>,
+    /// The encoding the stream asks for (the apiserver may answer JSON to
+    /// protobuf: custom resources have none).
+    pub codec: Codec,
 }
 
 /// The collection a stream lists and watches.
@@ -93,6 +97,8 @@ pub struct Eligible {
     pub label: Option<String>,
     pub field: Option<String>,
     pub mode: Mode,
+    /// The encoding the client prefers.
+    pub codec: Codec,
 }
 
 impl Eligible {
@@ -107,6 +113,7 @@ impl Eligible {
             target: self.target.clone(),
             scope: scope.to_string(),
             upstream_selectors: (!broad).then(|| (self.label.clone(), self.field.clone())),
+            codec: self.codec,
         }
     }
 
@@ -123,21 +130,58 @@ impl Eligible {
     }
 }
 
-/// Plain JSON only: absent, `*/*`, `application/*` or `application/json`
-/// without parameters that change the encoding (`as=Table`).
-fn accepts_plain_json(headers: &HeaderMap) -> bool {
-    headers.get_all(ACCEPT).iter().all(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',').all(|part| {
-                let mut it = part.split(';');
-                let media = it.next().unwrap_or_default().trim();
-                let plain = it.all(|p| {
-                    let p = p.trim();
-                    p.is_empty() || p.starts_with("charset=") || p.starts_with("q=")
+/// The encoding the apiserver would answer with, when the hub can answer
+/// in it: the first acceptable media type after ordering by quality, then
+/// specificity, as the apiserver's content negotiation
+/// (apimachinery's `negotiation.NegotiateMediaTypeOptions` over goautoneg)
+/// picks. `None`: a clause asks for a transformation (`as=Table`,
+/// `as=PartialObjectMetadata`) or for nothing the hub writes; forward.
+fn negotiate(headers: &HeaderMap) -> Option<Codec> {
+    struct Clause<'a> {
+        media: &'a str,
+        q: f32,
+        specificity: u8,
+    }
+    let mut clauses = Vec::new();
+    for v in headers.get_all(ACCEPT) {
+        for part in v.to_str().ok()?.split(',') {
+            let mut it = part.split(';');
+            let media = it.next().unwrap_or_default().trim();
+            let mut q = 1.0;
+            for p in it.map(str::trim).filter(|p| !p.is_empty()) {
+                match p.split_once('=') {
+                    Some(("q", v)) => q = v.trim().parse().ok()?,
+                    Some(("charset", _)) => {}
+                    // `as=`, `g=`, `v=`, `stream=`: not a plain object.
+                    _ => return None,
+                }
+            }
+            let specificity = match media {
+                "*/*" => 0,
+                m if m.ends_with("/*") => 1,
+                _ => 2,
+            };
+            if !media.is_empty() && q > 0.0 {
+                clauses.push(Clause {
+                    media,
+                    q,
+                    specificity,
                 });
-                plain && matches!(media, "" | "*/*" | "application/*" | "application/json")
-            })
-        })
+            }
+        }
+    }
+    if clauses.is_empty() {
+        return Some(Codec::Json);
+    }
+    // A stable sort, as Go's insertion sort of a few clauses is.
+    clauses.sort_by(|a, b| {
+        b.q.total_cmp(&a.q)
+            .then_with(|| b.specificity.cmp(&a.specificity))
+    });
+    clauses.iter().find_map(|c| match c.media {
+        "*/*" | "application/*" | "application/json" => Some(Codec::Json),
+        "application/vnd.kubernetes.protobuf" => Some(Codec::Protobuf),
+        _ => None,
     })
 }
 
@@ -175,10 +219,10 @@ pub fn eligible(
         || info.error.is_some()
         || !info.subresource.is_empty()
         || info.parts.len() != 1
-        || !accepts_plain_json(headers)
     {
         return None;
     }
+    let codec = negotiate(headers)?;
     let params = classify::list_params(query).ok()?;
     if params.resource_version_match.as_deref() == Some("Exact") {
         return None;
@@ -231,6 +275,7 @@ pub fn eligible(
         label: params.label_selector,
         field: params.field_selector,
         mode,
+        codec,
     })
 }
 
@@ -277,17 +322,46 @@ mod tests {
     }
 
     #[test]
-    fn tables_protobuf_exact_and_unsupported_go_upstream() {
+    fn the_encoding_is_negotiated_as_the_apiserver_does() {
+        let codec = |accept| check("/api/v1/pods", "watch=1", Some(accept)).map(|e| e.codec);
+        let pb = "application/vnd.kubernetes.protobuf";
+        assert_eq!(codec(pb), Some(Codec::Protobuf));
+        assert_eq!(
+            codec("application/vnd.kubernetes.protobuf, application/json"),
+            Some(Codec::Protobuf),
+            "client-go's protobuf clients"
+        );
+        assert_eq!(
+            codec("application/json, application/vnd.kubernetes.protobuf"),
+            Some(Codec::Json)
+        );
+        assert_eq!(
+            codec("application/json;q=0.5, application/vnd.kubernetes.protobuf"),
+            Some(Codec::Protobuf),
+            "quality first"
+        );
+        assert_eq!(
+            codec("*/*, application/vnd.kubernetes.protobuf"),
+            Some(Codec::Protobuf),
+            "then specificity"
+        );
+        assert_eq!(codec("text/html, */*"), Some(Codec::Json));
+        assert_eq!(
+            check("/api/v1/pods", "watch=1", None).map(|e| e.codec),
+            Some(Codec::Json)
+        );
+        let a = check("/api/v1/pods", "watch=1", Some(pb)).expect("eligible");
+        let b = check("/api/v1/pods", "watch=1", None).expect("eligible");
+        assert_ne!(a.key(true), b.key(true), "one stream per encoding");
+    }
+
+    #[test]
+    fn tables_exact_and_unsupported_go_upstream() {
         let table = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json";
         assert!(check("/api/v1/pods", "watch=1", Some(table)).is_none());
-        assert!(
-            check(
-                "/api/v1/pods",
-                "watch=1",
-                Some("application/vnd.kubernetes.protobuf")
-            )
-            .is_none()
-        );
+        let meta = "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io";
+        assert!(check("/api/v1/pods", "watch=1", Some(meta)).is_none());
+        assert!(check("/api/v1/pods", "watch=1", Some("text/plain")).is_none());
         assert!(
             matches!(
                 check("/api/v1/pods", "limit=500", None).map(|e| e.mode),

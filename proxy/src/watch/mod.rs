@@ -182,11 +182,7 @@ impl Hub {
             });
         Hub {
             shared: Arc::new(HubShared {
-                ctx: Arc::new(Ctx {
-                    upstream,
-                    cfg,
-                    stats,
-                }),
+                ctx: Arc::new(Ctx::new(upstream, cfg, stats)),
                 streams: Mutex::new(HashMap::new()),
                 cancel,
                 tasks,
@@ -252,6 +248,23 @@ impl Hub {
         identity: &Identity,
     ) -> Option<Response<Body>> {
         let ident = identity_headers(headers);
+        // The apiserver answers protobuf-first clients of a custom resource
+        // in JSON: so does the collection's JSON stream.
+        let as_json;
+        let req = if req.codec == Codec::Protobuf
+            && self
+                .shared
+                .ctx
+                .is_json_only(&req.target.group, &req.target.resource)
+        {
+            as_json = Eligible {
+                codec: Codec::Json,
+                ..req.clone()
+            };
+            &as_json
+        } else {
+            req
+        };
         // Across identities first, when the apiserver says this one may join.
         if let Some(shared) = self.serve_shared(req, &ident, identity).await {
             return shared;
@@ -434,7 +447,6 @@ impl Hub {
             key.clone(),
             ident.clone(),
             self.shared.ctx.clone(),
-            Codec::Json,
             self.shared.cancel.child_token(),
         );
         map.insert(key.clone(), stream.clone());

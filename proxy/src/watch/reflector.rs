@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 use crate::upstream::{ResponseBody, Route, empty};
 use crate::watch::cache::{Listed, TypeMetaSeen};
-use crate::watch::codec::EventType;
-use crate::watch::error::{Failure, FetchError};
+use crate::watch::codec::{Codec, EventType};
+use crate::watch::error::{DecodeError, Failure, FetchError};
 use crate::watch::stream::{Stream, WatchEnd};
 
 /// Why a LIST gave no cache.
@@ -59,12 +59,24 @@ impl Stream {
             .body(empty())
             .map_err(FetchError::Request)?;
         *req.headers_mut() = self.headers();
-        req.headers_mut().insert(ACCEPT, self.codec.accept());
+        req.headers_mut().insert(ACCEPT, self.key.codec.accept());
         self.ctx
             .upstream
             .send(req, Route::hub(long_running))
             .await
             .map_err(FetchError::Send)
+    }
+
+    /// The encoding of a successful answer, which must be the stream's.
+    pub(crate) fn answered(&self, resp: &Response<ResponseBody>) -> Result<Codec, FetchError> {
+        let codec = Codec::of_answer(resp.headers().get(CONTENT_TYPE));
+        if self.settle_codec(codec) {
+            Ok(codec)
+        } else {
+            Err(FetchError::Decode(DecodeError::Shape(
+                "the apiserver changed the collection's encoding",
+            )))
+        }
     }
 
     /// A whole response body.
@@ -132,19 +144,17 @@ impl Stream {
                     ListError::Transient(FetchError::Status(f.status))
                 });
             }
+            let codec = self.answered(&resp).map_err(ListError::Transient)?;
             let body = Self::body(resp).await.map_err(ListError::Transient)?;
-            let page = self
-                .codec
-                .decode_list(&body)
-                .map_err(|e| ListError::Transient(FetchError::Decode(e)))?;
-            let type_meta = self.codec.item_type_meta(&page.kind, &page.api_version);
+            let decode = |e| ListError::Transient(FetchError::Decode(e));
+            let page = codec.decode_list(&body).map_err(decode)?;
+            let type_meta = codec.item_type_meta(&page.kind, &page.api_version);
             for item in &page.items {
-                let read = self
-                    .codec
-                    .read(item, self.fields)
-                    .map_err(|e| ListError::Transient(FetchError::Decode(e)))?;
+                let (read, full) = codec
+                    .read_item(item, &type_meta, self.fields)
+                    .map_err(decode)?;
                 seen.saw(read.type_meta);
-                items.push((read.meta, type_meta.complete(item, read.type_meta)));
+                items.push((read.meta, full));
             }
             match page.cont {
                 Some(c) => cont = Some(c),
@@ -153,6 +163,7 @@ impl Stream {
                         tracing::warn!(path = %self.key.target.path(), "list items disagree on kind/apiVersion; cached lists will be forwarded");
                     }
                     return Ok(Listed {
+                        codec,
                         rv: page.resource_version.parse().unwrap_or(0),
                         kind: page.kind,
                         api_version: page.api_version,
@@ -252,7 +263,7 @@ impl Stream {
             let f = Self::failure(resp).await;
             if f.status == StatusCode::GONE {
                 // The apiserver's Status, as the ERROR event a watch gets.
-                return WatchEnd::Expired(self.codec.event(EventType::Error, &f.body));
+                return WatchEnd::Expired(self.codec().event(EventType::Error, &f.body));
             }
             return if f.is_refusal() {
                 WatchEnd::Refused(f)
@@ -260,6 +271,13 @@ impl Stream {
                 WatchEnd::Again
             };
         }
+        let codec = match self.answered(&resp) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %self.key.target.path(), "shared stream WATCH answered in another encoding; retrying");
+                return WatchEnd::Again;
+            }
+        };
         let mut body = resp.into_body();
         let mut buf = BytesMut::new();
         let linger = self.ctx.cfg.linger;
@@ -277,9 +295,18 @@ impl Stream {
                     Some(Ok(frame)) => {
                         let Ok(data) = frame.into_data() else { continue };
                         buf.extend_from_slice(&data);
-                        while let Some(frame) = self.codec.next_frame(&mut buf) {
-                            if let Some(end) = self.on_frame(frame) {
-                                return end;
+                        loop {
+                            match codec.next_frame(&mut buf) {
+                                Ok(Some(frame)) => {
+                                    if let Some(end) = self.on_frame(frame) {
+                                        return end;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "undecodable upstream watch stream; re-watching");
+                                    return WatchEnd::Again;
+                                }
                             }
                         }
                     }

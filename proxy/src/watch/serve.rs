@@ -85,7 +85,7 @@ impl Stream {
                         .expired
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     drop(st);
-                    return Ok(self.watch_response(full(self.codec.expired(n, oldest))));
+                    return Ok(self.watch_response(full(self.codec().expired(n, oldest))));
                 }
                 // Older than what this stream saw, but the apiserver may
                 // still have it (the stream started, or its ring rolled,
@@ -178,10 +178,12 @@ impl Stream {
                 c.item_type_meta,
             )
         };
+        let codec = self.codec();
         let item_type_meta = match item_type_meta {
             Some(t) => t,
-            // No item to write: no question how.
-            None if objs.is_empty() => false,
+            // No item to write, or an encoding that writes every type's
+            // items alike: no question how.
+            None if objs.is_empty() || !codec.items_vary_by_type() => false,
             None => {
                 // The stream's LISTs had no item to tell how the apiserver
                 // writes them; the freshness check's LIST (limit=1) may (a
@@ -195,19 +197,19 @@ impl Stream {
                     .ok_or(Unavailable::ItemTypeMetaUnknown)?
             }
         };
-        let body = self
-            .codec
-            .list(&kind, &api_version, rv, &objs, item_type_meta);
+        let body = codec
+            .list(&kind, &api_version, rv, &objs, item_type_meta)
+            .map_err(|e| Unavailable::Undecodable(Arc::new(e)))?;
         let mut resp = Response::new(full(body));
         resp.headers_mut()
-            .insert(CONTENT_TYPE, self.codec.content_type());
+            .insert(CONTENT_TYPE, codec.content_type());
         Ok(resp)
     }
 
     fn watch_response(&self, body: Body) -> Response<Body> {
         let mut resp = Response::new(body);
         resp.headers_mut()
-            .insert(CONTENT_TYPE, self.codec.content_type());
+            .insert(CONTENT_TYPE, self.codec().watch_content_type());
         resp
     }
 }

@@ -16,7 +16,7 @@
 //! forgets it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -65,7 +65,9 @@ pub(crate) type FreshRound = Arc<OnceCell<Result<u64, Arc<FetchError>>>>;
 pub struct Stream {
     pub key: StreamKey,
     pub(crate) ctx: Arc<Ctx>,
-    pub(crate) codec: Codec,
+    /// The encoding the apiserver answered the first LIST in (see
+    /// [`Stream::codec`]).
+    codec: OnceLock<Codec>,
     /// The selectable fields of the collection's type (see
     /// [`selectable_fields`]).
     pub(crate) fields: &'static [&'static str],
@@ -100,16 +102,16 @@ impl Stream {
         key: StreamKey,
         headers: HeaderMap,
         ctx: Arc<Ctx>,
-        codec: Codec,
         cancel: CancellationToken,
     ) -> Arc<Stream> {
+        let codec = key.codec;
         let fields = selectable_fields(&key.target.group, &key.target.resource);
         ctx.stats.streams.fetch_add(1, Ordering::Relaxed);
         ctx.stats.publish();
         Arc::new(Stream {
             key,
             fields,
-            codec,
+            codec: OnceLock::new(),
             headers: Mutex::new(headers),
             state: Mutex::new(State {
                 live: false,
@@ -127,6 +129,27 @@ impl Stream {
             probe: tokio::sync::Mutex::new(()),
             ctx,
         })
+    }
+
+    /// The stream's encoding: what the apiserver answered its first LIST
+    /// in, else what it asks for. Every frame it keeps and serves is in it.
+    pub(crate) fn codec(&self) -> Codec {
+        self.codec.get().copied().unwrap_or(self.key.codec)
+    }
+
+    /// Settles the encoding on the first answer; `false` if a later one
+    /// differs (it cannot be mixed into the cache).
+    pub(crate) fn settle_codec(&self, answered: Codec) -> bool {
+        let settled = *self.codec.get_or_init(|| {
+            if answered != self.key.codec {
+                // Custom resources have no protobuf: its clients get JSON
+                // from the apiserver, and from the JSON stream from now on.
+                self.ctx
+                    .answers_json(&self.key.target.group, &self.key.target.resource);
+            }
+            answered
+        });
+        settled == answered
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -181,7 +204,7 @@ impl Stream {
 
     /// Applies one upstream watch frame; `Some` ends this upstream watch.
     pub(crate) fn on_frame(&self, frame: Bytes) -> Option<WatchEnd> {
-        let ev = match self.codec.decode_event(&frame) {
+        let ev = match self.codec().decode_event(&frame) {
             Ok(Some(ev)) => ev,
             Ok(None) => return None,
             Err(e) => {
@@ -191,7 +214,7 @@ impl Stream {
         };
         let ty = match ev.ty {
             Some(EventType::Error) => {
-                if self.codec.status_code(&ev.object) == Some(410) {
+                if self.codec().status_code(&ev.object) == Some(410) {
                     return Some(WatchEnd::Expired(frame));
                 }
                 tracing::warn!(status = %String::from_utf8_lossy(&ev.object), "upstream watch ERROR event; re-watching");
@@ -206,7 +229,7 @@ impl Stream {
         } else {
             self.fields
         };
-        let meta = match self.codec.read(&ev.object, fields) {
+        let meta = match self.codec().read(&ev.object, fields) {
             Ok(read) => read.meta,
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable object in an upstream watch event; re-watching");
@@ -234,7 +257,7 @@ impl Stream {
         let before = st.cache.size();
         let change = st.cache.apply(ty, meta, ev.object, frame)?;
         s.cache_moved(before, st.cache.size());
-        let (codec, rv) = (self.codec, change.rv);
+        let (codec, rv) = (self.codec(), change.rv);
         let (mut delivered, mut evicted) = (0u64, 0u64);
         st.subs
             .retain_seeing(change.old_meta(), change.new_meta(), |sub| {

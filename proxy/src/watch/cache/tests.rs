@@ -28,6 +28,7 @@ fn read(obj: &Value) -> (Meta, Bytes) {
 fn cache(ring: usize, rv: u64, objs: &[Value]) -> Cache {
     let mut c = Cache::new(Codec::Json, ring);
     c.install(Listed {
+        codec: Codec::Json,
         rv,
         kind: "Pod".into(),
         api_version: "v1".into(),
@@ -212,6 +213,7 @@ fn rvs_at_or_below_a_410_are_expired_and_a_relist_restarts_the_ring() {
         "no probe for what the apiserver said is gone"
     );
     c.install(Listed {
+        codec: Codec::Json,
         rv: 20,
         kind: "Pod".into(),
         api_version: "v1".into(),
