@@ -11,6 +11,7 @@
 //!       cache         pure: objects at RV, changes since RV, 410?
 //!       codec         the encoding seam: frames, object metadata, envelopes
 //!         object        JSON objects read borrowed, bytes kept as the apiserver sent them
+//!         protobuf      k8s\0 envelopes, length-prefixed frames, a borrowing field scanner
 //!       fresh         freshness checks and gap probes (short upstream watches)
 //!       serve         join: snapshot / replay / 410, then live events;
 //!                     list: LIST rv=0 or consistent LIST from the cache
@@ -34,8 +35,14 @@
 //! 403 if it may not. Whose credentials a shared stream uses, and how
 //! revocation is bounded: see [`share`].
 //!
+//! Streams are per encoding: JSON and protobuf clients of one collection
+//! share two upstream streams. A stream asks for what its clients prefer
+//! and keeps what the apiserver answered (custom resources have no
+//! protobuf, so their protobuf-first clients get JSON, from then on from
+//! the JSON stream).
+//!
 //! Anything the hub cannot answer exactly as the apiserver would (Tables,
-//! protobuf, `resourceVersionMatch=Exact`, continue tokens, consistent LISTs
+//! `resourceVersionMatch=Exact`, continue tokens, consistent LISTs
 //! with no live stream or more matches than their `limit`, selectors on
 //! fields this proxy cannot read) returns `None`, and the proxy forwards it
 //! as before.
