@@ -61,6 +61,10 @@ struct StormArgs {
     /// LIST without resourceVersion (a consistent read from etcd) instead of rv=0.
     #[arg(long)]
     consistent_list: bool,
+    /// Agents ask for protobuf first (`Accept: application/vnd.kubernetes.protobuf,
+    /// application/json`), as kubelet and kube-proxy do.
+    #[arg(long)]
+    protobuf: bool,
     /// When the admin deletes the DaemonSet (the rollback).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     rollback_after: Duration,
@@ -500,6 +504,7 @@ async fn storm(a: StormArgs) -> anyhow::Result<()> {
         spread: a.spread,
         churn: a.churn,
         consistent_list: a.consistent_list,
+        protobuf: a.protobuf,
         rollback_after: a.rollback_after,
         max_duration: a.max_duration,
         seed: a.seed,

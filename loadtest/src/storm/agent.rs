@@ -8,7 +8,9 @@
 //! (800 ms doubling to 30 s, jittered); a 410 Gone (ERROR event or status)
 //! re-lists; a watch that ends normally is re-opened from the last RV. Each
 //! agent has its own TLS connection (HTTP/1.1, re-used for LIST then WATCH)
-//! and its own ServiceAccount token.
+//! and its own ServiceAccount token. With `protobuf` it asks as kubelet
+//! does (`Accept: application/vnd.kubernetes.protobuf, application/json`)
+//! and reads whichever encoding the answer is in.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +52,8 @@ pub struct AgentSpec {
     pub target: SocketAddr,
     pub tls: tokio_rustls::TlsConnector,
     pub consistent_list: bool,
+    /// Ask for protobuf first, as kubelet and kube-proxy do.
+    pub protobuf: bool,
 }
 
 /// An agent's state visible to the lab: its view and whether it watches.
@@ -228,7 +232,14 @@ fn request(spec: &AgentSpec, query: &str) -> Request<Empty<Bytes>> {
             http::header::AUTHORIZATION,
             format!("Bearer {}", spec.token),
         )
-        .header(http::header::ACCEPT, "application/json")
+        .header(
+            http::header::ACCEPT,
+            if spec.protobuf {
+                "application/vnd.kubernetes.protobuf, application/json"
+            } else {
+                "application/json"
+            },
+        )
         .header(http::header::USER_AGENT, "node-agent/1.0 (storm)")
         .body(Empty::new())
         .expect("invariant: a static request is valid")
@@ -266,6 +277,14 @@ struct Obj {
     /// Present on ERROR events (a Status).
     #[serde(default)]
     code: Option<u16>,
+}
+
+/// Whether an answer is protobuf (else JSON), by its Content-Type.
+fn is_protobuf(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/vnd.kubernetes.protobuf"))
 }
 
 #[derive(serde::Deserialize)]
@@ -315,16 +334,25 @@ async fn list(
         StatusCode::GONE => return Err(Failure::Gone),
         _ => return Err(Failure::Other),
     }
-    let list: PodList = serde_json::from_slice(&body).map_err(|_| Failure::Other)?;
-    let view: View = list
-        .items
+    let (list_rv, metas): (String, Vec<Meta>) = if is_protobuf(&headers) {
+        let (rv, items) = super::pb::list(&body).map_err(|_| Failure::Other)?;
+        let items = items
+            .into_iter()
+            .map(|m| Meta {
+                namespace: m.namespace,
+                name: m.name,
+                resource_version: m.resource_version,
+            })
+            .collect();
+        (rv, items)
+    } else {
+        let list: PodList = serde_json::from_slice(&body).map_err(|_| Failure::Other)?;
+        let items = list.items.into_iter().map(|o| o.metadata).collect();
+        (list.metadata.resource_version, items)
+    };
+    let view: View = metas
         .into_iter()
-        .map(|o| {
-            (
-                format!("{}/{}", o.metadata.namespace, o.metadata.name),
-                o.metadata.resource_version,
-            )
-        })
+        .map(|m| (format!("{}/{}", m.namespace, m.name), m.resource_version))
         .collect();
     *state.view.lock().unwrap_or_else(|e| e.into_inner()) = view;
     state
@@ -333,7 +361,7 @@ async fn list(
         .unwrap_or_else(|e| e.into_inner())
         .push(started.elapsed());
     counters.lists_ok.fetch_add(1, Ordering::Relaxed);
-    Ok(list.metadata.resource_version)
+    Ok(list_rv)
 }
 
 /// Counts the agent as watching while alive.
@@ -382,6 +410,7 @@ async fn watch(
         StatusCode::GONE => return Err(Failure::Gone),
         _ => return Err(Failure::Other),
     }
+    let protobuf = is_protobuf(resp.headers());
     counters.watching.fetch_add(1, Ordering::Relaxed);
     state.watching.store(true, Ordering::Relaxed);
     let _watching = Watching(counters, state);
@@ -400,6 +429,24 @@ async fn watch(
             continue;
         };
         buf.extend_from_slice(&data);
+        if protobuf {
+            while let Some(frame) = super::pb::next_frame(&mut buf) {
+                let (kind, m, code) = super::pb::event(&frame).map_err(|_| Failure::Other)?;
+                let ev = WatchEvent {
+                    kind,
+                    object: Obj {
+                        metadata: Meta {
+                            namespace: m.namespace,
+                            name: m.name,
+                            resource_version: m.resource_version,
+                        },
+                        code,
+                    },
+                };
+                apply(state, &ev, rv)?;
+            }
+            continue;
+        }
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             let line = buf.split_to(nl + 1);
             let line = line.chunk();

@@ -20,6 +20,7 @@
 //! Everything is bounded: agents ≤ 20,000, `max_duration`, 127.0.0.1 only.
 
 pub mod agent;
+pub mod pb;
 pub mod report;
 
 use std::collections::HashMap;
@@ -72,6 +73,8 @@ pub struct StormOpts {
     pub churn: f64,
     /// LIST without resourceVersion (a consistent read from etcd).
     pub consistent_list: bool,
+    /// Agents ask for protobuf first, as kubelet does.
+    pub protobuf: bool,
     /// When the admin deletes the DaemonSet.
     pub rollback_after: Duration,
     /// Hard bound on one run, from the first agent to the stop.
@@ -99,6 +102,7 @@ impl Default for StormOpts {
             spread: Duration::ZERO,
             churn: 10.0,
             consistent_list: false,
+            protobuf: false,
             rollback_after: Duration::from_secs(10),
             max_duration: Duration::from_secs(120),
             seed: 1,
@@ -235,7 +239,7 @@ pub async fn run_compare(opts: &StormOpts) -> anyhow::Result<Comparison> {
 /// One line naming the knobs, for the report.
 pub fn describe(o: &StormOpts) -> String {
     format!(
-        "agents {}, pods/node {}, spread {:?}, churn {}/s, {} LIST, rollback at {:?}, replicas {}, seed {}, capacity {}",
+        "agents {}, pods/node {}, spread {:?}, churn {}/s, {} LIST, {}, rollback at {:?}, replicas {}, seed {}, capacity {}",
         o.agents,
         o.pods_per_node,
         o.spread,
@@ -245,6 +249,7 @@ pub fn describe(o: &StormOpts) -> String {
         } else {
             "rv=0"
         },
+        if o.protobuf { "protobuf" } else { "JSON" },
         o.rollback_after,
         o.replicas,
         o.seed,
@@ -347,6 +352,7 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
             target: targets[i % targets.len()],
             tls: agent_tls.clone(),
             consistent_list: opts.consistent_list,
+            protobuf: opts.protobuf,
         })
         .collect();
     let starts: Vec<Duration> = (0..opts.agents)
