@@ -169,6 +169,10 @@ struct FanoutArgs {
     /// Skip the raw-socket baseline.
     #[arg(long)]
     skip_raw: bool,
+    /// Subscribers ask for protobuf first and read protobuf frames, as
+    /// kubelet's informers do.
+    #[arg(long)]
+    protobuf: bool,
     /// The breakwater binary (default: $BREAKWATER_BIN, else next to this executable).
     #[arg(long)]
     breakwater: Option<PathBuf>,
@@ -436,6 +440,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         max_duration: a.max_duration,
         raw_duration: a.raw_duration,
         skip_raw: a.skip_raw,
+        protobuf: a.protobuf,
         breakwater: a.breakwater,
         proxy_stderr: if a.show_proxy_logs {
             StderrMode::Inherit

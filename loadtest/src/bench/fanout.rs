@@ -19,6 +19,10 @@
 //! the proxy is kept busy without overrunning its per-subscriber queue (which
 //! would evict subscribers, as the apiserver does, and measure nothing).
 //!
+//! With `--protobuf` the subscribers ask as client-go's protobuf clients do
+//! and read length-prefixed protobuf frames; the send time is then found
+//! after the ConfigMap data entry's key (`0a 06 "a-sent" 12 0f`).
+//!
 //! The runs are TLS HTTP/1.1 (one connection per watch), TLS HTTP/2 (watches
 //! multiplexed as streams) and plain HTTP/1.1 on breakwater's loopback
 //! listener (`--plain-listen`, `--plain`). The raw-socket limit is plaintext TCP: one thread
@@ -85,6 +89,8 @@ pub struct FanoutOpts {
     pub raw_duration: Duration,
     /// Skip the raw-socket baseline.
     pub skip_raw: bool,
+    /// Subscribers ask for protobuf first, as kubelet does.
+    pub protobuf: bool,
     pub breakwater: Option<PathBuf>,
     pub proxy_stderr: StderrMode,
 }
@@ -102,6 +108,7 @@ impl Default for FanoutOpts {
             max_duration: Duration::from_secs(60),
             raw_duration: Duration::from_secs(15),
             skip_raw: false,
+            protobuf: false,
             breakwater: None,
             proxy_stderr: StderrMode::Capture,
         }
@@ -125,6 +132,8 @@ pub struct RawFigures {
 #[derive(Debug, Clone, Serialize)]
 pub struct FanoutReport {
     pub protocol: Protocol,
+    /// `json` or `protobuf`: what the subscribers asked for and read.
+    pub encoding: &'static str,
     pub subscribers: usize,
     /// TLS connections the subscribers used.
     pub connections: usize,
@@ -169,11 +178,12 @@ impl FanoutReport {
     /// The human-readable summary.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "breakwater fan-out: {}, {} subscribers over {} connections, events of {} B, {}\n",
+            "breakwater fan-out: {}, {}, {} subscribers over {} connections, events of {} B, {}\n",
             match self.protocol {
                 Protocol::PlainHttp1 => "plain HTTP/1.1 (loopback)".to_string(),
                 p => format!("TLS {p}"),
             },
+            self.encoding,
             self.subscribers,
             self.connections,
             self.event_bytes,
@@ -473,6 +483,55 @@ pub fn find_newline(buf: &[u8]) -> Option<usize> {
         .map(|i| base + i)
 }
 
+/// What precedes the send time in a protobuf ConfigMap: the data map
+/// entry's key field (1, "a-sent") and its value's tag and length (2, 15).
+const SENT_MARKER_PB: &[u8] = b"\x0a\x06a-sent\x12\x0f";
+
+/// The send time in one protobuf watch frame.
+pub fn parse_sent_pb(frame: &[u8]) -> Option<u64> {
+    let at = find(frame, SENT_MARKER_PB)?;
+    let digits = frame.get(at + SENT_MARKER_PB.len()..at + SENT_MARKER_PB.len() + SENT_DIGITS)?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Splits a stream of body chunks into length-prefixed protobuf frames and
+/// hands each complete frame's send time (0 when absent) to the caller.
+#[derive(Default)]
+pub struct FrameSplitter {
+    buf: Vec<u8>,
+}
+
+impl FrameSplitter {
+    pub fn feed(&mut self, chunk: &[u8], mut on_frame: impl FnMut(u64)) {
+        self.buf.extend_from_slice(chunk);
+        let mut at = 0;
+        while let Some(len) = self.buf.get(at..at + 4) {
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let Some(frame) = self.buf.get(at + 4..at + 4 + len) else {
+                break;
+            };
+            on_frame(parse_sent_pb(frame).unwrap_or(0));
+            at += 4 + len;
+        }
+        self.buf.drain(..at);
+    }
+}
+
+/// A subscriber's reader for its encoding.
+enum Splitter {
+    Lines(LineSplitter),
+    Frames(FrameSplitter),
+}
+
+impl Splitter {
+    fn feed(&mut self, chunk: &[u8], on_event: impl FnMut(u64)) {
+        match self {
+            Splitter::Lines(s) => s.feed(chunk, on_event),
+            Splitter::Frames(s) => s.feed(chunk, on_event),
+        }
+    }
+}
+
 /// Splits a stream of body chunks into lines and hands each complete line's
 /// send time (0 when absent) to the caller.
 #[derive(Default)]
@@ -519,6 +578,8 @@ struct Shared {
     hists: Vec<Mutex<Histogram<u64>>>,
     /// Subscribers stop reading here at the latest.
     deadline: Instant,
+    /// Subscribers ask for and read protobuf.
+    protobuf: bool,
 }
 
 impl Shared {
@@ -561,6 +622,7 @@ async fn with_sim(sim: &KubeSim, bin: &Path, opts: &FanoutOpts) -> anyhow::Resul
             .map(|_| Mutex::new(latency_histogram()))
             .collect(),
         deadline: Instant::now() + opts.max_duration + Duration::from_secs(120),
+        protobuf: opts.protobuf,
     });
     let n = opts.subscribers;
     // Connections: one per watch (h1), or shared by `streams_per_connection`.
@@ -703,6 +765,7 @@ async fn with_sim(sim: &KubeSim, bin: &Path, opts: &FanoutOpts) -> anyhow::Resul
         (deliveries > 0).then(|| (a - b) * 1e6 / deliveries as f64)
     };
     let report = FanoutReport {
+        encoding: if opts.protobuf { "protobuf" } else { "json" },
         protocol: opts.protocol,
         subscribers: n,
         connections: conns,
@@ -760,6 +823,7 @@ async fn subscriber(
     mut expected: tokio::sync::watch::Receiver<u64>,
     idx: usize,
 ) -> SubOutcome {
+    let protobuf = shared.protobuf;
     let fail = |e: String| SubOutcome {
         received: 0,
         error: Some(e),
@@ -774,7 +838,14 @@ async fn subscriber(
             }
         }
     };
-    let resp = match conn.send(watch_request(&conn, &connector, &auth)).await {
+    let mut req = watch_request(&conn, &connector, &auth);
+    if protobuf {
+        req.headers_mut().insert(
+            http::header::ACCEPT,
+            HeaderValue::from_static("application/vnd.kubernetes.protobuf, application/json"),
+        );
+    }
+    let resp = match conn.send(req).await {
         Ok(r) => r,
         Err(e) => return fail(format!("watch request: {e}")),
     };
@@ -785,8 +856,26 @@ async fn subscriber(
     }
     shared.ready.fetch_add(1, Ordering::AcqRel);
     shared.ready_notify.notify_one();
+    let is_pb = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| {
+            v.as_bytes()
+                .starts_with(b"application/vnd.kubernetes.protobuf")
+        });
+    if is_pb != protobuf {
+        return fail(format!(
+            "asked {} and the watch answered {:?}",
+            if protobuf { "protobuf" } else { "JSON" },
+            resp.headers().get(http::header::CONTENT_TYPE)
+        ));
+    }
+    let mut splitter = if protobuf {
+        Splitter::Frames(FrameSplitter::default())
+    } else {
+        Splitter::Lines(LineSplitter::default())
+    };
     let mut body = resp.into_body();
-    let mut splitter = LineSplitter::default();
     let mut received = 0u64;
     let mut lags: Vec<u64> = Vec::with_capacity(64);
     let shard = idx % HIST_SHARDS;
@@ -1036,6 +1125,28 @@ mod tests {
             }
             assert_eq!(got, vec![1000, 2000, 3000, 4000, 5000], "chunks of {cut}");
         }
+    }
+
+    #[test]
+    fn protobuf_frames_split_across_chunks_are_reassembled() {
+        let frame = |sent: u64| {
+            let mut msg = b"\x0a\x08MODIFIED\x12\x30".to_vec();
+            msg.extend_from_slice(SENT_MARKER_PB);
+            msg.extend_from_slice(format!("{sent:0SENT_DIGITS$}").as_bytes());
+            let mut f = (msg.len() as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(&msg);
+            f
+        };
+        let all: Vec<u8> = (1..=5).flat_map(frame).collect();
+        for cut in [1, 3, 4, 7, 29, 64] {
+            let mut s = FrameSplitter::default();
+            let mut got = Vec::new();
+            for chunk in all.chunks(cut) {
+                s.feed(chunk, |sent| got.push(sent));
+            }
+            assert_eq!(got, vec![1, 2, 3, 4, 5], "chunks of {cut}");
+        }
+        assert_eq!(parse_sent_pb(b"no marker"), None);
     }
 
     #[test]
