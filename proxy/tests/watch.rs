@@ -910,6 +910,60 @@ async fn identical_concurrent_consistent_lists_share_upstream_requests() {
     assert_eq!(list["items"].as_array().map(Vec::len), Some(4));
 }
 
+/// A storm of cold consistent LISTs (each agent's first LIST, rv unset,
+/// one selector per node) on a proxy with no stream yet: the first starts
+/// the shared stream, the rest wait for it, and every one is answered from
+/// the cache once it is confirmed fresh — a handful of upstream LISTs, not
+/// one per selector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_consistent_lists_start_one_stream_and_cost_o1_upstream() {
+    let env = demo_env().await;
+    namespace(&env, "w13");
+    const NODES: usize = 20;
+    for i in 0..NODES {
+        create_pod(&env, "w13", &format!("p{i}"), &format!("cold-{i}"));
+    }
+    let c = Arc::new(clients(&env));
+    let before = env.demo.sim.request_count("LIST", "pods");
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let node = i % NODES;
+            let list = c
+                .get_json(&format!(
+                    "/api/v1/namespaces/w13/pods?limit=500&fieldSelector=spec.nodeName%3Dcold-{node}"
+                ))
+                .await;
+            (node, list)
+        }));
+    }
+    for t in tasks {
+        let (node, list) = t.await.expect("join");
+        let names: Vec<&str> = list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().expect("name"))
+            .collect();
+        assert_eq!(names, [format!("p{node}")], "node cold-{node}");
+        assert!(list["metadata"]["continue"].is_null());
+    }
+    let upstream = env.demo.sim.request_count("LIST", "pods") - before;
+    eprintln!("200 cold consistent LISTs over {NODES} selectors cost {upstream} upstream LISTs");
+    assert!(
+        upstream <= 5,
+        "200 cold consistent LISTs cost {upstream} upstream LISTs"
+    );
+    assert_eq!(env.demo.proxy.watch_hub().stats().streams, 1);
+    // Fresh still means fresh: a LIST after a write sees it.
+    create_pod(&env, "w13", "late", "cold-0");
+    let list = c
+        .get_json("/api/v1/namespaces/w13/pods?fieldSelector=spec.nodeName%3Dcold-0")
+        .await;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(2));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_identity_gets_403_and_never_joins_another_identitys_stream() {
     let env = demo_env().await;

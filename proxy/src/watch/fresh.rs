@@ -25,6 +25,11 @@ use crate::watch::stream::Stream;
 /// How long a freshness round waits for more clients before it checks.
 const FRESH_GATHER: Duration = Duration::from_millis(5);
 
+/// Rounds of one stream start at least this far apart: under a storm of
+/// consistent LISTs, at most 10 freshness checks a second reach the
+/// apiserver, each answering every client that arrived before it began.
+pub(crate) const FRESH_EVERY: Duration = Duration::from_millis(100);
+
 /// How long a consistent joiner waits for the stream's own events before
 /// probing upstream (see [`Stream::reach`]).
 const REACH_AT_ONCE: Duration = Duration::from_millis(200);
@@ -53,9 +58,10 @@ pub(crate) enum Gap {
 impl Stream {
     /// The apiserver's current RV, from a LIST with limit=1. Every client
     /// that asked before the check started shares it; a round gathers
-    /// arrivals for [`FRESH_GATHER`] before it starts, so a burst of
-    /// consistent LISTs and joins costs one cheap check per few
-    /// milliseconds, not one per client. Its item, if any, also tells a
+    /// arrivals for [`FRESH_GATHER`] before it starts, and starts no sooner
+    /// than [`FRESH_EVERY`] after the previous round, so a storm of
+    /// consistent LISTs and joins costs at most ten cheap checks a second,
+    /// not one per client. Its item, if any, also tells a
     /// stream that does not know yet whether list items carry TypeMeta.
     pub(crate) async fn fresh_rv(&self) -> Result<u64, Unavailable> {
         let round = self
@@ -65,10 +71,17 @@ impl Stream {
             .clone();
         round
             .get_or_init(|| async {
-                tokio::time::sleep(FRESH_GATHER).await;
-                // Clients arriving from now on need a check of their own.
-                *self.fresh_round.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Arc::new(OnceCell::new());
+                let last = *self.fresh_last.lock().unwrap_or_else(|e| e.into_inner());
+                let gathered = Instant::now() + FRESH_GATHER;
+                let start = last.map_or(gathered, |l| gathered.max(l + FRESH_EVERY));
+                tokio::time::sleep_until(start).await;
+                {
+                    // Clients arriving from now on need a check of their own.
+                    let mut round = self.fresh_round.lock().unwrap_or_else(|e| e.into_inner());
+                    *round = Arc::new(OnceCell::new());
+                    *self.fresh_last.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Instant::now());
+                }
                 self.check_fresh().await.map_err(Arc::new)
             })
             .await

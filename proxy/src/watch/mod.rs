@@ -42,8 +42,8 @@
 //! the JSON stream).
 //!
 //! Anything the hub cannot answer exactly as the apiserver would (Tables,
-//! `resourceVersionMatch=Exact`, continue tokens, consistent LISTs
-//! with no live stream or more matches than their `limit`, selectors on
+//! `resourceVersionMatch=Exact`, continue tokens, consistent LISTs with
+//! more matches than their `limit`, selectors on
 //! fields this proxy cannot read) returns `None`, and the proxy forwards it
 //! as before.
 
@@ -401,11 +401,11 @@ impl Hub {
     ) -> Outcome {
         let sel = Arc::new(req.selector.clone());
         // A stream may close between lookup and join; a few tries settle it.
-        // A consistent LIST is served by a live stream, never starts one: a
-        // one-off LIST is cheaper upstream than a LIST and a WATCH.
-        let create = !matches!(req.mode, Mode::ListConsistent { .. });
+        // A cold consistent LIST starts the stream too: in a storm it is the
+        // first of thousands (each informer's LIST before its WATCH), and
+        // they all wait for the one stream instead of each going upstream.
         for _ in 0..3 {
-            let Some(stream) = self.stream_for(&key, ident, donor, create) else {
+            let Some(stream) = self.stream_for(&key, ident, donor) else {
                 return Outcome::Absent;
             };
             let res = match &req.mode {
@@ -430,16 +430,10 @@ impl Hub {
     }
 
     /// The stream for `key`, started with `ident` if there is none (or
-    /// only a closed one) and `create` says so. Only a `donor` lends the
+    /// only a closed one). Only a `donor` lends the
     /// stream its credentials (the latest donor's carry its upstream
     /// requests); a non-donor joins an existing stream or gets `None`.
-    fn stream_for(
-        &self,
-        key: &StreamKey,
-        ident: &HeaderMap,
-        donor: bool,
-        create: bool,
-    ) -> Option<Arc<Stream>> {
+    fn stream_for(&self, key: &StreamKey, ident: &HeaderMap, donor: bool) -> Option<Arc<Stream>> {
         let mut map = self.shared.streams();
         if let Some(s) = map.get(key).filter(|s| !s.is_closed()) {
             if donor {
@@ -447,7 +441,7 @@ impl Hub {
             }
             return Some(s.clone());
         }
-        if !donor || !create {
+        if !donor {
             return None;
         }
         let stream = Stream::new(

@@ -78,6 +78,8 @@ pub struct Stream {
     /// The next freshness check: every client that takes it before it
     /// starts shares its answer.
     pub(crate) fresh_round: Mutex<FreshRound>,
+    /// When the latest freshness round began.
+    pub(crate) fresh_last: Mutex<Option<Instant>>,
     next_id: AtomicU64,
     pub(crate) cancel: CancellationToken,
     /// One gap probe at a time (see [`Stream::extend_back`]).
@@ -124,6 +126,7 @@ impl Stream {
             }),
             progress: watch::channel(Progress::default()).0,
             fresh_round: Mutex::new(Arc::new(OnceCell::new())),
+            fresh_last: Mutex::new(None),
             next_id: AtomicU64::new(1),
             cancel,
             probe: tokio::sync::Mutex::new(()),
