@@ -17,8 +17,8 @@
 //! - A `get` without a name becomes `list` or `watch`, and `fieldSelector=metadata.name=X`
 //!   names the object, only if the whole query decodes as `ListOptions` (integers parse,
 //!   both selectors are syntactically valid); otherwise the apiserver falls back to a
-//!   plain look at `watch` and sets no name. We port the label and field selector
-//!   parsers for that reason.
+//!   plain look at `watch` and sets no name. The [`selector`](crate::selector)
+//!   module parses both selectors exactly as the apiserver does for that reason.
 //! - `fieldSelector`/`labelSelector` are recorded for list, watch and deletecollection
 //!   (the `AuthorizeWithSelectors` behaviour, on by default since 1.32).
 //!
@@ -29,6 +29,8 @@
 //! apiserver's parse errors (which it answers with 400 BadRequest).
 
 use std::borrow::Cow;
+
+use crate::selector::{FieldSelector, LabelSelector, SelectorError};
 
 #[cfg(test)]
 mod tests;
@@ -220,10 +222,16 @@ pub enum ClassifyError {
     Negative { param: &'static str, value: i64 },
     /// A `labelSelector` that `labels.Parse` rejects.
     #[error("invalid labelSelector {selector:?}: {reason}")]
-    InvalidLabelSelector { selector: String, reason: String },
+    InvalidLabelSelector {
+        selector: String,
+        reason: SelectorError,
+    },
     /// A `fieldSelector` that `fields.ParseSelector` rejects.
     #[error("invalid fieldSelector {selector:?}: {reason}")]
-    InvalidFieldSelector { selector: String, reason: String },
+    InvalidFieldSelector {
+        selector: String,
+        reason: SelectorError,
+    },
 }
 
 /// The API prefixes (`APIPrefixes`) and, of those, the ones without a group segment
@@ -515,10 +523,13 @@ fn decode_list_options(first: &FirstValues<'_>) -> Option<DecodedListOptions> {
         go_parse_int64("limit", value).ok()?;
     }
     if let Some(value) = &first.label_selector {
-        validate_label_selector(value).ok()?;
+        LabelSelector::parse(value).ok()?;
     }
     let exact_name = match &first.field_selector {
-        Some(value) => field_selector_exact_match(value, "metadata.name").ok()?,
+        Some(value) => FieldSelector::parse(value)
+            .ok()?
+            .requires_exact_match("metadata.name")
+            .map(str::to_owned),
         None => None,
     };
     Some(DecodedListOptions {
@@ -583,586 +594,6 @@ fn is_valid_path_segment_name(name: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------
-// Field selectors (apimachinery/pkg/fields/selector.go)
-// ---------------------------------------------------------------------------------
-
-/// Parses a field selector like `fields.ParseSelector` and answers
-/// `RequiresExactMatch(field)`: the value of the first `field=v` or `field==v` term
-/// in sorted term order (never `!=`). `Err` carries the parse error.
-fn field_selector_exact_match(selector: &str, field: &str) -> Result<Option<String>, String> {
-    let mut terms = split_field_terms(selector);
-    terms.sort_unstable();
-    let mut found = None;
-    for term in terms {
-        if term.is_empty() {
-            continue;
-        }
-        let Some((lhs, operator, rhs)) = split_field_term(term) else {
-            return Err(format!(
-                "invalid selector: '{selector}'; can't understand '{term}'"
-            ));
-        };
-        let value = unescape_field_value(rhs)?;
-        if found.is_none() && operator != "!=" && lhs == field {
-            found = Some(value.into_owned());
-        }
-    }
-    Ok(found)
-}
-
-/// Splits on commas not escaped by a backslash (the backslash stays in the term).
-fn split_field_terms(selector: &str) -> Vec<&str> {
-    if selector.is_empty() {
-        return Vec::new();
-    }
-    let mut terms = Vec::with_capacity(1);
-    let mut start = 0;
-    let mut in_slash = false;
-    for (index, c) in selector.char_indices() {
-        if in_slash {
-            in_slash = false;
-        } else if c == '\\' {
-            in_slash = true;
-        } else if c == ',' {
-            terms.push(&selector[start..index]);
-            start = index + 1;
-        }
-    }
-    terms.push(&selector[start..]);
-    terms
-}
-
-/// The first occurrence of `!=`, `==` or `=` (tried in that order at each position).
-fn split_field_term(term: &str) -> Option<(&str, &'static str, &str)> {
-    for (index, _) in term.char_indices() {
-        let rest = &term[index..];
-        for operator in ["!=", "==", "="] {
-            if let Some(rhs) = rest.strip_prefix(operator) {
-                return Some((&term[..index], operator, rhs));
-            }
-        }
-    }
-    None
-}
-
-/// `fields.UnescapeValue`: `\\`, `\,` and `\=` are escapes; any other escape, a
-/// bare `,` or `=`, or a trailing `\` is an error.
-fn unescape_field_value(value: &str) -> Result<Cow<'_, str>, String> {
-    if !value.contains(['\\', ',', '=']) {
-        return Ok(Cow::Borrowed(value));
-    }
-    let mut out = String::with_capacity(value.len());
-    let mut in_slash = false;
-    for c in value.chars() {
-        if in_slash {
-            match c {
-                '\\' | ',' | '=' => out.push(c),
-                other => {
-                    return Err(format!(
-                        "invalid field selector: invalid escape sequence: \\{other}"
-                    ));
-                }
-            }
-            in_slash = false;
-            continue;
-        }
-        match c {
-            '\\' => in_slash = true,
-            ',' | '=' => {
-                return Err(format!(
-                    "invalid field selector: unescaped character in value: {}",
-                    u32::from(c)
-                ));
-            }
-            other => out.push(other),
-        }
-    }
-    if in_slash {
-        return Err("invalid field selector: invalid escape sequence: \\".to_owned());
-    }
-    Ok(Cow::Owned(out))
-}
-
-// ---------------------------------------------------------------------------------
-// Label selectors (apimachinery/pkg/labels/selector.go), validation only
-// ---------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
-    Error,
-    EndOfString,
-    ClosedPar,
-    Comma,
-    DoesNotExist,
-    DoubleEquals,
-    Equals,
-    GreaterThan,
-    Identifier,
-    In,
-    LessThan,
-    NotEquals,
-    NotIn,
-    OpenPar,
-}
-
-/// Go's `string2token`.
-fn literal_token(literal: &[u8]) -> Option<Token> {
-    Some(match literal {
-        b")" => Token::ClosedPar,
-        b"," => Token::Comma,
-        b"!" => Token::DoesNotExist,
-        b"==" => Token::DoubleEquals,
-        b"=" => Token::Equals,
-        b">" => Token::GreaterThan,
-        b"in" => Token::In,
-        b"<" => Token::LessThan,
-        b"!=" => Token::NotEquals,
-        b"notin" => Token::NotIn,
-        b"(" => Token::OpenPar,
-        _ => return None,
-    })
-}
-
-fn is_label_whitespace(byte: u8) -> bool {
-    matches!(byte, b' ' | b'\t' | b'\r' | b'\n')
-}
-
-fn is_special_symbol(byte: u8) -> bool {
-    matches!(byte, b'=' | b'!' | b'(' | b')' | b',' | b'>' | b'<')
-}
-
-/// The byte lexer of `labels.Lexer`. Like Go, `read` returns 0 both at the end and
-/// for a NUL byte in the input, which ends an identifier and is then skipped.
-struct Lexer<'s> {
-    s: &'s [u8],
-    pos: usize,
-}
-
-impl<'s> Lexer<'s> {
-    fn read(&mut self) -> u8 {
-        match self.s.get(self.pos) {
-            Some(&byte) => {
-                self.pos += 1;
-                byte
-            }
-            None => 0,
-        }
-    }
-
-    fn unread(&mut self) {
-        self.pos = self.pos.saturating_sub(1);
-    }
-
-    fn scan_id_or_keyword(&mut self) -> (Token, &'s [u8]) {
-        let start = self.pos;
-        let end;
-        loop {
-            let before = self.pos;
-            let ch = self.read();
-            if ch == 0 {
-                end = before;
-                break;
-            }
-            if is_special_symbol(ch) || is_label_whitespace(ch) {
-                self.unread();
-                end = before;
-                break;
-            }
-        }
-        let literal = &self.s[start..end];
-        match literal_token(literal) {
-            Some(token) => (token, literal),
-            None => (Token::Identifier, literal),
-        }
-    }
-
-    fn scan_special_symbol(&mut self) -> (Token, &'s [u8]) {
-        let start = self.pos;
-        let mut length = 0;
-        let mut last: Option<(Token, usize)> = None;
-        loop {
-            let ch = self.read();
-            if ch == 0 {
-                break;
-            }
-            if !is_special_symbol(ch) {
-                self.unread();
-                break;
-            }
-            length += 1;
-            if let Some(token) = literal_token(&self.s[start..start + length]) {
-                last = Some((token, length));
-            } else if last.is_some() {
-                self.unread();
-                break;
-            }
-        }
-        match last {
-            Some((token, length)) => (token, &self.s[start..start + length]),
-            None => (Token::Error, &self.s[start..start + length]),
-        }
-    }
-
-    fn lex(&mut self) -> (Token, &'s [u8]) {
-        let mut ch = self.read();
-        while is_label_whitespace(ch) {
-            ch = self.read();
-        }
-        if ch == 0 {
-            (Token::EndOfString, &[])
-        } else if is_special_symbol(ch) {
-            self.unread();
-            self.scan_special_symbol()
-        } else {
-            self.unread();
-            self.scan_id_or_keyword()
-        }
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ParserContext {
-    KeyAndOperator,
-    Values,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Operator {
-    Exists,
-    DoesNotExist,
-    Exact,
-    Set,
-    Ordered,
-}
-
-struct LabelParser<'s> {
-    items: Vec<(Token, &'s [u8])>,
-    position: usize,
-}
-
-impl<'s> LabelParser<'s> {
-    fn item(&self, index: usize, context: ParserContext) -> (Token, &'s [u8]) {
-        // The list always ends with EndOfString and Go never reads past it; clamping
-        // keeps that true here without a panic path.
-        let (token, literal) = self
-            .items
-            .get(index)
-            .or(self.items.last())
-            .copied()
-            .unwrap_or((Token::EndOfString, &[]));
-        match (context, token) {
-            (ParserContext::Values, Token::In | Token::NotIn) => (Token::Identifier, literal),
-            _ => (token, literal),
-        }
-    }
-
-    fn lookahead(&self, context: ParserContext) -> (Token, &'s [u8]) {
-        self.item(self.position, context)
-    }
-
-    fn consume(&mut self, context: ParserContext) -> (Token, &'s [u8]) {
-        let item = self.item(self.position, context);
-        self.position += 1;
-        item
-    }
-
-    fn parse(&mut self) -> Result<(), String> {
-        loop {
-            let (token, literal) = self.lookahead(ParserContext::Values);
-            match token {
-                Token::Identifier | Token::DoesNotExist => {
-                    self.parse_requirement()
-                        .map_err(|err| format!("unable to parse requirement: {err}"))?;
-                    let (next, literal) = self.consume(ParserContext::Values);
-                    match next {
-                        Token::EndOfString => return Ok(()),
-                        Token::Comma => {
-                            let (after, literal) = self.lookahead(ParserContext::Values);
-                            if after != Token::Identifier && after != Token::DoesNotExist {
-                                return Err(format!(
-                                    "found '{}', expected: identifier after ','",
-                                    String::from_utf8_lossy(literal)
-                                ));
-                            }
-                        }
-                        _ => {
-                            return Err(format!(
-                                "found '{}', expected: ',' or 'end of string'",
-                                String::from_utf8_lossy(literal)
-                            ));
-                        }
-                    }
-                }
-                Token::EndOfString => return Ok(()),
-                _ => {
-                    return Err(format!(
-                        "found '{}', expected: !, identifier, or 'end of string'",
-                        String::from_utf8_lossy(literal)
-                    ));
-                }
-            }
-        }
-    }
-
-    fn parse_requirement(&mut self) -> Result<(), String> {
-        let (key, operator) = self.parse_key_and_infer_operator()?;
-        if matches!(operator, Some(Operator::Exists | Operator::DoesNotExist)) {
-            return Ok(());
-        }
-        let operator = self.parse_operator()?;
-        let values = match operator {
-            Operator::Set => self.parse_values()?,
-            _ => self.parse_exact_value()?,
-        };
-        validate_requirement(key, operator, &values)
-    }
-
-    fn parse_key_and_infer_operator(&mut self) -> Result<(&'s [u8], Option<Operator>), String> {
-        let mut operator = None;
-        let (mut token, mut literal) = self.consume(ParserContext::Values);
-        if token == Token::DoesNotExist {
-            operator = Some(Operator::DoesNotExist);
-            (token, literal) = self.consume(ParserContext::Values);
-        }
-        if token != Token::Identifier {
-            return Err(format!(
-                "found '{}', expected: identifier",
-                String::from_utf8_lossy(literal)
-            ));
-        }
-        validate_label_key(literal)?;
-        let (next, _) = self.lookahead(ParserContext::Values);
-        if matches!(next, Token::EndOfString | Token::Comma) && operator.is_none() {
-            operator = Some(Operator::Exists);
-        }
-        Ok((literal, operator))
-    }
-
-    fn parse_operator(&mut self) -> Result<Operator, String> {
-        let (token, literal) = self.consume(ParserContext::KeyAndOperator);
-        match token {
-            Token::In | Token::NotIn => Ok(Operator::Set),
-            Token::Equals | Token::DoubleEquals | Token::NotEquals => Ok(Operator::Exact),
-            Token::GreaterThan | Token::LessThan => Ok(Operator::Ordered),
-            _ => Err(format!(
-                "found '{}', expected: in, notin, =, ==, !=, gt, lt",
-                String::from_utf8_lossy(literal)
-            )),
-        }
-    }
-
-    fn parse_values(&mut self) -> Result<Vec<&'s [u8]>, String> {
-        let (token, literal) = self.consume(ParserContext::Values);
-        if token != Token::OpenPar {
-            return Err(format!(
-                "found '{}' expected: '('",
-                String::from_utf8_lossy(literal)
-            ));
-        }
-        let (token, literal) = self.lookahead(ParserContext::Values);
-        match token {
-            Token::Identifier | Token::Comma => {
-                let values = self.parse_identifiers_list()?;
-                let (closing, _) = self.consume(ParserContext::Values);
-                if closing != Token::ClosedPar {
-                    return Err(format!(
-                        "found '{}', expected: ')'",
-                        String::from_utf8_lossy(literal)
-                    ));
-                }
-                Ok(values)
-            }
-            Token::ClosedPar => {
-                self.consume(ParserContext::Values);
-                Ok(vec![&[]])
-            }
-            _ => Err(format!(
-                "found '{}', expected: ',', ')' or identifier",
-                String::from_utf8_lossy(literal)
-            )),
-        }
-    }
-
-    /// Duplicates are harmless here: the values are only validated, never matched.
-    fn parse_identifiers_list(&mut self) -> Result<Vec<&'s [u8]>, String> {
-        let mut values: Vec<&'s [u8]> = Vec::new();
-        loop {
-            let (token, literal) = self.consume(ParserContext::Values);
-            match token {
-                Token::Identifier => {
-                    values.push(literal);
-                    let (next, literal) = self.lookahead(ParserContext::Values);
-                    match next {
-                        Token::Comma => continue,
-                        Token::ClosedPar => return Ok(values),
-                        _ => {
-                            return Err(format!(
-                                "found '{}', expected: ',' or ')'",
-                                String::from_utf8_lossy(literal)
-                            ));
-                        }
-                    }
-                }
-                Token::Comma => {
-                    if values.is_empty() {
-                        values.push(&[]);
-                    }
-                    let (next, _) = self.lookahead(ParserContext::Values);
-                    if next == Token::ClosedPar {
-                        values.push(&[]);
-                        return Ok(values);
-                    }
-                    if next == Token::Comma {
-                        values.push(&[]);
-                    }
-                }
-                _ => {
-                    return Err(format!(
-                        "found '{}', expected: ',', or identifier",
-                        String::from_utf8_lossy(literal)
-                    ));
-                }
-            }
-        }
-    }
-
-    fn parse_exact_value(&mut self) -> Result<Vec<&'s [u8]>, String> {
-        let (token, _) = self.lookahead(ParserContext::Values);
-        if matches!(token, Token::EndOfString | Token::Comma) {
-            return Ok(vec![&[]]);
-        }
-        let (token, literal) = self.consume(ParserContext::Values);
-        if token == Token::Identifier {
-            Ok(vec![literal])
-        } else {
-            Err(format!(
-                "found '{}', expected: identifier",
-                String::from_utf8_lossy(literal)
-            ))
-        }
-    }
-}
-
-/// Validates a label selector exactly as `labels.Parse` would accept or reject it.
-fn validate_label_selector(selector: &str) -> Result<(), String> {
-    let mut lexer = Lexer {
-        s: selector.as_bytes(),
-        pos: 0,
-    };
-    let mut items = Vec::new();
-    loop {
-        let item = lexer.lex();
-        items.push(item);
-        if item.0 == Token::EndOfString {
-            break;
-        }
-    }
-    LabelParser { items, position: 0 }.parse()
-}
-
-/// The checks of `labels.NewRequirement` that parser output can fail.
-fn validate_requirement(key: &[u8], operator: Operator, values: &[&[u8]]) -> Result<(), String> {
-    validate_label_key(key)?;
-    if operator == Operator::Ordered {
-        for value in values {
-            let text = String::from_utf8_lossy(value);
-            if text.parse::<i64>().is_err() {
-                return Err(format!(
-                    "values: Invalid value: {text:?}: for 'Gt', 'Lt' operators, the value must be an integer"
-                ));
-            }
-        }
-    }
-    for value in values {
-        if !is_valid_label_value(value) {
-            return Err(format!(
-                "values: Invalid value: {:?}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
-                String::from_utf8_lossy(value)
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// `validation.IsQualifiedName`: `[prefix/]name`, prefix a DNS-1123 subdomain.
-fn validate_label_key(key: &[u8]) -> Result<(), String> {
-    let mut pieces = key.split(|&byte| byte == b'/');
-    let first = pieces.next().unwrap_or(&[]);
-    let (prefix, name) = match (pieces.next(), pieces.next()) {
-        (None, _) => (None, first),
-        (Some(name), None) => (Some(first), name),
-        (Some(_), Some(_)) => return Err(key_error(key, "too many '/'")),
-    };
-    if let Some(prefix) = prefix {
-        if prefix.is_empty() {
-            return Err(key_error(key, "prefix part must be non-empty"));
-        }
-        if !is_dns1123_subdomain(prefix) {
-            return Err(key_error(key, "prefix part must be a DNS-1123 subdomain"));
-        }
-    }
-    if name.is_empty() {
-        return Err(key_error(key, "name part must be non-empty"));
-    }
-    if name.len() > 63 {
-        return Err(key_error(
-            key,
-            "name part must be no more than 63 characters",
-        ));
-    }
-    if !is_qualified_name_part(name) {
-        return Err(key_error(
-            key,
-            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
-        ));
-    }
-    Ok(())
-}
-
-fn key_error(key: &[u8], reason: &str) -> String {
-    format!(
-        "key: Invalid value: {:?}: {reason}",
-        String::from_utf8_lossy(key)
-    )
-}
-
-/// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`
-fn is_qualified_name_part(name: &[u8]) -> bool {
-    match (name.first(), name.last()) {
-        (Some(first), Some(last)) => {
-            first.is_ascii_alphanumeric()
-                && last.is_ascii_alphanumeric()
-                && name
-                    .iter()
-                    .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        }
-        _ => false,
-    }
-}
-
-/// `validation.IsValidLabelValue`: empty, or a qualified-name part of at most 63.
-fn is_valid_label_value(value: &[u8]) -> bool {
-    value.is_empty() || (value.len() <= 63 && is_qualified_name_part(value))
-}
-
-/// `validation.IsDNS1123Subdomain`: at most 253, dot-separated lower-case labels.
-fn is_dns1123_subdomain(value: &[u8]) -> bool {
-    value.len() <= 253
-        && value
-            .split(|&byte| byte == b'.')
-            .all(|label| match (label.first(), label.last()) {
-                (Some(first), Some(last)) => {
-                    (first.is_ascii_lowercase() || first.is_ascii_digit())
-                        && (last.is_ascii_lowercase() || last.is_ascii_digit())
-                        && label
-                            .iter()
-                            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                }
-                _ => false,
-            })
-}
-
-// ---------------------------------------------------------------------------------
 // LIST / WATCH parameters
 // ---------------------------------------------------------------------------------
 
@@ -1216,19 +647,15 @@ pub fn list_params(query: Option<&str>) -> Result<WatchParams, ClassifyError> {
         Some(other) => ResourceVersion::Exact(other.to_owned()),
     };
     if let Some(selector) = &first.label_selector {
-        validate_label_selector(selector).map_err(|reason| {
-            ClassifyError::InvalidLabelSelector {
-                selector: selector.clone().into_owned(),
-                reason,
-            }
+        LabelSelector::parse(selector).map_err(|reason| ClassifyError::InvalidLabelSelector {
+            selector: selector.clone().into_owned(),
+            reason,
         })?;
     }
     if let Some(selector) = &first.field_selector {
-        field_selector_exact_match(selector, "metadata.name").map_err(|reason| {
-            ClassifyError::InvalidFieldSelector {
-                selector: selector.clone().into_owned(),
-                reason,
-            }
+        FieldSelector::parse(selector).map_err(|reason| ClassifyError::InvalidFieldSelector {
+            selector: selector.clone().into_owned(),
+            reason,
         })?;
     }
     Ok(WatchParams {

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod identity;
 pub mod proxy;
 pub mod reload;
+pub mod selector;
 pub mod server;
 pub mod status;
 pub mod tls;

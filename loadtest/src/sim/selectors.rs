@@ -111,54 +111,67 @@ impl Tok {
     }
 }
 
-fn is_special(c: char) -> bool {
-    matches!(c, '!' | '=' | '>' | '<' | '(' | ')' | ',')
+/// The bytes operators are made of.
+fn is_special(b: u8) -> bool {
+    matches!(b, b'!' | b'=' | b'>' | b'<' | b'(' | b')' | b',')
 }
 
+/// Only these four separate tokens: any other byte (a vertical tab, a
+/// non-breaking space) is part of an identifier, which then fails validation.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// Splits a label selector into tokens as the apiserver's byte lexer does.
+/// Go's reader returns 0 for a NUL byte just as at the end of the input: a
+/// NUL where a token would start ends the selector, and one right after a
+/// token is swallowed with it.
 fn lex(s: &str) -> Vec<Tok> {
+    let bytes = s.as_bytes();
     let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    while let Some(&c) = chars.peek() {
-        if c.is_whitespace() {
-            chars.next();
-            continue;
+    let mut i = 0;
+    loop {
+        while i < bytes.len() && is_space(bytes[i]) {
+            i += 1;
         }
-        if is_special(c) {
-            chars.next();
-            let two = chars.peek().copied();
-            let tok = match (c, two) {
-                ('=', Some('=')) => {
-                    chars.next();
+        if i == bytes.len() || bytes[i] == 0 {
+            break;
+        }
+        let start = i;
+        let tok = if is_special(bytes[i]) {
+            i += 1;
+            match (bytes[start], bytes.get(i)) {
+                (b'=', Some(b'=')) => {
+                    i += 1;
                     Tok::DoubleEq
                 }
-                ('!', Some('=')) => {
-                    chars.next();
+                (b'!', Some(b'=')) => {
+                    i += 1;
                     Tok::NotEq
                 }
-                ('!', _) => Tok::Not,
-                ('=', _) => Tok::Eq,
-                ('>', _) => Tok::Gt,
-                ('<', _) => Tok::Lt,
-                ('(', _) => Tok::Open,
-                (')', _) => Tok::Close,
+                (b'!', _) => Tok::Not,
+                (b'=', _) => Tok::Eq,
+                (b'>', _) => Tok::Gt,
+                (b'<', _) => Tok::Lt,
+                (b'(', _) => Tok::Open,
+                (b')', _) => Tok::Close,
                 _ => Tok::Comma,
-            };
-            out.push(tok);
-            continue;
-        }
-        let mut ident = String::new();
-        while let Some(&c) = chars.peek() {
-            if c.is_whitespace() || is_special(c) {
-                break;
             }
-            ident.push(c);
-            chars.next();
+        } else {
+            while i < bytes.len() && bytes[i] != 0 && !is_space(bytes[i]) && !is_special(bytes[i]) {
+                i += 1;
+            }
+            // Splits only at ASCII bytes, so this is a char boundary.
+            match &s[start..i] {
+                "in" => Tok::In,
+                "notin" => Tok::NotIn,
+                ident => Tok::Ident(ident.to_owned()),
+            }
+        };
+        out.push(tok);
+        if bytes.get(i) == Some(&0) {
+            i += 1;
         }
-        out.push(match ident.as_str() {
-            "in" => Tok::In,
-            "notin" => Tok::NotIn,
-            _ => Tok::Ident(ident),
-        });
     }
     out.push(Tok::End);
     out
@@ -259,6 +272,62 @@ impl Parser {
         SelectorError(format!("found '{}', expected: {what}", found.literal()))
     }
 
+    /// A key or a value: `in` and `notin` are keywords only where an
+    /// operator goes (`in=in` and `k in (notin)` are valid).
+    fn word(tok: &Tok) -> Option<String> {
+        match tok {
+            Tok::Ident(s) => Some(s.clone()),
+            Tok::In => Some("in".into()),
+            Tok::NotIn => Some("notin".into()),
+            _ => None,
+        }
+    }
+
+    /// `( v1, v2 )`, with the apiserver's comma rules. Go's parser takes a
+    /// run of commas two at a time, each pair standing for an empty value;
+    /// after a pair it needs a value or another comma. So: `()`, `(,)`,
+    /// `(a,)`, `(,a)` and `(a,,b)` hold the empty value, and a run of commas
+    /// before `)` must be odd — `(a,,)` and `(,,)` are errors, `(a,,,)` is not.
+    fn value_set(&mut self) -> Result<Vec<String>, SelectorError> {
+        match self.next() {
+            Tok::Open => {}
+            other => return Err(Self::expected(&other, "'('")),
+        }
+        if *self.peek() == Tok::Close {
+            self.next();
+            return Ok(vec![String::new()]);
+        }
+        let mut values = Vec::new();
+        let mut first = true;
+        loop {
+            let mut commas = 0;
+            while *self.peek() == Tok::Comma {
+                self.next();
+                commas += 1;
+            }
+            let tok = self.next();
+            if let Some(v) = Self::word(&tok) {
+                if !first && commas == 0 {
+                    return Err(Self::expected(&tok, "',' or ')'"));
+                }
+                if (first && commas > 0) || commas >= 2 {
+                    values.push(String::new());
+                }
+                values.push(v);
+                first = false;
+                continue;
+            }
+            match tok {
+                Tok::Close if commas % 2 == 1 => {
+                    values.push(String::new());
+                    return Ok(values);
+                }
+                Tok::Close if commas == 0 => return Ok(values),
+                other => return Err(Self::expected(&other, "',', or identifier")),
+            }
+        }
+    }
+
     fn requirement(&mut self) -> Result<LabelRequirement, SelectorError> {
         let negated = if *self.peek() == Tok::Not {
             self.next();
@@ -266,9 +335,9 @@ impl Parser {
         } else {
             false
         };
-        let key = match self.next() {
-            Tok::Ident(k) => k,
-            other => return Err(Self::expected(&other, "identifier")),
+        let tok = self.next();
+        let Some(key) = Self::word(&tok) else {
+            return Err(Self::expected(&tok, "identifier"));
         };
         validate_label_key(&key)?;
         if negated {
@@ -296,78 +365,34 @@ impl Parser {
             Tok::Gt => LabelOp::Gt,
             Tok::Lt => LabelOp::Lt,
             other => {
-                return Err(Self::expected(other, "'=', '!=', '==', 'in', notin'"));
+                return Err(Self::expected(other, "in, notin, =, ==, !=, gt, lt"));
             }
         };
         let set_form = matches!(self.peek(), Tok::In | Tok::NotIn);
         self.next();
         let values = if set_form {
-            match self.next() {
-                Tok::Open => {}
-                other => return Err(Self::expected(&other, "'('")),
-            }
-            let mut values = Vec::new();
-            loop {
-                match self.peek().clone() {
-                    Tok::Close => {
-                        self.next();
-                        // `(a,)` yields an empty last value; `()` is empty.
-                        if !values.is_empty() {
-                            values.push(String::new());
-                        }
-                        break;
-                    }
-                    Tok::Ident(v) => {
-                        self.next();
-                        values.push(v);
-                        match self.next() {
-                            Tok::Comma => {
-                                if *self.peek() == Tok::Close {
-                                    self.next();
-                                    values.push(String::new());
-                                    break;
-                                }
-                            }
-                            Tok::Close => break,
-                            other => return Err(Self::expected(&other, "',' or ')'")),
-                        }
-                    }
-                    Tok::Comma => {
-                        // An empty value before a comma: `(,a)`.
-                        self.next();
-                        values.push(String::new());
-                    }
-                    other => return Err(Self::expected(&other, "identifier")),
-                }
-            }
-            if values.is_empty() {
-                return Err(SelectorError(
-                    "unable to parse requirement: values: Invalid value: \"null\": for 'in', 'notin' operators, values set can't be empty".into(),
-                ));
-            }
-            values
+            self.value_set()?
         } else {
-            match self.peek().clone() {
-                Tok::Ident(v) => {
+            let tok = self.peek().clone();
+            match (Self::word(&tok), tok) {
+                (Some(v), _) => {
                     self.next();
                     vec![v]
                 }
                 // `k=` selects the empty value.
-                Tok::Comma | Tok::End => vec![String::new()],
-                other => return Err(Self::expected(&other, "identifier")),
+                (None, Tok::Comma | Tok::End) => vec![String::new()],
+                (None, other) => return Err(Self::expected(&other, "identifier")),
             }
         };
-        if matches!(op, LabelOp::Gt | LabelOp::Lt) {
-            if values.len() != 1 || values[0].parse::<i64>().is_err() {
-                return Err(SelectorError(format!(
-                    "unable to parse requirement: values[0]: Invalid value: \"{}\": for 'Gt', 'Lt' operators, the value must be an integer",
-                    values.first().map(String::as_str).unwrap_or_default()
-                )));
-            }
-        } else {
-            for (i, v) in values.iter().enumerate() {
-                validate_label_value(&key, v, i)?;
-            }
+        if matches!(op, LabelOp::Gt | LabelOp::Lt) && values[0].parse::<i64>().is_err() {
+            return Err(SelectorError(format!(
+                "unable to parse requirement: values[0]: Invalid value: \"{}\": for 'Gt', 'Lt' operators, the value must be an integer",
+                values[0]
+            )));
+        }
+        // `>`/`<` values are label values too: `k>-1` is rejected.
+        for (i, v) in values.iter().enumerate() {
+            validate_label_value(&key, v, i)?;
         }
         Ok(LabelRequirement { key, op, values })
     }
@@ -574,22 +599,19 @@ fn unescape(v: &str) -> Result<String, SelectorError> {
 }
 
 /// Finds the first operator in a term: `!=`, `==` or `=` (fields.splitTerm).
+/// The field name has no escapes: in `a\=b` the name is `a\`.
 fn split_term(term: &str) -> Option<(&str, FieldOp, &str)> {
-    let b = term.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' {
-            i += 2;
-            continue;
+    for (i, _) in term.char_indices() {
+        let rest = &term[i..];
+        if let Some(value) = rest.strip_prefix("!=") {
+            return Some((&term[..i], FieldOp::NotEquals, value));
         }
-        if b[i] == b'!' && b.get(i + 1) == Some(&b'=') {
-            return Some((&term[..i], FieldOp::NotEquals, &term[i + 2..]));
+        if let Some(value) = rest.strip_prefix("==") {
+            return Some((&term[..i], FieldOp::Equals, value));
         }
-        if b[i] == b'=' {
-            let skip = if b.get(i + 1) == Some(&b'=') { 2 } else { 1 };
-            return Some((&term[..i], FieldOp::Equals, &term[i + skip..]));
+        if let Some(value) = rest.strip_prefix('=') {
+            return Some((&term[..i], FieldOp::Equals, value));
         }
-        i += 1;
     }
     None
 }
@@ -601,7 +623,10 @@ impl FieldSelector {
         if s.is_empty() {
             return Ok(FieldSelector::default());
         }
-        for term in split_terms(s) {
+        // The apiserver sorts the raw terms first; `exact_name` depends on it.
+        let mut terms = split_terms(s);
+        terms.sort_unstable();
+        for term in terms {
             if term.is_empty() {
                 continue;
             }
@@ -655,7 +680,8 @@ impl FieldSelector {
     }
 
     /// The name pinned by `metadata.name=X`, if any (authz treats such a
-    /// list/watch as a request for that one object).
+    /// list/watch as a request for that one object); with several, the
+    /// first in sorted term order, as `RequiresExactMatch` answers.
     pub fn exact_name(&self) -> Option<&str> {
         self.requirements
             .iter()

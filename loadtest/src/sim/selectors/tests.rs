@@ -72,7 +72,15 @@ fn numeric_comparisons() {
 #[test]
 fn malformed_label_selectors_are_rejected_with_apiserver_wording() {
     for bad in [
-        "=a", "a b", "a in b", "a in (b", "!a=b", "a,", "a=(b)", "a in ()", ",",
+        "=a",
+        "a b",
+        "a in b",
+        "a in (b",
+        "!a=b",
+        "a,",
+        "a=(b)",
+        "a in (b,,)",
+        ",",
     ] {
         assert!(LabelSelector::parse(bad).is_err(), "{bad} should fail");
     }
@@ -88,6 +96,43 @@ fn malformed_label_selectors_are_rejected_with_apiserver_wording() {
         e.0.starts_with("unable to parse requirement: values[0][a]: Invalid value: \"-x\""),
         "{e}"
     );
+}
+
+/// Cases read off labels/selector.go where a tidier grammar would differ.
+#[test]
+fn label_grammar_keeps_the_apiserver_quirks() {
+    let empty = labelled(json!({"a": ""}));
+    // `()` is the empty value, not an empty set.
+    assert!(sel("a in ()").matches(&empty));
+    assert!(!sel("a notin ()").matches(&empty));
+    // Two commas before `)` are an error, one or three are not.
+    for ok in [
+        "a in (,)",
+        "a in (x,)",
+        "a in (x,,,)",
+        "a in (,,x)",
+        "a in (x,,y)",
+    ] {
+        assert!(sel(ok).matches(&empty), "{ok}");
+    }
+    for bad in ["a in (x,,)", "a in (,,)", "a in (x y)"] {
+        assert!(LabelSelector::parse(bad).is_err(), "{bad}");
+    }
+    // `in`/`notin` are keywords only where an operator goes.
+    assert!(sel("in=notin,x in (in)").matches(&labelled(json!({"in": "notin", "x": "in"}))));
+    // Only space, tab, CR and LF separate tokens.
+    assert!(sel(" a\t=\r\n").matches(&empty));
+    for bad in ["a\u{b}=x", "a\u{a0}=x"] {
+        assert!(LabelSelector::parse(bad).is_err(), "{bad:?}");
+    }
+    // A NUL ends the selector where a token starts; after a token it is skipped.
+    assert!(sel("a=\u{0}x").matches(&labelled(json!({"a": "x"}))));
+    assert!(sel("a= \u{0}!!!").matches(&empty));
+    // `>`/`<` values are int64s and label values.
+    assert!(sel("n>01").matches(&labelled(json!({"n": "2"}))));
+    for bad in ["n>-1", "n>+1", "n>1.5", "n>"] {
+        assert!(LabelSelector::parse(bad).is_err(), "{bad}");
+    }
 }
 
 fn pod(node: &str, phase: &str) -> Value {
@@ -154,6 +199,15 @@ fn malformed_field_selectors_are_rejected() {
     let e = FieldSelector::parse("abc").expect_err("no operator");
     assert_eq!(e.0, "invalid selector: 'abc'; can't understand 'abc'");
     assert!(FieldSelector::parse("a=b\\").is_err());
+    // Field names have no escapes: this is name `a\`, value `b=c`.
+    assert!(FieldSelector::parse("a\\=b=c").is_err());
+    assert!(FieldSelector::parse("a\\=b").is_ok());
+}
+
+#[test]
+fn exact_name_is_the_first_in_sorted_term_order() {
+    let f = FieldSelector::parse("metadata.name=b,metadata.name=a").expect("valid");
+    assert_eq!(f.exact_name(), Some("a"));
 }
 
 #[test]
