@@ -6,15 +6,12 @@
 //! JSON is here (objects read by [`object`], borrowed); protobuf is in
 //! [`protobuf`], with the same answers.
 
-use std::sync::Arc;
-
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use serde_json::value::RawValue;
 
 mod protobuf;
 
-use crate::watch::cache::Obj;
 use crate::watch::error::DecodeError;
 use crate::watch::object::{self, TypeMeta, TypeMetaJson};
 
@@ -375,17 +372,17 @@ impl Codec {
     /// apiserver writes this collection's items with kind and apiVersion
     /// (custom resources) or without (built-in types); cached objects
     /// carry them, so they are taken off for the latter.
-    pub fn list(
+    pub fn list<'a>(
         self,
         kind: &str,
         api_version: &str,
         rv: u64,
-        objs: &[Arc<Obj>],
+        objs: impl Iterator<Item = &'a [u8]> + Clone,
         items_have_type_meta: bool,
     ) -> Result<Vec<u8>, DecodeError> {
         match self {
             Codec::Json => {
-                let size: usize = objs.iter().map(|o| o.bytes.len() + 1).sum();
+                let size: usize = objs.clone().map(|o| o.len() + 1).sum();
                 let mut out = Vec::with_capacity(size + 128);
                 out.extend_from_slice(b"{\"kind\":");
                 out.extend_from_slice(json_string(&format!("{kind}List")).as_bytes());
@@ -395,22 +392,20 @@ impl Codec {
                 out.extend_from_slice(rv.to_string().as_bytes());
                 out.extend_from_slice(b"\"},\"items\":[");
                 let without = (!items_have_type_meta).then(|| TypeMetaJson::new(kind, api_version));
-                for (i, o) in objs.iter().enumerate() {
+                for (i, o) in objs.enumerate() {
                     if i > 0 {
                         out.push(b',');
                     }
                     match &without {
-                        Some(tm) => tm.write_without(&mut out, &o.bytes),
-                        None => out.extend_from_slice(&o.bytes),
+                        Some(tm) => tm.write_without(&mut out, o),
+                        None => out.extend_from_slice(o),
                     }
                 }
                 out.extend_from_slice(b"]}");
                 Ok(out)
             }
             // List items are bare messages whatever the type.
-            Codec::Protobuf => {
-                protobuf::list(kind, api_version, rv, objs.iter().map(|o| &o.bytes[..]))
-            }
+            Codec::Protobuf => protobuf::list(kind, api_version, rv, objs),
         }
     }
 }

@@ -198,7 +198,13 @@ impl Stream {
             }
         };
         let body = codec
-            .list(&kind, &api_version, rv, &objs, item_type_meta)
+            .list(
+                &kind,
+                &api_version,
+                rv,
+                objs.iter().map(|o| &o.bytes[..]),
+                item_type_meta,
+            )
             .map_err(|e| Unavailable::Undecodable(Arc::new(e)))?;
         let mut resp = Response::new(full(body));
         resp.headers_mut()

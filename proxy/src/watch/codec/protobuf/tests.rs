@@ -5,7 +5,6 @@ use super::*;
 use crate::watch::codec::{Codec, EventType};
 use crate::watch::filter::selectable_fields;
 use serde_json::Value;
-use std::sync::Arc;
 
 fn fixture(name: &str) -> Bytes {
     let path = format!(
@@ -164,7 +163,7 @@ fn lists_decode_and_rebuild_byte_for_byte() {
             "items share the body, not copied"
         );
         names.push(read.meta.name.clone());
-        objs.push(Arc::new(crate::watch::cache::Obj::new(full, read.meta)));
+        objs.push(full);
     }
     let json_names: Vec<&str> = json["items"]
         .as_array()
@@ -175,7 +174,7 @@ fn lists_decode_and_rebuild_byte_for_byte() {
     assert_eq!(names, json_names);
     let rv: u64 = page.resource_version.parse().expect("rv");
     let rebuilt = Codec::Protobuf
-        .list("Pod", "v1", rv, &objs, false)
+        .list("Pod", "v1", rv, objs.iter().map(|o| &o[..]), false)
         .expect("a list");
     assert_eq!(rebuilt, &body[..], "the hub's LIST is the apiserver's");
 
