@@ -112,3 +112,41 @@ async fn small_storm_keeps_invariants_direct_and_through_breakwater() {
     assert_eq!(b.upstream_429s, 0, "{b:?}");
     assert_eq!(b.peak_queued, 0, "{b:?}");
 }
+
+/// The same storm with agents that ask for protobuf, as kubelet does: the
+/// hub shares and caches their watches and LISTs as it does JSON ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_protobuf_storm_costs_one_upstream_watch_through_breakwater() {
+    storm::raise_nofile_limit();
+    let opts = StormOpts {
+        protobuf: true,
+        ..opts()
+    };
+    let r = storm::run_storm(&opts, Mode::Breakwater)
+        .await
+        .expect("the protobuf run");
+    let m = &r.metrics;
+    assert_eq!(m.events_lost, 0, "{m:?}");
+    assert_eq!(m.agents_not_synced, 0, "{m:?}");
+    assert!(m.all_watching_s.is_some(), "{m:?}");
+    assert!(
+        m.protobuf_answers >= 2 * AGENTS as u64,
+        "every agent's LIST and WATCH answered in protobuf: {m:?}"
+    );
+    assert_eq!(m.admin_failures, 0, "{m:?}");
+    assert!(m.rollback_ms.is_some(), "{m:?}");
+    eprintln!(
+        "protobuf through breakwater: peak upstream pod watches {} (agents {AGENTS}), upstream LISTs {}",
+        m.peak_upstream_watches, m.upstream_lists
+    );
+    assert!(
+        m.peak_upstream_watches <= 2,
+        "{AGENTS} protobuf agents cost {} upstream pod watches",
+        m.peak_upstream_watches
+    );
+    assert!(
+        m.upstream_lists <= 10 + m.relists_410,
+        "{AGENTS} protobuf agents cost {} upstream LISTs",
+        m.upstream_lists
+    );
+}

@@ -42,6 +42,8 @@ pub struct FleetCounters {
     pub lists_ok: AtomicU64,
     /// Re-lists after 410 Gone.
     pub relists_410: AtomicU64,
+    /// Successful LISTs and watches answered in protobuf.
+    pub protobuf_answers: AtomicU64,
 }
 
 /// What an agent needs to run.
@@ -335,6 +337,7 @@ async fn list(
         _ => return Err(Failure::Other),
     }
     let (list_rv, metas): (String, Vec<Meta>) = if is_protobuf(&headers) {
+        counters.protobuf_answers.fetch_add(1, Ordering::Relaxed);
         let (rv, items) = super::pb::list(&body).map_err(|_| Failure::Other)?;
         let items = items
             .into_iter()
@@ -411,6 +414,9 @@ async fn watch(
         _ => return Err(Failure::Other),
     }
     let protobuf = is_protobuf(resp.headers());
+    if protobuf {
+        counters.protobuf_answers.fetch_add(1, Ordering::Relaxed);
+    }
     counters.watching.fetch_add(1, Ordering::Relaxed);
     state.watching.store(true, Ordering::Relaxed);
     let _watching = Watching(counters, state);

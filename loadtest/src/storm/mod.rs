@@ -170,6 +170,9 @@ pub struct RunMetrics {
     pub agent_429s: u64,
     pub agent_errors: u64,
     pub relists_410: u64,
+    /// Successful LISTs and watches the agents got in protobuf (the rest
+    /// were JSON).
+    pub protobuf_answers: u64,
     /// LIST / WATCH requests on pods that reached kube-sim (any answer).
     pub upstream_lists: u64,
     pub upstream_watches: u64,
@@ -496,6 +499,7 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
         agent_429s: counters.rejected_429.load(Ordering::Relaxed),
         agent_errors: counters.errors.load(Ordering::Relaxed),
         relists_410: counters.relists_410.load(Ordering::Relaxed),
+        protobuf_answers: counters.protobuf_answers.load(Ordering::Relaxed),
         upstream_lists: sim.request_count("LIST", "pods"),
         // Watches are counted when they end; add those still open.
         upstream_watches: sim.request_count("WATCH", "pods")
