@@ -397,6 +397,7 @@ mod tests {
         for name in [
             "configmaps",
             "pods",
+            "pods/binding",
             "pods/exec",
             "pods/status",
             "pods/log",

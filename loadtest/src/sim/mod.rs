@@ -10,21 +10,25 @@
 //! demo and the load tests all run it in-process with [`KubeSim::start`].
 //!
 //! Layout: [`store`] holds the objects and the watch fan-out, [`server`]
-//! speaks HTTP (TLS, routing, handlers), [`auth`] answers "who is this",
-//! [`rbac`] answers "may they",
+//! speaks HTTP (TLS, routing, handlers), [`negotiate`] picks each answer's
+//! encoding from the Accept header and `respond` writes it (JSON, Table or
+//! [`protobuf`]), [`auth`] answers "who is this", [`rbac`] answers "may they",
 //! [`metrics`] counts requests like the apiserver does, and the
 //! discovery/openapi/table/exec modules shape the rest of the surface.
 
 pub mod auth;
+mod binding;
 pub mod capacity;
 pub mod crd;
 pub mod discovery;
 pub mod exec;
 pub mod metrics;
+pub mod negotiate;
 pub mod openapi;
 pub mod protobuf;
 pub mod rbac;
 pub mod resources;
+mod respond;
 pub mod selectors;
 pub mod server;
 pub mod store;

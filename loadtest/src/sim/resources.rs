@@ -140,6 +140,14 @@ pub const RESOURCES: &[ResourceType] = &[
         verbs: CRUD,
         subresources: &[
             STATUS,
+            // What a scheduler POSTs to put a pod on a node.
+            Subresource {
+                name: "binding",
+                kind: "Binding",
+                group: "",
+                version: "",
+                verbs: &["create"],
+            },
             Subresource {
                 name: "exec",
                 kind: "PodExecOptions",

@@ -243,6 +243,14 @@ pub enum StoreError {
         "Operation cannot be fulfilled on {resource} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
     )]
     Conflict { resource: String, name: String },
+    /// 409 for a write the object's state refuses (`why`), as
+    /// `errors.NewConflict(resource, name, why)` (pods/binding of a bound pod).
+    #[error("Operation cannot be fulfilled on {resource} \"{name}\": {why}")]
+    Refused {
+        resource: String,
+        name: String,
+        why: String,
+    },
     /// 422. `message` is `field: Invalid value: ...` / `field: Required value: ...`.
     #[error("{kind} \"{name}\" is invalid: {message}")]
     Invalid {
@@ -293,7 +301,9 @@ impl StoreError {
             StoreError::NotFound { .. }
             | StoreError::NamespaceNotFound(_)
             | StoreError::NotServed => 404,
-            StoreError::AlreadyExists { .. } | StoreError::Conflict { .. } => 409,
+            StoreError::AlreadyExists { .. }
+            | StoreError::Conflict { .. }
+            | StoreError::Refused { .. } => 409,
             StoreError::Invalid { .. } => 422,
             StoreError::BadRequest(_) => 400,
             StoreError::Expired { .. } | StoreError::ContinueExpired => 410,
@@ -306,7 +316,7 @@ impl StoreError {
             | StoreError::NamespaceNotFound(_)
             | StoreError::NotServed => "NotFound",
             StoreError::AlreadyExists { .. } => "AlreadyExists",
-            StoreError::Conflict { .. } => "Conflict",
+            StoreError::Conflict { .. } | StoreError::Refused { .. } => "Conflict",
             StoreError::Invalid { .. } => "Invalid",
             StoreError::BadRequest(_) => "BadRequest",
             StoreError::Expired { .. } | StoreError::ContinueExpired => "Expired",
@@ -318,7 +328,8 @@ impl StoreError {
         let details = match self {
             StoreError::NotFound { resource, name }
             | StoreError::AlreadyExists { resource, name }
-            | StoreError::Conflict { resource, name } => Some(resource_details(resource, name)),
+            | StoreError::Conflict { resource, name }
+            | StoreError::Refused { resource, name, .. } => Some(resource_details(resource, name)),
             StoreError::NamespaceNotFound(ns) => Some(resource_details("namespaces", ns)),
             StoreError::Invalid {
                 kind,

@@ -26,44 +26,6 @@ pub enum IncludeObject {
     Object,
 }
 
-/// Whether the Accept header asks for a `meta.k8s.io` Table (kubectl get).
-///
-/// Like the apiserver's negotiation, the first acceptable media range wins:
-/// a client that lists plain JSON first gets plain JSON.
-pub fn wants_table(headers: &http::HeaderMap) -> bool {
-    for value in headers.get_all(http::header::ACCEPT) {
-        let Ok(value) = value.to_str() else { continue };
-        for range in value.split(',') {
-            let mut parts = range.split(';').map(str::trim);
-            let media = parts.next().unwrap_or("");
-            if media != "application/json" && media != "*/*" {
-                continue;
-            }
-            let (mut as_, mut g, mut v) = (None, None, None);
-            for p in parts {
-                match p.split_once('=') {
-                    Some(("as", x)) => as_ = Some(x),
-                    Some(("g", x)) => g = Some(x),
-                    Some(("v", x)) => v = Some(x),
-                    _ => {}
-                }
-            }
-            match as_ {
-                None => return false,
-                Some("Table")
-                    if g == Some("meta.k8s.io") && matches!(v, Some("v1" | "v1beta1")) =>
-                {
-                    return true;
-                }
-                // Another transform (PartialObjectMetadata…) or version we do
-                // not produce: try the next range.
-                Some(_) => {}
-            }
-        }
-    }
-    false
-}
-
 /// Parses `includeObject` from a raw query (no leading '?'); Metadata by default.
 pub fn include_object(query: Option<&str>) -> IncludeObject {
     let Some(query) = query else {
@@ -923,15 +885,6 @@ mod tests {
             .unwrap_or_default()
     }
 
-    fn headers(accept: &str) -> http::HeaderMap {
-        let mut h = http::HeaderMap::new();
-        h.insert(
-            http::header::ACCEPT,
-            http::HeaderValue::from_str(accept).expect("valid header"),
-        );
-        h
-    }
-
     /// A fixture object as stored (kind/apiVersion set), with the given
     /// creation timestamp so the age cell is predictable.
     fn stored(mut obj: Value, kind: &str, created: SystemTime) -> Arc<Value> {
@@ -940,20 +893,6 @@ mod tests {
         obj["metadata"]["creationTimestamp"] =
             json!(humantime::format_rfc3339_seconds(created).to_string());
         Arc::new(obj)
-    }
-
-    #[test]
-    fn kubectl_accept_header_wants_a_table() {
-        let kubectl = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json";
-        assert!(wants_table(&headers(kubectl)));
-        assert!(!wants_table(&headers("application/json")));
-        assert!(!wants_table(&headers(
-            "application/json, application/json;as=Table;v=v1;g=meta.k8s.io"
-        )));
-        assert!(!wants_table(&headers(
-            "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io,application/json"
-        )));
-        assert!(!wants_table(&http::HeaderMap::new()));
     }
 
     #[test]
