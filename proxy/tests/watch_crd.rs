@@ -274,3 +274,57 @@ async fn deleting_the_crd_ends_proxied_watches_like_direct_ones_and_new_ones_get
     let status: Value = serde_json::from_slice(&body).expect("Status JSON");
     assert_eq!(status["reason"], "NotFound");
 }
+
+/// Custom resources have no protobuf: a protobuf-first client (client-go's
+/// default for generated clients of built-in types, and kubelet's) gets
+/// JSON from the apiserver, and from the hub too. Once the hub has seen the
+/// apiserver answer JSON for the collection, its JSON and protobuf-first
+/// clients share one stream, whichever came first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_first_clients_of_a_custom_resource_get_json_from_the_json_stream() {
+    let env = demo_env().await;
+    let widgets = install_widgets(&env);
+    let store = env.demo.sim.store();
+    store
+        .create(widgets, Some(NS), widget("w1", "blue", 1))
+        .expect("create widget");
+    let c = clients(&env);
+    let pq = format!("/apis/example.com/v1/namespaces/{NS}/widgets?watch=true");
+    let protobuf_first = || async {
+        let req = http::Request::get(format!("{}{pq}", c.proxy_url))
+            .header("authorization", format!("Bearer {}", c.token))
+            .header(
+                "accept",
+                "application/vnd.kubernetes.protobuf, application/json",
+            )
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = c.proxy.request(req).await.expect("answered");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        common::Lines::new(resp.into_body())
+    };
+    let mut first = protobuf_first().await;
+    let mut json = c.watch(&pq).await;
+    let mut later = Vec::new();
+    for _ in 0..10 {
+        later.push(protobuf_first().await);
+    }
+    until_stats(&env, "12 subscribers", |s| s.subscribers == 12).await;
+    assert_eq!(
+        env.demo.sim.open_watches("widgets"),
+        1,
+        "one upstream watch for JSON and protobuf-first clients of a custom resource"
+    );
+    assert_eq!(env.demo.proxy.watch_hub().stats().streams, 1);
+    store
+        .create(widgets, Some(NS), widget("w2", "red", 2))
+        .expect("create widget");
+    for w in std::iter::once(&mut first)
+        .chain(std::iter::once(&mut json))
+        .chain(later.iter_mut())
+    {
+        let got = take(w, 2).await;
+        assert_eq!(kinds_and_names(&got), [("ADDED", "w1"), ("ADDED", "w2")]);
+    }
+}

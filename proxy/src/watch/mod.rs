@@ -38,8 +38,8 @@
 //! Streams are per encoding: JSON and protobuf clients of one collection
 //! share two upstream streams. A stream asks for what its clients prefer
 //! and keeps what the apiserver answered (custom resources have no
-//! protobuf, so their protobuf-first clients get JSON, from then on from
-//! the JSON stream).
+//! protobuf, so their protobuf-first clients get JSON, and once the hub
+//! has seen that, share one stream with the JSON clients).
 //!
 //! Anything the hub cannot answer exactly as the apiserver would (Tables,
 //! `resourceVersionMatch=Exact`, continue tokens, consistent LISTs with
@@ -255,23 +255,6 @@ impl Hub {
         identity: &Identity,
     ) -> Option<Response<Body>> {
         let ident = identity_headers(headers);
-        // The apiserver answers protobuf-first clients of a custom resource
-        // in JSON: so does the collection's JSON stream.
-        let as_json;
-        let req = if req.codec == Codec::Protobuf
-            && self
-                .shared
-                .ctx
-                .is_json_only(&req.target.group, &req.target.resource)
-        {
-            as_json = Eligible {
-                codec: Codec::Json,
-                ..req.clone()
-            };
-            &as_json
-        } else {
-            req
-        };
         // Across identities first, when the apiserver says this one may join.
         if let Some(shared) = self.serve_shared(req, &ident, identity).await {
             return shared;
@@ -321,6 +304,7 @@ impl Hub {
             keys.push(req.key_in(SHARED_SCOPE, false));
         }
         for key in keys {
+            let key = self.settled_key(key);
             let sent = key.upstream_selectors.clone().unwrap_or_default();
             self.forget_gone_donor(share, &key, &sent).await;
             let donor = share.may_open(identity, &req.target, &sent).await;
@@ -399,6 +383,7 @@ impl Hub {
         ident: &HeaderMap,
         donor: bool,
     ) -> Outcome {
+        let key = self.settled_key(key);
         let sel = Arc::new(req.selector.clone());
         // A stream may close between lookup and join; a few tries settle it.
         // A cold consistent LIST starts the stream too: in a storm it is the
@@ -427,6 +412,31 @@ impl Hub {
             }
         }
         Outcome::Forward
+    }
+
+    /// `key`, or for a collection the apiserver answers only in JSON
+    /// (custom resources: it has no protobuf for them), the one stream of
+    /// the collection whichever encoding its clients asked first: an
+    /// existing stream under either key, else the JSON key.
+    fn settled_key(&self, key: StreamKey) -> StreamKey {
+        let t = &key.target;
+        if !self.shared.ctx.is_json_only(&t.group, &t.resource) {
+            return key;
+        }
+        let json = StreamKey {
+            codec: Codec::Json,
+            ..key.clone()
+        };
+        let protobuf = StreamKey {
+            codec: Codec::Protobuf,
+            ..key
+        };
+        let map = self.shared.streams();
+        let live = |k: &StreamKey| map.get(k).is_some_and(|s| !s.is_closed());
+        if !live(&json) && live(&protobuf) {
+            return protobuf;
+        }
+        json
     }
 
     /// The stream for `key`, started with `ident` if there is none (or
