@@ -11,6 +11,7 @@ pub mod classify;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod error;
 pub mod identity;
 pub mod proxy;
 pub mod reload;

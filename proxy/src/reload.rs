@@ -18,6 +18,7 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Chain;
 use crate::proxy::Shared;
 use crate::tls::ServerTls;
 
@@ -36,14 +37,17 @@ pub fn reload_all(tls: &ServerTls, shared: &Shared) -> usize {
             tracing::warn!(what, error = %err, "reload failed; keeping the current one");
         }
     };
-    note("serving-tls", tls.reload().map_err(|e| e.to_string()));
+    note(
+        "serving-tls",
+        tls.reload().map_err(|e| Chain(&e).to_string()),
+    );
     note(
         "upstream-credentials",
-        shared.upstream.reload().map_err(|e| e.to_string()),
+        shared.upstream.reload().map_err(|e| Chain(&e).to_string()),
     );
     note(
         "service-account-keys",
-        shared.auth.reload_keys().map_err(|e| e.to_string()),
+        shared.auth.reload_keys().map_err(|e| Chain(&e).to_string()),
     );
     failed
 }
@@ -90,13 +94,13 @@ pub fn spawn(
     ) {
         Ok(w) => w,
         Err(err) => {
-            tracing::warn!(error = %err, "cannot watch certificate files; rotation needs a restart");
+            tracing::warn!(error = %Chain(&err), "cannot watch certificate files; rotation needs a restart");
             return None;
         }
     };
     for dir in &dirs {
         if let Err(err) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %dir.display(), error = %err, "cannot watch directory");
+            tracing::warn!(dir = %dir.display(), error = %Chain(&err), "cannot watch directory");
         }
     }
     Some(tokio::spawn(async move {

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AdminState};
 use crate::admit::{self, Admission, AdmitError};
 use crate::config::ProxyConfig;
+use crate::error::Chain;
 use crate::identity::{Authenticator, IdentityError, TokenReviewer};
 use crate::proxy::{self, Shared};
 use crate::reload;
@@ -44,15 +45,15 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("serving TLS: {0}")]
+    #[error("serving TLS")]
     Tls(#[from] TlsError),
     #[error(transparent)]
     Upstream(#[from] UpstreamConfigError),
-    #[error("authentication: {0}")]
+    #[error("authentication")]
     Identity(#[from] IdentityError),
-    #[error("limits: {0}")]
+    #[error("limits")]
     Limits(#[from] AdmitError),
-    #[error("binding {addr}: {source}")]
+    #[error("binding {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -328,7 +329,7 @@ async fn accept_loop(
                 Err(err) => {
                     // EMFILE/ENFILE and aborted handshakes: the listener
                     // itself is fine; wait a little and go on.
-                    tracing::warn!(error = %err, "accept failed; backing off");
+                    tracing::warn!(error = %Chain(&err), "accept failed; backing off");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
@@ -370,7 +371,7 @@ async fn serve_connection(
     let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
-            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+            tracing::debug!(%peer, error = %Chain(&err), "TLS handshake failed");
             return;
         }
         Err(_) => {
@@ -384,7 +385,7 @@ async fn serve_connection(
         Some(leaf) => match Authenticator::from_certificate(leaf) {
             Ok(identity) => Some(Arc::new(identity)),
             Err(err) => {
-                tracing::info!(%peer, error = %err, "client certificate carries no usable identity");
+                tracing::info!(%peer, error = %Chain(&err), "client certificate carries no usable identity");
                 None
             }
         },
@@ -458,7 +459,7 @@ async fn serve_http<I>(
         }
     };
     if let Err(err) = res {
-        tracing::debug!(%peer, error = %err, "connection ended with an error");
+        tracing::debug!(%peer, error = %Chain(&*err), "connection ended with an error");
     }
 }
 

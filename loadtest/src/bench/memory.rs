@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 
 use super::fanout::{ProxyEnv, machine, watch_request};
 use super::{Conn, Connector, Protocol};
+use crate::error::Chain;
 use crate::proc::{StderrMode, find_breakwater};
 use crate::sim::{KubeSim, SimConfig, SimPki};
 
@@ -245,7 +246,7 @@ async fn one_case(
     drop(keep);
     drop(warm);
     if let Err(e) = env.proxy.shutdown(Duration::from_secs(10)).await {
-        tracing::warn!(error = %e, "stopping breakwater");
+        tracing::warn!(error = %Chain(&e), "stopping breakwater");
     }
     Ok(figures)
 }

@@ -22,6 +22,7 @@
 //! (an hour by default) even if its Pod is deleted; the upstream still
 //! authorizes every request.
 
+use crate::error::Chain;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -125,7 +126,7 @@ fn load_jwks(bytes: &[u8], keys: &mut Vec<VerifyKey>) -> Result<(), String> {
             // A symmetric key would let anyone holding it mint tokens.
             _ => return Err("unsupported key type (RSA and EC only)".into()),
         };
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("invalid JWK: {e}"))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("invalid JWK: {}", Chain(&e)))?;
         keys.push(VerifyKey {
             kid: jwk.common.key_id.clone(),
             algs,
@@ -319,7 +320,8 @@ pub(crate) fn verify(
     now: u64,
     skew: u64,
 ) -> Result<Verified, JwtError> {
-    let header = jsonwebtoken::decode_header(token).map_err(|e| JwtError::Header(e.to_string()))?;
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| JwtError::Header(Chain(&e).to_string()))?;
     let alg = header.alg;
     if !matches!(
         alg,

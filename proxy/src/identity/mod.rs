@@ -29,6 +29,7 @@ mod review;
 mod tests;
 mod x509;
 
+use crate::error::Chain;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -201,7 +202,7 @@ impl AuthError {
 /// Loading ServiceAccount keys or reading a certificate failed.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("reading service account key file {path}: {source}")]
+    #[error("reading service account key file {path}")]
     ReadKeyFile {
         path: PathBuf,
         #[source]
@@ -365,7 +366,7 @@ impl Authenticator {
             now,
             self.cfg.clock_skew.as_secs(),
         )
-        .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        .map_err(|e| AuthError::InvalidToken(Chain(&e).to_string()))?;
         let identity = Arc::new(verified.identity.with_authenticated_group());
         self.verified
             .insert(hash, identity.clone(), verified.exp, now)

@@ -17,6 +17,7 @@
 //! TinyLFU when full, so a flood of one-off tokens cannot push out the hot
 //! ones).
 
+use crate::error::Chain;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,7 +98,7 @@ impl ReviewCache {
             Ok(CachedReview::Rejected) => Err(AuthError::InvalidToken(
                 "token review: not authenticated".into(),
             )),
-            Err(err) => Err(AuthError::ReviewUnavailable(err.to_string())),
+            Err(err) => Err(AuthError::ReviewUnavailable(Chain(&err).to_string())),
         }
     }
 }

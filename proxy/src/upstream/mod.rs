@@ -43,6 +43,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 
+use crate::error::Chain;
 use crate::tls::{self, ClientCert, TlsError, UpstreamTls};
 use pool::Pool;
 pub use pool::{H2Settings, Lane, LaneLimits, LaneStats, PoolError, ResponseBody};
@@ -271,7 +272,7 @@ pub enum UpstreamConfigError {
     BadUrl(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("reading the upstream token file {path}: {source}")]
+    #[error("reading the upstream token file {path}")]
     Token {
         path: PathBuf,
         #[source]
@@ -552,7 +553,7 @@ impl Upstream {
             .map_err(|e| PoolError::Connect(e.into()))?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+                tracing::debug!(error = %Chain(&e), "upstream upgrade connection ended with an error");
             }
         });
         pool::origin_form(&mut req, authority);
@@ -622,9 +623,9 @@ impl crate::identity::TokenReviewer for Upstream {
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .header(http::header::ACCEPT, "application/json")
                 .body(full(
-                    serde_json::to_vec(&body).map_err(|e| failed(e.to_string()))?,
+                    serde_json::to_vec(&body).map_err(|e| failed(Chain(&e).to_string()))?,
                 ))
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| failed(Chain(&e).to_string()))?;
             let resp = if own {
                 self.send_own(req).await
             } else {
@@ -639,13 +640,13 @@ impl crate::identity::TokenReviewer for Upstream {
                 self.send(req, Route::client(false, false, false, false))
                     .await
             }
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed(Chain(&e).to_string()))?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| failed(e.to_string()))?
+                .map_err(|e| failed(Chain(&e).to_string()))?
                 .to_bytes();
             if !own && status == http::StatusCode::UNAUTHORIZED {
                 return Ok(None);
@@ -654,7 +655,7 @@ impl crate::identity::TokenReviewer for Upstream {
                 return Err(failed(format!("{path} answered {status}")));
             }
             let v: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|e| failed(e.to_string()))?;
+                serde_json::from_slice(&bytes).map_err(|e| failed(Chain(&e).to_string()))?;
             let user = if own {
                 if v["status"]["authenticated"].as_bool() != Some(true) {
                     return Ok(None);

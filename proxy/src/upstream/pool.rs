@@ -26,6 +26,7 @@
 //! Lanes are separate pools (see [`Lane`]): watches never take the streams
 //! that GETs need, and exempt identities keep a path of their own.
 
+use crate::error::Chain;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -547,7 +548,7 @@ impl Inner {
             let pool = Arc::downgrade(self);
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+                    tracing::debug!(error = %Chain(&e), "upstream HTTP/1.1 connection ended with an error");
                 }
                 if let Some(pool) = pool.upgrade() {
                     pool.discard(id);
@@ -653,7 +654,7 @@ impl Future for Driver {
             Poll::Pending => Poll::Pending,
             Poll::Ready(res) => {
                 if let Err(e) = res {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                    tracing::debug!(error = %Chain(&e), "upstream HTTP/2 connection ended with an error");
                 }
                 if let Some(pool) = this.pool.upgrade() {
                     pool.discard(this.id);
