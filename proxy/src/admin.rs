@@ -57,10 +57,18 @@ pub struct AdminState {
     pub admission: Arc<Admission>,
 }
 
-/// Serves the admin endpoints until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
-    let tracker = TaskTracker::new();
-    let upkeep = tokio::spawn({
+/// Serves the admin endpoints until `stop` is cancelled, then waits for its
+/// connections to finish. Its tasks (connections, metrics upkeep) run on
+/// `tasks`, the proxy's tracker.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    // The admin connections, to wait for them here.
+    let conns = TaskTracker::new();
+    tasks.spawn({
         let stop = stop.clone();
         async move {
             // Histograms are drained into their summaries by upkeep.
@@ -87,7 +95,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         };
         let state = state.clone();
         let stop = stop.clone();
-        tracker.spawn(async move {
+        tasks.spawn(conns.track_future(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req).await) }
@@ -104,11 +112,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                     let _ = conn.await;
                 }
             }
-        });
+        }));
     }
-    tracker.close();
-    tracker.wait().await;
-    upkeep.abort();
+    conns.close();
+    conns.wait().await;
 }
 
 async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {

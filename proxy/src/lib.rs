@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod status;
+pub mod tasks;
 pub mod tls;
 pub mod upstream;
 pub mod watch;

@@ -50,6 +50,8 @@ pub struct Shared {
     pub streams: CancellationToken,
     /// Shared watches and LIST rv=0 from their caches.
     pub hub: crate::watch::Hub,
+    /// The proxy's tasks (upgrade splices here), awaited at shutdown.
+    pub tasks: crate::tasks::TaskTracker,
 }
 
 /// Handles one request from a client. Infallible: every outcome is a response.
@@ -167,7 +169,7 @@ fn respond(
         && let Some(client_upgrade) = client_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(splice(
+        shared.tasks.spawn(splice(
             client_upgrade,
             upstream_upgrade,
             log,
@@ -424,6 +426,9 @@ fn upstream_status(err: &UpstreamError) -> Status {
         }),
         UpstreamError::Pool(PoolError::Connect(_) | PoolError::Send(_)) => {
             Status::service_unavailable("the apiserver is unreachable from the proxy")
+        }
+        UpstreamError::Pool(PoolError::Closed(_)) => {
+            Status::service_unavailable("the proxy is shutting down")
         }
     }
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Chain;
 use crate::proxy::Shared;
+use crate::tasks::TaskTracker;
 use crate::tls::ServerTls;
 
 /// Re-reads every rotatable file once. Returns how many parts failed.
@@ -63,8 +64,9 @@ fn is_change(kind: &EventKind) -> bool {
 }
 
 /// Watches the directories of `files` until `stop`, calling `reload` after
-/// each burst of changes.
+/// each burst of changes; the task runs on `tasks`.
 pub fn spawn(
+    tasks: &TaskTracker,
     files: Vec<PathBuf>,
     stop: CancellationToken,
     reload: impl Fn() + Send + 'static,
@@ -103,7 +105,7 @@ pub fn spawn(
             tracing::warn!(dir = %dir.display(), error = %Chain(&err), "cannot watch directory");
         }
     }
-    Some(tokio::spawn(async move {
+    Some(tasks.spawn(async move {
         // The watcher lives as long as this task.
         let _watcher = watcher;
         loop {
@@ -156,7 +158,7 @@ mod tests {
         let reloads = Arc::new(AtomicUsize::new(0));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
-        let task = spawn(vec![file.clone()], stop.clone(), {
+        let task = spawn(&TaskTracker::new(), vec![file.clone()], stop.clone(), {
             let (reloads, file) = (reloads.clone(), file.clone());
             move || {
                 // As reload_all does: read what is watched.

@@ -15,7 +15,6 @@ pub mod fanout;
 pub mod memory;
 pub mod overhead;
 
-use crate::error::Chain;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +29,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use crate::error::Chain;
 
 /// A failure of the load generator's client side.
 #[derive(Debug, thiserror::Error)]

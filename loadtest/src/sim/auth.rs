@@ -13,13 +13,14 @@
 //! TokenReview and SelfSubjectReview (`kubectl auth whoami`); the access
 //! reviews are in rbac.rs.
 
-use crate::error::Chain;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+use crate::error::Chain;
 
 /// The `kid` of every token kube-sim signs (it has one signing key).
 const KEY_ID: &str = "kube-sim";

@@ -22,7 +22,6 @@
 //! (an hour by default) even if its Pod is deleted; the upstream still
 //! authorizes every request.
 
-use crate::error::Chain;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -40,6 +39,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 use super::{Identity, IdentityError, SERVICE_ACCOUNT_PREFIX};
+use crate::error::Chain;
 
 /// `extra` keys the apiserver sets for ServiceAccount tokens.
 pub(crate) const POD_NAME_KEY: &str = "authentication.kubernetes.io/pod-name";

@@ -29,7 +29,6 @@ mod review;
 mod tests;
 mod x509;
 
-use crate::error::Chain;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -38,6 +37,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+
+use crate::error::Chain;
 
 /// The group every authenticated user is in.
 pub const AUTHENTICATED_GROUP: &str = "system:authenticated";

@@ -17,7 +17,6 @@
 //! TinyLFU when full, so a flood of one-off tokens cannot push out the hot
 //! ones).
 
-use crate::error::Chain;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +25,7 @@ use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
 use super::{AuthError, Identity, TokenReviewer};
+use crate::error::Chain;
 
 /// The cache key of a token.
 pub(crate) fn token_hash(token: &str) -> [u8; 32] {
