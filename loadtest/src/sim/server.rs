@@ -1467,7 +1467,8 @@ async fn read_body(req: Request<Incoming>, content_type: &str) -> Result<Value, 
                 )
             } else {
                 store_error(&StoreError::BadRequest(format!(
-                    "error reading the request body: {e}"
+                    "error reading the request body: {}",
+                    Chain(&*e)
                 )))
             });
         }
