@@ -163,7 +163,7 @@ pub enum BlockError {
     #[error("block target is empty: {0}")]
     Empty(&'static str),
     /// Reading or writing the blocks file.
-    #[error("blocks file {path}: {source}")]
+    #[error("blocks file {path}")]
     Io {
         /// The file.
         path: String,
@@ -172,7 +172,7 @@ pub enum BlockError {
         source: std::io::Error,
     },
     /// The blocks file is not valid JSON of the expected shape.
-    #[error("blocks file {path}: {source}")]
+    #[error("blocks file {path}: bad JSON")]
     Parse {
         /// The file.
         path: String,

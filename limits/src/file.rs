@@ -227,7 +227,7 @@ impl fmt::Display for Problems {
 #[derive(Debug, thiserror::Error)]
 pub enum LimitsError {
     /// The file could not be read.
-    #[error("{path}: cannot read limits file: {source}")]
+    #[error("{path}: cannot read limits file")]
     Read {
         /// The path given.
         path: String,

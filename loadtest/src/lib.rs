@@ -6,6 +6,7 @@
 //! binary as a child process, black-box, as an operator would.
 
 pub mod bench;
+pub mod error;
 pub mod pki;
 pub mod proc;
 pub mod sim;

@@ -186,12 +186,25 @@ struct FanoutArgs {
 
 #[derive(Args)]
 struct MemoryArgs {
-    /// Idle watches (or connections) per case.
-    #[arg(long, default_value_t = 2000)]
-    watches: usize,
-    /// HTTP/2: watches per connection.
-    #[arg(long, default_value_t = 500)]
-    streams_per_connection: usize,
+    /// CI's quick run: only the h1 watch and h2 stream cases, 400 watches
+    /// each, 200 per h2 connection, a shorter settle (a few seconds a case).
+    #[arg(long)]
+    quick: bool,
+    /// Idle watches (or connections) per case [default: 2000, --quick: 400].
+    #[arg(long)]
+    watches: Option<usize>,
+    /// HTTP/2: watches per connection [default: 500, --quick: 200].
+    #[arg(long)]
+    streams_per_connection: Option<usize>,
+    /// Exit non-zero if a TLS HTTP/1.1 watch costs more KiB than this.
+    #[arg(long)]
+    max_kib_per_h1_watch: Option<f64>,
+    /// Exit non-zero if an HTTP/2 watch stream costs more KiB than this.
+    #[arg(long)]
+    max_kib_per_h2_stream: Option<f64>,
+    /// Show breakwater's logs (stderr).
+    #[arg(long)]
+    show_proxy_logs: bool,
     /// The breakwater binary (default: $BREAKWATER_BIN, else next to this executable).
     #[arg(long)]
     breakwater: Option<PathBuf>,
@@ -460,16 +473,32 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
 }
 
 async fn memory(a: MemoryArgs) -> anyhow::Result<()> {
-    use breakwater_loadtest::bench::memory::{MemoryOpts, run_memory};
+    use breakwater_loadtest::bench::memory::{MemoryLimits, MemoryOpts, run_memory};
+    let base = if a.quick {
+        MemoryOpts::quick()
+    } else {
+        MemoryOpts::default()
+    };
     let opts = MemoryOpts {
-        watches: a.watches,
-        streams_per_connection: a.streams_per_connection,
+        watches: a.watches.unwrap_or(base.watches),
+        streams_per_connection: a
+            .streams_per_connection
+            .unwrap_or(base.streams_per_connection),
         breakwater: a.breakwater,
-        ..MemoryOpts::default()
+        proxy_stderr: if a.show_proxy_logs {
+            StderrMode::Inherit
+        } else {
+            StderrMode::Capture
+        },
+        ..base
     };
     let report = run_memory(opts).await?;
     println!("{}", report.table());
-    write_json(a.json.as_deref(), &report)
+    write_json(a.json.as_deref(), &report)?;
+    report.check(&MemoryLimits {
+        h1_watch: a.max_kib_per_h1_watch,
+        h2_stream: a.max_kib_per_h2_stream,
+    })
 }
 
 /// Writes `report` as pretty JSON to `path`, if given.

@@ -24,7 +24,7 @@ use rustls_pki_types::pem::PemObject;
 /// A failure to make a key or a certificate.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("certificate generation failed: {0}")]
+    #[error("certificate generation failed")]
     Rcgen(#[from] rcgen::Error),
     #[error("invalid subject alternative name {0:?}")]
     BadName(String),

@@ -50,7 +50,7 @@ pub enum ProcError {
         .searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
     NotFound { searched: Vec<PathBuf> },
-    #[error("failed to start {path}: {source}")]
+    #[error("failed to start {path}")]
     Spawn {
         path: PathBuf,
         #[source]
@@ -62,7 +62,7 @@ pub enum ProcError {
     ReadyTimeout { after: Duration, tail: String },
     #[error("unparsable readiness line from breakwater: {0:?}")]
     BadReadyLine(String),
-    #[error("failed to signal or wait for breakwater: {0}")]
+    #[error("failed to signal or wait for breakwater")]
     Io(#[from] std::io::Error),
 }
 

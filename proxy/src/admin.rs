@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admit::Admission;
+use crate::error::Chain;
 use crate::upstream::Upstream;
 
 /// The process-wide Prometheus recorder. The first proxy in a process
@@ -56,10 +57,18 @@ pub struct AdminState {
     pub admission: Arc<Admission>,
 }
 
-/// Serves the admin endpoints until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
-    let tracker = TaskTracker::new();
-    let upkeep = tokio::spawn({
+/// Serves the admin endpoints until `stop` is cancelled, then waits for its
+/// connections to finish. Its tasks (connections, metrics upkeep) run on
+/// `tasks`, the proxy's tracker.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    // The admin connections, to wait for them here.
+    let conns = TaskTracker::new();
+    tasks.spawn({
         let stop = stop.clone();
         async move {
             // Histograms are drained into their summaries by upkeep.
@@ -78,7 +87,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
             res = listener.accept() => match res {
                 Ok(pair) => pair,
                 Err(err) => {
-                    tracing::warn!(error = %err, "admin accept failed");
+                    tracing::warn!(error = %Chain(&err), "admin accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -86,7 +95,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         };
         let state = state.clone();
         let stop = stop.clone();
-        tracker.spawn(async move {
+        tasks.spawn(conns.track_future(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req).await) }
@@ -103,11 +112,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                     let _ = conn.await;
                 }
             }
-        });
+        }));
     }
-    tracker.close();
-    tracker.wait().await;
-    upkeep.abort();
+    conns.close();
+    conns.wait().await;
 }
 
 async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -150,22 +158,30 @@ async fn blocks(state: &AdminState, rest: String, req: Request<Incoming>) -> Res
             let body = match limited.collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(err) => {
-                    return error(StatusCode::BAD_REQUEST, &format!("reading the body: {err}"));
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("reading the body: {}", Chain(&*err)),
+                    );
                 }
             };
             let block: breakwater_limits::Block = match serde_json::from_slice(&body) {
                 Ok(b) => b,
-                Err(err) => return error(StatusCode::BAD_REQUEST, &format!("not a block: {err}")),
+                Err(err) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("not a block: {}", Chain(&err)),
+                    );
+                }
             };
             match admission.add_block(block) {
                 Ok(block) => json(StatusCode::CREATED, &block),
-                Err(err) => error(StatusCode::CONFLICT, &err.to_string()),
+                Err(err) => error(StatusCode::CONFLICT, &Chain(&err).to_string()),
             }
         }
         (Method::DELETE, id) if id.len() > 1 => match admission.remove_block(&id[1..]) {
             Ok(Some(block)) => json(StatusCode::OK, &block),
             Ok(None) => error(StatusCode::NOT_FOUND, "no such block"),
-            Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &err.to_string()),
+            Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &Chain(&err).to_string()),
         },
         _ => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -204,8 +220,12 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 pub enum ProbeError {
     #[error("{0}: only plain http:// URLs (the admin listener) can be probed")]
     NotHttp(String),
-    #[error("{0}: {1}")]
-    Request(String, String),
+    #[error("GET {url}")]
+    Request {
+        url: String,
+        #[source]
+        source: crate::upstream::BoxError,
+    },
     #[error("{0} answered {1}")]
     Status(String, http::StatusCode),
     #[error("{0}: no answer within {1:?}")]
@@ -219,7 +239,10 @@ pub enum ProbeError {
 pub async fn probe(url: &str, within: std::time::Duration) -> Result<(), ProbeError> {
     let uri: http::Uri = url
         .parse()
-        .map_err(|e: http::uri::InvalidUri| ProbeError::Request(url.into(), e.to_string()))?;
+        .map_err(|e: http::uri::InvalidUri| ProbeError::Request {
+            url: url.into(),
+            source: e.into(),
+        })?;
     if uri.scheme_str() != Some("http") {
         return Err(ProbeError::NotHttp(url.into()));
     }
@@ -229,7 +252,10 @@ pub async fn probe(url: &str, within: std::time::Duration) -> Result<(), ProbeEr
     let resp = tokio::time::timeout(within, client.get(uri))
         .await
         .map_err(|_| ProbeError::Timeout(url.into(), within))?
-        .map_err(|e| ProbeError::Request(url.into(), e.to_string()))?;
+        .map_err(|e| ProbeError::Request {
+            url: url.into(),
+            source: e.into(),
+        })?;
     if resp.status() == http::StatusCode::OK {
         Ok(())
     } else {

@@ -19,6 +19,7 @@ use breakwater_limits::{
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::classify::RequestInfo;
+use crate::error::Chain;
 use crate::identity::Identity;
 use crate::status::{Details, Reason, Status};
 use crate::upstream::Body;
@@ -39,9 +40,9 @@ pub struct Admission {
 /// Why admission could not be set up, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmitError {
-    #[error("{0}")]
+    #[error(transparent)]
     Limits(#[from] LimitsError),
-    #[error("blocks file: {0}")]
+    #[error(transparent)]
     Blocks(#[from] BlockError),
 }
 
@@ -105,7 +106,7 @@ impl Admission {
             Err(err) => {
                 metrics::counter!("breakwater_limits_reloads_total", "result" => "error")
                     .increment(1);
-                for line in err.to_string().lines() {
+                for line in Chain(&err).to_string().lines() {
                     tracing::error!(problem = %line, "limits file refused; the old limits stay in force");
                 }
                 Err(err.into())
@@ -272,7 +273,7 @@ impl Admission {
         if !expired.is_empty() {
             let _serial = self.blocks_lock.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(err) = self.persist() {
-                tracing::warn!(error = %err, "could not persist the block list");
+                tracing::warn!(error = %Chain(&err), "could not persist the block list");
             }
         }
         for s in self.limiter.rule_stats() {

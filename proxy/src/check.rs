@@ -6,6 +6,7 @@ use std::path::Path;
 use breakwater_limits::{RequestAttrs, Subject, ValidatedLimits, explain};
 
 use crate::classify;
+use crate::error::Chain;
 
 /// The report, or every problem of the file (`FILE:LINE:COL: message (hint: …)`).
 pub fn check_limits(
@@ -14,7 +15,7 @@ pub fn check_limits(
     user: &str,
     groups: &[String],
 ) -> Result<String, String> {
-    let limits = ValidatedLimits::load(file).map_err(|e| e.to_string())?;
+    let limits = ValidatedLimits::load(file).map_err(|e| Chain(&e).to_string())?;
     let mut out = format!(
         "{}: valid ({} rules, replicas {})\n",
         file.display(),

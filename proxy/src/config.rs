@@ -159,13 +159,13 @@ pub enum ConfigError {
          clients from elsewhere must use TLS on --listen"
     )]
     PlainNotLoopback(SocketAddr),
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("parsing {path}")]
     Parse {
         path: PathBuf,
         #[source]
@@ -173,7 +173,7 @@ pub enum ConfigError {
     },
     #[error("missing required option --{0} (or `{1}` in the config file)")]
     Missing(&'static str, &'static str),
-    #[error("--{option}: {value:?} is not a duration like 30s or 2m: {source}")]
+    #[error("--{option}: {value:?} is not a duration like 30s or 2m")]
     Duration {
         option: &'static str,
         value: String,

@@ -17,6 +17,7 @@ use breakwater_loadtest::sim::{self, KubeSim, SimConfig, SimPki};
 use serde_json::json;
 
 use crate::config::{LimitsConfig, ProxyConfig};
+use crate::error::Chain;
 use crate::identity::AuthConfig;
 use crate::server::{self, ProxyHandle, StartError};
 use crate::tls::UpstreamTls;
@@ -40,17 +41,17 @@ pub struct DemoOptions {
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("certificates: {0}")]
+    #[error("generating certificates")]
     Pki(#[from] PkiError),
     #[error("kube-sim: {0}")]
     Sim(String),
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("proxy: {0}")]
+    #[error("starting the proxy")]
     Start(#[from] StartError),
     #[error("the proxy did not become ready: {0}")]
     NotReady(String),
@@ -101,8 +102,8 @@ impl Demo {
         };
         let sim = KubeSim::start(sim_cfg, pki)
             .await
-            .map_err(|e| DemoError::Sim(e.to_string()))?;
-        sim::seed_demo(sim.store()).map_err(|e| DemoError::Sim(e.to_string()))?;
+            .map_err(|e| DemoError::Sim(Chain(&e).to_string()))?;
+        sim::seed_demo(sim.store()).map_err(|e| DemoError::Sim(Chain(&e).to_string()))?;
         let sa = sim::resources::find("", "v1", "serviceaccounts")
             .ok_or_else(|| DemoError::Sim("serviceaccounts type missing".into()))?;
         let sa_obj = json!({"apiVersion": "v1", "kind": "ServiceAccount",
@@ -124,7 +125,7 @@ impl Demo {
             json!([{"kind": "ServiceAccount", "name": "breakwater", "namespace": "kube-system"}]),
             false,
         )
-        .map_err(|e| DemoError::Sim(e.to_string()))?;
+        .map_err(|e| DemoError::Sim(Chain(&e).to_string()))?;
         let week = Duration::from_secs(7 * 24 * 3600);
         let token = sim.issue_token(DEMO_ADMIN_NS, DEMO_ADMIN_SA, week);
         let viewer_token = sim.issue_token("demo", "viewer", week);

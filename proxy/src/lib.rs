@@ -11,12 +11,14 @@ pub mod classify;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod error;
 pub mod identity;
 pub mod proxy;
 pub mod reload;
 pub mod selector;
 pub mod server;
 pub mod status;
+pub mod tasks;
 pub mod tls;
 pub mod upstream;
 pub mod watch;

@@ -76,20 +76,16 @@ fn init_tracing() {
         .init();
 }
 
-/// SIGHUP re-reads the limits file and the certificates.
-async fn reload_on_sighup(handle: std::sync::Arc<breakwater::server::ProxyHandle>) {
+/// SIGHUP re-reads the limits file and the certificates. Never returns
+/// (without a handler, SIGHUP is simply not handled).
+async fn reload_on_sighup(handle: &breakwater::server::ProxyHandle) {
     #[cfg(unix)]
-    {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading limits and certificates");
             handle.reload();
         }
     }
-    #[cfg(not(unix))]
     std::future::pending::<()>().await;
 }
 
@@ -123,9 +119,22 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    match run(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // The whole chain, on one line: "starting the proxy: serving
+            // TLS: reading tls.crt: No such file or directory (os error 2)".
+            let err: &(dyn std::error::Error + 'static) = err.as_ref();
+            eprintln!("breakwater: {}", breakwater::error::Chain(err));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run(opts) => {
             init_tracing();
             let cfg = opts.resolve()?;
@@ -137,14 +146,12 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("breakwater: listening on https://{}", handle.addr());
             println!("breakwater: admin on http://{}", handle.admin_addr());
-            let handle = std::sync::Arc::new(handle);
-            let hup = tokio::spawn(reload_on_sighup(handle.clone()));
-            stop.await;
-            hup.abort();
-            let _ = hup.await;
-            let Ok(handle) = std::sync::Arc::try_unwrap(handle) else {
-                anyhow::bail!("internal error: proxy handle still shared at shutdown");
-            };
+            // SIGHUP is served on this task, beside the wait for SIGTERM:
+            // nothing outlives the handle.
+            tokio::select! {
+                _ = stop => {}
+                _ = reload_on_sighup(&handle) => {}
+            }
             tracing::info!("shutdown signal received");
             handle.shutdown().await;
         }
@@ -163,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Probe { url, timeout } => match breakwater::admin::probe(&url, timeout).await {
             Ok(()) => println!("ok: {url}"),
             Err(err) => {
-                eprintln!("not ready: {err}");
+                eprintln!("not ready: {}", breakwater::error::Chain(&err));
                 std::process::exit(1);
             }
         },

@@ -32,6 +32,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::admit::{Admission, Admit};
 use crate::classify::{self, RequestInfo};
+use crate::error::Chain;
 use crate::identity::{AuthError, Authenticator, Identity};
 use crate::status::{Details, Reason, Status};
 use crate::upstream::{
@@ -49,6 +50,8 @@ pub struct Shared {
     pub streams: CancellationToken,
     /// Shared watches and LIST rv=0 from their caches.
     pub hub: crate::watch::Hub,
+    /// The proxy's tasks (upgrade splices here), awaited at shutdown.
+    pub tasks: crate::tasks::TaskTracker,
 }
 
 /// Handles one request from a client. Infallible: every outcome is a response.
@@ -73,7 +76,7 @@ pub async fn handle(
     let identity = match shared.auth.authenticate(cert.as_ref(), req.headers()).await {
         Ok(identity) => identity,
         Err(err) => {
-            tracing::info!(reason = %err, path = %log.path, "authentication failed");
+            tracing::info!(reason = %Chain(&err), path = %log.path, "authentication failed");
             return log.finish_with(auth_status(&err));
         }
     };
@@ -128,7 +131,7 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(err) => {
             let status = upstream_status(&err);
-            tracing::warn!(error = %err, path = %log.path, "upstream request failed");
+            tracing::warn!(error = %Chain(&err), path = %log.path, "upstream request failed");
             return log.finish_with(
                 status
                     .into_response::<bytes::Bytes>()
@@ -166,7 +169,7 @@ fn respond(
         && let Some(client_upgrade) = client_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(splice(
+        shared.tasks.spawn(splice(
             client_upgrade,
             upstream_upgrade,
             log,
@@ -225,7 +228,7 @@ async fn splice(
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(err) => {
-            tracing::warn!(error = %err, path = %log.path, "upgrade failed");
+            tracing::warn!(error = %Chain(&err), path = %log.path, "upgrade failed");
             return;
         }
     };
@@ -234,7 +237,7 @@ async fn splice(
     tokio::select! {
         res = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
             if let Err(err) = res {
-                tracing::debug!(error = %err, path = %log.path, "upgraded stream ended with an error");
+                tracing::debug!(error = %Chain(&err), path = %log.path, "upgraded stream ended with an error");
             }
         }
         _ = streams.cancelled() => {}
@@ -423,6 +426,9 @@ fn upstream_status(err: &UpstreamError) -> Status {
         }),
         UpstreamError::Pool(PoolError::Connect(_) | PoolError::Send(_)) => {
             Status::service_unavailable("the apiserver is unreachable from the proxy")
+        }
+        UpstreamError::Pool(PoolError::Closed(_)) => {
+            Status::service_unavailable("the proxy is shutting down")
         }
     }
 }
@@ -628,7 +634,7 @@ impl http_body::Body for Observed {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {
-                tracing::warn!(error = %err, "upstream response stream broke; passing the break on");
+                tracing::warn!(error = %Chain(&*err), "upstream response stream broke; passing the break on");
                 this.end("upstream-error");
                 Poll::Ready(Some(Err(err)))
             }

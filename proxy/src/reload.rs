@@ -18,7 +18,9 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Chain;
 use crate::proxy::Shared;
+use crate::tasks::TaskTracker;
 use crate::tls::ServerTls;
 
 /// Re-reads every rotatable file once. Returns how many parts failed.
@@ -36,14 +38,17 @@ pub fn reload_all(tls: &ServerTls, shared: &Shared) -> usize {
             tracing::warn!(what, error = %err, "reload failed; keeping the current one");
         }
     };
-    note("serving-tls", tls.reload().map_err(|e| e.to_string()));
+    note(
+        "serving-tls",
+        tls.reload().map_err(|e| Chain(&e).to_string()),
+    );
     note(
         "upstream-credentials",
-        shared.upstream.reload().map_err(|e| e.to_string()),
+        shared.upstream.reload().map_err(|e| Chain(&e).to_string()),
     );
     note(
         "service-account-keys",
-        shared.auth.reload_keys().map_err(|e| e.to_string()),
+        shared.auth.reload_keys().map_err(|e| Chain(&e).to_string()),
     );
     failed
 }
@@ -59,8 +64,9 @@ fn is_change(kind: &EventKind) -> bool {
 }
 
 /// Watches the directories of `files` until `stop`, calling `reload` after
-/// each burst of changes.
+/// each burst of changes; the task runs on `tasks`.
 pub fn spawn(
+    tasks: &TaskTracker,
     files: Vec<PathBuf>,
     stop: CancellationToken,
     reload: impl Fn() + Send + 'static,
@@ -90,16 +96,16 @@ pub fn spawn(
     ) {
         Ok(w) => w,
         Err(err) => {
-            tracing::warn!(error = %err, "cannot watch certificate files; rotation needs a restart");
+            tracing::warn!(error = %Chain(&err), "cannot watch certificate files; rotation needs a restart");
             return None;
         }
     };
     for dir in &dirs {
         if let Err(err) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %dir.display(), error = %err, "cannot watch directory");
+            tracing::warn!(dir = %dir.display(), error = %Chain(&err), "cannot watch directory");
         }
     }
-    Some(tokio::spawn(async move {
+    Some(tasks.spawn(async move {
         // The watcher lives as long as this task.
         let _watcher = watcher;
         loop {
@@ -152,7 +158,7 @@ mod tests {
         let reloads = Arc::new(AtomicUsize::new(0));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
-        let task = spawn(vec![file.clone()], stop.clone(), {
+        let task = spawn(&TaskTracker::new(), vec![file.clone()], stop.clone(), {
             let (reloads, file) = (reloads.clone(), file.clone());
             move || {
                 // As reload_all does: read what is watched.

@@ -5,8 +5,14 @@
 //! 2. every connection is told to finish (h1: close after the current
 //!    response, h2: GOAWAY) and in-flight requests drain, for up to the
 //!    grace period;
-//! 3. then long-running streams (watches) end cleanly, so that clients see a
-//!    normal end of stream and re-watch elsewhere, and the process exits.
+//! 3. then long-running streams (watches, upgraded exec/attach streams) end
+//!    cleanly, so that clients see a normal end of stream and re-watch
+//!    elsewhere; connections get 5 s more to close;
+//! 4. the watch hub's upstream streams end, the upstream lanes close (idle
+//!    pooled connections end at once), the admin listener stops, and the
+//!    proxy waits for every task it spawned (one [`TaskTracker`], see
+//!    [`crate::tasks`]), for at most one more grace period; then the process
+//!    exits.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -27,9 +33,11 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AdminState};
 use crate::admit::{self, Admission, AdmitError};
 use crate::config::ProxyConfig;
+use crate::error::Chain;
 use crate::identity::{Authenticator, IdentityError, TokenReviewer};
 use crate::proxy::{self, Shared};
 use crate::reload;
+use crate::tasks::TrackedExecutor;
 use crate::tls::{ServerTls, TlsError};
 use crate::upstream::{BoxError, Upstream, UpstreamConfigError};
 
@@ -44,15 +52,15 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("serving TLS: {0}")]
+    #[error("serving TLS")]
     Tls(#[from] TlsError),
     #[error(transparent)]
     Upstream(#[from] UpstreamConfigError),
-    #[error("authentication: {0}")]
+    #[error("authentication")]
     Identity(#[from] IdentityError),
-    #[error("limits: {0}")]
+    #[error("limits")]
     Limits(#[from] AdmitError),
-    #[error("binding {addr}: {source}")]
+    #[error("binding {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -66,7 +74,7 @@ pub struct ProxyHandle {
     admin_addr: SocketAddr,
     plain_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
-    done: tokio::task::JoinHandle<()>,
+    done: tokio::task::JoinHandle<Stopped>,
     admission: Arc<Admission>,
     reload_all: Arc<dyn Fn() + Send + Sync>,
     hub: crate::watch::Hub,
@@ -111,10 +119,24 @@ impl ProxyHandle {
     }
 
     /// Starts the shutdown sequence and waits for it to finish.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(self) -> Stopped {
         self.shutdown.cancel();
-        let _ = self.done.await;
+        match self.done.await {
+            Ok(stopped) => stopped,
+            // The sequence itself panicked: nothing is known to have ended.
+            Err(_) => Stopped {
+                tasks_left: usize::MAX,
+            },
+        }
     }
+}
+
+/// How a shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// The proxy's tasks still running when the last grace period ran out
+    /// (they are dropped with the runtime); 0 when every task ended in time.
+    pub tasks_left: usize,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -133,7 +155,9 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     // The recorder first: the upstream lanes register their metric handles
     // when they are built.
     admin::prometheus();
-    let upstream = Upstream::new(&cfg.upstream)?;
+    // Every task of the proxy, awaited at shutdown (crate::tasks).
+    let tasks = TaskTracker::new();
+    let upstream = Upstream::new(&cfg.upstream, tasks.clone())?;
     let handle_upstream = upstream.clone();
     let reviewer: Arc<dyn TokenReviewer> = Arc::new(upstream.clone());
     let key_files = cfg.auth.service_account_key_files.clone();
@@ -175,27 +199,26 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         admission: admission.clone(),
         hub: crate::watch::Hub::new(upstream.clone(), cfg.watch.clone(), streams.clone()),
         streams,
+        tasks: tasks.clone(),
     });
     let hub = shared.hub.clone();
     let mut watched = server_tls.files();
     watched.extend(upstream.files());
     watched.extend(key_files);
-    let reloader = reload::spawn(watched, shutdown.clone(), {
+    // The file watchers and upkeep end by themselves on `shutdown`.
+    reload::spawn(&tasks, watched, shutdown.clone(), {
         let (tls, shared) = (server_tls.clone(), shared.clone());
         move || {
             reload::reload_all(&tls, &shared);
         }
     });
-    let limits_watcher = admission
-        .limits_file()
-        .map(Path::to_path_buf)
-        .and_then(|file| {
-            let admission = admission.clone();
-            reload::spawn(vec![file], shutdown.clone(), move || {
-                let _ = admission.reload();
-            })
+    if let Some(file) = admission.limits_file().map(Path::to_path_buf) {
+        let admission = admission.clone();
+        reload::spawn(&tasks, vec![file], shutdown.clone(), move || {
+            let _ = admission.reload();
         });
-    let upkeep = tokio::spawn(admit::maintenance(
+    }
+    tasks.spawn(admit::maintenance(
         admission.clone(),
         Duration::from_secs(5),
         shutdown.clone(),
@@ -213,15 +236,20 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         admission: admission.clone(),
     });
     let admin_stop = CancellationToken::new();
-    let admin_task = tokio::spawn(admin::serve(
+    tasks.spawn(admin::serve(
         admin_listener,
         admin_state.clone(),
         admin_stop.clone(),
+        tasks.clone(),
     ));
+    // The shutdown sequence is the one task outside the tracker: it is the
+    // one that waits for it.
     let done = tokio::spawn({
         let shutdown = shutdown.clone();
+        let upstream = shared.upstream.clone();
         async move {
             let conns = Connections {
+                tasks: tasks.clone(),
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
             };
@@ -238,23 +266,37 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
                     None => tls.await,
                 }
             }
-            for task in [reloader, limits_watcher].into_iter().flatten() {
-                task.abort();
-            }
-            upkeep.abort();
             // Step 1 is done (listener closed); fail readiness too.
             admin_state.ready.store(false, Ordering::Release);
             drain(conns, &shared, cfg.shutdown_grace).await;
-            // Every client stream is over: the watch hub's upstream streams end too.
+            // Step 4. Every client stream is over: the watch hub's upstream
+            // streams end too; then the upstream lanes close, the admin
+            // listener stops, and every task of the proxy is waited for.
             shared.streams.cancel();
-            if tokio::time::timeout(cfg.shutdown_grace, shared.hub.closed())
+            let deadline = tokio::time::Instant::now() + cfg.shutdown_grace;
+            if tokio::time::timeout_at(deadline, shared.hub.closed())
                 .await
                 .is_err()
             {
                 tracing::warn!("watch hub tasks still running after the shutdown grace period");
             }
+            upstream.close();
             admin_stop.cancel();
-            let _ = admin_task.await;
+            tasks.close();
+            if tokio::time::timeout_at(deadline, tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    tasks = tasks.len(),
+                    "tasks still running after the shutdown grace period; exiting anyway"
+                );
+            } else {
+                tracing::info!("shut down");
+            }
+            Stopped {
+                tasks_left: tasks.len(),
+            }
         }
     });
     tracing::info!(
@@ -281,8 +323,17 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
 /// The client connections: their tasks (from accept to close, TLS handshake
 /// included) and the signal that tells each to finish gracefully.
 struct Connections {
+    /// The proxy's tracker: connection tasks are spawned there.
+    tasks: TaskTracker,
+    /// The connections alone, so that step 2 can wait for them.
     tracker: TaskTracker,
     stop: CancellationToken,
+}
+
+impl Connections {
+    fn spawn(&self, conn: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(self.tracker.track_future(conn));
+    }
 }
 
 /// Steps 2 and 3 of the shutdown order.
@@ -328,7 +379,7 @@ async fn accept_loop(
                 Err(err) => {
                     // EMFILE/ENFILE and aborted handshakes: the listener
                     // itself is fine; wait a little and go on.
-                    tracing::warn!(error = %err, "accept failed; backing off");
+                    tracing::warn!(error = %Chain(&err), "accept failed; backing off");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
@@ -338,16 +389,10 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (shared, stop) = (shared.clone(), conns.stop.clone());
         match &tls {
-            Some(tls) => {
-                conns
-                    .tracker
-                    .spawn(serve_connection(tcp, peer, tls.acceptor(), shared, stop));
-            }
+            Some(tls) => conns.spawn(serve_connection(tcp, peer, tls.acceptor(), shared, stop)),
             None => {
                 let io = TokioIo::new(tcp);
-                conns
-                    .tracker
-                    .spawn(serve_http(io, peer, None, None, shared, stop));
+                conns.spawn(serve_http(io, peer, None, None, shared, stop));
             }
         }
     }
@@ -370,7 +415,7 @@ async fn serve_connection(
     let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
-            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+            tracing::debug!(%peer, error = %Chain(&err), "TLS handshake failed");
             return;
         }
         Err(_) => {
@@ -384,7 +429,7 @@ async fn serve_connection(
         Some(leaf) => match Authenticator::from_certificate(leaf) {
             Ok(identity) => Some(Arc::new(identity)),
             Err(err) => {
-                tracing::info!(%peer, error = %err, "client certificate carries no usable identity");
+                tracing::info!(%peer, error = %Chain(&err), "client certificate carries no usable identity");
                 None
             }
         },
@@ -405,6 +450,8 @@ async fn serve_http<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    // HTTP/2 streams run on tasks of their own, on the proxy's tracker.
+    let exec = TrackedExecutor::new(shared.tasks.clone());
     let svc = service_fn(move |req| {
         LazyHandler::Waiting(Some(Box::new(Call {
             shared: shared.clone(),
@@ -421,7 +468,7 @@ async fn serve_http<I>(
     // builder sniffs: HTTP/2 with prior knowledge, else HTTP/1.1.
     let res: Result<(), BoxError> = match alpn.as_deref() {
         Some(b"h2") => {
-            let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            let mut h2 = hyper::server::conn::http2::Builder::new(exec);
             h2.timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_STREAMS)
                 .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
@@ -442,7 +489,7 @@ async fn serve_http<I>(
                 .map_err(Into::into)
         }
         _ => {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(exec);
             builder
                 .http1()
                 .timer(TokioTimer::new())
@@ -458,7 +505,7 @@ async fn serve_http<I>(
         }
     };
     if let Err(err) = res {
-        tracing::debug!(%peer, error = %err, "connection ended with an error");
+        tracing::debug!(%peer, error = %Chain(&*err), "connection ended with an error");
     }
 }
 

@@ -23,7 +23,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// A failure to load or assemble TLS material. Never carries key bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -31,15 +31,15 @@ pub enum TlsError {
     },
     #[error("{path}: no certificate found")]
     NoCertificate { path: PathBuf },
-    #[error("{path}: certificate rejected as a CA: {source}")]
+    #[error("{path}: certificate rejected as a CA")]
     BadCa {
         path: PathBuf,
         #[source]
         source: rustls::Error,
     },
-    #[error("TLS configuration: {0}")]
+    #[error("TLS configuration")]
     Config(#[from] rustls::Error),
-    #[error("client certificate verifier: {0}")]
+    #[error("client certificate verifier")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 

@@ -221,6 +221,104 @@ async fn shutdown_fails_readiness_then_ends_watches_cleanly() {
     shutdown.await.expect("shutdown finished");
 }
 
+/// Shutdown waits for every task the proxy spawned, and they all end within
+/// the grace period: a watch the hub serves, a forwarded watch, an upgraded
+/// exec stream and the idle pooled upstream connection of an earlier GET
+/// (whose driver task would otherwise live until kube-sim closed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_watches_exec_and_idle_upstream_connections_within_the_grace() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let env = demo_env().await;
+    let grace = Duration::from_secs(1);
+    let proxy =
+        breakwater::server::start(common::passthrough_config(&env, env.demo.sim.url(), grace))
+            .await
+            .expect("start");
+    let token = &env.demo.token;
+    let base = format!("https://{}", proxy.addr());
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+
+    // A unary GET: its upstream connection stays in the pool, idle.
+    let resp = client
+        .request(get(&format!("{base}/api/v1/namespaces/demo/pods"), token))
+        .await
+        .expect("list pods");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let pods: Value = serde_json::from_slice(&body).expect("json");
+    let pod = pods["items"][0]["metadata"]["name"]
+        .as_str()
+        .expect("the demo seeds pods in namespace demo")
+        .to_string();
+
+    // A watch the hub serves, and a Table watch it forwards.
+    let watch = format!("{base}/api/v1/namespaces/default/configmaps?watch=true");
+    let resp = client.request(get(&watch, token)).await.expect("watch");
+    assert_eq!(resp.status(), 200);
+    let mut shared = Lines::new(resp.into_body());
+    let mut table = get(&watch, token);
+    table.headers_mut().insert(
+        "accept",
+        http::HeaderValue::from_static("application/json;as=Table;v=v1;g=meta.k8s.io"),
+    );
+    let resp = client.request(table).await.expect("table watch");
+    assert_eq!(resp.status(), 200);
+    let mut forwarded = resp.into_body();
+    assert_eq!(
+        proxy.watch_hub().stats().subscribers,
+        1,
+        "the hub serves one"
+    );
+
+    // An exec, upgraded and spliced (over the plain loopback listener).
+    // kube-sim sends the output, the status and its close, then waits
+    // 10 s for the client's close, which never comes: the splice is open
+    // until the shutdown ends it.
+    let plain = proxy.plain_addr().expect("plain listener");
+    let mut req = format!(
+        "ws://{plain}/api/v1/namespaces/demo/pods/{pod}/exec?command=echo&command=hi&stdout=true"
+    )
+    .into_client_request()
+    .expect("ws request");
+    let h = req.headers_mut();
+    h.insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    h.insert(
+        "sec-websocket-protocol",
+        http::HeaderValue::from_static("v5.channel.k8s.io"),
+    );
+    let tcp = tokio::net::TcpStream::connect(plain)
+        .await
+        .expect("connect");
+    let (mut exec, _) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .expect("exec upgraded");
+    match exec.next().await {
+        Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], b"\x01hi\n"),
+        other => panic!("exec stdout: {other:?}"),
+    }
+
+    let stopped = tokio::time::timeout(grace * 2 + Duration::from_secs(10), proxy.shutdown())
+        .await
+        .expect("shutdown returned");
+    assert_eq!(
+        stopped.tasks_left, 0,
+        "every task of the proxy ended within the grace period"
+    );
+    // The watches ended cleanly (Lines panics on a broken stream), and the
+    // exec stream is over.
+    while shared.next_within(Duration::from_secs(1)).await.is_some() {}
+    while let Some(frame) = forwarded.frame().await {
+        frame.expect("the forwarded watch ends cleanly");
+    }
+    while let Some(Ok(_)) = exec.next().await {}
+}
+
 async fn readyz(admin: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(admin)

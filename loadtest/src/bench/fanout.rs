@@ -47,6 +47,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
 use super::{Conn, Connector, Protocol, client_tls, cpu_seconds, fmt_us, latency_histogram};
+use crate::error::Chain;
 use crate::pki::Ca;
 use crate::proc::{BreakwaterProcess, RunArgs, StartOptions, StderrMode, find_breakwater};
 use crate::sim::resources;
@@ -792,7 +793,7 @@ async fn with_sim(sim: &KubeSim, bin: &Path, opts: &FanoutOpts) -> anyhow::Resul
             .map_or(0, |d| d.as_secs()),
     };
     if let Err(e) = env.proxy.shutdown(Duration::from_secs(10)).await {
-        tracing::warn!(error = %e, "stopping breakwater");
+        tracing::warn!(error = %Chain(&e), "stopping breakwater");
     }
     Ok(report)
 }
@@ -834,7 +835,7 @@ async fn subscriber(
             let _permit = handshakes.acquire().await;
             match connector.connect().await {
                 Ok(c) => c,
-                Err(e) => return fail(format!("connect: {e}")),
+                Err(e) => return fail(format!("connect: {}", Chain(&e))),
             }
         }
     };
@@ -847,7 +848,7 @@ async fn subscriber(
     }
     let resp = match conn.send(req).await {
         Ok(r) => r,
-        Err(e) => return fail(format!("watch request: {e}")),
+        Err(e) => return fail(format!("watch request: {}", Chain(&e))),
     };
     if !resp.status().is_success() {
         let status = resp.status();
@@ -903,7 +904,7 @@ async fn subscriber(
             Some(Err(e)) => {
                 return SubOutcome {
                     received,
-                    error: Some(format!("body: {e}")),
+                    error: Some(format!("body: {}", Chain(&e))),
                 };
             }
             None => {

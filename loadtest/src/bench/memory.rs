@@ -15,6 +15,11 @@
 //! The per-subscriber queue (a bounded channel) allocates only when events
 //! are queued, so an idle watch measures connection, TLS, HTTP and
 //! subscriber state.
+//!
+//! [`MemoryOpts::quick`] (`--quick`) runs the two watch cases with a few
+//! hundred watches in a few seconds, and [`MemoryReport::check`] fails a run
+//! above given KiB per watch: CI guards the savings this way (an h1 watch
+//! grows by ~10 KiB if the vendored hyper patch is lost).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -25,12 +30,15 @@ use tokio::sync::Semaphore;
 
 use super::fanout::{ProxyEnv, machine, watch_request};
 use super::{Conn, Connector, Protocol};
+use crate::error::Chain;
 use crate::proc::{StderrMode, find_breakwater};
 use crate::sim::{KubeSim, SimConfig, SimPki};
 
 /// Options of [`run_memory`].
 #[derive(Debug, Clone)]
 pub struct MemoryOpts {
+    /// The cases to run, in order.
+    pub cases: Vec<Case>,
     pub watches: usize,
     /// HTTP/2: streams per connection (breakwater allows 1,000).
     pub streams_per_connection: usize,
@@ -43,6 +51,7 @@ pub struct MemoryOpts {
 impl Default for MemoryOpts {
     fn default() -> Self {
         MemoryOpts {
+            cases: vec![Case::TlsH1Connection, Case::TlsH1Watch, Case::TlsH2Stream],
             watches: 2000,
             streams_per_connection: 500,
             settle: Duration::from_secs(2),
@@ -50,6 +59,31 @@ impl Default for MemoryOpts {
             proxy_stderr: StderrMode::Capture,
         }
     }
+}
+
+impl MemoryOpts {
+    /// CI's run (`--quick`): the two watch cases only, 400 watches each (the
+    /// h2 ones over two connections), a shorter settle; a few seconds per
+    /// case. Fewer watches make the figure noisier (RSS moves in allocator
+    /// steps): ±1 KiB per watch, against the ~10 KiB the hyper patch saves.
+    pub fn quick() -> MemoryOpts {
+        MemoryOpts {
+            cases: vec![Case::TlsH1Watch, Case::TlsH2Stream],
+            watches: 400,
+            streams_per_connection: 200,
+            settle: Duration::from_secs(1),
+            ..MemoryOpts::default()
+        }
+    }
+}
+
+/// Ceilings for [`MemoryReport::check`], KiB per item; `None`: not checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MemoryLimits {
+    /// [`Case::TlsH1Watch`].
+    pub h1_watch: Option<f64>,
+    /// [`Case::TlsH2Stream`].
+    pub h2_stream: Option<f64>,
 }
 
 /// Which kind of idle client.
@@ -93,6 +127,30 @@ pub struct MemoryReport {
 }
 
 impl MemoryReport {
+    /// Fails if a case costs more per item than its ceiling in `limits`,
+    /// or if a checked case was not run.
+    pub fn check(&self, limits: &MemoryLimits) -> anyhow::Result<()> {
+        let ceilings = [
+            (Case::TlsH1Watch, limits.h1_watch),
+            (Case::TlsH2Stream, limits.h2_stream),
+        ];
+        for (case, max) in ceilings {
+            let Some(max) = max else { continue };
+            let f = self
+                .cases
+                .iter()
+                .find(|f| f.case == case)
+                .with_context(|| format!("{}: not measured, cannot check it", case.name()))?;
+            ensure!(
+                f.kib_per_item <= max,
+                "{}: {:.1} KiB per item exceeds the ceiling of {max:.1} KiB",
+                case.name(),
+                f.kib_per_item
+            );
+        }
+        Ok(())
+    }
+
     pub fn table(&self) -> String {
         let mut out = format!("breakwater memory per idle watch ({})\n\n", self.machine);
         out.push_str(&format!(
@@ -121,7 +179,7 @@ pub async fn run_memory(opts: MemoryOpts) -> anyhow::Result<MemoryReport> {
     crate::storm::raise_nofile_limit();
     let bin = find_breakwater(opts.breakwater.as_deref())?;
     let mut cases = Vec::new();
-    for case in [Case::TlsH1Connection, Case::TlsH1Watch, Case::TlsH2Stream] {
+    for &case in &opts.cases {
         let pki = SimPki::generate(&["127.0.0.1", "localhost"]).context("kube-sim PKI")?;
         let sim = KubeSim::start(SimConfig::default(), pki)
             .await
@@ -241,11 +299,14 @@ async fn one_case(
         kib_per_item: (after as f64 - before as f64) / n as f64,
         open_seconds,
     };
+    // Every client goes (the warm-up watch too: breakwater's drain would
+    // otherwise wait its whole grace period for it).
     drop(bodies);
     drop(keep);
+    drop(warm_resp);
     drop(warm);
     if let Err(e) = env.proxy.shutdown(Duration::from_secs(10)).await {
-        tracing::warn!(error = %e, "stopping breakwater");
+        tracing::warn!(error = %Chain(&e), "stopping breakwater");
     }
     Ok(figures)
 }

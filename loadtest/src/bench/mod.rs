@@ -30,14 +30,16 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::error::Chain;
+
 /// A failure of the load generator's client side.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("bad CA certificate PEM: {0}")]
+    #[error("bad CA certificate PEM")]
     Pem(#[from] rustls::pki_types::pem::Error),
-    #[error("TLS configuration: {0}")]
+    #[error("TLS configuration")]
     Tls(#[from] rustls::Error),
-    #[error("connect to {addr}: {source}")]
+    #[error("connect to {addr}")]
     Connect {
         addr: SocketAddr,
         #[source]
@@ -49,7 +51,7 @@ pub enum ClientError {
         wanted: &'static str,
         got: Option<String>,
     },
-    #[error("HTTP: {0}")]
+    #[error("HTTP")]
     Http(#[from] hyper::Error),
 }
 
@@ -133,7 +135,7 @@ impl Connector {
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "benchmark plain h1 connection ended");
+                    tracing::debug!(error = %Chain(&e), "benchmark plain h1 connection ended");
                 }
             });
             return Ok(Conn::H1(sender));
@@ -164,7 +166,7 @@ impl Connector {
                 let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "benchmark h1 connection ended");
+                        tracing::debug!(error = %Chain(&e), "benchmark h1 connection ended");
                     }
                 });
                 Ok(Conn::H1(sender))
@@ -174,7 +176,7 @@ impl Connector {
                     hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "benchmark h2 connection ended");
+                        tracing::debug!(error = %Chain(&e), "benchmark h2 connection ended");
                     }
                 });
                 Ok(Conn::H2(sender))

@@ -32,6 +32,7 @@ use super::{
     ClientError, Conn, Connector, Figures, Protocol, client_tls, cpu_seconds, fmt_us,
     latency_histogram,
 };
+use crate::error::Chain;
 use crate::pki::Ca;
 use crate::proc::{BreakwaterProcess, RunArgs, StartOptions, StderrMode, find_breakwater};
 use crate::sim::resources;
@@ -318,7 +319,7 @@ async fn with_sim(
         );
     }
     if let Err(e) = proxy.shutdown(Duration::from_secs(10)).await {
-        tracing::warn!(error = %e, "stopping breakwater");
+        tracing::warn!(error = %Chain(&e), "stopping breakwater");
     }
 
     let best = |target: &str| {
@@ -621,7 +622,7 @@ async fn client(
             match connector.connect().await {
                 Ok(c) => conn = c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "benchmark client could not reconnect; it stops");
+                    tracing::warn!(error = %Chain(&e), "benchmark client could not reconnect; it stops");
                     if measured {
                         s.errors += 1;
                     }

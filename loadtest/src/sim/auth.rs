@@ -20,6 +20,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::error::Chain;
+
 /// The `kid` of every token kube-sim signs (it has one signing key).
 const KEY_ID: &str = "kube-sim";
 
@@ -77,9 +79,9 @@ impl UserInfo {
 /// Why credentials were refused (logged, never sent: the client gets a bare 401).
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("invalid service account key: {0}")]
+    #[error("invalid service account key")]
     Key(#[source] jsonwebtoken::errors::Error),
-    #[error("invalid bearer token: {0}")]
+    #[error("invalid bearer token")]
     Token(#[source] jsonwebtoken::errors::Error),
     #[error("token subject {0:?} is not a service account")]
     Subject(String),
@@ -371,7 +373,7 @@ impl Authenticator {
                 "audiences": matched,
             }),
             Err(e) => {
-                tracing::debug!(error = %e, "token review refused a token");
+                tracing::debug!(error = %Chain(&e), "token review refused a token");
                 json!({"user": {}, "error": "[invalid bearer token, token lookup failed]"})
             }
         };
@@ -386,7 +388,7 @@ pub enum TokenRequestError {
         "spec.expirationSeconds: Invalid value: {0}: may not specify a duration less than 10 minutes"
     )]
     TooShort(i64),
-    #[error("signing failed: {0}")]
+    #[error("signing failed")]
     Sign(#[source] AuthError),
 }
 

@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 
+use crate::error::Chain;
 use crate::sim::discovery::{json_response, status_body};
 
 /// Subprotocols we speak, most preferred first.
@@ -121,10 +122,10 @@ pub fn serve(req: Request<hyper::body::Incoming>) -> Response<Bytes> {
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
                         .await;
                 if let Err(e) = run_session(ws, &options).await {
-                    tracing::debug!(error = %e, "exec session ended with an error");
+                    tracing::debug!(error = %Chain(&e), "exec session ended with an error");
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "exec upgrade failed"),
+            Err(e) => tracing::debug!(error = %Chain(&e), "exec upgrade failed"),
         }
     });
     resp

@@ -183,27 +183,27 @@ impl Default for SimConfig {
 /// Why kube-sim could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid PEM in {what}: {source}")]
+    #[error("invalid PEM in {what}")]
     Pem {
         what: &'static str,
         #[source]
         source: rustls_pki_types::pem::Error,
     },
-    #[error("TLS configuration: {0}")]
+    #[error("TLS configuration")]
     Tls(#[from] rustls::Error),
-    #[error("client certificate verifier: {0}")]
+    #[error("client certificate verifier")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
     #[error(transparent)]
     Pki(#[from] PkiError),
-    #[error("cannot seed the bootstrap RBAC policy: {0}")]
+    #[error("cannot seed the bootstrap RBAC policy")]
     Bootstrap(#[from] store::StoreError),
 }
 

@@ -50,6 +50,7 @@ use super::respond::{
 };
 use super::store::{ListOptions, ListResult, PatchKind, Store, StoreError};
 use super::{SimError, SimPki, discovery, exec, openapi, protobuf};
+use crate::error::Chain;
 
 /// Largest request body accepted (the apiserver's limit is 3 MiB).
 const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -174,7 +175,7 @@ pub(crate) async fn accept_loop(
                 ));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "kube-sim accept failed; retrying");
+                tracing::warn!(error = %Chain(&e), "kube-sim accept failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -223,7 +224,7 @@ async fn serve_connection(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "kube-sim TLS handshake failed");
+            tracing::debug!(%peer, error = %Chain(&e), "kube-sim TLS handshake failed");
             return;
         }
         Err(_) => {
@@ -275,7 +276,7 @@ async fn serve_connection(
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "kube-sim connection ended with an error");
+                tracing::debug!(%peer, error = %Chain(&*e), "kube-sim connection ended with an error");
             }
         }
         _ = state.cancel.cancelled() => {
@@ -491,7 +492,7 @@ fn authenticate(
             match auth.authenticate(token) {
                 Ok(user) => return Some(user),
                 Err(e) => {
-                    tracing::debug!(error = %e, "kube-sim refused a bearer token");
+                    tracing::debug!(error = %Chain(&e), "kube-sim refused a bearer token");
                     failed = true;
                 }
             }
@@ -1059,7 +1060,7 @@ fn write(
             {
                 // The serviceaccount controller's job in a real cluster.
                 if let Err(e) = super::ensure_default_service_account(store, name) {
-                    tracing::warn!(namespace = name, error = %e, "kube-sim could not create the default ServiceAccount");
+                    tracing::warn!(namespace = name, error = %Chain(&e), "kube-sim could not create the default ServiceAccount");
                 }
             }
             Ok(respond::written(StatusCode::CREATED, &created, neg))
@@ -1081,7 +1082,7 @@ fn write(
                     ),
                 }),
                 Err(e) => {
-                    tracing::error!(error = %e, "kube-sim could not sign a token");
+                    tracing::error!(error = %Chain(&e), "kube-sim could not sign a token");
                     unreachable_verb()
                 }
             }
@@ -1315,7 +1316,10 @@ async fn read_body(
                 )
             } else {
                 store_error(
-                    &StoreError::BadRequest(format!("error reading the request body: {e}")),
+                    &StoreError::BadRequest(format!(
+                        "error reading the request body: {}",
+                        Chain(&*e)
+                    )),
                     neg,
                 )
             });
@@ -1323,7 +1327,7 @@ async fn read_body(
     };
     if protobuf::is_protobuf(content_type) {
         return protobuf::decode(&bytes).map_err(|e| {
-            tracing::debug!(error = %e, "kube-sim could not decode a protobuf body");
+            tracing::debug!(error = %Chain(&e), "kube-sim could not decode a protobuf body");
             unsupported_media_type(neg)
         });
     }

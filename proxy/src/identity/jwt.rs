@@ -39,6 +39,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 use super::{Identity, IdentityError, SERVICE_ACCOUNT_PREFIX};
+use crate::error::Chain;
 
 /// `extra` keys the apiserver sets for ServiceAccount tokens.
 pub(crate) const POD_NAME_KEY: &str = "authentication.kubernetes.io/pod-name";
@@ -125,7 +126,7 @@ fn load_jwks(bytes: &[u8], keys: &mut Vec<VerifyKey>) -> Result<(), String> {
             // A symmetric key would let anyone holding it mint tokens.
             _ => return Err("unsupported key type (RSA and EC only)".into()),
         };
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("invalid JWK: {e}"))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("invalid JWK: {}", Chain(&e)))?;
         keys.push(VerifyKey {
             kid: jwk.common.key_id.clone(),
             algs,
@@ -319,7 +320,8 @@ pub(crate) fn verify(
     now: u64,
     skew: u64,
 ) -> Result<Verified, JwtError> {
-    let header = jsonwebtoken::decode_header(token).map_err(|e| JwtError::Header(e.to_string()))?;
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| JwtError::Header(Chain(&e).to_string()))?;
     let alg = header.alg;
     if !matches!(
         alg,

@@ -38,6 +38,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::error::Chain;
+
 /// The group every authenticated user is in.
 pub const AUTHENTICATED_GROUP: &str = "system:authenticated";
 /// The group the anonymous user is in.
@@ -201,7 +203,7 @@ impl AuthError {
 /// Loading ServiceAccount keys or reading a certificate failed.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("reading service account key file {path}: {source}")]
+    #[error("reading service account key file {path}")]
     ReadKeyFile {
         path: PathBuf,
         #[source]
@@ -365,7 +367,7 @@ impl Authenticator {
             now,
             self.cfg.clock_skew.as_secs(),
         )
-        .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        .map_err(|e| AuthError::InvalidToken(Chain(&e).to_string()))?;
         let identity = Arc::new(verified.identity.with_authenticated_group());
         self.verified
             .insert(hash, identity.clone(), verified.exp, now)

@@ -25,6 +25,7 @@ use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
 use super::{AuthError, Identity, TokenReviewer};
+use crate::error::Chain;
 
 /// The cache key of a token.
 pub(crate) fn token_hash(token: &str) -> [u8; 32] {
@@ -97,7 +98,7 @@ impl ReviewCache {
             Ok(CachedReview::Rejected) => Err(AuthError::InvalidToken(
                 "token review: not authenticated".into(),
             )),
-            Err(err) => Err(AuthError::ReviewUnavailable(err.to_string())),
+            Err(err) => Err(AuthError::ReviewUnavailable(Chain(&err).to_string())),
         }
     }
 }

@@ -43,6 +43,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 
+use crate::error::Chain;
+use crate::tasks::TaskTracker;
 use crate::tls::{self, ClientCert, TlsError, UpstreamTls};
 use pool::Pool;
 pub use pool::{H2Settings, Lane, LaneLimits, LaneStats, PoolError, ResponseBody};
@@ -250,6 +252,8 @@ impl Forward {
 /// The apiserver, as the proxy sees it.
 #[derive(Clone)]
 pub struct Upstream {
+    /// The proxy's tasks: connection drivers, connects, upgrade connections.
+    tasks: TaskTracker,
     scheme: Scheme,
     authority: Authority,
     forward: Forward,
@@ -271,7 +275,7 @@ pub enum UpstreamConfigError {
     BadUrl(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("reading the upstream token file {path}: {source}")]
+    #[error("reading the upstream token file {path}")]
     Token {
         path: PathBuf,
         #[source]
@@ -331,7 +335,9 @@ impl TokenFile {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamConfigError> {
+    /// The client for `cfg`; its connections' tasks are spawned on `tasks`
+    /// (the proxy's tracker, awaited at shutdown after [`Upstream::close`]).
+    pub fn new(cfg: &UpstreamConfig, tasks: TaskTracker) -> Result<Upstream, UpstreamConfigError> {
         let url = &cfg.url;
         let uri: Uri = url
             .parse()
@@ -378,8 +384,16 @@ impl Upstream {
             .map_err(|_| UpstreamConfigError::BadUrl(url.to_string()))?;
         let forward = |cert: Option<Arc<ClientCert>>| -> Result<Forward, TlsError> {
             let connector = tls::upstream_connector(ca, cert.clone(), true)?;
-            let pool =
-                |lane, limits| Pool::new(lane, connector.clone(), target.clone(), limits, h2);
+            let pool = |lane, limits| {
+                Pool::new(
+                    lane,
+                    connector.clone(),
+                    target.clone(),
+                    limits,
+                    h2,
+                    tasks.clone(),
+                )
+            };
             Ok(Forward {
                 unary: pool(Lane::Unary, cfg.lanes.unary),
                 long_running: pool(Lane::LongRunning, cfg.lanes.long_running),
@@ -397,11 +411,14 @@ impl Upstream {
             target.clone(),
             OWN_LANE,
             h2,
+            tasks.clone(),
         );
+        let forward = forward(forward_cert)?;
         Ok(Upstream {
+            tasks,
             scheme,
             authority,
-            forward: forward(forward_cert)?,
+            forward,
             anonymous,
             own,
             client_cert,
@@ -484,7 +501,7 @@ impl Upstream {
         if route.upgrade {
             return self
                 .with_timeout(
-                    Self::send_upgrade(forward.upgrades.clone(), req, &self.authority),
+                    Self::send_upgrade(forward.upgrades.clone(), req, &self.authority, &self.tasks),
                     false,
                 )
                 .await;
@@ -507,6 +524,20 @@ impl Upstream {
             headers.insert("x-remote-user", self.proxy_user.clone());
         }
         self.with_timeout(self.own.send(req), true).await
+    }
+
+    /// Closes every lane (the proxy's shutdown, once clients and the watch
+    /// hub are done): idle connections end now, busy ones with their last
+    /// stream, and further requests fail with [`PoolError::Closed`]. Idle
+    /// pooled connections would otherwise keep their driver tasks, which
+    /// the shutdown waits for, alive until the apiserver closed them.
+    pub fn close(&self) {
+        for forward in std::iter::once(&self.forward).chain(&self.anonymous) {
+            forward.unary.close();
+            forward.long_running.close();
+            forward.exempt.close();
+        }
+        self.own.close();
     }
 
     /// Connections and streams in use in one forwarding lane (for callers
@@ -541,6 +572,7 @@ impl Upstream {
         connector: Connector,
         mut req: Request<Body>,
         authority: &Authority,
+        tasks: &TaskTracker,
     ) -> Result<Response<ResponseBody>, PoolError> {
         let io = connector
             .oneshot(req.uri().clone())
@@ -550,9 +582,11 @@ impl Upstream {
             .handshake(io)
             .await
             .map_err(|e| PoolError::Connect(e.into()))?;
-        tokio::spawn(async move {
+        // Ends when the connection is upgraded (the splice then owns it),
+        // or closes.
+        tasks.spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+                tracing::debug!(error = %Chain(&e), "upstream upgrade connection ended with an error");
             }
         });
         pool::origin_form(&mut req, authority);
@@ -622,9 +656,9 @@ impl crate::identity::TokenReviewer for Upstream {
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .header(http::header::ACCEPT, "application/json")
                 .body(full(
-                    serde_json::to_vec(&body).map_err(|e| failed(e.to_string()))?,
+                    serde_json::to_vec(&body).map_err(|e| failed(Chain(&e).to_string()))?,
                 ))
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| failed(Chain(&e).to_string()))?;
             let resp = if own {
                 self.send_own(req).await
             } else {
@@ -639,13 +673,13 @@ impl crate::identity::TokenReviewer for Upstream {
                 self.send(req, Route::client(false, false, false, false))
                     .await
             }
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed(Chain(&e).to_string()))?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| failed(e.to_string()))?
+                .map_err(|e| failed(Chain(&e).to_string()))?
                 .to_bytes();
             if !own && status == http::StatusCode::UNAUTHORIZED {
                 return Ok(None);
@@ -654,7 +688,7 @@ impl crate::identity::TokenReviewer for Upstream {
                 return Err(failed(format!("{path} answered {status}")));
             }
             let v: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|e| failed(e.to_string()))?;
+                serde_json::from_slice(&bytes).map_err(|e| failed(Chain(&e).to_string()))?;
             let user = if own {
                 if v["status"]["authenticated"].as_bool() != Some(true) {
                     return Ok(None);

@@ -41,11 +41,13 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
 use super::{Body, BoxError};
+use crate::error::Chain;
+use crate::tasks::{TaskTracker, TrackedExecutor};
 
 /// The connections a request may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,6 +139,9 @@ pub enum PoolError {
         connections: usize,
         streams: usize,
     },
+    /// The proxy is shutting down and closed the lane ([`Pool::close`]).
+    #[error("the upstream connections of lane {} are closed", .0.as_str())]
+    Closed(Lane),
 }
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -154,6 +159,8 @@ struct Inner {
     authority: Authority,
     limits: LaneLimits,
     h2: H2Settings,
+    /// The proxy's tasks: connection drivers and connects run there.
+    tasks: TaskTracker,
     state: Mutex<State>,
     /// Signalled when a stream frees, a connection lands or a connect fails.
     changed: Notify,
@@ -168,6 +175,8 @@ struct State {
     /// The apiserver answered the last connection with HTTP/1.1.
     h1: bool,
     next_id: u64,
+    /// Shut down: no new streams, no new connections.
+    closed: bool,
 }
 
 struct Conn {
@@ -256,6 +265,7 @@ impl Pool {
         target: Uri,
         limits: LaneLimits,
         h2: H2Settings,
+        tasks: TaskTracker,
     ) -> Pool {
         let authority = target
             .authority()
@@ -269,6 +279,7 @@ impl Pool {
                 authority,
                 limits,
                 h2,
+                tasks,
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
                 metrics: LaneMetrics::new(lane),
@@ -283,6 +294,26 @@ impl Pool {
             connections: st.conns.len(),
             streams: st.conns.iter().map(|c| c.in_use).sum(),
         }
+    }
+
+    /// Closes the lane at shutdown: idle connections end now (their driver
+    /// tasks with them), connections that still carry a stream end with
+    /// their last one, and requests from now on get [`PoolError::Closed`].
+    /// Without this the idle connections (and their tasks, which the
+    /// shutdown waits for) would live until the apiserver closed them.
+    pub fn close(&self) {
+        let mut st = self.inner.lock();
+        st.closed = true;
+        let conns = std::mem::take(&mut st.conns);
+        drop(st);
+        let streams: usize = conns.iter().map(|c| c.in_use).sum();
+        self.inner.metrics.connections.decrement(conns.len() as f64);
+        self.inner.metrics.streams.decrement(streams as f64);
+        // Dropping the last `SendRequest` of a connection ends it: an h2
+        // connection once its open streams are done, an h1 one at once
+        // (a request in flight holds its sender in its slot).
+        drop(conns);
+        self.inner.changed.notify_waiters();
     }
 
     /// Sends a request whose URI is absolute (scheme and authority of the
@@ -338,6 +369,9 @@ impl Inner {
             changed.as_mut().enable();
             let connect = {
                 let mut st = self.lock();
+                if st.closed {
+                    return Err(PoolError::Closed(self.lane));
+                }
                 self.reap(&mut st);
                 if let Some(taken) = self.take(&mut st) {
                     return Ok(taken);
@@ -441,7 +475,7 @@ impl Inner {
     /// lane from connecting again, nor wastes the connection: waiters use it.
     async fn connect(self: &Arc<Self>) -> Result<(), PoolError> {
         let pool = Arc::clone(self);
-        let task = tokio::spawn(async move {
+        let task = self.tasks.spawn(async move {
             let result = tokio::time::timeout(CONNECT_TIMEOUT, pool.open()).await;
             pool.landed(result)
         });
@@ -460,6 +494,9 @@ impl Inner {
         let mut st = self.lock();
         st.connecting -= 1;
         let result = match result {
+            // Closed while connecting: the connection is dropped here, which
+            // ends it (and its driver).
+            Ok(Ok(_)) if st.closed => Err(PoolError::Closed(self.lane)),
             Ok(Ok(conn)) => {
                 st.h1 = matches!(conn.tx, Tx::H1(_));
                 st.conns.push(conn);
@@ -512,7 +549,7 @@ impl Inner {
         };
         let max = Arc::new(AtomicUsize::new(0));
         let tx = if h2 {
-            let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            let (tx, conn) = http2::Builder::new(TrackedExecutor::new(self.tasks.clone()))
                 .timer(TokioTimer::new())
                 .keep_alive_interval(self.h2.keepalive)
                 .keep_alive_timeout(self.h2.keepalive * 2)
@@ -532,7 +569,7 @@ impl Inner {
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
             max.store(conn.current_max_send_streams(), Ordering::Relaxed);
-            tokio::spawn(Driver {
+            self.tasks.spawn(Driver {
                 conn: Box::pin(conn),
                 max: Arc::clone(&max),
                 pool: Arc::downgrade(self),
@@ -545,9 +582,11 @@ impl Inner {
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
             let pool = Arc::downgrade(self);
-            tokio::spawn(async move {
+            // Ends when the connection closes: the apiserver closed it, or
+            // the pool dropped its sender (idle, or closed at shutdown).
+            self.tasks.spawn(async move {
                 if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+                    tracing::debug!(error = %Chain(&e), "upstream HTTP/1.1 connection ended with an error");
                 }
                 if let Some(pool) = pool.upgrade() {
                     pool.discard(id);
@@ -578,12 +617,15 @@ impl Inner {
                 let pool = Arc::clone(self);
                 match tokio::runtime::Handle::try_current() {
                     Ok(rt) => {
-                        rt.spawn(async move {
-                            match std::future::poll_fn(|cx| tx.poll_ready(cx)).await {
-                                Ok(()) => pool.put_back(id, Some(tx)),
-                                Err(_) => pool.discard(id),
-                            }
-                        });
+                        self.tasks.spawn_on(
+                            async move {
+                                match std::future::poll_fn(|cx| tx.poll_ready(cx)).await {
+                                    Ok(()) => pool.put_back(id, Some(tx)),
+                                    Err(_) => pool.discard(id),
+                                }
+                            },
+                            &rt,
+                        );
                     }
                     Err(_) => self.discard(id),
                 }
@@ -634,7 +676,7 @@ struct Driver {
 
 /// What the connector yields: TLS over TCP.
 type Io = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
-type H2Conn = http2::Connection<Io, Body, TokioExecutor>;
+type H2Conn = http2::Connection<Io, Body, TrackedExecutor>;
 
 impl Future for Driver {
     type Output = ();
@@ -653,7 +695,7 @@ impl Future for Driver {
             Poll::Pending => Poll::Pending,
             Poll::Ready(res) => {
                 if let Err(e) = res {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                    tracing::debug!(error = %Chain(&e), "upstream HTTP/2 connection ended with an error");
                 }
                 if let Some(pool) = this.pool.upgrade() {
                     pool.discard(this.id);

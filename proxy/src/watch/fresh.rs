@@ -18,6 +18,7 @@ use http_body_util::BodyExt;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
+use crate::error::Chain;
 use crate::watch::codec::EventType;
 use crate::watch::error::{FetchError, JoinError, Unavailable};
 use crate::watch::stream::Stream;
@@ -273,7 +274,7 @@ impl Stream {
             Ok(Short::Ended) => true,
             Ok(Short::GaveUp) => false,
             Err(e) => {
-                tracing::debug!(error = %e, "gap probe gave no answer");
+                tracing::debug!(error = %Chain(&e), "gap probe gave no answer");
                 false
             }
         }

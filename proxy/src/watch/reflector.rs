@@ -17,6 +17,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
+use crate::error::Chain;
 use crate::upstream::{ResponseBody, Route, empty};
 use crate::watch::cache::{Listed, TypeMetaSeen};
 use crate::watch::codec::{Codec, EventType};
@@ -197,7 +198,7 @@ impl Stream {
                     return;
                 }
                 Err(ListError::Transient(e)) => {
-                    tracing::warn!(error = %e, path = %self.key.target.path(), "shared stream LIST failed; retrying");
+                    tracing::warn!(error = %Chain(&e), path = %self.key.target.path(), "shared stream LIST failed; retrying");
                     if !self.sleep(backoff.next()).await {
                         break;
                     }
@@ -255,7 +256,7 @@ impl Stream {
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "shared stream WATCH failed; retrying");
+                tracing::warn!(error = %Chain(&e), "shared stream WATCH failed; retrying");
                 return WatchEnd::Again;
             }
         };
@@ -311,7 +312,7 @@ impl Stream {
                         }
                     }
                     Some(Err(e)) => {
-                        tracing::debug!(error = %e, "shared upstream watch broke; re-watching");
+                        tracing::debug!(error = %Chain(&e), "shared upstream watch broke; re-watching");
                         return WatchEnd::Again;
                     }
                     None => return WatchEnd::Again,

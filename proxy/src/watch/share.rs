@@ -49,6 +49,7 @@ use http_body_util::BodyExt;
 use moka::Expiry;
 use moka::future::Cache;
 
+use crate::error::Chain;
 use crate::identity::Identity;
 use crate::upstream::{Upstream, full};
 use crate::watch::key::Target;
@@ -161,25 +162,25 @@ impl AccessReviewer for Upstream {
                     HeaderValue::from_static("application/json"),
                 )
                 .body(full(
-                    serde_json::to_vec(&body).map_err(|e| failed(e.to_string()))?,
+                    serde_json::to_vec(&body).map_err(|e| failed(Chain(&e).to_string()))?,
                 ))
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| failed(Chain(&e).to_string()))?;
             let resp = self
                 .send_own(req)
                 .await
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| failed(Chain(&e).to_string()))?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| failed(e.to_string()))?
+                .map_err(|e| failed(Chain(&e).to_string()))?
                 .to_bytes();
             if !status.is_success() {
                 return Err(failed(format!("the apiserver answered {status}")));
             }
             let v: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|e| failed(e.to_string()))?;
+                serde_json::from_slice(&bytes).map_err(|e| failed(Chain(&e).to_string()))?;
             let allowed = v.pointer("/status/allowed").and_then(|a| a.as_bool());
             let denied = v.pointer("/status/denied").and_then(|d| d.as_bool());
             match allowed {

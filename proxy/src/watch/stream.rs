@@ -24,6 +24,7 @@ use tokio::sync::{OnceCell, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Chain;
 use crate::watch::cache::{Cache, Listed};
 use crate::watch::codec::{Codec, EventType};
 use crate::watch::context::Ctx;
@@ -211,7 +212,7 @@ impl Stream {
             Ok(Some(ev)) => ev,
             Ok(None) => return None,
             Err(e) => {
-                tracing::warn!(error = %e, "undecodable upstream watch event; re-watching");
+                tracing::warn!(error = %Chain(&e), "undecodable upstream watch event; re-watching");
                 return Some(WatchEnd::Again);
             }
         };
@@ -235,7 +236,7 @@ impl Stream {
         let meta = match self.codec().read(&ev.object, fields) {
             Ok(read) => read.meta,
             Err(e) => {
-                tracing::warn!(error = %e, "undecodable object in an upstream watch event; re-watching");
+                tracing::warn!(error = %Chain(&e), "undecodable object in an upstream watch event; re-watching");
                 return Some(WatchEnd::Again);
             }
         };
