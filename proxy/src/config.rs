@@ -70,6 +70,17 @@ pub struct RunOptions {
     #[arg(long)]
     #[serde(default)]
     pub api_audiences: Vec<String>,
+    /// Most TokenReviews in flight upstream at once; a new token past it gets 429
+    /// [default: 8].
+    #[arg(long)]
+    pub token_review_max_concurrent: Option<usize>,
+    /// TokenReviews started per second, sustained; a new token past it gets 429 with
+    /// Retry-After [default: 100].
+    #[arg(long)]
+    pub token_review_rate: Option<u32>,
+    /// TokenReviews that may start at once after a quiet spell [default: 20].
+    #[arg(long)]
+    pub token_review_burst: Option<u32>,
     /// The limits file (YAML, breakwater/v1alpha1 Limits); re-read on change and on SIGHUP.
     #[arg(long)]
     pub limits: Option<PathBuf>,
@@ -224,6 +235,11 @@ impl RunOptions {
                 file.service_account_issuer,
             ),
             api_audiences: or_vec(self.api_audiences, file.api_audiences),
+            token_review_max_concurrent: self
+                .token_review_max_concurrent
+                .or(file.token_review_max_concurrent),
+            token_review_rate: self.token_review_rate.or(file.token_review_rate),
+            token_review_burst: self.token_review_burst.or(file.token_review_burst),
             anonymous_auth: self.anonymous_auth.or(file.anonymous_auth),
             limits: self.limits.or(file.limits),
             blocks_file: self.blocks_file.or(file.blocks_file),
@@ -340,12 +356,30 @@ impl RunOptions {
                     }
                 },
             },
-            auth: AuthConfig {
-                service_account_key_files: self.service_account_key_file,
-                service_account_issuers: self.service_account_issuer,
-                api_audiences: self.api_audiences,
-                anonymous: self.anonymous_auth.unwrap_or(true),
-                ..AuthConfig::default()
+            auth: {
+                let d = AuthConfig::default();
+                AuthConfig {
+                    service_account_key_files: self.service_account_key_file,
+                    service_account_issuers: self.service_account_issuer,
+                    api_audiences: self.api_audiences,
+                    anonymous: self.anonymous_auth.unwrap_or(true),
+                    review_max_concurrent: non_zero(
+                        "token-review-max-concurrent",
+                        self.token_review_max_concurrent,
+                        d.review_max_concurrent,
+                    )?,
+                    review_rate: non_zero(
+                        "token-review-rate",
+                        self.token_review_rate,
+                        d.review_rate,
+                    )?,
+                    review_burst: non_zero(
+                        "token-review-burst",
+                        self.token_review_burst,
+                        d.review_burst,
+                    )?,
+                    ..d
+                }
             },
             admin_listen: self
                 .admin_listen
@@ -372,6 +406,18 @@ impl RunOptions {
 
 fn or_vec<T>(flags: Vec<T>, file: Vec<T>) -> Vec<T> {
     if flags.is_empty() { file } else { flags }
+}
+
+/// `value` if given and not zero, else `default`; zero is an error.
+fn non_zero<N: TryFrom<T>, T>(
+    option: &'static str,
+    value: Option<T>,
+    default: N,
+) -> Result<N, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => N::try_from(v).map_err(|_| ConfigError::Zero(option)),
+    }
 }
 
 fn duration(
@@ -435,6 +481,27 @@ mod tests {
             let cfg = opts(ok).validate().expect("loopback");
             assert_eq!(cfg.plain_listen, Some(ok.parse().expect("addr")));
         }
+    }
+
+    #[test]
+    fn token_review_caps_default_and_refuse_zero() {
+        let opts = |concurrent: Option<usize>| RunOptions {
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            upstream: Some("https://127.0.0.1:6444".into()),
+            token_review_max_concurrent: concurrent,
+            token_review_rate: Some(7),
+            ..RunOptions::default()
+        };
+        let cfg = opts(None).validate().expect("valid");
+        assert_eq!(cfg.auth.review_max_concurrent.get(), 8);
+        assert_eq!(cfg.auth.review_rate.get(), 7);
+        assert_eq!(cfg.auth.review_burst.get(), 20);
+        let err = opts(Some(0)).validate().expect_err("zero");
+        assert!(
+            err.to_string().contains("--token-review-max-concurrent"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod identity;
+pub mod pacing;
 pub mod proxy;
 pub mod reload;
 pub mod selector;
