@@ -88,6 +88,7 @@ async fn start_with_auth(
         shutdown_grace: Duration::from_secs(1),
         limits: Default::default(),
         watch: Default::default(),
+        connections: Default::default(),
     })
     .await
     .expect("proxy starts")

@@ -101,6 +101,7 @@ pub fn passthrough_config(env: &Env, upstream: String, grace: Duration) -> Proxy
         shutdown_grace: grace,
         limits: LimitsConfig::default(),
         watch: Default::default(),
+        connections: Default::default(),
     }
 }
 
