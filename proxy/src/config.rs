@@ -5,11 +5,13 @@
 //! the [`ProxyConfig`] the server accepts, or says what is missing.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::accept::{AcceptRate, ConnectionLimits};
 use crate::identity::AuthConfig;
 use crate::tls::UpstreamTls;
 use crate::upstream::{AuthMode, DEFAULT_PROXY_USER, LaneLimits, Lanes, Timeouts, UpstreamConfig};
@@ -70,6 +72,17 @@ pub struct RunOptions {
     #[arg(long)]
     #[serde(default)]
     pub api_audiences: Vec<String>,
+    /// Most TokenReviews in flight upstream at once; a new token past it gets 429
+    /// [default: 8].
+    #[arg(long)]
+    pub token_review_max_concurrent: Option<usize>,
+    /// TokenReviews started per second, sustained; a new token past it gets 429 with
+    /// Retry-After [default: 100].
+    #[arg(long)]
+    pub token_review_rate: Option<u32>,
+    /// TokenReviews that may start at once after a quiet spell [default: 20].
+    #[arg(long)]
+    pub token_review_burst: Option<u32>,
     /// The limits file (YAML, breakwater/v1alpha1 Limits); re-read on change and on SIGHUP.
     #[arg(long)]
     pub limits: Option<PathBuf>,
@@ -87,6 +100,25 @@ pub struct RunOptions {
     /// callers authenticate with bearer tokens only. Refused unless the address is loopback.
     #[arg(long)]
     pub plain_listen: Option<SocketAddr>,
+    /// Most open client connections, both listeners together; past it a new connection is
+    /// closed at once [default: 20000].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Most open client connections from one IP address (0 = no cap); past it a new
+    /// connection from that address is closed at once [default: 1000].
+    #[arg(long)]
+    pub max_connections_per_source: Option<usize>,
+    /// TLS handshakes doing work at once; the others wait (without CPU) within the 10 s
+    /// handshake timeout [default: the number of cores].
+    #[arg(long)]
+    pub max_tls_handshakes: Option<usize>,
+    /// New connections per second from one IP address (0 = no cap); past it a new
+    /// connection is closed at once [default: 0].
+    #[arg(long)]
+    pub accept_rate_per_source: Option<u32>,
+    /// New connections from one IP address that may come at once [default: the rate].
+    #[arg(long)]
+    pub accept_burst_per_source: Option<u32>,
     /// Plain-HTTP admin listener: /healthz /livez /readyz /metrics [default: 127.0.0.1:9444].
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
@@ -140,6 +172,8 @@ pub struct ProxyConfig {
     pub limits: LimitsConfig,
     /// The watch multiplexer.
     pub watch: crate::watch::HubConfig,
+    /// Caps on new client connections and TLS handshakes.
+    pub connections: ConnectionLimits,
 }
 
 /// Where the limits and the blocks come from.
@@ -224,10 +258,24 @@ impl RunOptions {
                 file.service_account_issuer,
             ),
             api_audiences: or_vec(self.api_audiences, file.api_audiences),
+            token_review_max_concurrent: self
+                .token_review_max_concurrent
+                .or(file.token_review_max_concurrent),
+            token_review_rate: self.token_review_rate.or(file.token_review_rate),
+            token_review_burst: self.token_review_burst.or(file.token_review_burst),
             anonymous_auth: self.anonymous_auth.or(file.anonymous_auth),
             limits: self.limits.or(file.limits),
             blocks_file: self.blocks_file.or(file.blocks_file),
             rate_limit_headers: self.rate_limit_headers.or(file.rate_limit_headers),
+            max_connections: self.max_connections.or(file.max_connections),
+            max_connections_per_source: self
+                .max_connections_per_source
+                .or(file.max_connections_per_source),
+            max_tls_handshakes: self.max_tls_handshakes.or(file.max_tls_handshakes),
+            accept_rate_per_source: self.accept_rate_per_source.or(file.accept_rate_per_source),
+            accept_burst_per_source: self
+                .accept_burst_per_source
+                .or(file.accept_burst_per_source),
             admin_listen: self.admin_listen.or(file.admin_listen),
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
             upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
@@ -340,12 +388,30 @@ impl RunOptions {
                     }
                 },
             },
-            auth: AuthConfig {
-                service_account_key_files: self.service_account_key_file,
-                service_account_issuers: self.service_account_issuer,
-                api_audiences: self.api_audiences,
-                anonymous: self.anonymous_auth.unwrap_or(true),
-                ..AuthConfig::default()
+            auth: {
+                let d = AuthConfig::default();
+                AuthConfig {
+                    service_account_key_files: self.service_account_key_file,
+                    service_account_issuers: self.service_account_issuer,
+                    api_audiences: self.api_audiences,
+                    anonymous: self.anonymous_auth.unwrap_or(true),
+                    review_max_concurrent: non_zero(
+                        "token-review-max-concurrent",
+                        self.token_review_max_concurrent,
+                        d.review_max_concurrent,
+                    )?,
+                    review_rate: non_zero(
+                        "token-review-rate",
+                        self.token_review_rate,
+                        d.review_rate,
+                    )?,
+                    review_burst: non_zero(
+                        "token-review-burst",
+                        self.token_review_burst,
+                        d.review_burst,
+                    )?,
+                    ..d
+                }
             },
             admin_listen: self
                 .admin_listen
@@ -360,6 +426,40 @@ impl RunOptions {
                 blocks_file: self.blocks_file,
                 rate_limit_headers: self.rate_limit_headers.unwrap_or(false),
             },
+            connections: {
+                let d = ConnectionLimits::default();
+                let accept_rate_per_source = match self.accept_rate_per_source {
+                    None | Some(0) => None,
+                    Some(rate) => Some(AcceptRate {
+                        per_second: non_zero(
+                            "accept-rate-per-source",
+                            Some(rate),
+                            NonZeroU32::MIN,
+                        )?,
+                        burst: non_zero(
+                            "accept-burst-per-source",
+                            Some(self.accept_burst_per_source.unwrap_or(rate)),
+                            NonZeroU32::MIN,
+                        )?,
+                    }),
+                };
+                ConnectionLimits {
+                    max_connections: non_zero(
+                        "max-connections",
+                        self.max_connections,
+                        d.max_connections,
+                    )?,
+                    max_connections_per_source: self
+                        .max_connections_per_source
+                        .unwrap_or(d.max_connections_per_source),
+                    max_handshakes: non_zero(
+                        "max-tls-handshakes",
+                        self.max_tls_handshakes,
+                        d.max_handshakes,
+                    )?,
+                    accept_rate_per_source,
+                }
+            },
             watch: crate::watch::HubConfig {
                 enabled: self.watch_cache.unwrap_or(true),
                 linger: duration("watch-linger", self.watch_linger, Duration::from_secs(30))?,
@@ -372,6 +472,18 @@ impl RunOptions {
 
 fn or_vec<T>(flags: Vec<T>, file: Vec<T>) -> Vec<T> {
     if flags.is_empty() { file } else { flags }
+}
+
+/// `value` if given and not zero, else `default`; zero is an error.
+fn non_zero<N: TryFrom<T>, T>(
+    option: &'static str,
+    value: Option<T>,
+    default: N,
+) -> Result<N, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => N::try_from(v).map_err(|_| ConfigError::Zero(option)),
+    }
 }
 
 fn duration(
@@ -435,6 +547,73 @@ mod tests {
             let cfg = opts(ok).validate().expect("loopback");
             assert_eq!(cfg.plain_listen, Some(ok.parse().expect("addr")));
         }
+    }
+
+    #[test]
+    fn token_review_caps_default_and_refuse_zero() {
+        let opts = |concurrent: Option<usize>| RunOptions {
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            upstream: Some("https://127.0.0.1:6444".into()),
+            token_review_max_concurrent: concurrent,
+            token_review_rate: Some(7),
+            ..RunOptions::default()
+        };
+        let cfg = opts(None).validate().expect("valid");
+        assert_eq!(cfg.auth.review_max_concurrent.get(), 8);
+        assert_eq!(cfg.auth.review_rate.get(), 7);
+        assert_eq!(cfg.auth.review_burst.get(), 20);
+        let err = opts(Some(0)).validate().expect_err("zero");
+        assert!(
+            err.to_string().contains("--token-review-max-concurrent"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn connection_caps_default_and_parse() {
+        let base = || RunOptions {
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            upstream: Some("https://127.0.0.1:6444".into()),
+            ..RunOptions::default()
+        };
+        let cfg = base().validate().expect("valid");
+        assert_eq!(cfg.connections, ConnectionLimits::default());
+        assert_eq!(cfg.connections.max_connections.get(), 20_000);
+        assert_eq!(cfg.connections.max_connections_per_source, 1_000);
+        assert_eq!(cfg.connections.accept_rate_per_source, None);
+        let cfg = RunOptions {
+            max_connections_per_source: Some(0),
+            max_tls_handshakes: Some(3),
+            accept_rate_per_source: Some(50),
+            ..base()
+        }
+        .validate()
+        .expect("valid");
+        assert_eq!(cfg.connections.max_connections_per_source, 0);
+        assert_eq!(cfg.connections.max_handshakes.get(), 3);
+        let rate = cfg.connections.accept_rate_per_source.expect("on");
+        assert_eq!((rate.per_second.get(), rate.burst.get()), (50, 50));
+        let err = RunOptions {
+            max_tls_handshakes: Some(0),
+            ..base()
+        }
+        .validate()
+        .expect_err("zero");
+        assert!(err.to_string().contains("--max-tls-handshakes"), "{err}");
+        let off = RunOptions {
+            accept_rate_per_source: Some(0),
+            accept_burst_per_source: Some(9),
+            ..base()
+        };
+        assert_eq!(
+            off.validate()
+                .expect("valid")
+                .connections
+                .accept_rate_per_source,
+            None
+        );
     }
 
     #[test]

@@ -191,6 +191,7 @@ impl Demo {
                 rate_limit_headers: true,
             },
             watch: Default::default(),
+            connections: Default::default(),
         })
         .await?;
 

@@ -4,6 +4,7 @@
 //! [`server`]; the upstream pool in [`upstream`]. `main.rs` only parses
 //! arguments and calls [`server::start`] (or [`demo::run`]).
 
+pub mod accept;
 pub mod admin;
 pub mod admit;
 pub mod check;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod identity;
+pub mod pacing;
 pub mod proxy;
 pub mod reload;
 pub mod selector;

@@ -76,7 +76,14 @@ pub async fn handle(
     let identity = match shared.auth.authenticate(cert.as_ref(), req.headers()).await {
         Ok(identity) => identity,
         Err(err) => {
-            tracing::info!(reason = %Chain(&err), path = %log.path, "authentication failed");
+            // Refusals over the TokenReview caps come in floods: they are
+            // counted (breakwater_token_reviews_refused_total), not logged
+            // one by one at info.
+            if err.status_code() == 429 {
+                tracing::debug!(reason = %Chain(&err), path = %log.path, "authentication throttled");
+            } else {
+                tracing::info!(reason = %Chain(&err), path = %log.path, "authentication failed");
+            }
             return log.finish_with(auth_status(&err));
         }
     };
@@ -249,6 +256,15 @@ async fn splice(
 fn auth_status(err: &AuthError) -> Response<Body> {
     let status = match err.status_code() {
         503 => Status::service_unavailable(err.client_message()),
+        429 => Status::failure(
+            StatusCode::TOO_MANY_REQUESTS,
+            Reason::TooManyRequests,
+            err.client_message(),
+        )
+        .with_details(Details {
+            retry_after_seconds: err.retry_after_secs(),
+            ..Details::default()
+        }),
         _ => Status::failure(
             StatusCode::UNAUTHORIZED,
             Reason::Unauthorized,

@@ -26,10 +26,11 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::{self, Admitted, Gate, SlotIo};
 use crate::admin::{self, AdminState};
 use crate::admit::{self, Admission, AdmitError};
 use crate::config::ProxyConfig;
@@ -48,6 +49,8 @@ const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an HTTP/1.1 client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS handshake may take, waiting for handshake slots included.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +226,16 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         Duration::from_secs(5),
         shutdown.clone(),
     ));
+    // New connections: caps, per-source pacing and handshake slots, shared
+    // by both listeners.
+    let gate = Gate::new(cfg.connections.clone());
+    if cfg.connections.accept_rate_per_source.is_some() {
+        tasks.spawn(accept::upkeep(
+            gate.clone(),
+            Duration::from_secs(10),
+            shutdown.clone(),
+        ));
+    }
     let reload_all: Arc<dyn Fn() + Send + Sync> = {
         let (tls, shared) = (server_tls.clone(), shared.clone());
         Arc::new(move || {
@@ -256,9 +269,17 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
             {
                 let plain = plain_listener.map(|l| {
                     let (shared, conns, shutdown) = (shared.clone(), &conns, shutdown.clone());
-                    async move { accept_loop(l, None, shared, conns, shutdown).await }
+                    let gate = gate.clone();
+                    async move { accept_loop(l, None, gate, shared, conns, shutdown).await }
                 });
-                let tls = accept_loop(listener, Some(server_tls), shared.clone(), &conns, shutdown);
+                let tls = accept_loop(
+                    listener,
+                    Some(server_tls),
+                    gate,
+                    shared.clone(),
+                    &conns,
+                    shutdown,
+                );
                 match plain {
                     Some(plain) => {
                         tokio::join!(tls, plain);
@@ -359,10 +380,12 @@ async fn drain(conns: Connections, shared: &Shared, grace: Duration) {
 }
 
 /// Accepts on `listener` until shutdown: TLS connections when `tls` is
-/// given, plain ones (the loopback listener) otherwise.
+/// given, plain ones (the loopback listener) otherwise. A connection over
+/// the caps of `gate` is closed at once, before a byte is read.
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
+    gate: Arc<Gate>,
     shared: Arc<Shared>,
     conns: &Connections,
     shutdown: CancellationToken,
@@ -386,13 +409,37 @@ async fn accept_loop(
                 }
             },
         };
+        // Over a cap: close now, neither a task nor a handshake spent
+        // (counted in breakwater_connections_refused_total by the gate).
+        let admitted = match gate.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                tracing::debug!(%peer, reason = reason.as_str(), "connection refused");
+                drop(tcp);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let (shared, stop) = (shared.clone(), conns.stop.clone());
         match &tls {
-            Some(tls) => conns.spawn(serve_connection(tcp, peer, tls.acceptor(), shared, stop)),
+            Some(tls) => {
+                let io = SlotIo::new(tcp, gate.handshake_slots());
+                conns.spawn(serve_connection(
+                    io,
+                    peer,
+                    tls.acceptor(),
+                    admitted,
+                    shared,
+                    stop,
+                ));
+            }
             None => {
                 let io = TokioIo::new(tcp);
-                conns.spawn(serve_http(io, peer, None, None, shared, stop));
+                conns.spawn(async move {
+                    // Counted as open until the connection ends.
+                    let _admitted = admitted;
+                    serve_http(io, peer, None, None, shared, stop).await;
+                });
             }
         }
     }
@@ -400,29 +447,37 @@ async fn accept_loop(
 }
 
 /// The TLS handshake and the HTTP connection, which finishes gracefully
-/// once `stop` is cancelled.
+/// once `stop` is cancelled. `admitted` keeps the connection counted
+/// against the caps until it ends.
 async fn serve_connection(
-    tcp: TcpStream,
+    io: SlotIo,
     peer: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
+    admitted: Admitted,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    // A client that never finishes its handshake must not hold a task.
+    let _admitted = admitted;
+    // A client that never finishes its handshake must not hold a task; the
+    // time waiting for handshake slots counts too (SlotIo).
     // Boxed, so that the handshake's state is freed when it is done
     // instead of sizing this task for the connection's whole life.
-    let handshake = Box::pin(acceptor.accept(tcp));
-    let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+    let handshake = Box::pin(acceptor.accept(io));
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             tracing::debug!(%peer, error = %Chain(&err), "TLS handshake failed");
             return;
         }
         Err(_) => {
+            metrics::counter!("breakwater_connections_refused_total", "reason" => "handshake_timeout")
+                .increment(1);
             tracing::debug!(%peer, "TLS handshake timed out");
             return;
         }
     };
+    // Requests never take a handshake slot.
+    tls.get_mut().0.handshake_done();
     // x509 identity: once per connection, from the verified chain's leaf.
     let cert = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         None => None,

@@ -16,7 +16,7 @@ use breakwater_loadtest::sim::SimConfig;
 use http_body_util::{BodyExt, Empty};
 use serde_json::{Value, json};
 
-use common::{Env, Lines, demo_env, get, https_client, write_kubeconfig};
+use common::{Env, Lines, counter_sum, demo_env, get, https_client, scrape, write_kubeconfig};
 
 /// A proxy in front of the demo's kube-sim in `mode`. The proxy's own
 /// credential is kube-sim's admin certificate (impersonate, passthrough) or
@@ -37,15 +37,6 @@ async fn proxy_with(
     anonymous: bool,
 ) -> breakwater::server::ProxyHandle {
     let dir = env.dir.path();
-    let client_cert = match mode {
-        AuthMode::FrontProxy => (
-            dir.join("front-proxy-client.crt"),
-            dir.join("front-proxy-client.key"),
-        ),
-        AuthMode::Passthrough | AuthMode::Impersonate => {
-            (dir.join("admin.crt"), dir.join("admin.key"))
-        }
-    };
     let auth = if local_sa_keys {
         AuthConfig {
             service_account_key_files: vec![dir.join("sa.pub")],
@@ -55,7 +46,25 @@ async fn proxy_with(
     } else {
         AuthConfig::default()
     };
-    let auth = AuthConfig { anonymous, ..auth };
+    start_with_auth(env, mode, AuthConfig { anonymous, ..auth }).await
+}
+
+/// A proxy in front of the demo's kube-sim in `mode`, authenticating with `auth`.
+async fn start_with_auth(
+    env: &Env,
+    mode: AuthMode,
+    auth: AuthConfig,
+) -> breakwater::server::ProxyHandle {
+    let dir = env.dir.path();
+    let client_cert = match mode {
+        AuthMode::FrontProxy => (
+            dir.join("front-proxy-client.crt"),
+            dir.join("front-proxy-client.key"),
+        ),
+        AuthMode::Passthrough | AuthMode::Impersonate => {
+            (dir.join("admin.crt"), dir.join("admin.key"))
+        }
+    };
     breakwater::server::start(ProxyConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         plain_listen: None,
@@ -79,6 +88,7 @@ async fn proxy_with(
         shutdown_grace: Duration::from_secs(1),
         limits: Default::default(),
         watch: Default::default(),
+        connections: Default::default(),
     })
     .await
     .expect("proxy starts")
@@ -340,6 +350,100 @@ async fn one_token_review_serves_a_thousand_concurrent_requests() {
         env.demo.sim.request_count("POST", "tokenreviews") - before,
         1
     );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_random_tokens_is_not_a_token_review_flood() {
+    use std::num::{NonZeroU32, NonZeroUsize};
+    let env = demo_env().await;
+    let (concurrent, rate, burst) = (4, 10, 10);
+    // No local SA keys: every token goes to TokenReview.
+    let proxy = start_with_auth(
+        &env,
+        AuthMode::Passthrough,
+        AuthConfig {
+            review_max_concurrent: NonZeroUsize::new(concurrent).expect("non-zero"),
+            review_rate: NonZeroU32::new(rate).expect("non-zero"),
+            review_burst: NonZeroU32::new(burst).expect("non-zero"),
+            ..AuthConfig::default()
+        },
+    )
+    .await;
+    let before = env.demo.sim.request_count("POST", "tokenreviews");
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    let url = format!("https://{}/version", proxy.addr());
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..500 {
+        let (client, url) = (client.clone(), url.clone());
+        tasks.spawn(async move {
+            let token = format!("random-{i}-{}", rand::random::<u64>());
+            let sent = std::time::Instant::now();
+            let resp = client.request(get(&url, &token)).await.expect("response");
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let code = resp.status().as_u16();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            let status: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            (code, retry_after, status, sent.elapsed())
+        });
+    }
+    let (mut refused, mut unauthorized) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        let (code, retry_after, status, took) = done.expect("task");
+        match code {
+            401 => unauthorized += 1,
+            429 => {
+                refused += 1;
+                assert_eq!(status["reason"], "TooManyRequests", "{status}");
+                assert!(retry_after.is_some_and(|s| s >= 1), "{retry_after:?}");
+                // Refused at once, not queued behind the reviews.
+                assert!(took < Duration::from_secs(5), "a 429 took {took:?}");
+            }
+            other => panic!("random token answered {other}: {status}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let reviews = env.demo.sim.request_count("POST", "tokenreviews") - before;
+    let bound = burst as f64 + rate as f64 * elapsed;
+    assert!(
+        (reviews as f64) <= bound,
+        "{reviews} TokenReviews in {elapsed:.2}s: more than {bound}"
+    );
+    assert_eq!(unauthorized as u64, reviews, "each review said no");
+    assert_eq!(refused + unauthorized, 500);
+    assert!(refused >= 500 - bound as usize, "{refused} refused");
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert!(
+        counter_sum(&metrics, "breakwater_token_reviews_refused_total", &[]) >= refused as f64,
+        "{metrics}"
+    );
+    assert!(!metrics.contains("random-"), "metrics carry no tokens");
+
+    // A real token works once the bucket has refilled: wait as long as the
+    // proxy's Retry-After says, a bounded number of times.
+    let token = env
+        .demo
+        .sim
+        .issue_token("demo", "default", Duration::from_secs(3600));
+    let mut code = 0;
+    for _ in 0..10 {
+        let resp = client.request(get(&url, &token)).await.expect("response");
+        code = resp.status().as_u16();
+        if code != 429 {
+            break;
+        }
+        let wait = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .expect("Retry-After on a 429");
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
+    assert_eq!(code, 200, "a valid token authenticates after the flood");
     proxy.shutdown().await;
 }
 

@@ -322,7 +322,13 @@ impl ProxyEnv {
             upstream: sim.url(),
             upstream_ca: dir.write("upstream-ca.crt", sim.pki().serving_ca.cert_pem())?,
             // Plain HTTP/1.1 on loopback too, for the plaintext figure.
-            extra: vec!["--plain-listen".into(), "127.0.0.1:0".into()],
+            // Every subscriber comes from 127.0.0.1: no per-source cap.
+            extra: vec![
+                "--plain-listen".into(),
+                "127.0.0.1:0".into(),
+                "--max-connections-per-source".into(),
+                "0".into(),
+            ],
             ..RunArgs::default()
         };
         let start = StartOptions {

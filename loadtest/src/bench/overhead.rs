@@ -246,6 +246,8 @@ async fn with_sim(
         tls_key,
         upstream: sim.url(),
         upstream_ca,
+        // Every client comes from 127.0.0.1: no per-source cap.
+        extra: vec!["--max-connections-per-source".into(), "0".into()],
         ..RunArgs::default()
     };
     let start = StartOptions {

@@ -922,6 +922,10 @@ async fn start_proxies(
             issuer.into(),
             "--limits".into(),
             w("limits.yaml", &limits)?.into(),
+            // Every agent of the lab comes from 127.0.0.1, where a real
+            // DaemonSet's come from one address per node.
+            "--max-connections-per-source".into(),
+            "0".into(),
         ],
         ..RunArgs::default()
     };

@@ -16,7 +16,9 @@
 //!      of an issuer we are not configured for — the apiserver's union
 //!      authenticator would try its other authenticators on those too) is
 //!      asked about upstream with a TokenReview ([`review`]), cached by the
-//!      token's SHA-256.
+//!      token's SHA-256; the reviews are capped (in flight and per second),
+//!      so a flood of random tokens costs the apiserver a trickle and its
+//!      senders a 429.
 //! 3. no credentials: `system:anonymous` if allowed, else 401.
 //!
 //! Every authenticated identity carries `system:authenticated`, as the
@@ -31,6 +33,7 @@ mod x509;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -121,6 +124,14 @@ pub struct AuthConfig {
     pub review_cache_size: u64,
     /// Tolerance for `exp`, `nbf` and `iat`.
     pub clock_skew: Duration,
+    /// Most TokenReviews (and SelfSubjectReviews) in flight upstream at once;
+    /// past it a new token gets 429 at once.
+    pub review_max_concurrent: NonZeroUsize,
+    /// TokenReviews started per second, sustained; past it a new token gets
+    /// 429 with the wait in `Retry-After`.
+    pub review_rate: NonZeroU32,
+    /// TokenReviews that may start at once after a quiet spell.
+    pub review_burst: NonZeroU32,
 }
 
 impl Default for AuthConfig {
@@ -137,6 +148,13 @@ impl Default for AuthConfig {
             review_negative_ttl: Duration::from_secs(10),
             review_cache_size: 100_000,
             clock_skew: Duration::from_secs(60),
+            // A review is one small POST the apiserver answers in
+            // milliseconds: 8 at once and 100/s cover a cluster's new
+            // tokens (each reviewed once per TTL) with room, and keep a
+            // flood of random tokens to a trickle upstream.
+            review_max_concurrent: NonZeroUsize::new(8).expect("8 is not zero"),
+            review_rate: NonZeroU32::new(100).expect("100 is not zero"),
+            review_burst: NonZeroU32::new(20).expect("20 is not zero"),
         }
     }
 }
@@ -176,15 +194,33 @@ pub enum AuthError {
     CannotVerify,
     #[error("token review unavailable: {0}")]
     ReviewUnavailable(String),
+    /// Over the TokenReview caps: the token was not asked about.
+    #[error("{reason}")]
+    Throttled {
+        reason: String,
+        retry_after_secs: u64,
+    },
 }
 
 impl AuthError {
     /// The HTTP status: 401, except 503 when the upstream could not be asked
-    /// (the token may well be good; the client should retry).
+    /// and 429 when the proxy would not ask it (in both the token may well be
+    /// good; the client should retry).
     pub fn status_code(&self) -> u16 {
         match self {
             AuthError::ReviewUnavailable(_) => 503,
+            AuthError::Throttled { .. } => 429,
             _ => 401,
+        }
+    }
+
+    /// For a 429: when to retry, in seconds.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            AuthError::Throttled {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
         }
     }
 
@@ -195,6 +231,7 @@ impl AuthError {
             AuthError::ReviewUnavailable(_) => {
                 "the server is currently unable to authenticate the request"
             }
+            AuthError::Throttled { .. } => "Too many requests, please try again later.",
             _ => "Unauthorized",
         }
     }
@@ -272,6 +309,11 @@ impl Authenticator {
                 cfg.review_cache_size,
                 cfg.review_ttl,
                 cfg.review_negative_ttl,
+                review::ReviewCaps::new(
+                    cfg.review_max_concurrent,
+                    cfg.review_rate,
+                    cfg.review_burst,
+                ),
             ),
             keys: ArcSwap::from_pointee(keys),
             audiences,

@@ -16,16 +16,30 @@
 //! Both are bounded by `review_cache_size` entries (moka evicts by
 //! TinyLFU when full, so a flood of one-off tokens cannot push out the hot
 //! ones).
+//!
+//! A flood of distinct unknown tokens must not become a TokenReview flood
+//! against the apiserver we protect, and it arrives before any limit can
+//! apply (limits key on the identity the review finds). So the reviews
+//! themselves are capped ([`ReviewCaps`]): at most `review_max_concurrent`
+//! at once and `review_rate` per second (burst `review_burst`). Over a cap
+//! the caller gets 429 with `Retry-After` at once, never a queue, and the
+//! refusal is not cached: the same token asks again on its next request.
+//! The caps are taken inside moka's init future, so the callers that share
+//! one review share its slot too; cached answers and locally verified
+//! ServiceAccount tokens never reach them.
 
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
 use moka::future::Cache;
 use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::{AuthError, Identity, TokenReviewer};
+use super::{AuthError, Identity, ReviewError, TokenReviewer};
 use crate::error::Chain;
+use crate::pacing::{self, DirectLimiter};
 
 /// The cache key of a token.
 pub(crate) fn token_hash(token: &str) -> [u8; 32] {
@@ -59,23 +73,85 @@ impl Expiry<[u8; 32], CachedReview> for ReviewExpiry {
     }
 }
 
-/// TokenReview answers by token hash, with concurrent lookups coalesced.
+/// Why a review did not give an answer. Neither is cached.
+#[derive(Debug, thiserror::Error)]
+enum NoAnswer {
+    /// Over a cap: not asked at all.
+    #[error("too many token reviews ({cap}); retry in {retry_after_secs}s")]
+    Throttled {
+        cap: &'static str,
+        retry_after_secs: u64,
+    },
+    #[error(transparent)]
+    Failed(#[from] ReviewError),
+}
+
+/// The bounds on the reviews the proxy asks upstream: slots for reviews in
+/// flight, and a rate for starting them.
+pub(crate) struct ReviewCaps {
+    slots: Semaphore,
+    rate: DirectLimiter,
+}
+
+impl ReviewCaps {
+    pub(crate) fn new(concurrent: NonZeroUsize, per_second: NonZeroU32, burst: NonZeroU32) -> Self {
+        ReviewCaps {
+            slots: Semaphore::new(concurrent.get()),
+            rate: pacing::direct(per_second, burst),
+        }
+    }
+
+    /// A slot for one review, or a refusal at once. The slot first: it is
+    /// given back when the review ends, while a token of the rate is spent
+    /// for good, so a review refused for want of a slot costs no token.
+    fn take(&self) -> Result<SemaphorePermit<'_>, NoAnswer> {
+        // The semaphore is never closed: the only error is "no permit left".
+        let Ok(slot) = self.slots.try_acquire() else {
+            metrics::counter!("breakwater_token_reviews_refused_total", "reason" => "concurrency")
+                .increment(1);
+            // Reviews take milliseconds; a second is plenty for one to end.
+            return Err(NoAnswer::Throttled {
+                cap: "concurrency",
+                retry_after_secs: 1,
+            });
+        };
+        if let Err(refused) = self.rate.check() {
+            metrics::counter!("breakwater_token_reviews_refused_total", "reason" => "rate")
+                .increment(1);
+            return Err(NoAnswer::Throttled {
+                cap: "rate",
+                retry_after_secs: pacing::retry_after_secs(&refused, self.rate.clock()),
+            });
+        }
+        Ok(slot)
+    }
+}
+
+/// TokenReview answers by token hash, with concurrent lookups coalesced and
+/// the reviews themselves capped.
 pub(crate) struct ReviewCache {
     cache: Cache<[u8; 32], CachedReview>,
+    caps: ReviewCaps,
 }
 
 impl ReviewCache {
-    pub(crate) fn new(capacity: u64, positive: Duration, negative: Duration) -> ReviewCache {
+    pub(crate) fn new(
+        capacity: u64,
+        positive: Duration,
+        negative: Duration,
+        caps: ReviewCaps,
+    ) -> ReviewCache {
         ReviewCache {
             cache: Cache::builder()
                 .max_capacity(capacity)
                 .expire_after(ReviewExpiry { positive, negative })
                 .build(),
+            caps,
         }
     }
 
     /// The cached answer for `hash`, or one review of `token` shared by every
-    /// concurrent caller with the same token.
+    /// concurrent caller with the same token (within the caps).
     pub(crate) async fn review(
         &self,
         hash: [u8; 32],
@@ -85,11 +161,22 @@ impl ReviewCache {
         let answer = self
             .cache
             .try_get_with(hash, async {
-                match reviewer.review(token).await? {
+                // Only the caller that runs the review gets here: the
+                // ones coalesced onto it take no slot of their own.
+                let _slot = self.caps.take()?;
+                let answer = reviewer.review(token).await;
+                let result = match &answer {
+                    Ok(Some(_)) => "authenticated",
+                    Ok(None) => "rejected",
+                    Err(_) => "error",
+                };
+                metrics::counter!("breakwater_token_reviews_total", "result" => result)
+                    .increment(1);
+                match answer? {
                     Some(identity) => Ok(CachedReview::Authenticated(Arc::new(
                         identity.with_authenticated_group(),
                     ))),
-                    None => Ok::<_, super::ReviewError>(CachedReview::Rejected),
+                    None => Ok::<_, NoAnswer>(CachedReview::Rejected),
                 }
             })
             .await;
@@ -98,7 +185,15 @@ impl ReviewCache {
             Ok(CachedReview::Rejected) => Err(AuthError::InvalidToken(
                 "token review: not authenticated".into(),
             )),
-            Err(err) => Err(AuthError::ReviewUnavailable(Chain(&err).to_string())),
+            Err(err) => Err(match &*err {
+                NoAnswer::Throttled {
+                    retry_after_secs, ..
+                } => AuthError::Throttled {
+                    reason: err.to_string(),
+                    retry_after_secs: *retry_after_secs,
+                },
+                NoAnswer::Failed(failed) => AuthError::ReviewUnavailable(Chain(failed).to_string()),
+            }),
         }
     }
 }

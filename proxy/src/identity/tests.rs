@@ -1,7 +1,7 @@
 //! Tests for identity resolution: the shared fixtures and helpers, client
 //! certificates and the header rules here; local ServiceAccount JWT
 //! verification in `tests/service_accounts.rs`, the TokenReview cache in
-//! `tests/review_cache.rs`.
+//! `tests/review_cache.rs`, its caps in `tests/review_caps.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -297,6 +297,7 @@ fn invalid_reason(result: Result<Arc<Identity>, AuthError>) -> String {
 }
 
 mod review_cache;
+mod review_caps;
 mod service_accounts;
 
 // ---- client certificates ----

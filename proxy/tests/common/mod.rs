@@ -101,6 +101,7 @@ pub fn passthrough_config(env: &Env, upstream: String, grace: Duration) -> Proxy
         shutdown_grace: grace,
         limits: LimitsConfig::default(),
         watch: Default::default(),
+        connections: Default::default(),
     }
 }
 
@@ -336,4 +337,27 @@ pub async fn until_stats(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("{what}: {:?}", env.demo.proxy.watch_hub().stats());
+}
+
+/// The proxy's Prometheus text from its admin listener.
+pub async fn scrape(admin: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect admin");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The sum of a counter's samples whose line contains every one of `labels`.
+pub fn counter_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
