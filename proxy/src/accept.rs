@@ -11,8 +11,8 @@
 //!    source that opens connections faster than that is refused;
 //! 2. **open connections** (`max_connections`, 20,000): the proxy's whole
 //!    budget of sockets, tasks and buffers;
-//! 3. **open connections per source** (`max_connections_per_source`, 1,000;
-//!    0 = off): one host cannot take the whole budget.
+//! 3. **open connections per source** (`max_connections_per_source`, off by
+//!    default): one host cannot take the whole budget.
 //!
 //! Over any of them the socket is closed at once, before a byte is read (no
 //! TLS alert and no HTTP answer: nothing has been said yet, and a client
@@ -85,9 +85,12 @@ impl Default for ConnectionLimits {
             // covers a 5,000-node cluster's kubelets, proxies and agents
             // with room, and bounds what a flood can make us hold.
             max_connections: NonZeroUsize::new(20_000).expect("20000 is not zero"),
-            // Generous: a node runs a kubelet and a few agents, but a NAT
-            // or a load balancer may put many clients behind one address.
-            max_connections_per_source: 1_000,
+            // Off: a NAT or a load balancer puts a whole fleet behind one
+            // address (and so does a lab that runs its agents on one host);
+            // a default cap would close a legitimate fleet's connections.
+            // Operators whose nodes reach the proxy with their own
+            // addresses set it (docs/operations.md).
+            max_connections_per_source: 0,
             max_handshakes: ConnectionLimits::default_max_handshakes(),
             accept_rate_per_source: None,
         }

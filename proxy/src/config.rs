@@ -105,7 +105,8 @@ pub struct RunOptions {
     #[arg(long)]
     pub max_connections: Option<usize>,
     /// Most open client connections from one IP address (0 = no cap); past it a new
-    /// connection from that address is closed at once [default: 1000].
+    /// connection from that address is closed at once [default: 0 = off;
+    /// behind NAT or a load balancer one address carries a whole fleet].
     #[arg(long)]
     pub max_connections_per_source: Option<usize>,
     /// TLS handshakes doing work at once; the others wait (without CPU) within the 10 s
@@ -581,7 +582,7 @@ mod tests {
         let cfg = base().validate().expect("valid");
         assert_eq!(cfg.connections, ConnectionLimits::default());
         assert_eq!(cfg.connections.max_connections.get(), 20_000);
-        assert_eq!(cfg.connections.max_connections_per_source, 1_000);
+        assert_eq!(cfg.connections.max_connections_per_source, 0);
         assert_eq!(cfg.connections.accept_rate_per_source, None);
         let cfg = RunOptions {
             max_connections_per_source: Some(0),
