@@ -273,3 +273,25 @@ fn charges_on_an_exempt_rule_is_an_error() {
     let text = format!("{HEAD}rules:\n  - name: admins\n    exempt: true\n    charges: upstream\n");
     assert_problems(&text, &[(6, 14, "is exempt, so it charges nothing")]);
 }
+
+#[test]
+fn the_lab_files_charge_the_storm_fleet_only_upstream() {
+    for (name, text) in [
+        (
+            "docker/limits.yaml",
+            include_str!("../../docker/limits.yaml"),
+        ),
+        (
+            "docker/limits-storm.yaml",
+            include_str!("../../docker/limits-storm.yaml"),
+        ),
+    ] {
+        let l = ValidatedLimits::from_yaml(text, name).expect("valid");
+        let fleet = l
+            .rules()
+            .iter()
+            .find(|r| r.name() == "telemetry-agents")
+            .expect("the fleet's rule");
+        assert_eq!(fleet.charges(), Charges::Upstream, "{name}");
+    }
+}
