@@ -26,6 +26,19 @@
 //! A rule in `shadow` mode runs steps 4-5 exactly as if enforcing, but on a
 //! would-be rejection undoes them and admits; the permit carries the
 //! would-be [`Rejection`]. Blocks and upstream seats are always enforced.
+//!
+//! # Two steps, for rules that charge `upstream`
+//! The proxy answers some requests itself (its watch hub serves watches and
+//! LISTs from a shared cache); those cost the apiserver nothing, and a rule
+//! with `charges: upstream` does not charge them. The proxy then admits in
+//! two steps. [`Limiter::admit_client`], before the hub, runs steps 1-6 for
+//! every rule except `charges: upstream` ones, of which it takes only the
+//! concurrent-watch slots (they hold proxy memory whoever answers) and
+//! defers the rest. [`Limiter::charge_upstream`], just before anything goes
+//! upstream for the request, takes what was deferred: the in-flight slots
+//! of step 4, then steps 5 and 6, with the same undo on failure. A request
+//! the hub serves never reaches the second step. [`Limiter::admit`] is both
+//! steps at once.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -36,7 +49,7 @@ use rand::Rng;
 
 use crate::blocks::{self, Block, BlockError, Blocks};
 use crate::bucket::RateLimit;
-use crate::file::Mode;
+use crate::file::{Charges, Mode};
 use crate::matcher::{RequestAttrs, Subject};
 use crate::state::{
     IdentityState, KeyHasher, RuleState, UpstreamState, acquire, acquire_seat, release, stripe,
@@ -177,12 +190,21 @@ const SLOT_BITS: u16 =
 /// `Send + Sync`: it may move into a response body or a watch task.
 pub struct Permit {
     rule: Option<Arc<RuleState>>,
+    /// Kept while an identity slot is held (to release it) or a charge is
+    /// pending (the second step charges it).
     identity: Option<Arc<IdentityState>>,
     upstream: Option<Arc<UpstreamState>>,
     held: u16,
     /// The [`crate::state::Striped`] cell taken from.
     stripe: u8,
     exempt: bool,
+    /// The rule's upstream-bound parts are not charged yet (see
+    /// [`Limiter::charge_upstream`]).
+    pending: bool,
+    /// The rule's position in the snapshot that admitted the request: the
+    /// second step finds the rule's limits there without a search, unless
+    /// a reload moved it.
+    index: u32,
     quota: Option<Quota>,
     shadow: Option<Box<Rejection>>,
 }
@@ -215,6 +237,13 @@ impl Permit {
     pub fn holds_upstream_seat(&self) -> bool {
         self.held & SEAT != 0
     }
+    /// Did [`Limiter::admit_client`] defer part of the charge (a rule with
+    /// `charges: upstream`)? Then [`Limiter::charge_upstream`] must run
+    /// before anything is sent upstream for the request; a request answered
+    /// without the apiserver never runs it.
+    pub fn charge_pending(&self) -> bool {
+        self.pending
+    }
 }
 
 impl std::fmt::Debug for Permit {
@@ -223,6 +252,7 @@ impl std::fmt::Debug for Permit {
         f.debug_struct("Permit")
             .field("rule", &self.rule())
             .field("exempt", &self.exempt)
+            .field("pending", &self.pending)
             .field("held", &format_args!("{:#06x}", self.held))
             .field("quota", &self.quota)
             .field("shadow_rejection", &self.shadow)
@@ -498,8 +528,122 @@ impl Limiter {
     /// its creation). Never blocks beyond short lock sections (a shard read
     /// lock; the blocks read lock only while blocks exist). Admitting a
     /// known identity allocates nothing; a new identity allocates its state.
+    ///
+    /// Charges everything, whatever the rule's `charges` says: for a request
+    /// known to go upstream. The proxy, which may answer a request itself,
+    /// uses [`Limiter::admit_client`] and [`Limiter::charge_upstream`].
     pub fn admit(&self, subject: &Subject<'_>, req: &RequestAttrs<'_>, now: Instant) -> Decision {
-        self.with_snapshot(|snap| self.admit_in(snap, subject, req, now))
+        self.with_snapshot(|snap| self.admit_in(snap, subject, req, now, false))
+    }
+
+    /// The first step of a two-step admission (see the module docs): like
+    /// [`Limiter::admit`], except that for a rule with `charges: upstream`
+    /// it takes only the concurrent-watch slots and leaves the rest to
+    /// [`Limiter::charge_upstream`] ([`Permit::charge_pending`] says so).
+    /// Blocks are decided here, for every request.
+    pub fn admit_client(
+        &self,
+        subject: &Subject<'_>,
+        req: &RequestAttrs<'_>,
+        now: Instant,
+    ) -> Decision {
+        self.with_snapshot(|snap| self.admit_in(snap, subject, req, now, true))
+    }
+
+    /// The second step: charges what [`Limiter::admit_client`] deferred
+    /// (in-flight slots, rate and watch-open tokens, the upstream seat),
+    /// just before the request, or anything on its behalf, goes upstream.
+    /// `req` must be the request given to the first step. Does nothing when
+    /// nothing is pending, so calling it twice is harmless.
+    ///
+    /// On `Err` the permit is unchanged: it still holds what the first step
+    /// took, and dropping it (the request is refused) releases that. A rule
+    /// in shadow mode never errs here; the permit then carries the would-be
+    /// rejection (unless the first step already recorded one). The limits
+    /// are those in force now: a reload between the steps charges the
+    /// rule's new limits, and nothing if the rule is gone.
+    pub fn charge_upstream(
+        &self,
+        permit: &mut Permit,
+        req: &RequestAttrs<'_>,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        if !permit.pending {
+            return Ok(());
+        }
+        self.with_snapshot(|snap| self.charge_in(snap, permit, req, now))
+    }
+
+    fn charge_in(
+        &self,
+        snap: &Snapshot,
+        permit: &mut Permit,
+        req: &RequestAttrs<'_>,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        let Some(rs) = permit.rule.as_ref() else {
+            permit.pending = false;
+            return Ok(());
+        };
+        // The rule's state is kept across reloads by name, so the same
+        // `RuleState` finds the rule's limits in force now.
+        let at = usize::try_from(permit.index).unwrap_or(usize::MAX);
+        let index = match snap.states.get(at) {
+            Some(s) if Arc::ptr_eq(s, rs) => Some(at),
+            _ => snap.states.iter().position(|s| Arc::ptr_eq(s, rs)),
+        };
+        let Some(rule) = index.map(|i| &snap.limits.rules[i]) else {
+            permit.pending = false;
+            return Ok(());
+        };
+        let stripe = permit.stripe;
+        let identity = permit.identity.as_deref();
+        let (mut held, quota, shadow) = match take_rule(
+            rule,
+            rs,
+            identity,
+            req,
+            self.ns(now),
+            stripe,
+            Step::Upstream,
+        ) {
+            Ok((held, quota)) => (held, quota, None),
+            // Undone; the first step's gauge count stays.
+            Err(rej) if rule.mode == Mode::Shadow => (0, None, Some(rej)),
+            Err(rej) => return Err(rej),
+        };
+        if !req.is_long_running()
+            && let Some(c) = snap.limits.upstream
+        {
+            if !acquire_seat(&self.upstream.used, c.non_exempt()) {
+                // A shadow would-be rejection already undid (and holds)
+                // nothing; otherwise give back what this step took.
+                if shadow.is_none() {
+                    undo(rule, rs, identity, held, req, true, stripe);
+                }
+                return Err(self.seat_rejection(Arc::clone(&rule.name), c.non_exempt()));
+            }
+            held |= SEAT;
+        }
+        // The first step counted the request in the rule's in-flight gauge
+        // only; a slot taken now counts it instead. Given back after the
+        // take, so the gauge never dips below the truth.
+        if held & (AGG_INFLIGHT | AGG_INFLIGHT_STRIPED) != 0
+            && permit.held & AGG_INFLIGHT_STRIPED != 0
+        {
+            rs.aggregate.inflight_striped.sub(stripe);
+            permit.held &= !AGG_INFLIGHT_STRIPED;
+        }
+        permit.held |= held;
+        permit.quota = quota;
+        if permit.shadow.is_none() {
+            permit.shadow = shadow.map(Box::new);
+        }
+        permit.pending = false;
+        if permit.held & (ID_INFLIGHT | ID_WATCH) == 0 {
+            permit.identity = None;
+        }
+        Ok(())
     }
 
     fn admit_in(
@@ -508,9 +652,11 @@ impl Limiter {
         subject: &Subject<'_>,
         req: &RequestAttrs<'_>,
         now: Instant,
+        two_step: bool,
     ) -> Decision {
         let now_ns = self.ns(now);
         let matched = snap.limits.match_rule(subject, req);
+        let index = matched.map_or(0, |i| u32::try_from(i).unwrap_or(u32::MAX));
         let rule = matched.map(|i| (&snap.limits.rules[i], &snap.states[i]));
 
         if self.has_blocks.load(Ordering::Relaxed)
@@ -532,7 +678,7 @@ impl Limiter {
                 }
                 held |= SEAT;
             }
-            return Decision::Admitted(self.permit(None, None, held, false, None, None));
+            return Decision::Admitted(self.permit(None, None, held, Flags::default(), None, None));
         };
 
         if rule.exempt {
@@ -547,7 +693,11 @@ impl Limiter {
             }
             // Counted for the rule's gauges only.
             held |= count_only(rs, req, stripe());
-            return Decision::Admitted(self.permit(Some(rs), None, held, true, None, None));
+            let flags = Flags {
+                exempt: true,
+                ..Flags::default()
+            };
+            return Decision::Admitted(self.permit(Some(rs), None, held, flags, None, None));
         }
 
         let identity = (!rule.per_identity.is_unlimited()).then(|| {
@@ -558,8 +708,18 @@ impl Limiter {
                 || self.pressure_sweep(now_ns),
             )
         });
+        let step = if two_step && rule.charges == Charges::Upstream {
+            Step::Client
+        } else {
+            Step::All
+        };
         let (mut held, quota, shadow) =
-            match take_rule(rule, rs, identity.as_deref(), req, now_ns, stripe()) {
+            match take_rule(rule, rs, identity.as_deref(), req, now_ns, stripe(), step) {
+                // A deferred request that is not a watch took nothing, but
+                // it is really open: it counts in the rule's gauges.
+                Ok((held, quota)) if step == Step::Client && !req.is_watch() => {
+                    (held | count_only(rs, req, stripe()), quota, None)
+                }
                 Ok((held, quota)) => (held, quota, None),
                 // Everything was undone; the request is really open, so it
                 // still counts in the rule's gauges (not in its limits).
@@ -568,7 +728,12 @@ impl Limiter {
                 }
                 Err(rej) => return Decision::Rejected(rej),
             };
-        if seat_needed && let Some(c) = caps {
+        // A deferred request takes its seat in the second step, if it ever
+        // goes upstream.
+        if seat_needed
+            && step == Step::All
+            && let Some(c) = caps
+        {
             if !acquire_seat(&self.upstream.used, c.non_exempt()) {
                 // A shadow would-be rejection already undid (and holds)
                 // nothing; otherwise give back everything the rule took.
@@ -583,8 +748,14 @@ impl Limiter {
             }
             held |= SEAT;
         }
-        let identity = identity.filter(|_| held & (ID_INFLIGHT | ID_WATCH) != 0);
-        Decision::Admitted(self.permit(Some(rs), identity, held, false, quota, shadow))
+        let pending = step == Step::Client;
+        let identity = identity.filter(|_| pending || held & (ID_INFLIGHT | ID_WATCH) != 0);
+        let flags = Flags {
+            exempt: false,
+            pending,
+            index,
+        };
+        Decision::Admitted(self.permit(Some(rs), identity, held, flags, quota, shadow))
     }
 
     fn permit(
@@ -592,7 +763,7 @@ impl Limiter {
         rs: Option<&Arc<RuleState>>,
         identity: Option<Arc<IdentityState>>,
         held: u16,
-        exempt: bool,
+        flags: Flags,
         quota: Option<Quota>,
         shadow: Option<Box<Rejection>>,
     ) -> Permit {
@@ -603,7 +774,9 @@ impl Limiter {
             upstream: (held & SEAT != 0 && rs.is_none()).then(|| Arc::clone(&self.upstream)),
             held,
             stripe: stripe(),
-            exempt,
+            exempt: flags.exempt,
+            pending: flags.pending,
+            index: flags.index,
             quota,
             shadow,
         }
@@ -754,7 +927,28 @@ impl Limiter {
     }
 }
 
-/// Steps 4-5 of the module docs. On `Err`, everything taken is undone.
+/// The permit's flags besides what it holds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Flags {
+    exempt: bool,
+    pending: bool,
+    index: u32,
+}
+
+/// Which parts of a rule's limits an admission step takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Everything: one-step admission, or a rule that charges `all`.
+    All,
+    /// What every client request costs whoever answers it: the
+    /// concurrent-watch slots.
+    Client,
+    /// What [`Step::Client`] left: in-flight slots, rates, watch opens.
+    Upstream,
+}
+
+/// Steps 4-5 of the module docs, the parts `step` names. On `Err`,
+/// everything taken is undone.
 #[inline]
 fn take_rule(
     rule: &Rule,
@@ -763,10 +957,12 @@ fn take_rule(
     req: &RequestAttrs<'_>,
     now_ns: u64,
     stripe: u8,
+    step: Step,
 ) -> Result<(u16, Option<Quota>), Rejection> {
     let pi = &rule.per_identity;
     let ag = &rule.aggregate;
     let watch = req.is_watch();
+    let (client, upstream) = (step != Step::Upstream, step != Step::Client);
     let mut held = 0u16;
     let fail =
         |held: u16, reason: RejectReason, limit: u64, retry_after: Duration, window: Duration| {
@@ -793,7 +989,7 @@ fn take_rule(
     };
 
     // 4. Concurrency.
-    if watch {
+    if watch && client {
         if let Some(id) = identity {
             if !acquire(&id.watches, pi.watches) {
                 return Err(counter_fail(held, RejectReason::Watches, pi.watches));
@@ -812,7 +1008,7 @@ fn take_rule(
                 ag.watches,
             ));
         }
-    } else if !req.is_long_running() {
+    } else if !watch && !req.is_long_running() && upstream {
         if let Some(id) = identity {
             if !acquire(&id.inflight, pi.inflight) {
                 return Err(counter_fail(held, RejectReason::Inflight, pi.inflight));
@@ -831,6 +1027,10 @@ fn take_rule(
                 ag.inflight,
             ));
         }
+    }
+
+    if !upstream {
+        return Ok((held, None));
     }
 
     // 5. Rates. Bits above the slot bits record tokens taken, for undo.

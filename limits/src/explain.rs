@@ -5,7 +5,7 @@
 use std::fmt;
 
 use crate::bucket::RateLimit;
-use crate::file::Mode;
+use crate::file::{Charges, Mode};
 use crate::matcher::{Mismatch, RequestAttrs, Subject};
 use crate::validate::{LimitValues, UpstreamCaps, ValidatedLimits};
 
@@ -29,6 +29,8 @@ pub struct MatchedRule {
     pub mode: Mode,
     /// Exempt?
     pub exempt: bool,
+    /// Which requests its limits charge.
+    pub charges: Charges,
     /// Per-identity limits.
     pub per_identity: LimitValues,
     /// Aggregate limits of one replica.
@@ -72,6 +74,7 @@ pub fn explain(
                     name: r.name.to_string(),
                     mode: r.mode,
                     exempt: r.exempt,
+                    charges: r.charges,
                     per_identity: r.per_identity,
                     aggregate: r.aggregate,
                 });
@@ -148,6 +151,13 @@ impl fmt::Display for Explanation {
                     }
                 )?;
                 if !m.exempt {
+                    let charges = match m.charges {
+                        Charges::All => "every request it matches",
+                        Charges::Upstream => {
+                            "only requests that reach the apiserver (watches and LISTs the watch hub serves from its cache are free; concurrent watches always count)"
+                        }
+                    };
+                    writeln!(f, "  charges {}: {charges}", m.charges.as_str())?;
                     writeln!(f, "  per identity: {}", Limits(&m.per_identity))?;
                     writeln!(
                         f,

@@ -79,6 +79,13 @@ pub struct RuleSpec {
     /// Bypass every limit and use the upstream seats reserved for exempt rules.
     #[serde(default)]
     pub exempt: bool,
+    /// What the rule's limits charge: `all` (the default) charges every
+    /// request the rule matches; `upstream` only those that reach the
+    /// apiserver, so a watch or LIST the proxy's watch hub answers from its
+    /// cache is free. Concurrent-watch caps count every client watch either
+    /// way (each one holds proxy memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charges: Option<Charges>,
     /// Limits applied to each identity separately.
     #[serde(default)]
     pub per_identity: Option<LimitSpec>,
@@ -105,6 +112,31 @@ impl Mode {
         match self {
             Mode::Enforce => "enforce",
             Mode::Shadow => "shadow",
+        }
+    }
+}
+
+/// `charges` of a rule: which requests its limits charge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Charges {
+    /// Every request the rule matches, whoever answers it.
+    #[default]
+    All,
+    /// Only requests that reach the apiserver: forwarded ones, and those
+    /// for which the watch hub starts a stream or sends a LIST. Watches and
+    /// LISTs the hub serves from its cache take no token, in-flight slot,
+    /// watch-open token or upstream seat; concurrent-watch caps still count
+    /// them.
+    Upstream,
+}
+
+impl Charges {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Charges::All => "all",
+            Charges::Upstream => "upstream",
         }
     }
 }

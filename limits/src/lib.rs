@@ -56,6 +56,11 @@
 //! - Exempt rules bypass all limits; they may use all `maxInflight` seats,
 //!   other traffic only `maxInflight - reservedForExempt`.
 //! - Shadow rules never reject; the permit carries the would-be rejection.
+//! - A rule with `charges: upstream` charges only requests that reach the
+//!   apiserver: admit with [`Limiter::admit_client`] before the proxy may
+//!   answer from its cache, then [`Limiter::charge_upstream`] before
+//!   anything goes upstream for the request ([`Limiter::admit`] does both).
+//!   Its concurrent-watch caps count every client watch at the first step.
 //! - Blocks and upstream seats are enforced in every mode; exempt traffic is
 //!   only blocked by a `force` block.
 //! - Per-identity state is bounded by [`LimiterConfig::max_identities`];
@@ -85,6 +90,6 @@ pub use admission::{
 pub use blocks::{Block, BlockError, BlockRespond, BlockTarget, Blocks};
 pub use bucket::RateLimit;
 pub use explain::{Explanation, explain};
-pub use file::{LimitsError, LimitsFile, Mode, Problem, Problems};
+pub use file::{Charges, LimitsError, LimitsFile, Mode, Problem, Problems};
 pub use matcher::{RequestAttrs, Subject};
 pub use validate::{LimitValues, Rule, UpstreamCaps, ValidatedLimits};

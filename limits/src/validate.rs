@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::bucket::RateLimit;
 use crate::file::{
-    self, LimitSpec, LimitsError, LimitsFile, Mode, Problem, Problems, RuleSpec, Seg,
+    self, Charges, LimitSpec, LimitsError, LimitsFile, Mode, Problem, Problems, RuleSpec, Seg,
 };
 use crate::matcher::{Glob, KNOWN_VERBS, Matcher, ResourcePattern, VerbSet};
 
@@ -64,6 +64,7 @@ pub struct Rule {
     pub(crate) name: Arc<str>,
     pub(crate) mode: Mode,
     pub(crate) exempt: bool,
+    pub(crate) charges: Charges,
     pub(crate) matcher: Matcher,
     pub(crate) per_identity: LimitValues,
     pub(crate) aggregate: LimitValues,
@@ -82,6 +83,10 @@ impl Rule {
     /// Exempt rules bypass every limit.
     pub fn is_exempt(&self) -> bool {
         self.exempt
+    }
+    /// Which requests the rule's limits charge.
+    pub fn charges(&self) -> Charges {
+        self.charges
     }
     /// Per-identity limits.
     pub fn per_identity(&self) -> &LimitValues {
@@ -338,6 +343,16 @@ pub fn validate(
                 "remove the limits, or remove `exempt: true`",
             );
         }
+        if spec.exempt && spec.charges.is_some() {
+            c.push(
+                at(&base, &[Seg::Key("charges")]),
+                format!(
+                    "rule `{}` is exempt, so it charges nothing and `charges` would be ignored",
+                    spec.name
+                ),
+                "remove `charges`, or remove `exempt: true`",
+            );
+        }
         let per_identity = spec
             .per_identity
             .as_ref()
@@ -352,6 +367,7 @@ pub fn validate(
             name: Arc::from(spec.name.as_str()),
             mode: spec.mode,
             exempt: spec.exempt,
+            charges: spec.charges.unwrap_or_default(),
             matcher,
             per_identity,
             aggregate,

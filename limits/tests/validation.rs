@@ -1,7 +1,7 @@
 //! The limits file: the example parses, every error is reported with its
 //! line, column and a hint, all semantic problems at once.
 
-use breakwater_limits::{LimitsError, Mode, ValidatedLimits};
+use breakwater_limits::{Charges, LimitsError, Mode, ValidatedLimits};
 
 /// The file from the limits issue, verbatim: field names are an interface.
 const ISSUE_EXAMPLE: &str = r#"apiVersion: breakwater/v1alpha1
@@ -241,4 +241,57 @@ fn aggregate_limits_too_small_for_the_replicas_are_located() {
 fn rule_names_must_be_header_safe() {
     let text = format!("{HEAD}rules:\n  - name: \"a b\"\n");
     assert_problems(&text, &[(4, 11, "contains ` `")]);
+}
+
+#[test]
+fn charges_defaults_to_all_and_reads_upstream() {
+    let text = format!(
+        "{HEAD}rules:\n  - name: fleet\n    match: {{users: [a]}}\n    charges: upstream\n    perIdentity: {{rate: 1}}\n  - name: default\n"
+    );
+    let l = ValidatedLimits::from_yaml(&text, "f.yaml").expect("valid");
+    assert_eq!(l.rules()[0].charges(), Charges::Upstream);
+    assert_eq!(l.rules()[1].charges(), Charges::All, "the default");
+    let text = text.replace("charges: upstream", "charges: all");
+    let l = ValidatedLimits::from_yaml(&text, "f.yaml").expect("valid");
+    assert_eq!(l.rules()[0].charges(), Charges::All);
+}
+
+#[test]
+fn an_unknown_charges_value_is_located_with_the_values_allowed() {
+    let text = format!("{HEAD}rules:\n  - name: fleet\n    charges: cache\n");
+    assert_problems(&text, &[(5, 14, "unknown variant `cache`")]);
+    let err = ValidatedLimits::from_yaml(&text, "f.yaml").expect_err("invalid");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("`all`") && shown.contains("`upstream`"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn charges_on_an_exempt_rule_is_an_error() {
+    let text = format!("{HEAD}rules:\n  - name: admins\n    exempt: true\n    charges: upstream\n");
+    assert_problems(&text, &[(6, 14, "is exempt, so it charges nothing")]);
+}
+
+#[test]
+fn the_lab_files_charge_the_storm_fleet_only_upstream() {
+    for (name, text) in [
+        (
+            "docker/limits.yaml",
+            include_str!("../../docker/limits.yaml"),
+        ),
+        (
+            "docker/limits-storm.yaml",
+            include_str!("../../docker/limits-storm.yaml"),
+        ),
+    ] {
+        let l = ValidatedLimits::from_yaml(text, name).expect("valid");
+        let fleet = l
+            .rules()
+            .iter()
+            .find(|r| r.name() == "telemetry-agents")
+            .expect("the fleet's rule");
+        assert_eq!(fleet.charges(), Charges::Upstream, "{name}");
+    }
 }

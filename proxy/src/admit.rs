@@ -1,8 +1,11 @@
 //! The admission phase: limits and emergency blocks, decided before anything
 //! reaches the apiserver.
 //!
-//! The decision itself is `breakwater-limits`' [`Limiter`]; this module turns
-//! it into HTTP: a 429 (or a block's 403) `Status` with a jittered
+//! The decision itself is `breakwater-limits`' [`Limiter`], in two steps:
+//! [`Admission::admit`] before the watch hub may answer the request from its
+//! cache, and [`Admission::charge_upstream`] before anything goes upstream
+//! for it (rules with `charges: upstream` charge their rates, in-flight
+//! slots and upstream seat only there). This module turns it into HTTP: a 429 (or a block's 403) `Status` with a jittered
 //! `Retry-After`, the `X-Breakwater-Rule` header naming the governing rule
 //! (like the apiserver's `X-Kubernetes-PF-FlowSchema-UID`), the IETF draft
 //! `RateLimit-Policy`/`RateLimit` headers when enabled, metrics, the hot
@@ -114,42 +117,81 @@ impl Admission {
         }
     }
 
-    /// Decides one request.
+    /// Decides one request, before the watch hub may answer it: blocks,
+    /// and every limit except the upstream-bound parts of `charges:
+    /// upstream` rules, which [`Admission::charge_upstream`] takes if the
+    /// request (or anything on its behalf) goes upstream.
     pub fn admit(&self, identity: &Identity, info: &RequestInfo) -> Admit {
         let subject = Subject {
             user: &identity.username,
             groups: &identity.groups,
         };
-        let attrs = RequestAttrs {
-            verb: info.verb.as_str(),
-            api_group: &info.api_group,
-            resource: &info.resource,
-            subresource: &info.subresource,
-            namespace: &info.namespace,
-            is_resource_request: info.is_resource_request,
-        };
+        let attrs = attrs(info);
         let verb = info.verb.label();
-        match self.limiter.admit(&subject, &attrs, Instant::now()) {
+        match self.limiter.admit_client(&subject, &attrs, Instant::now()) {
             Decision::Admitted(permit) => {
                 if let Some(would) = permit.shadow_rejection() {
-                    metrics::counter!("breakwater_shadow_rejections_total",
-                        "rule" => would.rule.to_string(), "verb" => verb, "reason" => would.reason.as_str())
-                    .increment(1);
-                    tracing::info!(rule = %would.rule, reason = would.reason.as_str(), user = %identity.username,
-                        "shadow mode: would have rejected");
+                    count_shadow(would, verb, identity);
                 }
-                let rule = permit.rule().unwrap_or("-").to_string();
-                metrics::counter!("breakwater_admitted_total", "rule" => rule, "verb" => verb)
-                    .increment(1);
+                // A pending request is counted once its fate is known.
+                if !permit.charge_pending() {
+                    count_admitted(&permit, verb);
+                }
                 Admit::Go(permit)
             }
             Decision::Rejected(rej) => {
-                metrics::counter!("breakwater_rejected_total",
-                    "rule" => rej.rule.to_string(), "verb" => verb, "reason" => rej.reason.as_str())
-                .increment(1);
+                count_rejected(&rej, verb);
                 Admit::Refuse(self.rejection_response(&rej))
             }
         }
+    }
+
+    /// The second step: charges what [`Admission::admit`] deferred, just
+    /// before the request, or anything on its behalf, goes upstream. A
+    /// no-op when nothing is pending (a `charges: all` rule, or charged
+    /// already). `Err`: answer this (a 429; boxed, as it is the rare path)
+    /// and send nothing upstream; dropping the permit releases what the
+    /// first step took.
+    pub fn charge_upstream(
+        &self,
+        permit: &mut Permit,
+        identity: &Identity,
+        info: &RequestInfo,
+    ) -> Result<(), Box<Response<Body>>> {
+        if !permit.charge_pending() {
+            return Ok(());
+        }
+        let verb = info.verb.label();
+        let shadowed = permit.shadow_rejection().is_some();
+        match self
+            .limiter
+            .charge_upstream(permit, &attrs(info), Instant::now())
+        {
+            Ok(()) => {
+                if !shadowed && let Some(would) = permit.shadow_rejection() {
+                    count_shadow(would, verb, identity);
+                }
+                count_admitted(permit, verb);
+                Ok(())
+            }
+            Err(rej) => {
+                count_rejected(&rej, verb);
+                Err(Box::new(self.rejection_response(&rej)))
+            }
+        }
+    }
+
+    /// A request whose charge was pending was answered without the
+    /// apiserver (by the watch hub): admitted, and charged nothing.
+    pub fn served_uncharged(&self, permit: &Permit, info: &RequestInfo) {
+        if !permit.charge_pending() {
+            return;
+        }
+        let verb = info.verb.label();
+        count_admitted(permit, verb);
+        let rule = permit.rule().unwrap_or("-").to_string();
+        metrics::counter!("breakwater_uncharged_total", "rule" => rule, "verb" => verb)
+            .increment(1);
     }
 
     /// Headers for an admitted response: the rule, and the quota if enabled.
@@ -301,6 +343,37 @@ pub async fn maintenance(
             _ = tick.tick() => admission.maintain(),
         }
     }
+}
+
+/// What the limiter needs to know of a request.
+fn attrs(info: &RequestInfo) -> RequestAttrs<'_> {
+    RequestAttrs {
+        verb: info.verb.as_str(),
+        api_group: &info.api_group,
+        resource: &info.resource,
+        subresource: &info.subresource,
+        namespace: &info.namespace,
+        is_resource_request: info.is_resource_request,
+    }
+}
+
+fn count_admitted(permit: &Permit, verb: &'static str) {
+    let rule = permit.rule().unwrap_or("-").to_string();
+    metrics::counter!("breakwater_admitted_total", "rule" => rule, "verb" => verb).increment(1);
+}
+
+fn count_rejected(rej: &Rejection, verb: &'static str) {
+    metrics::counter!("breakwater_rejected_total",
+        "rule" => rej.rule.to_string(), "verb" => verb, "reason" => rej.reason.as_str())
+    .increment(1);
+}
+
+fn count_shadow(would: &Rejection, verb: &'static str, identity: &Identity) {
+    metrics::counter!("breakwater_shadow_rejections_total",
+        "rule" => would.rule.to_string(), "verb" => verb, "reason" => would.reason.as_str())
+    .increment(1);
+    tracing::info!(rule = %would.rule, reason = would.reason.as_str(), user = %identity.username,
+        "shadow mode: would have rejected");
 }
 
 fn describe(rej: &Rejection) -> &'static str {

@@ -89,6 +89,10 @@ mod tests {
         .expect("valid");
         assert!(out.contains("telemetry-agents"), "{out}");
         assert!(out.contains("verb=watch"), "{out}");
+        assert!(
+            out.contains("charges upstream: only requests that reach"),
+            "{out}"
+        );
     }
 
     #[test]

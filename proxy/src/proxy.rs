@@ -7,6 +7,8 @@
 //!   admit         limits and emergency blocks; the permit lives as long as the response
 //!   sanitize      drop headers a client must never choose (X-Remote-*, hop-by-hop)
 //!   identify      tell the apiserver who is calling, per the upstream auth mode
+//!   hub           watches and LISTs served from a shared stream's cache
+//!   charge        limits that charge only upstream-bound requests (`charges: upstream`)
 //!   forward       send it upstream: pooled h2/h1, or a dedicated h1 connection for upgrades
 //!   respond       stream the answer back, frame by frame, logging when it ends
 //! ```
@@ -92,9 +94,11 @@ pub async fn handle(
     // identity upstream, and the apiserver applies its own anonymous policy.
     let anonymous = shared.auth.is_unverified(&identity);
 
-    // Admit before forwarding: a rejected request costs the apiserver
-    // nothing. The permit releases its slots when the response ends.
-    let permit = match shared.admission.admit(&identity, &info) {
+    // Admit before anything can go upstream: a rejected request costs the
+    // apiserver nothing. The permit releases its slots when the response
+    // ends. Rules that charge only upstream-bound requests leave the rest
+    // of their charge to `charge`, below (or to the hub's gate).
+    let mut permit = match shared.admission.admit(&identity, &info) {
         Admit::Go(permit) => permit,
         Admit::Refuse(resp) => return log.finish_with(resp),
     };
@@ -118,14 +122,41 @@ pub async fn handle(
     // Watches and cached LISTs: served from one shared upstream stream when
     // the hub can answer exactly as the apiserver would; else forwarded.
     // Anonymous requests are always forwarded: what they may see is the
-    // apiserver's decision, made per request.
-    if !anonymous
-        && let Some(resp) = shared
+    // apiserver's decision, made per request. The hub asks its gate before
+    // it sends anything upstream for this request (it starts a stream, or
+    // LISTs through its coalescer): the gate charges what admission
+    // deferred, and a refusal is the answer.
+    if !anonymous {
+        let mut charge = Charge {
+            admission: &shared.admission,
+            permit: &mut permit,
+            identity: &identity,
+            info: &info,
+            refused: false,
+        };
+        let served = shared
             .hub
-            .serve(&info, req.uri(), req.headers(), &identity)
-            .await
+            .serve(&info, req.uri(), req.headers(), &identity, &mut || {
+                charge.run()
+            })
+            .await;
+        let refused = charge.refused;
+        if let Some(resp) = served {
+            if refused {
+                return log.finish_with(resp);
+            }
+            shared.admission.served_uncharged(&permit, &info);
+            return respond_local(&shared, resp, log, long_running, permit);
+        }
+    }
+
+    // Charge: the request goes upstream, so limits that charge only such
+    // requests take their part now (a no-op if nothing is pending).
+    if let Err(resp) = shared
+        .admission
+        .charge_upstream(&mut permit, &identity, &info)
     {
-        return respond_local(&shared, resp, log, long_running, permit);
+        return log.finish_with(*resp);
     }
     req.extensions_mut().insert(identity);
 
@@ -147,6 +178,26 @@ pub async fn handle(
         }
     };
     respond(&shared, resp, log, long_running, client_upgrade, permit)
+}
+
+/// The second admission step, offered to the hub as its gate.
+struct Charge<'a> {
+    admission: &'a Admission,
+    permit: &'a mut Permit,
+    identity: &'a Identity,
+    info: &'a RequestInfo,
+    /// The gate refused: the hub's answer is that refusal.
+    refused: bool,
+}
+
+impl Charge<'_> {
+    fn run(&mut self) -> Result<(), Box<Response<Body>>> {
+        let res = self
+            .admission
+            .charge_upstream(self.permit, self.identity, self.info);
+        self.refused |= res.is_err();
+        res
+    }
 }
 
 /// Sends the sanitized request upstream, in its lane.

@@ -523,3 +523,180 @@ async fn a_block_holds_while_the_apiserver_is_unreachable() {
     assert_eq!(resp.status(), 503);
     proxy.shutdown().await;
 }
+
+// ------------------------------------------------- charges: upstream | all
+
+/// The viewer's rule with a tiny rate: two tokens, the next one in 10 s.
+const CHARGES: &str = r#"apiVersion: breakwater/v1alpha1
+kind: Limits
+rules:
+  - name: admins
+    match:
+      groups: ["system:masters"]
+    exempt: true
+  - name: viewers
+    charges: CHARGES
+    match:
+      serviceAccounts: ["demo/viewer"]
+    perIdentity: {rate: 0.1, burst: 2, watches: WATCHES}
+  - name: default
+    perIdentity: {rate: 1000, burst: 1000}
+"#;
+
+fn charges_text(charges: &str, watches: u32) -> String {
+    CHARGES
+        .replace("CHARGES", charges)
+        .replace("WATCHES", &watches.to_string())
+}
+
+const POD_WATCH: &str = "/api/v1/namespaces/demo/pods?watch=1";
+const POD_LIST_RV0: &str = "/api/v1/namespaces/demo/pods?resourceVersion=0";
+
+/// Sends `n` GETs of `pq` at once as `token`; returns their responses
+/// (kept: a watch stays open while its response lives).
+async fn at_once(
+    env: &Env,
+    token: &str,
+    pq: &str,
+    n: usize,
+) -> Vec<http::Response<hyper::body::Incoming>> {
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    let url = format!("{}{pq}", env.proxy_url());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (client, req) = (client.clone(), get(&url, token));
+        tasks.spawn(async move { client.request(req).await.expect("response") });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(resp) = tokio::time::timeout(Duration::from_secs(30), tasks.join_next())
+        .await
+        .expect("answered in time")
+    {
+        out.push(resp.expect("task"));
+    }
+    out
+}
+
+fn codes(resps: &[http::Response<hyper::body::Incoming>]) -> Vec<u16> {
+    resps.iter().map(|r| r.status().as_u16()).collect()
+}
+
+/// One GET of a single pod (always forwarded); its status and rule header.
+async fn get_one_pod(env: &Env, token: &str) -> (u16, String) {
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    let list = format!("{}{POD_LIST_RV0}", env.proxy_url());
+    let admin = env.demo.token.clone();
+    let body = client
+        .request(get(&list, &admin))
+        .await
+        .expect("list")
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let list: Value = serde_json::from_slice(&body).expect("json");
+    let name = list["items"][0]["metadata"]["name"]
+        .as_str()
+        .expect("a pod in demo");
+    let url = format!("{}/api/v1/namespaces/demo/pods/{name}", env.proxy_url());
+    let resp = client.request(get(&url, token)).await.expect("get");
+    let rule = resp
+        .headers()
+        .get("x-breakwater-rule")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (resp.status().as_u16(), rule)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_charging_upstream_lets_50_hub_served_watches_and_lists_through_but_limits_gets() {
+    let env = env_with_limits(&charges_text("upstream", 1000)).await;
+    let token = viewer_token(&env);
+    // The first watch starts the shared stream: it goes upstream, so it
+    // is charged (one of the two tokens).
+    let first = at_once(&env, &token, POD_WATCH, 1).await;
+    assert_eq!(codes(&first), [200]);
+    let before = env.demo.proxy.watch_hub().stats();
+
+    // 49 more watches and 50 LISTs rv=0 join it: none is charged.
+    let watches = at_once(&env, &token, POD_WATCH, 49).await;
+    let lists = at_once(&env, &token, POD_LIST_RV0, 50).await;
+    assert!(
+        codes(&watches).iter().all(|c| *c == 200),
+        "{:?}",
+        codes(&watches)
+    );
+    assert!(
+        codes(&lists).iter().all(|c| *c == 200),
+        "{:?}",
+        codes(&lists)
+    );
+    for r in watches.iter().chain(&lists) {
+        assert_eq!(r.headers()["x-breakwater-rule"], "viewers");
+        // Nothing charged, so no quota to report.
+        assert!(r.headers().get("ratelimit").is_none());
+    }
+    // All from the one stream (its freshness checks aside, nothing else
+    // went upstream for them).
+    let stats = env.demo.proxy.watch_hub().stats();
+    assert_eq!(
+        (stats.streams, stats.upstream_watches),
+        (before.streams, before.upstream_watches),
+        "served by the hub: {stats:?}"
+    );
+    assert_eq!(stats.subscribers, 50, "{stats:?}");
+    until_viewer_watches(&env, 50).await;
+
+    // A GET of one pod is forwarded, so charged: the second token, then 429.
+    assert_eq!(get_one_pod(&env, &token).await, (200, "viewers".into()));
+    assert_eq!(get_one_pod(&env, &token).await, (429, "viewers".into()));
+    // The cached ones are still free once the bucket is empty.
+    assert_eq!(
+        codes(&at_once(&env, &token, POD_LIST_RV0, 5).await),
+        [200; 5]
+    );
+    drop((first, watches, lists));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_rule_charging_all_paces_the_hub_served_watches_and_lists() {
+    let env = env_with_limits(&charges_text("all", 1000)).await;
+    let token = viewer_token(&env);
+    let watches = at_once(&env, &token, POD_WATCH, 50).await;
+    let lists = at_once(&env, &token, POD_LIST_RV0, 50).await;
+    let refused = codes(&watches)
+        .iter()
+        .chain(&codes(&lists))
+        .filter(|c| **c == 429)
+        .count();
+    // Two tokens, plus one per 10 s: at most a few of the 100 get through.
+    assert!(refused >= 95, "only {refused} of 100 were refused");
+    assert_eq!(get_one_pod(&env, &token).await.0, 429);
+    drop((watches, lists));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_cap_counts_hub_served_watches_of_a_rule_charging_upstream() {
+    let env = env_with_limits(&charges_text("upstream", 3)).await;
+    let token = viewer_token(&env);
+    let first = at_once(&env, &token, POD_WATCH, 1).await;
+    assert_eq!(codes(&first), [200]);
+    let more = at_once(&env, &token, POD_WATCH, 2).await;
+    assert_eq!(codes(&more), [200, 200]);
+    until_viewer_watches(&env, 3).await;
+    // The fourth would be served by the hub, free of tokens, but it is a
+    // fourth client watch: refused.
+    let (code, headers, status) = watch_status(&env, &token).await;
+    assert_eq!(code, 429, "{status}");
+    assert_eq!(headers["x-breakwater-rule"], "viewers");
+    assert!(
+        status["message"]
+            .as_str()
+            .expect("message")
+            .contains("concurrent watches"),
+        "{status}"
+    );
+    drop((first, more));
+}

@@ -41,6 +41,15 @@
 //! protobuf, so their protobuf-first clients get JSON, and once the hub
 //! has seen that, share one stream with the JSON clients).
 //!
+//! Before the hub sends anything upstream for one request — it starts a
+//! stream (its LIST and WATCH), or sends a consistent LIST through the
+//! [`list::Coalescer`] — it asks the caller's [`Gate`]; the request path
+//! charges the request's upstream-bound limits there, and a refusal is
+//! answered before anything leaves. Joining a stream that exists, and the
+//! hub's own shared, bounded upstream work (freshness checks, at most ten
+//! a second per stream; gap probes; cached SubjectAccessReviews), ask
+//! nothing.
+//!
 //! Anything the hub cannot answer exactly as the apiserver would (Tables,
 //! `resourceVersionMatch=Exact`, continue tokens, consistent LISTs with
 //! more matches than their `limit`, selectors on
@@ -144,6 +153,12 @@ fn identity_headers(headers: &HeaderMap) -> HeaderMap {
 const MAX_REFUSED: usize = 10_000;
 const REFUSED_TTL: Duration = Duration::from_secs(60);
 
+/// Asked before the hub sends anything upstream on one request's behalf.
+/// `Err` is the response to answer instead (a 429); the hub then sends
+/// nothing. It may be asked more than once for one request and must
+/// charge it at most once.
+pub type Gate<'a> = dyn FnMut() -> Result<(), Box<Response<Body>>> + Send + 'a;
+
 /// The watch multiplexer. Cheap to clone (one `Arc`).
 #[derive(Clone)]
 pub struct Hub {
@@ -152,6 +167,8 @@ pub struct Hub {
 
 enum Outcome {
     Served(Response<Body>),
+    /// The gate refused: answer this, never forward.
+    Limited(Response<Body>),
     Refused(Failure),
     Forward,
     /// No stream for the key, and this client may not start one.
@@ -215,13 +232,15 @@ impl Hub {
 
     /// Serves a watch or a LIST rv=0 from a shared stream, or `None` when
     /// the proxy should forward the request as usual. `headers` already
-    /// carry the upstream identity (after `identify_upstream`).
+    /// carry the upstream identity (after `identify_upstream`). `gate` is
+    /// asked before anything goes upstream for this request (see [`Gate`]).
     pub async fn serve(
         &self,
         info: &RequestInfo,
         uri: &Uri,
         headers: &HeaderMap,
         identity: &Identity,
+        gate: &mut Gate<'_>,
     ) -> Option<Response<Body>> {
         if !self.shared.ctx.cfg.enabled {
             return None;
@@ -229,9 +248,13 @@ impl Hub {
         let req = key::eligible(info, uri.query(), headers, identity);
         if key::is_consistent_list(info, uri.query()) {
             if let Some(req) = &req
-                && let Some(resp) = self.serve_eligible(req, headers, identity).await
+                && let Some(resp) = self.serve_eligible(req, headers, identity, gate).await
             {
                 return Some(resp);
+            }
+            // Coalesced, but an upstream LIST all the same.
+            if let Err(refusal) = gate() {
+                return Some(*refusal);
             }
             return self
                 .shared
@@ -244,7 +267,7 @@ impl Hub {
                 )
                 .await;
         }
-        self.serve_eligible(&req?, headers, identity).await
+        self.serve_eligible(&req?, headers, identity, gate).await
     }
 
     /// [`Hub::serve`] for an eligible request.
@@ -253,17 +276,18 @@ impl Hub {
         req: &Eligible,
         headers: &HeaderMap,
         identity: &Identity,
+        gate: &mut Gate<'_>,
     ) -> Option<Response<Body>> {
         let ident = identity_headers(headers);
         // Across identities first, when the apiserver says this one may join.
-        if let Some(shared) = self.serve_shared(req, &ident, identity).await {
+        if let Some(shared) = self.serve_shared(req, &ident, identity, gate).await {
             return shared;
         }
         let broad = req.key(true);
         let broad_refused = req.has_selectors() && self.recently_refused(&broad);
         if !broad_refused {
-            match self.serve_on(broad.clone(), req, &ident, true).await {
-                Outcome::Served(r) => return Some(r),
+            match self.serve_on(broad.clone(), req, &ident, true, gate).await {
+                Outcome::Served(r) | Outcome::Limited(r) => return Some(r),
                 Outcome::Forward | Outcome::Absent => return None,
                 Outcome::Refused(f) => {
                     if !(f.status == StatusCode::FORBIDDEN && req.has_selectors()) {
@@ -274,8 +298,8 @@ impl Hub {
             }
         }
         // The identity may not list everything, but perhaps what it asked for.
-        match self.serve_on(req.key(false), req, &ident, true).await {
-            Outcome::Served(r) => Some(r),
+        match self.serve_on(req.key(false), req, &ident, true, gate).await {
+            Outcome::Served(r) | Outcome::Limited(r) => Some(r),
             Outcome::Refused(f) => Some(f.response()),
             Outcome::Forward | Outcome::Absent => None,
         }
@@ -289,6 +313,7 @@ impl Hub {
         req: &Eligible,
         ident: &HeaderMap,
         identity: &Identity,
+        gate: &mut Gate<'_>,
     ) -> Option<Option<Response<Body>>> {
         let share = self.shared.share.as_ref()?;
         let (label, field) = (req.label.clone(), req.field.clone());
@@ -311,8 +336,8 @@ impl Hub {
             if donor {
                 self.record_donor(&key, identity);
             }
-            match self.serve_on(key, req, ident, donor).await {
-                Outcome::Served(r) => return Some(Some(r)),
+            match self.serve_on(key, req, ident, donor, gate).await {
+                Outcome::Served(r) | Outcome::Limited(r) => return Some(Some(r)),
                 Outcome::Forward => return Some(None),
                 // The stream spoke with a donor's credentials, perhaps not
                 // this client's: never pass that refusal on. If this client
@@ -382,6 +407,7 @@ impl Hub {
         req: &Eligible,
         ident: &HeaderMap,
         donor: bool,
+        gate: &mut Gate<'_>,
     ) -> Outcome {
         let key = self.settled_key(key);
         let sel = Arc::new(req.selector.clone());
@@ -390,8 +416,10 @@ impl Hub {
         // first of thousands (each informer's LIST before its WATCH), and
         // they all wait for the one stream instead of each going upstream.
         for _ in 0..3 {
-            let Some(stream) = self.stream_for(&key, ident, donor) else {
-                return Outcome::Absent;
+            let stream = match self.stream_for(&key, ident, donor, gate) {
+                Ok(Some(stream)) => stream,
+                Ok(None) => return Outcome::Absent,
+                Err(refusal) => return Outcome::Limited(*refusal),
             };
             let res = match &req.mode {
                 Mode::Watch(opts) => {
@@ -443,17 +471,30 @@ impl Hub {
     /// only a closed one). Only a `donor` lends the
     /// stream its credentials (the latest donor's carry its upstream
     /// requests); a non-donor joins an existing stream or gets `None`.
-    fn stream_for(&self, key: &StreamKey, ident: &HeaderMap, donor: bool) -> Option<Arc<Stream>> {
+    /// Starting one asks `gate` first: `Err` is its refusal.
+    fn stream_for(
+        &self,
+        key: &StreamKey,
+        ident: &HeaderMap,
+        donor: bool,
+        gate: &mut Gate<'_>,
+    ) -> Result<Option<Arc<Stream>>, Box<Response<Body>>> {
         let mut map = self.shared.streams();
         if let Some(s) = map.get(key).filter(|s| !s.is_closed()) {
             if donor {
                 s.set_headers(ident.clone());
             }
-            return Some(s.clone());
+            return Ok(Some(s.clone()));
         }
         if !donor {
-            return None;
+            return Ok(None);
         }
+        // A new stream LISTs and WATCHes upstream for this request: the
+        // gate decides first. Asked under the map's lock, so that of
+        // requests racing to start the stream only the one that does is
+        // charged (the gate is synchronous: a few atomics, and a response
+        // built only when it refuses).
+        gate()?;
         let stream = Stream::new(
             key.clone(),
             ident.clone(),
@@ -470,6 +511,6 @@ impl Hub {
                 hub.forget(&run);
             }
         });
-        Some(stream)
+        Ok(Some(stream))
     }
 }
