@@ -132,6 +132,30 @@ enum BenchCmd {
     Fanout(FanoutArgs),
     /// Breakwater RSS per idle watch: TLS HTTP/1.1 connection and HTTP/2 stream.
     Memory(MemoryArgs),
+    /// New TLS connections per second and proxy CPU per handshake: ECDSA P-256 vs RSA-2048 serving keys.
+    Handshake(HandshakeArgs),
+}
+
+#[derive(Args)]
+struct HandshakeArgs {
+    /// Concurrent clients, each opening one new connection after another.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Measured time per phase.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Rounds of (P-256, RSA-2048); the best phase of each is reported.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// The breakwater binary (default: $BREAKWATER_BIN, else next to this executable).
+    #[arg(long)]
+    breakwater: Option<PathBuf>,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Show breakwater's logs (stderr).
+    #[arg(long)]
+    show_proxy_logs: bool,
 }
 
 #[derive(Args)]
@@ -266,6 +290,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Bench(BenchCmd::Overhead(a)) => overhead(a).await,
         Cmd::Bench(BenchCmd::Fanout(a)) => fanout(a).await,
         Cmd::Bench(BenchCmd::Memory(a)) => memory(a).await,
+        Cmd::Bench(BenchCmd::Handshake(a)) => handshake(a).await,
         Cmd::Storm(a) => storm(a).await,
     }
 }
@@ -501,6 +526,24 @@ async fn memory(a: MemoryArgs) -> anyhow::Result<()> {
     })
 }
 
+async fn handshake(a: HandshakeArgs) -> anyhow::Result<()> {
+    use breakwater_loadtest::bench::handshake::{HandshakeOpts, run_handshake};
+    let report = run_handshake(HandshakeOpts {
+        clients: a.clients,
+        duration: a.duration,
+        rounds: a.rounds,
+        breakwater: a.breakwater,
+        proxy_stderr: if a.show_proxy_logs {
+            StderrMode::Inherit
+        } else {
+            StderrMode::Capture
+        },
+    })
+    .await?;
+    println!("{}", report.table());
+    write_json(a.json.as_deref(), &report)
+}
+
 /// Writes `report` as pretty JSON to `path`, if given.
 fn write_json<T: serde::Serialize>(path: Option<&Path>, report: &T) -> anyhow::Result<()> {
     if let Some(path) = path {
@@ -566,7 +609,12 @@ async fn storm(a: StormArgs) -> anyhow::Result<()> {
             Mode::Direct
         };
         let r = storm::run_storm(&opts, mode).await?;
+        storm::report::write_one(&r, &a.out)?;
         println!("{}: {}", mode.name(), storm::report::one_line(&r.metrics));
+        println!(
+            "summary written to {}",
+            a.out.join("summary.json").display()
+        );
     }
     Ok(())
 }

@@ -46,7 +46,9 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
-use super::{Conn, Connector, Protocol, client_tls, cpu_seconds, fmt_us, latency_histogram};
+use super::{
+    Conn, Connector, Protocol, ScratchDir, client_tls, cpu_seconds, fmt_us, latency_histogram,
+};
 use crate::error::Chain;
 use crate::pki::Ca;
 use crate::proc::{BreakwaterProcess, RunArgs, StartOptions, StderrMode, find_breakwater};
@@ -1054,33 +1056,6 @@ pub fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     format!("{cpus} CPUs, {model}")
-}
-
-/// A private temporary directory for the proxy's certificate files.
-pub(crate) struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    pub(crate) fn new() -> std::io::Result<ScratchDir> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir =
-            std::env::temp_dir().join(format!("breakwater-fanout-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(ScratchDir(dir))
-    }
-
-    pub(crate) fn write(&self, name: &str, contents: &str) -> std::io::Result<PathBuf> {
-        let p = self.0.join(name);
-        std::fs::write(&p, contents)?;
-        Ok(p)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[cfg(test)]

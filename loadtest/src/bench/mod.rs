@@ -12,6 +12,7 @@
 //! - [`overhead`]: unary GET latency and throughput through breakwater vs direct.
 
 pub mod fanout;
+pub mod handshake;
 pub mod memory;
 pub mod overhead;
 
@@ -365,6 +366,38 @@ pub(crate) fn get_request(
     }
     b.body(http_body_util::Empty::new())
         .expect("static request parts are valid")
+}
+
+/// A private temporary directory for a benchmark's certificate files,
+/// removed when dropped.
+pub(crate) struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    pub(crate) fn new() -> std::io::Result<ScratchDir> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("breakwater-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(ScratchDir(dir))
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    pub(crate) fn write(&self, name: &str, contents: &str) -> std::io::Result<std::path::PathBuf> {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents)?;
+        Ok(p)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[cfg(test)]

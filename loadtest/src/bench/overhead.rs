@@ -29,7 +29,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    ClientError, Conn, Connector, Figures, Protocol, client_tls, cpu_seconds, fmt_us,
+    ClientError, Conn, Connector, Figures, Protocol, ScratchDir, client_tls, cpu_seconds, fmt_us,
     latency_histogram,
 };
 use crate::error::Chain;
@@ -634,34 +634,6 @@ async fn client(
         }
     }
     s
-}
-
-/// A private temporary directory for the proxy's certificate files, removed
-/// on drop (no tempfile crate needed for three files).
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new() -> std::io::Result<ScratchDir> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir =
-            std::env::temp_dir().join(format!("breakwater-bench-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(ScratchDir(dir))
-    }
-
-    fn write(&self, name: &str, contents: &str) -> std::io::Result<PathBuf> {
-        let p = self.0.join(name);
-        std::fs::write(&p, contents)?;
-        Ok(p)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[cfg(test)]

@@ -264,6 +264,41 @@ pub fn describe(o: &StormOpts) -> String {
     )
 }
 
+/// The runtime kube-sim runs on during a storm: two worker threads, shut
+/// down in the background when dropped (a runtime cannot be dropped
+/// blocking from async code).
+struct SimRuntime {
+    rt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl SimRuntime {
+    fn new() -> anyhow::Result<SimRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kube-sim")
+            .enable_all()
+            .build()
+            .context("kube-sim's runtime")?;
+        Ok(SimRuntime {
+            handle: rt.handle().clone(),
+            rt: Some(rt),
+        })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for SimRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Files the proxy child reads, in a private temporary directory.
 struct ProxyFiles {
     dir: PathBuf,
@@ -289,7 +324,16 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
         ..SimConfig::default()
     };
     let issuer = cfg.issuer.clone();
-    let sim = KubeSim::start(cfg, pki).await.context("start kube-sim")?;
+    // kube-sim runs on worker threads of its own, as the apiserver is a
+    // process of its own: the fleet's thousands of tasks on this runtime
+    // cannot queue its work (nor the proxy's answers that wait on it).
+    let sim_rt = SimRuntime::new()?;
+    let sim = sim_rt
+        .handle()
+        .spawn(KubeSim::start(cfg, pki))
+        .await
+        .context("kube-sim's start task")?
+        .context("start kube-sim")?;
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let nodes: Vec<String> = (0..opts.agents).map(|i| format!("node-{i:05}")).collect();
     seed(&sim, &nodes, opts.pods_per_node).context("seed kube-sim")?;
@@ -324,6 +368,11 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
             .with_root_certificates(roots.clone())
             .with_no_client_auth();
         c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Every agent makes a full handshake, as agents on different nodes
+        // do: a shared config would otherwise resume TLS sessions across
+        // agents (rustls keeps tickets per server name) and spare the
+        // server the signature a real storm costs it.
+        c.resumption = rustls::client::Resumption::disabled();
         tokio_rustls::TlsConnector::from(Arc::new(c))
     };
     let admin_tls = {
@@ -383,13 +432,13 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
 
     // Side tasks: the admin probe, churn, the sampler.
     let probes = Arc::new(Mutex::new(Vec::<Probe>::new()));
-    let probe_task = tokio::spawn(admin_probe(
+    let probe_task = spawn_probe_thread(
         targets[0],
         admin_tls.clone(),
         t0,
         Arc::clone(&probes),
         stop_side.clone(),
-    ));
+    )?;
     let stop_churn = CancellationToken::new();
     let churn_task = tokio::spawn(churn(
         sim.store().clone(),
@@ -456,7 +505,8 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
     stop_agents.cancel();
     while fleet.join_next().await.is_some() {}
     stop_side.cancel();
-    let _ = probe_task.await;
+    // The probe thread ends within one probe of the cancel.
+    let _ = tokio::task::spawn_blocking(move || probe_task.join()).await;
     let _ = sampler.await;
     bar.finish_and_clear();
 
@@ -534,7 +584,10 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
         let _ = p.shutdown(Duration::from_secs(5)).await;
     }
     if let Ok(sim) = Arc::try_unwrap(sim) {
-        sim.shutdown().await;
+        let _ = sim_rt
+            .handle()
+            .spawn(async move { sim.shutdown().await })
+            .await;
     }
     Ok(RunResult {
         mode,
@@ -810,6 +863,53 @@ async fn admin_request(
     resp.into_body().collect().await.map_err(drop)?;
     *conn = Some(sender);
     Ok(status)
+}
+
+/// Runs [`admin_probe`] on an OS thread of its own with a runtime of its
+/// own, so that the fleet's thousands of tasks on the main runtime cannot
+/// delay it: what it measures is the proxy's (or the apiserver's) answer,
+/// not the harness's scheduling. The thread also asks for a higher CPU
+/// priority (nice -10, best effort: it needs CAP_SYS_NICE), as an admin's
+/// kubectl on another machine would not compete with the agents at all.
+fn spawn_probe_thread(
+    target: std::net::SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+    t0: Instant,
+    out: Arc<Mutex<Vec<Probe>>>,
+    cancel: CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("the admin probe's runtime")?;
+    std::thread::Builder::new()
+        .name("storm-admin-probe".into())
+        .spawn(move || {
+            raise_thread_priority();
+            rt.block_on(admin_probe(target, tls, t0, out, cancel));
+        })
+        .context("start the admin probe's thread")
+}
+
+/// Lowers this thread's nice value to -10 with `renice` (Linux applies a
+/// thread id's priority to that thread alone). Best effort: without the
+/// privilege the probe runs at normal priority, on its own thread still.
+fn raise_thread_priority() {
+    let tid = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let Some(tid) = tid else { return };
+    let ok = std::process::Command::new("renice")
+        .args(["-n", "-10", "-p", &tid])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        tracing::debug!(
+            "could not raise the admin probe thread's priority; it runs at normal priority"
+        );
+    }
 }
 
 /// GET /api/v1/namespaces/default every 100 ms (sequentially: a slow probe

@@ -18,6 +18,28 @@ use super::{Comparison, RunMetrics, RunResult};
 const FONT: &[u8] = include_bytes!("DejaVuSansMono.ttf");
 const FAMILY: &str = "sans-serif";
 
+/// Writes the summary of a single run (`--through-breakwater`, or direct
+/// only) into `dir`: `summary.json` as `{"<mode>": M}`, the same shape as a
+/// comparison's with one side, and `timeseries.json`.
+pub fn write_one(r: &RunResult, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mode = r.mode.name();
+    let mut summary = serde_json::Map::new();
+    summary.insert(mode.into(), serde_json::to_value(&r.metrics)?);
+    std::fs::write(
+        dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )
+    .context("write summary.json")?;
+    let mut series = serde_json::Map::new();
+    series.insert(
+        mode.into(),
+        json!({"samples": r.samples, "probes": r.probes}),
+    );
+    std::fs::write(dir.join("timeseries.json"), serde_json::to_string(&series)?)
+        .context("write timeseries.json")
+}
+
 /// Writes every artefact into `dir` (created if missing).
 pub fn write(c: &Comparison, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
