@@ -138,9 +138,10 @@ fn watches(r: &LoadRow) -> String {
 
 /// The cells of a load row, in [`LOAD_HEADERS`] order.
 fn load_cells(r: &LoadRow) -> [String; 7] {
-    let name = match &r.rule {
-        Some(rule) => format!("{}  [{rule}]", r.name),
-        None => r.name.clone(),
+    // `-` (no rule matched) says nothing worth a column's width.
+    let name = match r.rule.as_deref() {
+        Some(rule) if rule != "-" => format!("{}  [{rule}]", r.name),
+        _ => r.name.clone(),
     };
     [
         rate(r.requests_per_sec),
@@ -202,9 +203,9 @@ fn upstream_lines(view: &TopView) -> Vec<String> {
     let lanes: Vec<String> = u
         .lanes
         .iter()
-        .map(|l| format!("{} {}c/{}s", l.lane, l.connections, l.streams))
+        .map(|l| format!("{} {}/{}", l.lane, l.connections, l.streams))
         .collect();
-    out.push(format!("lanes (connections/streams): {}", lanes.join("  ")));
+    out.push(format!("conns/streams: {}", lanes.join("  ")));
     for l in &u.latency {
         out.push(format!(
             "{:<9} p50 {:>7}  p99 {:>7}  ({} in 10s)",

@@ -292,7 +292,7 @@ fn the_screen_shows_every_section_sorted_by_the_chosen_column() {
     assert!(row.contains(&"5"), "{}", lines[agent]);
     assert!(lines[line_of(&lines, "REQ/S▼")].contains("WATCH"));
     line_of(&lines, "seats 7 in use of 400 (40 reserved for exempt)");
-    line_of(&lines, "long-running 1c/3s");
+    line_of(&lines, "conns/streams: long-running 1/3");
     line_of(&lines, "p99   1.50s");
     line_of(&lines, "shared 5.0x");
     line_of(&lines, "3.0 MiB");
