@@ -2,6 +2,8 @@
 //! over plain HTTP/1.1.
 //!
 //! - `GET /healthz`, `/livez`, `/readyz`, `/metrics`
+//! - `GET /debug/top`: who loads the apiserver now, and what the proxy does
+//!   about it (JSON, [`crate::top::view::TopView`]; `breakwater top` reads it)
 //! - `GET /admin/v1/blocks`: the block list (JSON array)
 //! - `POST /admin/v1/blocks`: add a block (a `Block` JSON object; `id` and
 //!   `createdAt` may be left out); 201 with the stored block
@@ -40,7 +42,26 @@ use crate::upstream::Upstream;
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // The SLO histograms get the apiserver's own buckets, so the same
+        // queries and thresholds apply on both sides of the proxy; other
+        // histograms stay summaries (their quantiles are documented).
+        let builder = [crate::slo::UPSTREAM_METRIC, crate::slo::ADDED_METRIC]
+            .into_iter()
+            .try_fold(PrometheusBuilder::new(), |b, name| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(name.to_string()),
+                    &crate::slo::APISERVER_BUCKETS,
+                )
+            });
+        let builder = match builder {
+            Ok(b) => b,
+            Err(err) => {
+                // Only for an empty bucket list, which ours is not.
+                tracing::warn!(error = %Chain(&err), "histogram buckets refused");
+                PrometheusBuilder::new()
+            }
+        };
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("another metrics recorder is installed; /metrics will be empty");
@@ -55,6 +76,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub upstream: Upstream,
     pub admission: Arc<Admission>,
+    pub hub: crate::watch::Hub,
+    pub top: Arc<crate::top::Top>,
 }
 
 /// Serves the admin endpoints until `stop` is cancelled, then waits for its
@@ -70,13 +93,21 @@ pub async fn serve(
     let conns = TaskTracker::new();
     tasks.spawn({
         let stop = stop.clone();
+        let upstream = state.upstream.clone();
         async move {
-            // Histograms are drained into their summaries by upkeep.
+            // Histograms are drained into their summaries by upkeep. The
+            // apiserver is probed as /readyz does, so that
+            // `breakwater_upstream_up` stays current without a kubelet
+            // probing us (one GET /readyz per 5 s).
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => prometheus().run_upkeep(),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = upstream.probe(Duration::from_secs(2)) => {}
                 }
             }
         }
@@ -132,6 +163,14 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "apiserver unreachable")
             }
+        }
+        "/debug/top" => {
+            let sources = crate::top::Sources {
+                upstream: &state.upstream,
+                admission: &state.admission,
+                hub: state.hub.stats(),
+            };
+            json(StatusCode::OK, &state.top.view(&sources))
         }
         "/metrics" => {
             let mut resp = Response::new(Full::new(Bytes::from(prometheus().render())));

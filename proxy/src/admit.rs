@@ -38,6 +38,8 @@ pub struct Admission {
     rate_limit_headers: bool,
     /// Serializes block changes with their write to disk.
     blocks_lock: std::sync::Mutex<()>,
+    /// The limits file's generation and last reload, for `/debug/top`.
+    reloads: crate::top::ReloadLog,
 }
 
 /// Why admission could not be set up, or a reload was refused.
@@ -53,8 +55,12 @@ pub enum AdmitError {
 pub enum Admit {
     /// Go ahead; keep the permit (if any) until the response ends.
     Go(Permit),
-    /// Answer this instead.
-    Refuse(Response<Body>),
+    /// Answer this instead (a 429, or a block's 403 or 429).
+    Refuse {
+        response: Response<Body>,
+        /// The rule that refused it (`-` for a block of no rule).
+        rule: Arc<str>,
+    },
 }
 
 impl Admission {
@@ -72,13 +78,21 @@ impl Admission {
         if let Some(path) = blocks_file {
             limiter.set_blocks(breakwater_limits::Blocks::load(path)?);
         }
-        Ok(Admission {
+        let reloads = crate::top::ReloadLog::default();
+        reloads.set(|v| {
+            v.file = limits_file.map(|p| p.display().to_string());
+            v.generation = u64::from(limits_file.is_some());
+        });
+        let admission = Admission {
             limiter,
             limits_file: limits_file.map(Path::to_owned),
             blocks_file: blocks_file.map(Path::to_owned),
             rate_limit_headers,
             blocks_lock: std::sync::Mutex::new(()),
-        })
+            reloads,
+        };
+        admission.publish_limits(false);
+        Ok(admission)
     }
 
     pub fn limiter(&self) -> &Limiter {
@@ -103,12 +117,21 @@ impl Admission {
                 let rules = limits.rules().len();
                 self.limiter.reload(limits);
                 metrics::counter!("breakwater_limits_reloads_total", "result" => "ok").increment(1);
+                self.reloads.set(|v| {
+                    v.generation += 1;
+                    v.last_reload = Some(reload_view(None));
+                });
+                self.publish_limits(false);
                 tracing::info!(file = %path.display(), rules, "limits reloaded");
                 Ok(())
             }
             Err(err) => {
                 metrics::counter!("breakwater_limits_reloads_total", "result" => "error")
                     .increment(1);
+                let problems = Chain(&err).to_string();
+                self.reloads
+                    .set(|v| v.last_reload = Some(reload_view(Some(&problems))));
+                self.publish_limits(true);
                 for line in Chain(&err).to_string().lines() {
                     tracing::error!(problem = %line, "limits file refused; the old limits stay in force");
                 }
@@ -141,7 +164,10 @@ impl Admission {
             }
             Decision::Rejected(rej) => {
                 count_rejected(&rej, verb);
-                Admit::Refuse(self.rejection_response(&rej))
+                Admit::Refuse {
+                    response: self.rejection_response(&rej),
+                    rule: Arc::clone(&rej.rule),
+                }
             }
         }
     }
@@ -281,6 +307,7 @@ impl Admission {
     pub fn add_block(&self, block: Block) -> Result<Block, AdmitError> {
         let _serial = self.blocks_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.limiter.add_block(block.clone())?;
+        self.publish_blocks();
         self.persist()?;
         tracing::warn!(id = %block.id, target = ?block.target, "emergency block added");
         Ok(block)
@@ -290,6 +317,7 @@ impl Admission {
     pub fn remove_block(&self, id: &str) -> Result<Option<Block>, AdmitError> {
         let _serial = self.blocks_lock.lock().unwrap_or_else(|p| p.into_inner());
         let removed = self.limiter.remove_block(id);
+        self.publish_blocks();
         if removed.is_some() {
             self.persist()?;
             tracing::warn!(id, "emergency block removed");
@@ -301,11 +329,31 @@ impl Admission {
         self.limiter.blocks().list()
     }
 
+    /// The limits file's state for `/debug/top`, with `rules` in force.
+    pub fn limits_view(&self, rules: usize) -> crate::top::view::LimitsView {
+        let mut v = self.reloads.get();
+        v.rules = rules;
+        v
+    }
+
+    /// The limits file's gauges: its generation, and whether the last
+    /// attempt to load it was refused (the old limits are in force: alert).
+    fn publish_limits(&self, failing: bool) {
+        let generation = self.reloads.get().generation;
+        metrics::gauge!("breakwater_limits_generation").set(generation as f64);
+        metrics::gauge!("breakwater_limits_reload_failing").set(if failing { 1.0 } else { 0.0 });
+    }
+
     fn persist(&self) -> Result<(), AdmitError> {
         if let Some(path) = &self.blocks_file {
             self.limiter.blocks().save(path)?;
         }
         Ok(())
+    }
+
+    /// Emergency blocks in force (an alert fires while any is).
+    fn publish_blocks(&self) {
+        metrics::gauge!("breakwater_blocks_active").set(self.limiter.blocks().len() as f64);
     }
 
     /// Periodic upkeep: idle identities, expired blocks, gauges.
@@ -318,11 +366,24 @@ impl Admission {
                 tracing::warn!(error = %Chain(&err), "could not persist the block list");
             }
         }
+        self.publish_blocks();
+        let limits = self.limiter.limits();
         for s in self.limiter.rule_stats() {
             metrics::gauge!("breakwater_rule_inflight", "rule" => s.rule.to_string())
                 .set(s.inflight as f64);
             metrics::gauge!("breakwater_rule_watches", "rule" => s.rule.to_string())
                 .set(s.watches as f64);
+            // The aggregate cap beside the count, so "a fleet near its cap"
+            // is one division in PromQL (this replica's share of it).
+            if let Some(cap) = limits
+                .rules()
+                .iter()
+                .find(|r| r.name() == &*s.rule)
+                .and_then(|r| r.aggregate().watches)
+            {
+                metrics::gauge!("breakwater_rule_watch_limit", "rule" => s.rule.to_string())
+                    .set(cap as f64);
+            }
         }
         metrics::gauge!("breakwater_upstream_inflight")
             .set(self.limiter.upstream_inflight() as f64);
@@ -342,6 +403,20 @@ pub async fn maintenance(
             _ = stop.cancelled() => break,
             _ = tick.tick() => admission.maintain(),
         }
+    }
+}
+
+fn reload_view(error: Option<&str>) -> crate::top::view::ReloadView {
+    let at_unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    crate::top::view::ReloadView {
+        result: if error.is_some() { "error" } else { "ok" }.to_string(),
+        at_unix,
+        // The first problems are enough to point at the file; the log
+        // has every one.
+        error: error.map(|e| e.lines().take(5).collect::<Vec<_>>().join("\n")),
     }
 }
 

@@ -260,6 +260,8 @@ pub async fn run(
          \n\nUse kubectl through Breakwater:\
          \n\n  export KUBECONFIG={kc}\
          \n  kubectl get pods -A -w\
+         \n\nWho is loading the apiserver, live (q quits; --once prints one snapshot):\
+         \n\n  breakwater top --admin http://{admin}\
          \n\nA ServiceAccount that may only read pods in namespace demo (try a 403):\
          \n\n  KUBECONFIG={kcv} kubectl get configmaps -n demo\
          \n\nWatch sharing — informer-style (JSON) watches share one upstream watch\

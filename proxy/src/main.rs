@@ -44,6 +44,22 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Who is loading the apiserver now: a terminal UI refreshing every second
+    /// from an admin listener's /debug/top (q quits), or one snapshot with --once.
+    Top {
+        /// The admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9444")]
+        admin: String,
+        /// Print one plain-text snapshot and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// The column to sort by.
+        #[arg(long, value_enum, default_value_t = breakwater::top::render::SortBy::Requests)]
+        sort: breakwater::top::render::SortBy,
+        /// With --once: how many identities to list.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// Run kube-sim behind the proxy on loopback, with ready-made kubeconfigs.
     #[cfg(feature = "demo")]
     Demo {
@@ -174,6 +190,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Top {
+            admin,
+            once,
+            sort,
+            limit,
+        } => {
+            if once {
+                print!(
+                    "{}",
+                    breakwater::top::client::once(&admin, sort, limit).await?
+                );
+            } else {
+                breakwater::top::client::interactive(&admin, sort).await?;
+            }
+        }
         #[cfg(feature = "demo")]
         Command::Demo {
             limits,

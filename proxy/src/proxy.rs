@@ -4,6 +4,7 @@
 //! handle
 //!   classify      what the apiserver would call it (verb, resource, watch?)
 //!   authenticate  who is calling: client certificate, ServiceAccount JWT, TokenReview
+//!   count         the caller's load in /debug/top's table (until the response ends)
 //!   admit         limits and emergency blocks; the permit lives as long as the response
 //!   sanitize      drop headers a client must never choose (X-Remote-*, hop-by-hop)
 //!   identify      tell the apiserver who is calling, per the upstream auth mode
@@ -54,6 +55,8 @@ pub struct Shared {
     pub hub: crate::watch::Hub,
     /// The proxy's tasks (upgrade splices here), awaited at shutdown.
     pub tasks: crate::tasks::TaskTracker,
+    /// Who loads the apiserver now (`/debug/top`).
+    pub top: Arc<crate::top::Top>,
 }
 
 /// Handles one request from a client. Infallible: every outcome is a response.
@@ -90,6 +93,9 @@ pub async fn handle(
         }
     };
     log.user = identity.username.clone();
+    // Count: the identity's load shows in /debug/top from now until the
+    // response ends, refused or not (the access log ends the ticket).
+    log.top = Some(shared.top.arrive(&identity, info.is_watch()));
     // Nothing verified a request without credentials: it asserts no
     // identity upstream, and the apiserver applies its own anonymous policy.
     let anonymous = shared.auth.is_unverified(&identity);
@@ -99,8 +105,14 @@ pub async fn handle(
     // ends. Rules that charge only upstream-bound requests leave the rest
     // of their charge to `charge`, below (or to the hub's gate).
     let mut permit = match shared.admission.admit(&identity, &info) {
-        Admit::Go(permit) => permit,
-        Admit::Refuse(resp) => return log.finish_with(resp),
+        Admit::Go(permit) => {
+            log.rule(permit.rule_arc().as_ref());
+            permit
+        }
+        Admit::Refuse { response, rule } => {
+            log.rule(Some(&rule));
+            return log.finish_with(response);
+        }
     };
 
     // Sanitize before anything else reads the headers, then say who the
@@ -164,9 +176,25 @@ pub async fn handle(
     // is consumed; it resolves once we answer 101.
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let route = Route::client(long_running, upgrade, permit.is_exempt(), anonymous);
+    let verb_class = crate::slo::VerbClass::of_verb(info.verb.as_str(), info.is_resource_request);
+    let class = crate::slo::Class::new(
+        verb_class,
+        crate::slo::ResourceClass::of(info.is_resource_request, &info.name, &info.namespace),
+    );
+    let route = Route::client(class, long_running, upgrade, permit.is_exempt(), anonymous);
+    let sent = Instant::now();
     let resp = match forward(&shared.upstream, req, route).await {
-        Ok(resp) => resp,
+        Ok(resp) => {
+            // What the proxy added: everything before the request left
+            // (authentication, admission, the hub's look) and after its
+            // headers came back; the apiserver's part is its own histogram.
+            if !upgrade {
+                let upstream = sent.elapsed();
+                let added = log.start.elapsed().saturating_sub(upstream);
+                shared.upstream.latency().observe_added(verb_class, added);
+            }
+            resp
+        }
         Err(err) => {
             let status = upstream_status(&err);
             tracing::warn!(error = %Chain(&err), path = %log.path, "upstream request failed");
@@ -594,6 +622,8 @@ pub struct AccessLog {
     status: Option<StatusCode>,
     outcome: &'static str,
     bytes: u64,
+    /// The request's place in /debug/top's tables, ended with the status.
+    top: Option<crate::top::Ticket>,
 }
 
 impl AccessLog {
@@ -615,6 +645,14 @@ impl AccessLog {
             status: None,
             outcome: "client-gone",
             bytes: 0,
+            top: None,
+        }
+    }
+
+    /// The governing rule, for /debug/top.
+    fn rule(&mut self, rule: Option<&Arc<str>>) {
+        if let Some(top) = self.top.as_mut() {
+            top.rule(rule);
         }
     }
 
@@ -633,6 +671,9 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         let status = self.status.map(|s| s.as_u16()).unwrap_or(0);
+        if let Some(top) = self.top.take() {
+            top.end(status);
+        }
         let elapsed = self.start.elapsed();
         tracing::info!(
             target: "breakwater::access",

@@ -196,7 +196,14 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         cfg.limits.rate_limit_headers,
     )?);
     let streams = CancellationToken::new();
+    let top = Arc::new(crate::top::Top::default());
+    tasks.spawn(crate::top::ticker(
+        top.clone(),
+        upstream.latency().clone(),
+        shutdown.clone(),
+    ));
     let shared = Arc::new(Shared {
+        top: top.clone(),
         upstream: upstream.clone(),
         auth,
         admission: admission.clone(),
@@ -247,6 +254,8 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         ready: true.into(),
         upstream,
         admission: admission.clone(),
+        hub: hub.clone(),
+        top,
     });
     let admin_stop = CancellationToken::new();
     tasks.spawn(admin::serve(

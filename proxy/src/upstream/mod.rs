@@ -84,6 +84,8 @@ pub enum UpstreamError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
     pub lane: Lane,
+    /// What it is, for the latency histograms.
+    pub class: crate::slo::Class,
     /// No response-header timeout (watch, follow, exec, proxy).
     pub long_running: bool,
     /// A protocol upgrade: an HTTP/1.1 connection of its own.
@@ -95,18 +97,27 @@ pub struct Route {
 
 impl Route {
     /// A client request.
-    pub fn client(long_running: bool, upgrade: bool, exempt: bool, anonymous: bool) -> Route {
+    pub fn client(
+        class: crate::slo::Class,
+        long_running: bool,
+        upgrade: bool,
+        exempt: bool,
+        anonymous: bool,
+    ) -> Route {
         Route {
             lane: Lane::of(long_running || upgrade, exempt),
+            class,
             long_running: long_running || upgrade,
             upgrade,
             anonymous,
         }
     }
 
-    /// A request of the watch hub on behalf of its subscribers.
-    pub fn hub(long_running: bool) -> Route {
-        Route::client(long_running, false, false, false)
+    /// A request of the watch hub on behalf of its subscribers: a LIST, or
+    /// a WATCH when `long_running`, of the collection at `path`.
+    pub fn hub(long_running: bool, path: &str) -> Route {
+        let class = crate::slo::Class::hub(long_running, path);
+        Route::client(class, long_running, false, false, false)
     }
 }
 
@@ -266,6 +277,10 @@ pub struct Upstream {
     mode: AuthMode,
     proxy_user: HeaderValue,
     timeouts: Timeouts,
+    /// Answer times by verb and resource class (the SLO histograms and
+    /// `/debug/top`'s quantiles): every forwarded and hub request is timed
+    /// here, in one place.
+    latency: Arc<crate::slo::Latency>,
 }
 
 /// A bad upstream URL or TLS setup.
@@ -426,6 +441,7 @@ impl Upstream {
             mode: cfg.mode,
             proxy_user,
             timeouts: cfg.timeouts,
+            latency: Arc::default(),
         })
     }
 
@@ -507,7 +523,19 @@ impl Upstream {
                 .await;
         }
         let pool = forward.pool(route.lane);
-        self.with_timeout(pool.send(req), !route.long_running).await
+        let start = std::time::Instant::now();
+        let res = self.with_timeout(pool.send(req), !route.long_running).await;
+        // Any answer counts (a 429 or 500 took the apiserver's time too);
+        // a request that never got one (refused, unreachable) does not.
+        if res.is_ok() {
+            self.latency.observe_upstream(route.class, start.elapsed());
+        }
+        res
+    }
+
+    /// The answer-time recorder (histograms and recent quantiles).
+    pub fn latency(&self) -> &Arc<crate::slo::Latency> {
+        &self.latency
     }
 
     /// Sends one of the proxy's own requests (TokenReview, probes) with the
@@ -602,10 +630,14 @@ impl Upstream {
             Ok(r) => r,
             Err(_) => return false,
         };
-        match tokio::time::timeout(timeout, self.send_own(req)).await {
+        let up = match tokio::time::timeout(timeout, self.send_own(req)).await {
             Ok(Ok(resp)) => resp.status().as_u16() < 500,
             _ => false,
-        }
+        };
+        // For the "apiserver unreachable" alert: the last probe's answer
+        // (the kubelet's /readyz probes and the admin listener's upkeep).
+        metrics::gauge!("breakwater_upstream_up").set(if up { 1.0 } else { 0.0 });
+        up
     }
 }
 
@@ -670,7 +702,11 @@ impl crate::identity::TokenReviewer for Upstream {
                 // Without own credentials the mode is passthrough, whose
                 // forward lanes present no certificate: the token speaks for
                 // itself.
-                self.send(req, Route::client(false, false, false, false))
+                let class = crate::slo::Class::new(
+                    crate::slo::VerbClass::Other,
+                    crate::slo::ResourceClass::None,
+                );
+                self.send(req, Route::client(class, false, false, false, false))
                     .await
             }
             .map_err(|e| failed(Chain(&e).to_string()))?;

@@ -64,6 +64,9 @@ pub enum Lane {
 }
 
 impl Lane {
+    /// Every lane, in the order views list them.
+    pub const ALL: [Lane; 4] = [Lane::Unary, Lane::LongRunning, Lane::Exempt, Lane::Own];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Lane::Unary => "unary",

@@ -108,7 +108,7 @@ async fn fetch(
         .ok()?;
     *req.headers_mut() = headers.clone();
     let resp = upstream
-        .send(req, crate::upstream::Route::hub(false))
+        .send(req, crate::upstream::Route::hub(false, pq.path()))
         .await
         .ok()?;
     let (parts, body) = resp.into_parts();

@@ -63,7 +63,7 @@ impl Stream {
         req.headers_mut().insert(ACCEPT, self.key.codec.accept());
         self.ctx
             .upstream
-            .send(req, Route::hub(long_running))
+            .send(req, Route::hub(long_running, pq.path()))
             .await
             .map_err(FetchError::Send)
     }
