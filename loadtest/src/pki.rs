@@ -6,6 +6,10 @@
 //! leaf certificates. Everything is in memory as PEM; callers write files
 //! where a kubeconfig or a flag needs a path.
 //!
+//! Every key is ECDSA P-256, named explicitly: the demo's serving
+//! certificate is what operators copy, and P-256 costs a quarter of
+//! RSA-2048's CPU per handshake (`loadtest bench handshake`).
+//!
 //! rcgen's `DistinguishedName` holds one value per attribute type, but a
 //! Kubernetes client certificate carries one O per group. So client
 //! certificates are made by rcgen with a placeholder subject, then their
@@ -66,7 +70,7 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
         ];
         set_validity(&mut params);
-        let key = KeyPair::generate()?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         Ok(Ca {
@@ -126,7 +130,7 @@ impl Ca {
 
     fn sign(&self, mut params: CertificateParams) -> Result<CertPair, PkiError> {
         set_validity(&mut params);
-        let key = KeyPair::generate()?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertPair {
             cert_pem: cert.pem(),
@@ -138,7 +142,7 @@ impl Ca {
 /// A fresh ECDSA P-256 key pair as PKCS#8 PEM (private) and SPKI PEM (public),
 /// e.g. for signing ServiceAccount tokens.
 pub fn signing_key_pem() -> Result<(String, String), PkiError> {
-    let key = KeyPair::generate()?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     Ok((key.serialize_pem(), key.public_key_pem()))
 }
 
