@@ -39,7 +39,35 @@ pub struct Admission {
     /// Serializes block changes with their write to disk.
     blocks_lock: std::sync::Mutex<()>,
     /// The limits file's generation and last reload, for `/debug/top`.
-    reloads: crate::top::ReloadLog,
+    file_state: std::sync::Mutex<LimitsFileState>,
+}
+
+/// The limits file as admission last saw it (`/debug/top` shows it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitsFileState {
+    pub file: Option<PathBuf>,
+    /// 1 at start-up with a file; +1 per accepted reload.
+    pub generation: u64,
+    pub last_reload: Option<ReloadOutcome>,
+}
+
+/// How the last reload of the limits file went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    pub at: SystemTime,
+    /// Why the file was refused (its first problems); `None`: accepted.
+    pub error: Option<String>,
+}
+
+impl ReloadOutcome {
+    fn now(error: Option<&str>) -> ReloadOutcome {
+        ReloadOutcome {
+            at: SystemTime::now(),
+            // The first problems are enough to point at the file; the log
+            // has every one.
+            error: error.map(|e| e.lines().take(5).collect::<Vec<_>>().join("\n")),
+        }
+    }
 }
 
 /// Why admission could not be set up, or a reload was refused.
@@ -78,10 +106,10 @@ impl Admission {
         if let Some(path) = blocks_file {
             limiter.set_blocks(breakwater_limits::Blocks::load(path)?);
         }
-        let reloads = crate::top::ReloadLog::default();
-        reloads.set(|v| {
-            v.file = limits_file.map(|p| p.display().to_string());
-            v.generation = u64::from(limits_file.is_some());
+        let file_state = std::sync::Mutex::new(LimitsFileState {
+            file: limits_file.map(Path::to_owned),
+            generation: u64::from(limits_file.is_some()),
+            last_reload: None,
         });
         let admission = Admission {
             limiter,
@@ -89,7 +117,7 @@ impl Admission {
             blocks_file: blocks_file.map(Path::to_owned),
             rate_limit_headers,
             blocks_lock: std::sync::Mutex::new(()),
-            reloads,
+            file_state,
         };
         admission.publish_limits(false);
         Ok(admission)
@@ -117,9 +145,9 @@ impl Admission {
                 let rules = limits.rules().len();
                 self.limiter.reload(limits);
                 metrics::counter!("breakwater_limits_reloads_total", "result" => "ok").increment(1);
-                self.reloads.set(|v| {
+                self.set_file_state(|v| {
                     v.generation += 1;
-                    v.last_reload = Some(reload_view(None));
+                    v.last_reload = Some(ReloadOutcome::now(None));
                 });
                 self.publish_limits(false);
                 tracing::info!(file = %path.display(), rules, "limits reloaded");
@@ -129,8 +157,7 @@ impl Admission {
                 metrics::counter!("breakwater_limits_reloads_total", "result" => "error")
                     .increment(1);
                 let problems = Chain(&err).to_string();
-                self.reloads
-                    .set(|v| v.last_reload = Some(reload_view(Some(&problems))));
+                self.set_file_state(|v| v.last_reload = Some(ReloadOutcome::now(Some(&problems))));
                 self.publish_limits(true);
                 for line in Chain(&err).to_string().lines() {
                     tracing::error!(problem = %line, "limits file refused; the old limits stay in force");
@@ -329,17 +356,22 @@ impl Admission {
         self.limiter.blocks().list()
     }
 
-    /// The limits file's state for `/debug/top`, with `rules` in force.
-    pub fn limits_view(&self, rules: usize) -> crate::top::view::LimitsView {
-        let mut v = self.reloads.get();
-        v.rules = rules;
-        v
+    /// The limits file's generation and last reload.
+    pub fn limits_file_state(&self) -> LimitsFileState {
+        self.file_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_file_state(&self, f: impl FnOnce(&mut LimitsFileState)) {
+        f(&mut self.file_state.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// The limits file's gauges: its generation, and whether the last
     /// attempt to load it was refused (the old limits are in force: alert).
     fn publish_limits(&self, failing: bool) {
-        let generation = self.reloads.get().generation;
+        let generation = self.limits_file_state().generation;
         metrics::gauge!("breakwater_limits_generation").set(generation as f64);
         metrics::gauge!("breakwater_limits_reload_failing").set(if failing { 1.0 } else { 0.0 });
     }
@@ -403,20 +435,6 @@ pub async fn maintenance(
             _ = stop.cancelled() => break,
             _ = tick.tick() => admission.maintain(),
         }
-    }
-}
-
-fn reload_view(error: Option<&str>) -> crate::top::view::ReloadView {
-    let at_unix = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    crate::top::view::ReloadView {
-        result: if error.is_some() { "error" } else { "ok" }.to_string(),
-        at_unix,
-        // The first problems are enough to point at the file; the log
-        // has every one.
-        error: error.map(|e| e.lines().take(5).collect::<Vec<_>>().join("\n")),
     }
 }
 

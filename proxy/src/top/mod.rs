@@ -18,7 +18,7 @@ pub mod render;
 pub mod table;
 pub mod view;
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -202,7 +202,7 @@ impl Top {
             },
             hub,
             blocks: sources.admission.blocks(),
-            limits: sources.admission.limits_view(limits.rules().len()),
+            limits: limits_view(sources.admission.limits_file_state(), limits.rules().len()),
         }
     }
 }
@@ -292,19 +292,21 @@ pub async fn ticker(top: Arc<Top>, latency: Arc<crate::slo::Latency>, stop: Canc
     }
 }
 
-/// Keeps the last limits-file result for the view.
-#[derive(Debug, Default)]
-pub struct ReloadLog {
-    inner: Mutex<view::LimitsView>,
-}
-
-impl ReloadLog {
-    pub fn set(&self, f: impl FnOnce(&mut view::LimitsView)) {
-        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-
-    pub fn get(&self) -> view::LimitsView {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+/// The limits file's state as `/debug/top` shows it, with `rules` in force.
+fn limits_view(state: crate::admit::LimitsFileState, rules: usize) -> view::LimitsView {
+    view::LimitsView {
+        file: state.file.map(|p| p.display().to_string()),
+        generation: state.generation,
+        rules,
+        last_reload: state.last_reload.map(|r| view::ReloadView {
+            result: if r.error.is_some() { "error" } else { "ok" }.to_string(),
+            at_unix: r
+                .at
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            error: r.error,
+        }),
     }
 }
 
