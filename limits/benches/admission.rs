@@ -40,6 +40,7 @@ fn setup() -> (Arc<Limiter>, Arc<Vec<String>>) {
         let s = Subject {
             user: u,
             groups: &[],
+            ..Subject::default()
         };
         assert!(matches!(
             limiter.admit(&s, &req, now),
@@ -70,6 +71,7 @@ fn run(limiter: &Limiter, users: &[String], start: usize, iters: u64) {
         let s = Subject {
             user: &users[i],
             groups: &[],
+            ..Subject::default()
         };
         match limiter.admit(&s, &req, Instant::now()) {
             Decision::Admitted(p) => drop(black_box(p)),

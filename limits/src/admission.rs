@@ -49,7 +49,7 @@ use rand::Rng;
 
 use crate::blocks::{self, Block, BlockError, Blocks};
 use crate::bucket::RateLimit;
-use crate::file::{Charges, Mode};
+use crate::file::{Charges, Key, Mode, OnMissingKey};
 use crate::matcher::{RequestAttrs, Subject};
 use crate::state::{
     IdentityState, KeyHasher, RuleState, UpstreamState, acquire, acquire_seat, release, stripe,
@@ -87,6 +87,9 @@ pub enum RejectReason {
     UpstreamSeats,
     /// An emergency block.
     Blocked,
+    /// The rule counts per `key` (`onMissingKey: refuse`) and the
+    /// request's credentials do not carry it.
+    MissingKey(Key),
 }
 
 impl RejectReason {
@@ -103,6 +106,7 @@ impl RejectReason {
             RejectReason::AggregateWatchOpens => "aggregate_watch_opens",
             RejectReason::UpstreamSeats => "upstream_seats",
             RejectReason::Blocked => "blocked",
+            RejectReason::MissingKey(_) => "missing_key",
         }
     }
 
@@ -700,14 +704,30 @@ impl Limiter {
             return Decision::Admitted(self.permit(Some(rs), None, held, flags, None, None));
         }
 
-        let identity = (!rule.per_identity.is_unlimited()).then(|| {
-            rs.identity(
-                self.keys.key(subject.user),
-                now_ns,
-                self.config.max_identities,
-                || self.pressure_sweep(now_ns),
-            )
-        });
+        // The per-identity state is the rule's `key`'s; a request without
+        // it falls back to its user, or is refused (in shadow mode: would
+        // be).
+        let mut missing = None;
+        let identity = if rule.per_identity.is_unlimited() {
+            None
+        } else {
+            let key = match subject.key(rule.key) {
+                Some((a, b)) => self.keys.key_of(rule.key, a, b),
+                None => {
+                    if rule.on_missing_key == OnMissingKey::Refuse {
+                        let rej = missing_key_rejection(rule);
+                        if rule.mode != Mode::Shadow {
+                            return Decision::Rejected(rej);
+                        }
+                        missing = Some(Box::new(rej));
+                    }
+                    self.keys.key(subject.user)
+                }
+            };
+            Some(rs.identity(key, now_ns, self.config.max_identities, || {
+                self.pressure_sweep(now_ns)
+            }))
+        };
         let step = if two_step && rule.charges == Charges::Upstream {
             Step::Client
         } else {
@@ -755,6 +775,8 @@ impl Limiter {
             pending,
             index,
         };
+        // A missing key is the first thing enforcing would have refused.
+        let shadow = missing.or(shadow);
         Decision::Admitted(self.permit(Some(rs), identity, held, flags, quota, shadow))
     }
 
@@ -1148,6 +1170,21 @@ fn release_aggregate(rs: &RuleState, held: u16, stripe: u8) {
     }
     if held & AGG_WATCH_STRIPED != 0 {
         rs.aggregate.watches_striped.sub(stripe);
+    }
+}
+
+/// The refusal of a request without its rule's `key`: 403, since the same
+/// credentials will never carry it (a retry cannot help).
+fn missing_key_rejection(rule: &Rule) -> Rejection {
+    Rejection {
+        rule: Arc::clone(&rule.name),
+        reason: RejectReason::MissingKey(rule.key),
+        retry_after: CONCURRENCY_RETRY_AFTER,
+        limit: 0,
+        remaining: 0,
+        window: Duration::ZERO,
+        status: 403,
+        block_id: None,
     }
 }
 

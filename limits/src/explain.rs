@@ -5,7 +5,7 @@
 use std::fmt;
 
 use crate::bucket::RateLimit;
-use crate::file::{Charges, Mode};
+use crate::file::{Charges, Key, Mode, OnMissingKey};
 use crate::matcher::{Mismatch, RequestAttrs, Subject};
 use crate::validate::{LimitValues, UpstreamCaps, ValidatedLimits};
 
@@ -31,6 +31,13 @@ pub struct MatchedRule {
     pub exempt: bool,
     /// Which requests its limits charge.
     pub charges: Charges,
+    /// What the per-identity limits count per.
+    pub key: Key,
+    /// What a request without the key gets.
+    pub on_missing_key: OnMissingKey,
+    /// The sample request's value of the key (`None`: its credentials lack
+    /// it).
+    pub key_value: Option<String>,
     /// Per-identity limits.
     pub per_identity: LimitValues,
     /// Aggregate limits of one replica.
@@ -75,6 +82,13 @@ pub fn explain(
                     mode: r.mode,
                     exempt: r.exempt,
                     charges: r.charges,
+                    key: r.key,
+                    on_missing_key: r.on_missing_key,
+                    key_value: subject.key(r.key).map(|(a, b)| match r.key {
+                        Key::Pod => format!("{}/{b}", subject.service_account().map_or(a, |s| s.0)),
+                        Key::Node => b.to_string(),
+                        _ => a.to_string(),
+                    }),
                     per_identity: r.per_identity,
                     aggregate: r.aggregate,
                 });
@@ -158,7 +172,36 @@ impl fmt::Display for Explanation {
                         }
                     };
                     writeln!(f, "  charges {}: {charges}", m.charges.as_str())?;
-                    writeln!(f, "  per identity: {}", Limits(&m.per_identity))?;
+                    if m.key == Key::User {
+                        writeln!(f, "  per identity: {}", Limits(&m.per_identity))?;
+                    } else {
+                        writeln!(
+                            f,
+                            "  per {} (key {}, from {}): {}",
+                            m.key.as_str(),
+                            m.key.as_str(),
+                            m.key.source(),
+                            Limits(&m.per_identity)
+                        )?;
+                        let missing = match m.on_missing_key {
+                            OnMissingKey::User => "counted under its user name",
+                            OnMissingKey::Refuse => "refused with 403 naming the missing key",
+                        };
+                        writeln!(
+                            f,
+                            "  a request without a {}: {missing} (onMissingKey {})",
+                            m.key.as_str(),
+                            m.on_missing_key.as_str()
+                        )?;
+                        match &m.key_value {
+                            Some(v) => writeln!(f, "  this request: {} {v}", m.key.as_str())?,
+                            None => writeln!(
+                                f,
+                                "  this request: no {} in its credentials",
+                                m.key.as_str()
+                            )?,
+                        }
+                    }
                     writeln!(
                         f,
                         "  aggregate (this replica, replicas={}): {}",

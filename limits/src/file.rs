@@ -86,7 +86,17 @@ pub struct RuleSpec {
     /// way (each one holds proxy memory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub charges: Option<Charges>,
-    /// Limits applied to each identity separately.
+    /// What "identity" means for `perIdentity`: `user` (the default, the
+    /// authenticated user name), `pod`, `node` or `serviceAccount`. With
+    /// `pod`, each Pod of a DaemonSet gets its own limits although all share
+    /// one ServiceAccount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Key>,
+    /// What a request whose credentials lack the `key` gets: `user` (the
+    /// default) counts it under its user name; `refuse` answers 403.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_missing_key: Option<OnMissingKey>,
+    /// Limits applied to each identity (each `key`) separately.
     #[serde(default)]
     pub per_identity: Option<LimitSpec>,
     /// Limits applied to all identities matching the rule together
@@ -137,6 +147,73 @@ impl Charges {
         match self {
             Charges::All => "all",
             Charges::Upstream => "upstream",
+        }
+    }
+}
+
+/// `key` of a rule: what its `perIdentity` limits are counted per.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Key {
+    /// The authenticated user name (a ServiceAccount, a node, a person).
+    /// Every request has one.
+    #[default]
+    User,
+    /// The Pod a bound ServiceAccount token was issued for (its
+    /// `authentication.kubernetes.io/pod-name` extra, qualified by the
+    /// ServiceAccount's namespace).
+    Pod,
+    /// The node: a bound token's `authentication.kubernetes.io/node-name`
+    /// extra (Kubernetes 1.30+ tokens of Pods), or `NAME` of a node's own
+    /// credentials (user `system:node:NAME` in group `system:nodes`).
+    Node,
+    /// The ServiceAccount (`namespace/name`); other users have none.
+    ServiceAccount,
+}
+
+impl Key {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Key::User => "user",
+            Key::Pod => "pod",
+            Key::Node => "node",
+            Key::ServiceAccount => "serviceAccount",
+        }
+    }
+
+    /// Where the key comes from, for messages.
+    pub fn source(self) -> &'static str {
+        match self {
+            Key::User => "the user name",
+            Key::Pod => {
+                "a bound ServiceAccount token's pod (extra authentication.kubernetes.io/pod-name)"
+            }
+            Key::Node => {
+                "a bound ServiceAccount token's node (extra authentication.kubernetes.io/node-name, Kubernetes 1.30+) or a node's credentials (system:node:NAME in system:nodes)"
+            }
+            Key::ServiceAccount => "a ServiceAccount user (system:serviceaccount:NS:NAME)",
+        }
+    }
+}
+
+/// `onMissingKey` of a rule: what happens to a request without its `key`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnMissingKey {
+    /// Count it under its user name, as if the rule had `key: user`.
+    #[default]
+    User,
+    /// Refuse it: 403 with a Status naming the missing key.
+    Refuse,
+}
+
+impl OnMissingKey {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnMissingKey::User => "user",
+            OnMissingKey::Refuse => "refuse",
         }
     }
 }

@@ -27,7 +27,8 @@
 //!
 //! // Per request, after identity and classification:
 //! let groups = vec!["system:authenticated".to_string()];
-//! let subject = Subject { user: "system:serviceaccount:monitoring:node-agent", groups: &groups };
+//! let subject = Subject { user: "system:serviceaccount:monitoring:node-agent", groups: &groups,
+//!                         pod: Some("node-agent-x7k2p"), node: Some("node-7") };
 //! let req = RequestAttrs { verb: "watch", api_group: "", resource: "pods", subresource: "",
 //!                          namespace: "", is_resource_request: true };
 //! match limiter.admit(&subject, &req, Instant::now()) {
@@ -63,6 +64,11 @@
 //!   Its concurrent-watch caps count every client watch at the first step.
 //! - Blocks and upstream seats are enforced in every mode; exempt traffic is
 //!   only blocked by a `force` block.
+//! - A rule's `key` says what "identity" means for its per-identity
+//!   limits: the user (default), the Pod or node of the credentials
+//!   ([`Subject::pod`], [`Subject::node`]) or the ServiceAccount. A request
+//!   without the key falls back to its user, or with `onMissingKey:
+//!   refuse` gets a [`RejectReason::MissingKey`] rejection (status 403).
 //! - Per-identity state is bounded by [`LimiterConfig::max_identities`];
 //!   when full with nothing evictable, new identities share one overflow
 //!   state per rule (limited together as one identity). Entries are keyed
@@ -90,6 +96,6 @@ pub use admission::{
 pub use blocks::{Block, BlockError, BlockRespond, BlockTarget, Blocks};
 pub use bucket::RateLimit;
 pub use explain::{Explanation, explain};
-pub use file::{Charges, LimitsError, LimitsFile, Mode, Problem, Problems};
+pub use file::{Charges, Key, LimitsError, LimitsFile, Mode, OnMissingKey, Problem, Problems};
 pub use matcher::{RequestAttrs, Subject};
 pub use validate::{LimitValues, Rule, UpstreamCaps, ValidatedLimits};

@@ -12,12 +12,23 @@ use std::fmt;
 ///
 /// A ServiceAccount is recognised from the user name
 /// `system:serviceaccount:NAMESPACE:NAME`, as the apiserver does.
-#[derive(Debug, Clone, Copy)]
+/// `pod` and `node` are what a rule's `key` may count per instead of the
+/// user; the proxy fills them from the credentials (see [`crate::Key`]).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Subject<'a> {
     /// User name (`system:serviceaccount:ns:name` for ServiceAccounts).
     pub user: &'a str,
     /// Groups.
     pub groups: &'a [String],
+    /// The Pod name a bound ServiceAccount token carries
+    /// (`authentication.kubernetes.io/pod-name`), if any. Pods are unique
+    /// per namespace, and a token's Pod is in its ServiceAccount's
+    /// namespace, so the limiter qualifies it with the user.
+    pub pod: Option<&'a str>,
+    /// The node name a bound token carries
+    /// (`authentication.kubernetes.io/node-name`), if any. Without it the
+    /// node of `system:node:NAME` in `system:nodes` is used.
+    pub node: Option<&'a str>,
 }
 
 impl<'a> Subject<'a> {
@@ -26,6 +37,35 @@ impl<'a> Subject<'a> {
         self.user
             .strip_prefix("system:serviceaccount:")?
             .split_once(':')
+    }
+
+    /// The node: the token's node-name, else `NAME` of a node's own
+    /// credentials (`system:node:NAME` in `system:nodes`, the Node
+    /// authorizer's convention; the group is required so that a user merely
+    /// named like a node is not taken for one).
+    pub fn node_name(&self) -> Option<&'a str> {
+        if let Some(n) = self.node.filter(|n| !n.is_empty()) {
+            return Some(n);
+        }
+        let name = self.user.strip_prefix("system:node:")?;
+        (!name.is_empty() && self.groups.iter().any(|g| g == "system:nodes")).then_some(name)
+    }
+
+    /// The value `key` counts this subject under, or `None` when the
+    /// credentials do not carry it. For `pod` and `serviceAccount` it is
+    /// the user name (which names the ServiceAccount, whose namespace
+    /// qualifies the Pod); the Pod name is returned separately.
+    pub fn key(&self, key: crate::Key) -> Option<(&'a str, &'a str)> {
+        match key {
+            crate::Key::User => Some((self.user, "")),
+            crate::Key::Pod => {
+                let pod = self.pod.filter(|p| !p.is_empty())?;
+                self.service_account()?;
+                Some((self.user, pod))
+            }
+            crate::Key::Node => self.node_name().map(|n| ("", n)),
+            crate::Key::ServiceAccount => self.service_account().map(|_| (self.user, "")),
+        }
     }
 }
 
@@ -459,7 +499,11 @@ impl Matcher {
     /// Does the subject part name this user (ignoring groups)? Used to refuse
     /// blocking an exempt identity by accident.
     pub(crate) fn names_user(&self, user: &str) -> bool {
-        let s = Subject { user, groups: &[] };
+        let s = Subject {
+            user,
+            groups: &[],
+            ..Subject::default()
+        };
         let listed =
             !(self.users.is_empty() && self.groups.is_empty() && self.service_accounts.is_empty());
         listed && self.subject_matches(&s)
@@ -586,14 +630,17 @@ mod tests {
         let yes = Subject {
             user: "system:serviceaccount:monitoring:node-agent",
             groups: &[],
+            ..Subject::default()
         };
         let no = Subject {
             user: "system:serviceaccount:default:node-agent",
             groups: &[],
+            ..Subject::default()
         };
         let user = Subject {
             user: "monitoring/node-agent",
             groups: &[],
+            ..Subject::default()
         };
         assert!(m.subject_matches(&yes));
         assert!(!m.subject_matches(&no));
@@ -609,6 +656,7 @@ mod tests {
         let s = Subject {
             user: "u",
             groups: &[],
+            ..Subject::default()
         };
         assert_eq!(
             m.mismatch(&s, &req("list", "", "nodes", "", "")),

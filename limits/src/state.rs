@@ -39,6 +39,19 @@ impl KeyHasher {
     pub(crate) fn key(&self, user: &str) -> IdentityKey {
         (u128::from(self.a.hash_one(user)) << 64) | u128::from(self.b.hash_one(user))
     }
+
+    /// The key of a rule's `key` other than the user: the kind goes into
+    /// the hash, so a node named like a user never shares its state (one
+    /// rule's map holds both when requests without the key fall back to
+    /// their user).
+    #[inline]
+    pub(crate) fn key_of(&self, kind: crate::Key, a: &str, b: &str) -> IdentityKey {
+        if kind == crate::Key::User {
+            return self.key(a);
+        }
+        let v = (kind as u8, a, b);
+        (u128::from(self.a.hash_one(v)) << 64) | u128::from(self.b.hash_one(v))
+    }
 }
 
 /// The map's hasher: the key already is a uniform hash, so take 64 bits of

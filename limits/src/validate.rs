@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use crate::bucket::RateLimit;
 use crate::file::{
-    self, Charges, LimitSpec, LimitsError, LimitsFile, Mode, Problem, Problems, RuleSpec, Seg,
+    self, Charges, Key, LimitSpec, LimitsError, LimitsFile, Mode, OnMissingKey, Problem, Problems,
+    RuleSpec, Seg,
 };
 use crate::matcher::{Glob, KNOWN_VERBS, Matcher, ResourcePattern, VerbSet};
 
@@ -65,6 +66,8 @@ pub struct Rule {
     pub(crate) mode: Mode,
     pub(crate) exempt: bool,
     pub(crate) charges: Charges,
+    pub(crate) key: Key,
+    pub(crate) on_missing_key: OnMissingKey,
     pub(crate) matcher: Matcher,
     pub(crate) per_identity: LimitValues,
     pub(crate) aggregate: LimitValues,
@@ -88,6 +91,14 @@ impl Rule {
     pub fn charges(&self) -> Charges {
         self.charges
     }
+    /// What `perIdentity` counts per.
+    pub fn key(&self) -> Key {
+        self.key
+    }
+    /// What a request without the key gets.
+    pub fn on_missing_key(&self) -> OnMissingKey {
+        self.on_missing_key
+    }
     /// Per-identity limits.
     pub fn per_identity(&self) -> &LimitValues {
         &self.per_identity
@@ -107,6 +118,7 @@ impl Rule {
     /// Same limits (what a reload compares to keep a rule's state).
     pub(crate) fn same_limits(&self, other: &Rule) -> bool {
         self.exempt == other.exempt
+            && self.key == other.key
             && self.per_identity == other.per_identity
             && self.aggregate == other.aggregate
     }
@@ -353,6 +365,7 @@ pub fn validate(
                 "remove `charges`, or remove `exempt: true`",
             );
         }
+        check_key(&mut c, &base, spec);
         let per_identity = spec
             .per_identity
             .as_ref()
@@ -368,6 +381,8 @@ pub fn validate(
             mode: spec.mode,
             exempt: spec.exempt,
             charges: spec.charges.unwrap_or_default(),
+            key: spec.key.unwrap_or_default(),
+            on_missing_key: spec.on_missing_key.unwrap_or_default(),
             matcher,
             per_identity,
             aggregate,
@@ -398,6 +413,47 @@ pub fn validate(
         .collect();
     problems.sort_by_key(|p| (p.line, p.column));
     Err(LimitsError::Invalid(Problems(problems)))
+}
+
+/// `key` and `onMissingKey` only mean something next to `perIdentity`
+/// limits, and `onMissingKey` only for a key a request can lack.
+fn check_key(c: &mut Collector, base: &[Seg], spec: &RuleSpec) {
+    let limited = spec.per_identity.is_some() && !spec.exempt;
+    if let Some(key) = spec.key
+        && !limited
+    {
+        c.push(
+            at(base, &[Seg::Key("key")]),
+            format!(
+                "rule `{}` has `key: {}` but no perIdentity limits for it to key",
+                spec.name,
+                key.as_str()
+            ),
+            "add `perIdentity` limits, or remove `key` (aggregate limits count every identity together)",
+        );
+    }
+    if let Some(on) = spec.on_missing_key {
+        if spec.key.unwrap_or_default() == Key::User {
+            c.push(
+                at(base, &[Seg::Key("onMissingKey")]),
+                format!(
+                    "rule `{}` has `onMissingKey: {}` but keys on the user, which every request has",
+                    spec.name,
+                    on.as_str()
+                ),
+                "set `key: pod`, `key: node` or `key: serviceAccount`, or remove `onMissingKey`",
+            );
+        } else if !limited && spec.key.is_none() {
+            c.push(
+                at(base, &[Seg::Key("onMissingKey")]),
+                format!(
+                    "rule `{}` has `onMissingKey` but no perIdentity limits",
+                    spec.name
+                ),
+                "add `perIdentity` limits with a `key`, or remove `onMissingKey`",
+            );
+        }
+    }
 }
 
 fn compile_match(c: &mut Collector, base: &[Seg], spec: &RuleSpec) -> Matcher {

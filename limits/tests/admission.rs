@@ -52,6 +52,7 @@ fn user(name: &str) -> Subject<'_> {
     Subject {
         user: name,
         groups: &[],
+        ..Subject::default()
     }
 }
 
@@ -85,6 +86,7 @@ fn rules_match_in_order_first_match_wins() {
     let admin_agent = Subject {
         user: AGENT,
         groups: &masters,
+        ..Subject::default()
     };
     let p = admitted(l.admit(&admin_agent, &req("watch", "pods", ""), now));
     assert_eq!(p.rule(), Some("admins"));
@@ -218,6 +220,7 @@ fn exempt_requests_get_reserved_seats_while_others_saturate() {
     let admin = Subject {
         user: "admin",
         groups: &masters,
+        ..Subject::default()
     };
     let r = req("get", "pods", "default");
     let mut storm: Vec<Permit> = Vec::new();
@@ -331,7 +334,7 @@ proptest! {
         for o in &ops {
             now += Duration::from_millis(u64::from(o.advance_ms));
             let groups: &[String] = if o.who == 0 { &masters } else { &[] };
-            let s = Subject { user: &names[usize::from(o.who)], groups };
+            let s = Subject { user: &names[usize::from(o.who)], groups, ..Subject::default() };
             let r = match o.kind {
                 0 => req("watch", "pods", ""),
                 1 => req("list", "pods", "default"),
@@ -512,6 +515,7 @@ fn blocks_reject_at_once_and_spare_exempt_traffic_unless_forced() {
     let admin = Subject {
         user: "root",
         groups: &masters,
+        ..Subject::default()
     };
 
     let mut b = Block::new(BlockTarget::Identity {

@@ -39,6 +39,7 @@ fn user(name: &str) -> Subject<'_> {
     Subject {
         user: name,
         groups: &[],
+        ..Subject::default()
     }
 }
 

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use breakwater_limits::{
-    Block, BlockError, Decision, Limiter, LimitsError, Permit, Rejection, RequestAttrs, Subject,
-    ValidatedLimits,
+    Block, BlockError, Decision, Limiter, LimitsError, Permit, RejectReason, Rejection,
+    RequestAttrs, Subject, ValidatedLimits,
 };
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
@@ -172,10 +172,7 @@ impl Admission {
     /// upstream` rules, which [`Admission::charge_upstream`] takes if the
     /// request (or anything on its behalf) goes upstream.
     pub fn admit(&self, identity: &Identity, info: &RequestInfo) -> Admit {
-        let subject = Subject {
-            user: &identity.username,
-            groups: &identity.groups,
-        };
+        let subject = subject(identity);
         let attrs = attrs(info);
         let verb = info.verb.label();
         match self.limiter.admit_client(&subject, &attrs, Instant::now()) {
@@ -276,8 +273,23 @@ impl Admission {
         let retry = breakwater_limits::jittered(rej.retry_after, &mut rand::rng())
             .as_secs()
             .max(1);
-        let (code, reason, message) = match (&rej.block_id, rej.status) {
-            (Some(id), 403) => (
+        let missing = match rej.reason {
+            RejectReason::MissingKey(key) => Some(key),
+            _ => None,
+        };
+        let (code, reason, message) = match (&rej.block_id, rej.status, missing) {
+            (None, _, Some(key)) => (
+                StatusCode::FORBIDDEN,
+                Reason::Forbidden,
+                format!(
+                    "Breakwater rule {:?} limits each {} separately and refuses requests without one; this request's credentials carry no {} (it comes from {})",
+                    rej.rule.as_ref(),
+                    key.as_str(),
+                    key.as_str(),
+                    key.source()
+                ),
+            ),
+            (Some(id), 403, _) => (
                 StatusCode::FORBIDDEN,
                 Reason::Forbidden,
                 format!(
@@ -285,7 +297,7 @@ impl Admission {
                     rej.rule.as_ref()
                 ),
             ),
-            (Some(id), _) => (
+            (Some(id), _, _) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 Reason::TooManyRequests,
                 format!(
@@ -293,7 +305,7 @@ impl Admission {
                     rej.rule.as_ref()
                 ),
             ),
-            (None, _) => (
+            (None, _, None) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 Reason::TooManyRequests,
                 format!(
@@ -438,6 +450,26 @@ pub async fn maintenance(
     }
 }
 
+/// Who asks, as the limiter sees it: the user, groups, and the Pod and
+/// node a bound ServiceAccount token names (for rules with `key: pod` or
+/// `key: node`; the node of a node's own certificate the limiter reads from
+/// the user name).
+pub fn subject(identity: &Identity) -> Subject<'_> {
+    let first = |k: &str| {
+        identity
+            .extra
+            .get(k)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    };
+    Subject {
+        user: &identity.username,
+        groups: &identity.groups,
+        pod: first(crate::identity::POD_NAME_EXTRA),
+        node: first(crate::identity::NODE_NAME_EXTRA),
+    }
+}
+
 /// What the limiter needs to know of a request.
 fn attrs(info: &RequestInfo) -> RequestAttrs<'_> {
     RequestAttrs {
@@ -482,5 +514,6 @@ fn describe(rej: &Rejection) -> &'static str {
         R::AggregateWatchOpens => "the watch-open burst of all identities it matches",
         R::UpstreamSeats => "the requests in flight to the apiserver",
         R::Blocked => "blocked requests",
+        R::MissingKey(_) => "requests without its key",
     }
 }

@@ -8,13 +8,26 @@ use breakwater_limits::{RequestAttrs, Subject, ValidatedLimits, explain};
 use crate::classify;
 use crate::error::Chain;
 
+/// Who asks, in a sample request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Caller<'a> {
+    /// The user name.
+    pub user: &'a str,
+    /// Its groups (`system:authenticated` is added).
+    pub groups: &'a [String],
+    /// The Pod its bound token names, if any.
+    pub pod: Option<&'a str>,
+    /// The node its bound token names, if any.
+    pub node: Option<&'a str>,
+}
+
 /// The report, or every problem of the file (`FILE:LINE:COL: message (hint: …)`).
 pub fn check_limits(
     file: &Path,
     request: Option<&str>,
-    user: &str,
-    groups: &[String],
+    caller: &Caller<'_>,
 ) -> Result<String, String> {
+    let user = caller.user;
     let limits = ValidatedLimits::load(file).map_err(|e| Chain(&e).to_string())?;
     let mut out = format!(
         "{}: valid ({} rules, replicas {})\n",
@@ -37,13 +50,15 @@ pub fn check_limits(
         None => (target.trim(), None),
     };
     let info = classify::classify(&method, path, query);
-    let mut groups = groups.to_vec();
+    let mut groups = caller.groups.to_vec();
     if user != "system:anonymous" && !groups.iter().any(|g| g == "system:authenticated") {
         groups.push("system:authenticated".to_string());
     }
     let subject = Subject {
         user,
         groups: &groups,
+        pod: caller.pod,
+        node: caller.node,
     };
     let attrs = RequestAttrs {
         verb: info.verb.as_str(),
@@ -83,8 +98,11 @@ mod tests {
         let out = check_limits(
             f.path(),
             Some("GET /api/v1/pods?watch=1&fieldSelector=spec.nodeName%3Dn1"),
-            "system:serviceaccount:monitoring:node-agent",
-            &["system:serviceaccounts".to_string()],
+            &Caller {
+                user: "system:serviceaccount:monitoring:node-agent",
+                groups: &["system:serviceaccounts".to_string()],
+                ..Caller::default()
+            },
         )
         .expect("valid");
         assert!(out.contains("telemetry-agents"), "{out}");
@@ -101,8 +119,11 @@ mod tests {
         let out = check_limits(
             f.path(),
             Some("GET /api/v1/namespaces"),
-            "kubernetes-admin",
-            &["system:masters".to_string()],
+            &Caller {
+                user: "kubernetes-admin",
+                groups: &["system:masters".to_string()],
+                ..Caller::default()
+            },
         )
         .expect("valid");
         assert!(out.contains("admins"), "{out}");
@@ -116,7 +137,40 @@ mod tests {
             b"apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: x\n    perIdentity: {rate: 0, burst: 1}\n",
         )
         .expect("write");
-        let err = check_limits(f.path(), None, "u", &[]).expect_err("invalid");
+        let err = check_limits(
+            f.path(),
+            None,
+            &Caller {
+                user: "u",
+                ..Caller::default()
+            },
+        )
+        .expect_err("invalid");
         assert!(err.contains(":5:"), "{err}");
+    }
+
+    #[test]
+    fn a_per_pod_rule_explains_its_key_for_the_sample_pod() {
+        let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+        std::io::Write::write_all(
+            &mut f,
+            b"apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: agents\n    key: pod\n    onMissingKey: refuse\n    match: {serviceAccounts: [monitoring/node-agent]}\n    perIdentity: {watches: 2}\n",
+        )
+        .expect("write");
+        let out = check_limits(
+            f.path(),
+            Some("GET /api/v1/pods?watch=1"),
+            &Caller {
+                user: "system:serviceaccount:monitoring:node-agent",
+                pod: Some("node-agent-x7k2p"),
+                ..Caller::default()
+            },
+        )
+        .expect("valid");
+        assert!(out.contains("per pod (key pod"), "{out}");
+        assert!(
+            out.contains("this request: pod monitoring/node-agent-x7k2p"),
+            "{out}"
+        );
     }
 }

@@ -33,6 +33,13 @@ enum Command {
         /// The caller's groups (repeatable).
         #[arg(long = "group")]
         groups: Vec<String>,
+        /// The Pod a bound ServiceAccount token of the caller names
+        /// (for rules with `key: pod`).
+        #[arg(long)]
+        pod: Option<String>,
+        /// The node a bound token of the caller names (for `key: node`).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Exit 0 when an admin endpoint answers 200 (an exec readiness probe for
     /// images without curl, e.g. a sidecar the kubelet cannot reach on 127.0.0.1).
@@ -176,7 +183,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             request,
             user,
             groups,
-        } => match breakwater::check::check_limits(&file, request.as_deref(), &user, &groups) {
+            pod,
+            node,
+        } => match breakwater::check::check_limits(
+            &file,
+            request.as_deref(),
+            &breakwater::check::Caller {
+                user: &user,
+                groups: &groups,
+                pod: pod.as_deref(),
+                node: node.as_deref(),
+            },
+        ) {
             Ok(report) => print!("{report}"),
             Err(problems) => {
                 eprintln!("{problems}");

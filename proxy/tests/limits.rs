@@ -700,3 +700,86 @@ async fn the_watch_cap_counts_hub_served_watches_of_a_rule_charging_upstream() {
     );
     drop((first, more));
 }
+
+const PER_POD: &str = r#"apiVersion: breakwater/v1alpha1
+kind: Limits
+rules:
+  - name: agents
+    key: KEY
+    onMissingKey: refuse
+    match:
+      serviceAccounts: ["demo/viewer"]
+    perIdentity: {watches: 1}
+"#;
+
+/// Opens a watch and keeps it open: `Ok(body)` on 200, else the status and
+/// the Status JSON.
+async fn hold_watch(env: &Env, token: &str) -> Result<hyper::body::Incoming, (u16, Value)> {
+    let client = https_client(&env.demo.proxy_ca_pem, false);
+    let url = format!("{}/api/v1/namespaces/demo/pods?watch=1", env.proxy_url());
+    let resp = client.request(get(&url, token)).await.expect("response");
+    let code = resp.status().as_u16();
+    if code == 200 {
+        return Ok(resp.into_body());
+    }
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Err((code, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_one_service_account_each_get_their_own_watch_and_a_token_without_a_pod_is_refused()
+{
+    let env = env_with_limits(&PER_POD.replace("KEY", "pod")).await;
+    let ttl = Duration::from_secs(3600);
+    let sim = &env.demo.sim;
+    let pod_a = sim.issue_bound_token("demo", "viewer", "agent-a", Some("node-1"), ttl);
+    let pod_b = sim.issue_bound_token("demo", "viewer", "agent-b", Some("node-1"), ttl);
+    let unbound = sim.issue_token("demo", "viewer", ttl);
+
+    let _a = hold_watch(&env, &pod_a).await.expect("pod a's first watch");
+    let (code, status) = hold_watch(&env, &pod_a)
+        .await
+        .expect_err("pod a's second watch");
+    assert_eq!(code, 429, "{status}");
+    let _b = hold_watch(&env, &pod_b)
+        .await
+        .expect("pod b has its own cap");
+
+    let (code, status) = hold_watch(&env, &unbound).await.expect_err("no pod");
+    assert_eq!(code, 403, "{status}");
+    assert_eq!(status["reason"], "Forbidden", "{status}");
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("rule \"agents\" limits each pod separately")
+            && message.contains("carry no pod"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_one_node_share_its_cap_and_a_token_without_a_node_is_refused() {
+    let env = env_with_limits(&PER_POD.replace("KEY", "node")).await;
+    let ttl = Duration::from_secs(3600);
+    let sim = &env.demo.sim;
+    let on_1 = sim.issue_bound_token("demo", "viewer", "agent-a", Some("node-1"), ttl);
+    let also_on_1 = sim.issue_bound_token("demo", "viewer", "agent-b", Some("node-1"), ttl);
+    let on_2 = sim.issue_bound_token("demo", "viewer", "agent-c", Some("node-2"), ttl);
+    // A bound token from before Kubernetes 1.30: a pod but no node.
+    let old = sim.issue_bound_token("demo", "viewer", "agent-d", None, ttl);
+
+    let _a = hold_watch(&env, &on_1).await.expect("node-1's watch");
+    let (code, _) = hold_watch(&env, &also_on_1)
+        .await
+        .expect_err("node-1 is full");
+    assert_eq!(code, 429);
+    let _c = hold_watch(&env, &on_2).await.expect("node-2's watch");
+    let (code, status) = hold_watch(&env, &old).await.expect_err("no node");
+    assert_eq!(code, 403, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("carry no node"),
+        "{status}"
+    );
+}

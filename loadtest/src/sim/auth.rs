@@ -106,14 +106,35 @@ struct Claims {
 struct KubernetesClaims {
     namespace: String,
     serviceaccount: ObjectRef,
+    /// A token bound to a Pod names it, and (Kubernetes 1.30+) its node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod: Option<ObjectRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node: Option<ObjectRef>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ObjectRef {
-    name: String,
+/// A `{name, uid}` reference inside the `kubernetes.io` claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub name: String,
     #[serde(default)]
-    uid: String,
+    pub uid: String,
 }
+
+/// What a bound token is bound to, as the apiserver's TokenRequest with a
+/// `boundObjectRef` of kind Pod writes it: the Pod, and since Kubernetes
+/// 1.30 the node it runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Binding {
+    pub pod: Option<ObjectRef>,
+    pub node: Option<ObjectRef>,
+}
+
+/// `user.Info.Extra` keys of bound tokens, as the apiserver sets them.
+const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+const EXTRA_NODE_UID: &str = "authentication.kubernetes.io/node-uid";
 
 /// Signs and verifies ServiceAccount tokens.
 pub struct Authenticator {
@@ -181,6 +202,21 @@ impl Authenticator {
         audiences: &[String],
         ttl: Duration,
     ) -> Result<IssuedToken, AuthError> {
+        self.issue_bound(namespace, name, sa_uid, audiences, ttl, &Binding::default())
+    }
+
+    /// Like [`Authenticator::issue`], for a token bound to a Pod (and its
+    /// node): the `kubernetes.io` claim names them, as the apiserver's
+    /// bound tokens do.
+    pub fn issue_bound(
+        &self,
+        namespace: &str,
+        name: &str,
+        sa_uid: &str,
+        audiences: &[String],
+        ttl: Duration,
+        binding: &Binding,
+    ) -> Result<IssuedToken, AuthError> {
         let now = unix_now();
         let exp = now + ttl.as_secs();
         let claims = Claims {
@@ -199,6 +235,8 @@ impl Authenticator {
                     name: name.to_string(),
                     uid: sa_uid.to_string(),
                 },
+                pod: binding.pod.clone(),
+                node: binding.node.clone(),
             },
             nbf: now,
             sub: format!("system:serviceaccount:{namespace}:{name}"),
@@ -260,6 +298,17 @@ impl Authenticator {
         if claims.sub != expected {
             return Err(AuthError::Subject(claims.sub));
         }
+        let mut extra = BTreeMap::new();
+        if let Some(pod) = &claims.kubernetes.pod {
+            extra.insert(EXTRA_POD_NAME.to_string(), vec![pod.name.clone()]);
+            extra.insert(EXTRA_POD_UID.to_string(), vec![pod.uid.clone()]);
+        }
+        if let Some(node) = &claims.kubernetes.node {
+            extra.insert(EXTRA_NODE_NAME.to_string(), vec![node.name.clone()]);
+            if !node.uid.is_empty() {
+                extra.insert(EXTRA_NODE_UID.to_string(), vec![node.uid.clone()]);
+            }
+        }
         let matched = claims
             .aud
             .iter()
@@ -275,7 +324,7 @@ impl Authenticator {
                     format!("system:serviceaccounts:{ns}"),
                     AUTHENTICATED.to_string(),
                 ],
-                extra: BTreeMap::new(),
+                extra,
             },
             matched,
         ))
@@ -291,6 +340,7 @@ impl Authenticator {
         name: &str,
         sa_uid: &str,
         body: &Value,
+        binding: &Binding,
     ) -> Result<Value, TokenRequestError> {
         let spec = body.get("spec").cloned().unwrap_or_else(|| json!({}));
         let seconds = spec
@@ -310,12 +360,13 @@ impl Authenticator {
             })
             .unwrap_or_default();
         let issued = self
-            .issue(
+            .issue_bound(
                 namespace,
                 name,
                 sa_uid,
                 &audiences,
                 Duration::from_secs(seconds.unsigned_abs()),
+                binding,
             )
             .map_err(TokenRequestError::Sign)?;
         let audiences = if audiences.is_empty() {

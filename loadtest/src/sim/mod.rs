@@ -326,6 +326,37 @@ impl KubeSim {
             .token
     }
 
+    /// A token bound to Pod `pod` (and, when given, node `node`), as a
+    /// Pod's projected ServiceAccount token is on Kubernetes 1.30+: its
+    /// `kubernetes.io` claim names the Pod and node, so the identity carries
+    /// `authentication.kubernetes.io/pod-name` and `node-name` extras. The
+    /// objects need not exist (their uids are made up when they do not).
+    pub fn issue_bound_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        pod: &str,
+        node: Option<&str>,
+        ttl: Duration,
+    ) -> String {
+        let uid = sa_uid(&self.state.store, namespace, name).unwrap_or_default();
+        let binding = auth::Binding {
+            pod: Some(auth::ObjectRef {
+                name: pod.to_string(),
+                uid: format!("pod-uid-{namespace}-{pod}"),
+            }),
+            node: node.map(|n| auth::ObjectRef {
+                name: n.to_string(),
+                uid: format!("node-uid-{n}"),
+            }),
+        };
+        self.state
+            .auth
+            .issue_bound(namespace, name, &uid, &[], ttl, &binding)
+            .expect("invariant: the SA key loaded at start signs ES256")
+            .token
+    }
+
     /// Prometheus text of /metrics.
     pub fn metrics_text(&self) -> String {
         self.state.metrics.render()
@@ -364,6 +395,46 @@ impl Drop for KubeSim {
     fn drop(&mut self) {
         // A test that forgets shutdown() must not leave the server running.
         self.state.cancel.cancel();
+    }
+}
+
+/// What a TokenRequest's `boundObjectRef` binds the token to: for a Pod
+/// that exists, the Pod and the node it is scheduled on (Kubernetes 1.30+
+/// adds the node); otherwise nothing.
+pub(crate) fn token_binding(store: &store::Store, namespace: &str, body: &Value) -> auth::Binding {
+    let Some(r) = body.pointer("/spec/boundObjectRef") else {
+        return auth::Binding::default();
+    };
+    if r.get("kind").and_then(Value::as_str) != Some("Pod") {
+        return auth::Binding::default();
+    }
+    let Some(name) = r.get("name").and_then(Value::as_str) else {
+        return auth::Binding::default();
+    };
+    let Some(rt) = resources::find("", "v1", "pods") else {
+        return auth::Binding::default();
+    };
+    let Ok(pod) = store.get(rt, Some(namespace), name) else {
+        return auth::Binding::default();
+    };
+    let uid = pod
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let node = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(|n| auth::ObjectRef {
+            name: n.to_string(),
+            uid: String::new(),
+        });
+    auth::Binding {
+        pod: Some(auth::ObjectRef {
+            name: name.to_string(),
+            uid: uid.to_string(),
+        }),
+        node,
     }
 }
 

@@ -1072,7 +1072,11 @@ fn write(
                 .pointer("/metadata/uid")
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            match state.auth.token_request(ns, info.name(), uid, &body) {
+            let binding = super::token_binding(store, ns, &body);
+            match state
+                .auth
+                .token_request(ns, info.name(), uid, &body, &binding)
+            {
                 Ok(answer) => Ok(json_response(StatusCode::CREATED, &answer)),
                 Err(auth::TokenRequestError::TooShort(s)) => Err(StoreError::Invalid {
                     kind: "TokenRequest".to_string(),

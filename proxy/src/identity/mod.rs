@@ -49,6 +49,10 @@ pub const AUTHENTICATED_GROUP: &str = "system:authenticated";
 pub const UNAUTHENTICATED_GROUP: &str = "system:unauthenticated";
 /// The anonymous user's name.
 pub const ANONYMOUS_USER: &str = "system:anonymous";
+/// The `extra` key of the Pod a bound ServiceAccount token was issued for.
+pub const POD_NAME_EXTRA: &str = jwt::POD_NAME_KEY;
+/// The `extra` key of the node a bound token's Pod runs on (1.30+).
+pub const NODE_NAME_EXTRA: &str = jwt::NODE_NAME_KEY;
 /// The prefix of every ServiceAccount username.
 pub const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 
