@@ -54,7 +54,7 @@ use crate::matcher::{RequestAttrs, Subject};
 use crate::state::{
     IdentityState, KeyHasher, RuleState, UpstreamState, acquire, acquire_seat, release, stripe,
 };
-use crate::validate::{Rule, ValidatedLimits};
+use crate::validate::{LimitValues, Rule, ValidatedLimits};
 
 /// `retry_after` for concurrency rejections (in-flight, watches, upstream
 /// seats): the wait depends on other requests ending, so like the
@@ -211,9 +211,19 @@ pub struct Permit {
     index: u32,
     quota: Option<Quota>,
     shadow: Option<Box<Rejection>>,
+    /// What a shared backend gave the request (its slot leases); dropped,
+    /// and so released, with the permit.
+    attached: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Permit {
+    /// Keeps `guard` until the permit drops: a shared backend's hold on
+    /// the request's slots (its `Drop` releases them), so they end when the
+    /// response or watch ends, however it ends. Replaces an earlier guard.
+    pub fn attach(&mut self, guard: Box<dyn std::any::Any + Send + Sync>) {
+        self.attached = Some(guard);
+    }
+
     /// The governing rule's name (`None` if no rule matched); for the
     /// `X-Breakwater-Rule` header.
     pub fn rule(&self) -> Option<&str> {
@@ -381,6 +391,9 @@ pub struct Limiter {
     last_pressure_sweep: AtomicU64,
     no_rule: Arc<str>,
     keys: KeyHasher,
+    /// A shared backend enforces the aggregate limits now (see
+    /// [`Limiter::set_global`]).
+    global: AtomicBool,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -432,6 +445,7 @@ impl Limiter {
             last_pressure_sweep: AtomicU64::new(0),
             no_rule: Arc::from("-"),
             keys: KeyHasher::default(),
+            global: AtomicBool::new(false),
         }
     }
 
@@ -609,7 +623,10 @@ impl Limiter {
             req,
             self.ns(now),
             stripe,
-            Step::Upstream,
+            How {
+                step: Step::Upstream,
+                local_aggregate: true,
+            },
         ) {
             Ok((held, quota)) => (held, quota, None),
             // Undone; the first step's gauge count stays.
@@ -623,7 +640,11 @@ impl Limiter {
                 // A shadow would-be rejection already undid (and holds)
                 // nothing; otherwise give back what this step took.
                 if shadow.is_none() {
-                    undo(rule, rs, identity, held, req, true, stripe);
+                    let again = Undo {
+                        after_success: true,
+                        local_aggregate: true,
+                    };
+                    undo(rule, rs, identity, held, req, again, stripe);
                 }
                 return Err(self.seat_rejection(Arc::clone(&rule.name), c.non_exempt()));
             }
@@ -733,8 +754,15 @@ impl Limiter {
         } else {
             Step::All
         };
+        // With a shared backend up, this step's aggregate limits are the
+        // backend's to enforce (see `Limiter::set_global`): here they are
+        // only counted.
+        let how = How {
+            step,
+            local_aggregate: !self.global.load(Ordering::Relaxed),
+        };
         let (mut held, quota, shadow) =
-            match take_rule(rule, rs, identity.as_deref(), req, now_ns, stripe(), step) {
+            match take_rule(rule, rs, identity.as_deref(), req, now_ns, stripe(), how) {
                 // A deferred request that is not a watch took nothing, but
                 // it is really open: it counts in the rule's gauges.
                 Ok((held, quota)) if step == Step::Client && !req.is_watch() => {
@@ -758,7 +786,11 @@ impl Limiter {
                 // A shadow would-be rejection already undid (and holds)
                 // nothing; otherwise give back everything the rule took.
                 if shadow.is_none() {
-                    undo(rule, rs, identity.as_deref(), held, req, true, stripe());
+                    let again = Undo {
+                        after_success: true,
+                        local_aggregate: how.local_aggregate,
+                    };
+                    undo(rule, rs, identity.as_deref(), held, req, again, stripe());
                 } else {
                     release_aggregate(rs, held, stripe());
                 }
@@ -801,6 +833,7 @@ impl Limiter {
             index: flags.index,
             quota,
             shadow,
+            attached: None,
         }
     }
 
@@ -880,6 +913,61 @@ impl Limiter {
         states.iter().map(|s| s.evict(now_ns, idle)).sum()
     }
 
+    /// Hands the aggregate limits to a shared backend (`true`) or takes
+    /// them back (`false`, the default). While handed over, the first
+    /// admission step ([`Limiter::admit_client`], or [`Limiter::admit`])
+    /// only counts what its aggregate limits would take, and the caller
+    /// must ask the backend for [`Limiter::global_demand`] before letting
+    /// the request go; the second step ([`Limiter::charge_upstream`])
+    /// keeps enforcing this replica's share, as it must decide without
+    /// waiting. Taken back, every check is local again at once, against
+    /// this replica's share and the counts it holds: the fallback when the
+    /// backend is unreachable, which never admits more than the share.
+    pub fn set_global(&self, on: bool) {
+        self.global.store(on, Ordering::Relaxed);
+    }
+
+    /// Is a shared backend enforcing the aggregate limits?
+    pub fn global_active(&self) -> bool {
+        self.global.load(Ordering::Relaxed)
+    }
+
+    /// What the shared backend must take for a request the first step just
+    /// admitted with `permit`: the parts of its rule's aggregate limits
+    /// (undivided) that the step left to it. `None`: nothing (no rule, an
+    /// exempt one, or no aggregate limits for this request). Also while
+    /// the backend is not in charge: a slot taken then must still be
+    /// registered with the backend when it returns.
+    pub fn global_demand(&self, permit: &Permit, req: &RequestAttrs<'_>) -> Option<GlobalDemand> {
+        if permit.exempt {
+            return None;
+        }
+        let rs = permit.rule.as_ref()?;
+        self.with_snapshot(|snap| {
+            let at = usize::try_from(permit.index).unwrap_or(usize::MAX);
+            let index = match snap.states.get(at) {
+                Some(s) if Arc::ptr_eq(s, rs) => Some(at),
+                _ => snap.states.iter().position(|s| Arc::ptr_eq(s, rs)),
+            }?;
+            let rule = &snap.limits.rules[index];
+            let g = &rule.global;
+            let watch = req.is_watch();
+            // The first step of a deferred rule took only the watch slot.
+            let all = !permit.pending;
+            let d = GlobalDemand {
+                rule: Arc::clone(&rule.name),
+                shadow: rule.mode == Mode::Shadow,
+                watches: g.watches.filter(|_| watch),
+                inflight: g
+                    .inflight
+                    .filter(|_| all && !watch && !req.is_long_running()),
+                rate: g.rate.filter(|_| all),
+                watch_opens: g.watch_opens.filter(|_| all && watch),
+            };
+            (!d.is_empty()).then_some(d)
+        })
+    }
+
     /// Per-identity entries in memory (all rules).
     pub fn identity_entries(&self) -> usize {
         self.entries.load(Ordering::Relaxed)
@@ -949,6 +1037,62 @@ impl Limiter {
     }
 }
 
+/// What a shared backend must take for one request: its rule's aggregate
+/// limits for all replicas together, the parts that apply (see
+/// [`Limiter::global_demand`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GlobalDemand {
+    /// The rule (the backend keys its state by name).
+    pub rule: Arc<str>,
+    /// The rule is in shadow mode: a refusal is only reported.
+    pub shadow: bool,
+    /// A watch slot under this cap.
+    pub watches: Option<u64>,
+    /// An in-flight slot under this cap.
+    pub inflight: Option<u64>,
+    /// A token of this bucket.
+    pub rate: Option<RateLimit>,
+    /// A watch-open token of this bucket.
+    pub watch_opens: Option<RateLimit>,
+}
+
+impl GlobalDemand {
+    /// Nothing to take.
+    pub fn is_empty(&self) -> bool {
+        self.watches.is_none()
+            && self.inflight.is_none()
+            && self.rate.is_none()
+            && self.watch_opens.is_none()
+    }
+
+    /// The rejection for a refusal of the backend: `reason` is one of the
+    /// aggregate reasons, `retry_after` the bucket's wait (counts: pass
+    /// [`CONCURRENCY_RETRY_AFTER`]).
+    pub fn rejection(&self, reason: RejectReason, retry_after: Duration) -> Rejection {
+        let (limit, window) = match reason {
+            RejectReason::AggregateWatches => (self.watches.unwrap_or(0), Duration::ZERO),
+            RejectReason::AggregateInflight => (self.inflight.unwrap_or(0), Duration::ZERO),
+            RejectReason::AggregateRate => self
+                .rate
+                .map_or((0, Duration::ZERO), |r| (r.burst, r.window())),
+            RejectReason::AggregateWatchOpens => self
+                .watch_opens
+                .map_or((0, Duration::ZERO), |r| (r.burst, r.window())),
+            _ => (0, Duration::ZERO),
+        };
+        Rejection {
+            rule: Arc::clone(&self.rule),
+            reason,
+            retry_after,
+            limit,
+            remaining: 0,
+            window,
+            status: 429,
+            block_id: None,
+        }
+    }
+}
+
 /// The permit's flags besides what it holds.
 #[derive(Debug, Clone, Copy, Default)]
 struct Flags {
@@ -969,6 +1113,41 @@ enum Step {
     Upstream,
 }
 
+/// No limit at all: the aggregate a step enforces when a shared backend
+/// enforces it instead (counts are still kept, for gauges and fallback).
+const UNLIMITED: LimitValues = LimitValues {
+    rate: None,
+    inflight: None,
+    watches: None,
+    watch_opens: None,
+};
+
+/// How [`take_rule`] takes: which step, and whether the rule's aggregate
+/// limits are enforced here.
+#[derive(Debug, Clone, Copy)]
+struct How {
+    step: Step,
+    local_aggregate: bool,
+}
+
+impl How {
+    fn aggregate(self, rule: &Rule) -> &LimitValues {
+        if self.local_aggregate {
+            &rule.aggregate
+        } else {
+            &UNLIMITED
+        }
+    }
+}
+
+/// How [`undo`] gives back: after `take_rule` succeeded (every token this
+/// request took is refunded), and whether aggregate tokens were taken here.
+#[derive(Debug, Clone, Copy)]
+struct Undo {
+    after_success: bool,
+    local_aggregate: bool,
+}
+
 /// Steps 4-5 of the module docs, the parts `step` names. On `Err`,
 /// everything taken is undone.
 #[inline]
@@ -979,16 +1158,21 @@ fn take_rule(
     req: &RequestAttrs<'_>,
     now_ns: u64,
     stripe: u8,
-    step: Step,
+    how: How,
 ) -> Result<(u16, Option<Quota>), Rejection> {
     let pi = &rule.per_identity;
-    let ag = &rule.aggregate;
+    let ag = how.aggregate(rule);
+    let step = how.step;
     let watch = req.is_watch();
     let (client, upstream) = (step != Step::Upstream, step != Step::Client);
     let mut held = 0u16;
     let fail =
         |held: u16, reason: RejectReason, limit: u64, retry_after: Duration, window: Duration| {
-            undo(rule, rs, identity, held, req, false, stripe);
+            let again = Undo {
+                after_success: false,
+                local_aggregate: how.local_aggregate,
+            };
+            undo(rule, rs, identity, held, req, again, stripe);
             Rejection {
                 rule: Arc::clone(&rule.name),
                 reason,
@@ -1018,7 +1202,9 @@ fn take_rule(
             }
             held |= ID_WATCH;
         }
-        if ag.watches.is_none() {
+        // The exact counter whenever the rule has a cap, even one a shared
+        // backend enforces now: falling back checks it at once.
+        if rule.aggregate.watches.is_none() {
             rs.aggregate.watches_striped.add(stripe);
             held |= AGG_WATCH_STRIPED;
         } else if acquire(&rs.aggregate.watches, ag.watches) {
@@ -1037,7 +1223,7 @@ fn take_rule(
             }
             held |= ID_INFLIGHT;
         }
-        if ag.inflight.is_none() {
+        if rule.aggregate.inflight.is_none() {
             rs.aggregate.inflight_striped.add(stripe);
             held |= AGG_INFLIGHT_STRIPED;
         } else if acquire(&rs.aggregate.inflight, ag.inflight) {
@@ -1115,11 +1301,16 @@ fn undo(
     identity: Option<&IdentityState>,
     held: u16,
     req: &RequestAttrs<'_>,
-    after_success: bool,
+    how: Undo,
     stripe: u8,
 ) {
     let pi = &rule.per_identity;
-    let ag = &rule.aggregate;
+    let ag = if how.local_aggregate {
+        &rule.aggregate
+    } else {
+        &UNLIMITED
+    };
+    let after_success = how.after_success;
     if let Some(id) = identity {
         if held & ID_INFLIGHT != 0 {
             release(&id.inflight);

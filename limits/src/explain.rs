@@ -42,6 +42,9 @@ pub struct MatchedRule {
     pub per_identity: LimitValues,
     /// Aggregate limits of one replica.
     pub aggregate: LimitValues,
+    /// Aggregate limits of all replicas together (what a shared backend
+    /// enforces).
+    pub global: LimitValues,
 }
 
 /// The answer of [`explain`].
@@ -53,6 +56,8 @@ pub struct Explanation {
     pub matched: Option<MatchedRule>,
     /// `replicas` of the file.
     pub replicas: u32,
+    /// Aggregate limits are shared by all replicas (`backend: redis`).
+    pub shared: bool,
     /// This replica's upstream caps.
     pub upstream: Option<UpstreamCaps>,
     /// The request is a watch.
@@ -91,6 +96,7 @@ pub fn explain(
                     }),
                     per_identity: r.per_identity,
                     aggregate: r.aggregate,
+                    global: r.global,
                 });
                 break;
             }
@@ -100,6 +106,7 @@ pub fn explain(
         skipped,
         matched,
         replicas: limits.replicas,
+        shared: matches!(limits.backend, crate::validate::Backend::Redis(_)),
         upstream: limits.upstream,
         watch: req.is_watch(),
         long_running: req.is_long_running(),
@@ -202,12 +209,32 @@ impl fmt::Display for Explanation {
                             )?,
                         }
                     }
-                    writeln!(
-                        f,
-                        "  aggregate (this replica, replicas={}): {}",
-                        self.replicas,
-                        Limits(&m.aggregate)
-                    )?;
+                    if self.shared {
+                        writeln!(
+                            f,
+                            "  aggregate (all replicas together, in Redis): {}",
+                            Limits(&m.global)
+                        )?;
+                        writeln!(
+                            f,
+                            "  aggregate while Redis is unreachable (this replica, replicas={}): {}",
+                            self.replicas,
+                            Limits(&m.aggregate)
+                        )?;
+                        if m.charges == Charges::Upstream {
+                            writeln!(
+                                f,
+                                "  (charges upstream: its rate, inflight and watchOpens are taken when a request goes upstream, always at this replica's share; its watches are global)"
+                            )?;
+                        }
+                    } else {
+                        writeln!(
+                            f,
+                            "  aggregate (this replica, replicas={}): {}",
+                            self.replicas,
+                            Limits(&m.aggregate)
+                        )?;
+                    }
                 }
             }
         }

@@ -38,6 +38,12 @@ pub struct LimitsFile {
     /// are divided by it (each replica enforces its share). Default 1.
     #[serde(default = "default_replicas")]
     pub replicas: i64,
+    /// Where aggregate limits are kept: `local` (the default: each replica
+    /// enforces `1/replicas` of them) or `redis` (one shared state for
+    /// every replica; the `replicas` share stays the fallback when Redis is
+    /// unreachable).
+    #[serde(default)]
+    pub backend: BackendSpec,
     /// The global in-flight cap towards the apiserver. Absent: no cap.
     #[serde(default)]
     pub upstream: Option<UpstreamSpec>,
@@ -49,6 +55,100 @@ pub struct LimitsFile {
 
 fn default_replicas() -> i64 {
     1
+}
+
+/// `backend`: `local`, or `redis: {...}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BackendSpec {
+    /// Each replica keeps its own state and enforces its `replicas` share.
+    #[default]
+    Local,
+    /// Aggregate limits are kept in Redis, shared by every replica.
+    Redis(RedisSpec),
+}
+
+/// `backend.redis`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// `host:port` of the Redis server.
+    pub address: String,
+    /// Connect with TLS. Absent: plain TCP (keep Redis on loopback or a
+    /// private network then).
+    #[serde(default)]
+    pub tls: Option<RedisTlsSpec>,
+    /// ACL user name (Redis 6+); absent: the default user.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file holding the password (`AUTH`); read at start-up, never logged.
+    #[serde(default)]
+    pub password_file: Option<String>,
+    /// Prefix of every key Breakwater writes (several clusters may share a
+    /// Redis). Default `breakwater:`.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// How long a replica's slot (a watch or in-flight request it holds)
+    /// lives in Redis unless renewed; a replica renews its slots every third
+    /// of it, so a dead replica's slots free within this time. Default 10.
+    #[serde(default)]
+    pub lease_seconds: Option<f64>,
+    /// A Redis call slower than this counts as a failure: the replica falls
+    /// back to its `replicas` share at once. Default 50.
+    #[serde(default)]
+    pub timeout_millis: Option<u64>,
+}
+
+// By hand: serde_yaml_ng reads enums as YAML tags (`!redis`); operators
+// write `backend: local` or `backend: {redis: {...}}`.
+impl<'de> Deserialize<'de> for BackendSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BackendSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`local` or a map with one key `redis`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<BackendSpec, E> {
+                match v {
+                    "local" => Ok(BackendSpec::Local),
+                    other => Err(E::unknown_variant(other, &["local", "redis"])),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<BackendSpec, A::Error> {
+                let mut out = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.is_some() {
+                        return Err(de::Error::custom("backend has more than one kind"));
+                    }
+                    out = Some(match key.as_str() {
+                        "redis" => BackendSpec::Redis(map.next_value()?),
+                        "local" => {
+                            map.next_value::<IgnoredAny>()?;
+                            BackendSpec::Local
+                        }
+                        other => return Err(de::Error::unknown_field(other, &["local", "redis"])),
+                    });
+                }
+                out.ok_or_else(|| de::Error::custom("backend is empty"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn default_key_prefix() -> String {
+    "breakwater:".to_string()
+}
+
+/// `backend.redis.tls`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedisTlsSpec {
+    /// PEM file of the CA that signed the Redis server's certificate;
+    /// absent: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 /// `upstream`: seats towards the apiserver.

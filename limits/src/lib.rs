@@ -69,6 +69,12 @@
 //!   ([`Subject::pod`], [`Subject::node`]) or the ServiceAccount. A request
 //!   without the key falls back to its user, or with `onMissingKey:
 //!   refuse` gets a [`RejectReason::MissingKey`] rejection (status 403).
+//! - `backend: redis` ([`Backend`]): the limiter stays local and
+//!   synchronous; the proxy's Redis backend takes over the aggregate
+//!   limits with [`Limiter::set_global`], asks [`Limiter::global_demand`]
+//!   per admitted request, and hangs its slot lease on the permit with
+//!   [`Permit::attach`]. The local counts always count, so handing the
+//!   limits back (Redis unreachable) enforces this replica's share at once.
 //! - Per-identity state is bounded by [`LimiterConfig::max_identities`];
 //!   when full with nothing evictable, new identities share one overflow
 //!   state per rule (limited together as one identity). Entries are keyed
@@ -90,12 +96,14 @@ mod state;
 pub mod validate;
 
 pub use admission::{
-    BLOCK_RETRY_AFTER, CONCURRENCY_RETRY_AFTER, Decision, Limiter, LimiterConfig, Permit, Quota,
-    RejectReason, Rejection, RuleStats, jittered,
+    BLOCK_RETRY_AFTER, CONCURRENCY_RETRY_AFTER, Decision, GlobalDemand, Limiter, LimiterConfig,
+    Permit, Quota, RejectReason, Rejection, RuleStats, jittered,
 };
 pub use blocks::{Block, BlockError, BlockRespond, BlockTarget, Blocks};
 pub use bucket::RateLimit;
 pub use explain::{Explanation, explain};
-pub use file::{Charges, Key, LimitsError, LimitsFile, Mode, OnMissingKey, Problem, Problems};
+pub use file::{
+    BackendSpec, Charges, Key, LimitsError, LimitsFile, Mode, OnMissingKey, Problem, Problems,
+};
 pub use matcher::{RequestAttrs, Subject};
-pub use validate::{LimitValues, Rule, UpstreamCaps, ValidatedLimits};
+pub use validate::{Backend, LimitValues, RedisBackend, Rule, UpstreamCaps, ValidatedLimits};

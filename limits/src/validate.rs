@@ -5,13 +5,14 @@
 //! verbs as a bit set, aggregate limits and upstream caps already divided by
 //! `replicas`, GCRA constants for every rate.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::bucket::RateLimit;
 use crate::file::{
-    self, Charges, Key, LimitSpec, LimitsError, LimitsFile, Mode, OnMissingKey, Problem, Problems,
-    RuleSpec, Seg,
+    self, BackendSpec, Charges, Key, LimitSpec, LimitsError, LimitsFile, Mode, OnMissingKey,
+    Problem, Problems, RuleSpec, Seg,
 };
 use crate::matcher::{Glob, KNOWN_VERBS, Matcher, ResourcePattern, VerbSet};
 
@@ -59,6 +60,37 @@ impl UpstreamCaps {
     }
 }
 
+/// Where aggregate limits are kept.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Backend {
+    /// In this replica, at its `replicas` share.
+    #[default]
+    Local,
+    /// In Redis, for every replica together.
+    Redis(RedisBackend),
+}
+
+/// A validated `backend.redis`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisBackend {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// TLS, with the CA file if one was given (`None` inside: system roots).
+    pub tls: Option<Option<PathBuf>>,
+    /// ACL user.
+    pub username: Option<String>,
+    /// The password file (read by the backend, not here).
+    pub password_file: Option<PathBuf>,
+    /// Key prefix.
+    pub key_prefix: String,
+    /// Slot lease.
+    pub lease: Duration,
+    /// Per-call timeout.
+    pub timeout: Duration,
+}
+
 /// One validated rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -71,6 +103,9 @@ pub struct Rule {
     pub(crate) matcher: Matcher,
     pub(crate) per_identity: LimitValues,
     pub(crate) aggregate: LimitValues,
+    /// `aggregate` undivided: what a shared backend enforces for all
+    /// replicas together.
+    pub(crate) global: LimitValues,
     pub(crate) spec: RuleSpec,
 }
 
@@ -107,6 +142,11 @@ impl Rule {
     pub fn aggregate(&self) -> &LimitValues {
         &self.aggregate
     }
+    /// Aggregate limits of all replicas together (not divided), for a
+    /// shared backend.
+    pub fn global(&self) -> &LimitValues {
+        &self.global
+    }
     /// The compiled `match`.
     pub fn matcher(&self) -> &Matcher {
         &self.matcher
@@ -128,6 +168,7 @@ impl Rule {
 #[derive(Debug, Clone)]
 pub struct ValidatedLimits {
     pub(crate) replicas: u32,
+    pub(crate) backend: Backend,
     pub(crate) upstream: Option<UpstreamCaps>,
     pub(crate) rules: Vec<Rule>,
 }
@@ -149,6 +190,7 @@ impl ValidatedLimits {
     pub fn unlimited() -> ValidatedLimits {
         ValidatedLimits {
             replicas: 1,
+            backend: Backend::Local,
             upstream: None,
             rules: Vec::new(),
         }
@@ -157,6 +199,10 @@ impl ValidatedLimits {
     /// `replicas` from the file.
     pub fn replicas(&self) -> u32 {
         self.replicas
+    }
+    /// Where aggregate limits are kept.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
     /// This replica's upstream caps, if any.
     pub fn upstream(&self) -> Option<UpstreamCaps> {
@@ -376,6 +422,17 @@ pub fn validate(
             .as_ref()
             .map(|l| limit_values(&mut c, &at(&base, &[Seg::Key("aggregate")]), l, replicas))
             .unwrap_or_default();
+        // The same limits undivided; any problem was reported just above.
+        let global = spec
+            .aggregate
+            .as_ref()
+            .map(|l| {
+                let mut scratch = Collector {
+                    pending: Vec::new(),
+                };
+                limit_values(&mut scratch, &[], l, 1)
+            })
+            .unwrap_or_default();
         rules.push(Rule {
             name: Arc::from(spec.name.as_str()),
             mode: spec.mode,
@@ -386,13 +443,16 @@ pub fn validate(
             matcher,
             per_identity,
             aggregate,
+            global,
             spec: spec.clone(),
         });
     }
 
+    let backend = backend(&mut c, &parsed.backend);
     if c.pending.is_empty() {
         return Ok(ValidatedLimits {
             replicas,
+            backend,
             upstream,
             rules,
         });
@@ -413,6 +473,67 @@ pub fn validate(
         .collect();
     problems.sort_by_key(|p| (p.line, p.column));
     Err(LimitsError::Invalid(Problems(problems)))
+}
+
+/// `backend`: a Redis address must be `host:port`, the lease and timeout
+/// in sensible ranges.
+fn backend(c: &mut Collector, spec: &BackendSpec) -> Backend {
+    let BackendSpec::Redis(r) = spec else {
+        return Backend::Local;
+    };
+    let base = [Seg::Key("backend"), Seg::Key("redis")];
+    let (host, port) = match r.address.rsplit_once(':').map(|(h, p)| {
+        (
+            h.trim_start_matches('[').trim_end_matches(']'),
+            p.parse::<u16>(),
+        )
+    }) {
+        Some((h, Ok(p))) if !h.is_empty() && p != 0 => (h.to_string(), p),
+        _ => {
+            c.push(
+                at(&base, &[Seg::Key("address")]),
+                format!("redis address `{}` is not `host:port`", r.address),
+                "write the address as `host:port`, e.g. `127.0.0.1:6379`",
+            );
+            (String::new(), 0)
+        }
+    };
+    if r.key_prefix.is_empty() {
+        c.push(
+            at(&base, &[Seg::Key("keyPrefix")]),
+            "keyPrefix is empty",
+            "set a prefix such as `breakwater:CLUSTER:` (or remove it for `breakwater:`)",
+        );
+    }
+    let lease = r.lease_seconds.unwrap_or(10.0);
+    if !(lease.is_finite() && (1.0..=300.0).contains(&lease)) {
+        c.push(
+            at(&base, &[Seg::Key("leaseSeconds")]),
+            format!("leaseSeconds must be between 1 and 300, got {lease}"),
+            "a dead replica's slots free within the lease; 10 is a good start",
+        );
+    }
+    let timeout = r.timeout_millis.unwrap_or(50);
+    if !(1..=5000).contains(&timeout) {
+        c.push(
+            at(&base, &[Seg::Key("timeoutMillis")]),
+            format!("timeoutMillis must be between 1 and 5000, got {timeout}"),
+            "a decision waits at most this long for Redis before falling back; 50 is a good start",
+        );
+    }
+    Backend::Redis(RedisBackend {
+        host,
+        port,
+        tls: r
+            .tls
+            .as_ref()
+            .map(|t| t.ca_file.as_ref().map(PathBuf::from)),
+        username: r.username.clone(),
+        password_file: r.password_file.as_ref().map(PathBuf::from),
+        key_prefix: r.key_prefix.clone(),
+        lease: Duration::from_secs_f64(lease.clamp(1.0, 300.0)),
+        timeout: Duration::from_millis(timeout.clamp(1, 5000)),
+    })
 }
 
 /// `key` and `onMissingKey` only mean something next to `perIdentity`

@@ -23,6 +23,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::classify::RequestInfo;
 use crate::error::Chain;
+use crate::global::{Global, GlobalError, Outcome};
 use crate::identity::Identity;
 use crate::status::{Details, Reason, Status};
 use crate::upstream::Body;
@@ -38,6 +39,9 @@ pub struct Admission {
     rate_limit_headers: bool,
     /// Serializes block changes with their write to disk.
     blocks_lock: std::sync::Mutex<()>,
+    /// The shared backend of the aggregate limits (`backend: redis`), set
+    /// up from the file read at start-up.
+    global: Option<Global>,
     /// The limits file's generation and last reload, for `/debug/top`.
     file_state: std::sync::Mutex<LimitsFileState>,
 }
@@ -77,6 +81,8 @@ pub enum AdmitError {
     Limits(#[from] LimitsError),
     #[error(transparent)]
     Blocks(#[from] BlockError),
+    #[error("limits backend")]
+    Global(#[from] GlobalError),
 }
 
 /// What admission says about one request.
@@ -102,6 +108,10 @@ impl Admission {
             Some(path) => ValidatedLimits::load(path)?,
             None => ValidatedLimits::unlimited(),
         };
+        let global = match limits.backend() {
+            breakwater_limits::Backend::Local => None,
+            breakwater_limits::Backend::Redis(cfg) => Some(Global::new(cfg)?),
+        };
         let limiter = Limiter::new(limits);
         if let Some(path) = blocks_file {
             limiter.set_blocks(breakwater_limits::Blocks::load(path)?);
@@ -118,9 +128,15 @@ impl Admission {
             rate_limit_headers,
             blocks_lock: std::sync::Mutex::new(()),
             file_state,
+            global,
         };
         admission.publish_limits(false);
         Ok(admission)
+    }
+
+    /// The Redis backend, if the limits file asked for one.
+    pub fn global(&self) -> Option<&Global> {
+        self.global.as_ref()
     }
 
     pub fn limiter(&self) -> &Limiter {
@@ -142,6 +158,10 @@ impl Admission {
         };
         match ValidatedLimits::load(path) {
             Ok(limits) => {
+                if limits.backend() != self.limiter.limits().backend() {
+                    tracing::warn!(file = %path.display(),
+                        "the limits backend changed; it takes effect on restart (the rules do now)");
+                }
                 let rules = limits.rules().len();
                 self.limiter.reload(limits);
                 metrics::counter!("breakwater_limits_reloads_total", "result" => "ok").increment(1);
@@ -171,11 +191,67 @@ impl Admission {
     /// and every limit except the upstream-bound parts of `charges:
     /// upstream` rules, which [`Admission::charge_upstream`] takes if the
     /// request (or anything on its behalf) goes upstream.
-    pub fn admit(&self, identity: &Identity, info: &RequestInfo) -> Admit {
+    ///
+    /// With a Redis backend up, the rule's aggregate limits are then taken
+    /// in Redis (one round trip); if Redis fails, the request is decided
+    /// again locally, at this replica's share (fail static).
+    pub async fn admit(&self, identity: &Identity, info: &RequestInfo) -> Admit {
         let subject = subject(identity);
         let attrs = attrs(info);
         let verb = info.verb.label();
-        match self.limiter.admit_client(&subject, &attrs, Instant::now()) {
+        let mut decision = self.limiter.admit_client(&subject, &attrs, Instant::now());
+        let mut again = false;
+        if let (Some(global), Decision::Admitted(permit)) = (&self.global, &mut decision)
+            && let Some(demand) = self.limiter.global_demand(permit, &attrs)
+        {
+            let outcome = if global.is_up() {
+                global.acquire(&demand).await
+            } else {
+                // Decided locally; its slot goes to Redis when Redis returns.
+                Ok(Outcome::Granted(global.hold_unregistered(&demand)))
+            };
+            match outcome {
+                Ok(Outcome::Granted(hold)) => {
+                    if let Some(hold) = hold {
+                        permit.attach(Box::new(hold));
+                    }
+                }
+                Ok(Outcome::Refused(reason, wait)) => {
+                    let rej = demand.rejection(reason, wait);
+                    if demand.shadow {
+                        count_shadow(&rej, verb, identity);
+                    } else {
+                        count_rejected(&rej, verb);
+                        return Admit::Refuse {
+                            response: self.rejection_response(&rej),
+                            rule: Arc::clone(&rej.rule),
+                        };
+                    }
+                }
+                Err(err) => {
+                    metrics::counter!("breakwater_global_limits_errors_total", "op" => "acquire")
+                        .increment(1);
+                    global.fall_back(&self.limiter, &err);
+                    again = true;
+                }
+            }
+        }
+        if again {
+            // Give back what the first decision took (its aggregate limits
+            // were left to Redis), then decide again with every limit
+            // local, at this replica's share. The per-identity tokens the
+            // first decision spent stay spent: once per request, only at
+            // the moment Redis fails.
+            drop(decision);
+            decision = self.limiter.admit_client(&subject, &attrs, Instant::now());
+            if let (Some(global), Decision::Admitted(permit)) = (&self.global, &mut decision)
+                && let Some(demand) = self.limiter.global_demand(permit, &attrs)
+                && let Some(hold) = global.hold_unregistered(&demand)
+            {
+                permit.attach(Box::new(hold));
+            }
+        }
+        match decision {
             Decision::Admitted(permit) => {
                 if let Some(would) = permit.shadow_rejection() {
                     count_shadow(would, verb, identity);

@@ -29,8 +29,18 @@ pub fn check_limits(
 ) -> Result<String, String> {
     let user = caller.user;
     let limits = ValidatedLimits::load(file).map_err(|e| Chain(&e).to_string())?;
+    let backend = match limits.backend() {
+        breakwater_limits::Backend::Local => "local".to_string(),
+        breakwater_limits::Backend::Redis(r) => format!(
+            "redis {}:{} (aggregate limits shared by all replicas; lease {:?}; falls back to 1/{} each)",
+            r.host,
+            r.port,
+            r.lease,
+            limits.replicas()
+        ),
+    };
     let mut out = format!(
-        "{}: valid ({} rules, replicas {})\n",
+        "{}: valid ({} rules, replicas {}, backend {backend})\n",
         file.display(),
         limits.rules().len(),
         limits.replicas()
@@ -172,5 +182,25 @@ mod tests {
             out.contains("this request: pod monitoring/node-agent-x7k2p"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn the_fleet_example_with_pod_keys_and_a_redis_backend_is_valid() {
+        let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+        std::io::Write::write_all(&mut f, include_bytes!("../../docker/limits-fleet.yaml"))
+            .expect("write");
+        let out = check_limits(
+            f.path(),
+            Some("GET /api/v1/pods?watch=1"),
+            &Caller {
+                user: "system:serviceaccount:monitoring:node-agent",
+                pod: Some("node-agent-x7k2p"),
+                node: Some("node-7"),
+                ..Caller::default()
+            },
+        )
+        .expect("valid");
+        assert!(out.contains("backend redis 10.0.0.10:6379"), "{out}");
+        assert!(out.contains("this request: node node-7"), "{out}");
     }
 }

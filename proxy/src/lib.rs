@@ -13,6 +13,7 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
+pub mod global;
 pub mod identity;
 pub mod pacing;
 pub mod proxy;

@@ -104,7 +104,7 @@ pub async fn handle(
     // apiserver nothing. The permit releases its slots when the response
     // ends. Rules that charge only upstream-bound requests leave the rest
     // of their charge to `charge`, below (or to the hub's gate).
-    let mut permit = match shared.admission.admit(&identity, &info) {
+    let mut permit = match shared.admission.admit(&identity, &info).await {
         Admit::Go(permit) => {
             log.rule(permit.rule_arc().as_ref());
             permit

@@ -1,0 +1,629 @@
+//! Global limits on Redis: a rule's aggregate limits held across every
+//! Breakwater replica (`backend: {redis: ...}` in the limits file).
+//!
+//! The limits crate decides locally and stays free of I/O; when this
+//! backend is up it hands the aggregate limits over
+//! ([`Limiter::set_global`]) and tells us, per admitted request, what they
+//! would take ([`Limiter::global_demand`]). We take it in Redis:
+//!
+//! - **One round trip per decision.** One Lua script checks and takes
+//!   everything a request needs at once (a watch or in-flight slot, a rate
+//!   token, a watch-open token), all or nothing, with Redis' own clock
+//!   (`TIME`), so replicas' clocks do not matter. Token buckets are GCRA,
+//!   as in the limits crate: one number (the theoretical arrival time) per
+//!   bucket.
+//! - **Slots are leases.** A slot is a member of a sorted set scored by its
+//!   expiry. Every replica renews the slots it holds every third of the
+//!   lease and removes them when the request ends; the script drops
+//!   expired members before counting, so a dead replica's slots free
+//!   within one lease.
+//! - **Fail static.** A Redis error or a call slower than `timeoutMillis`
+//!   hands the limits back to the local limiter at once
+//!   ([`Limiter::set_global`]`(false)`): this replica then enforces its
+//!   `replicas` share against the counts it really holds (it kept counting
+//!   them), never more, and the request that saw the failure is decided
+//!   that way. Exempt rules never reach Redis. A probe reconnects every
+//!   250 ms; on success the replica first registers every slot it holds
+//!   again (a restarted Redis has forgotten them), then takes global
+//!   enforcement back. `breakwater_global_limits_up` says which mode is in
+//!   force.
+//!
+//! What stays local even with Redis up: per-identity limits (an identity's
+//! connection lands on one replica), the upstream seat cap, and the
+//! second admission step of `charges: upstream` rules (it runs inside the
+//! watch hub, which cannot wait for Redis), which enforces the replica's
+//! share of the rule's `rate`, `inflight` and `watchOpens`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use breakwater_limits::{
+    CONCURRENCY_RETRY_AFTER, GlobalDemand, Limiter, RateLimit, RedisBackend, RejectReason,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Chain;
+
+/// Checks and takes a request's slot and tokens, all or nothing.
+///
+/// KEYS: 1 watch slots, 2 in-flight slots (sorted sets: member = lease,
+/// score = expiry in µs), 3 rate TAT, 4 watch-open TAT (strings, µs).
+/// ARGV: 1 lease member, 2 lease µs, 3 watch cap, 4 in-flight cap (-1: not
+/// taken), 5/6 rate emission/tolerance µs, 7/8 the same for watch opens
+/// (tolerance -1: not taken). Returns {0, 0} granted, or {reason, wait µs}
+/// with reason 1 watches, 2 in-flight, 3 rate, 4 watch opens.
+///
+/// Numbers leave Lua through `string.format('%.0f')`: Redis would format
+/// them with 14 significant digits, losing microseconds.
+const SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local lease = tonumber(ARGV[2])
+local function full(key, cap)
+  if cap < 0 then return false end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
+  return redis.call('ZCARD', key) >= cap
+end
+local wcap = tonumber(ARGV[3])
+if full(KEYS[1], wcap) then return {1, 0} end
+local icap = tonumber(ARGV[4])
+if full(KEYS[2], icap) then return {2, 0} end
+local function gcra(key, emission, tolerance)
+  if tolerance < 0 then return 0, nil end
+  local tat = tonumber(redis.call('GET', key) or '0')
+  local new = math.max(tat, now) + emission
+  if new - now > tolerance then return new - now - tolerance, nil end
+  return 0, new
+end
+local rwait, rnew = gcra(KEYS[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
+if rwait > 0 then return {3, rwait} end
+local wwait, wnew = gcra(KEYS[4], tonumber(ARGV[7]), tonumber(ARGV[8]))
+if wwait > 0 then return {4, wwait} end
+local expiry = string.format('%.0f', now + lease)
+if wcap >= 0 then redis.call('ZADD', KEYS[1], expiry, ARGV[1]) end
+if icap >= 0 then redis.call('ZADD', KEYS[2], expiry, ARGV[1]) end
+if rnew then
+  redis.call('SET', KEYS[3], string.format('%.0f', rnew), 'PX', math.ceil((rnew - now) / 1000) + 1000)
+end
+if wnew then
+  redis.call('SET', KEYS[4], string.format('%.0f', wnew), 'PX', math.ceil((wnew - now) / 1000) + 1000)
+end
+return {0, 0}
+"#;
+
+/// How often a replica without Redis tries again.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// Releases queued at most; past it a release is dropped and its lease
+/// lapses by itself (the slot frees within one lease instead of at once).
+const RELEASE_QUEUE: usize = 16_384;
+
+/// Why the backend could not be set up or asked.
+#[derive(Debug, thiserror::Error)]
+pub enum GlobalError {
+    #[error("reading the Redis password file {path}")]
+    PasswordFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the Redis CA file {path}")]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Redis client")]
+    Client(#[source] redis::RedisError),
+    #[error("no connection to Redis yet")]
+    NotConnected,
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Redis call failed")]
+    Redis(#[source] redis::RedisError),
+    #[error("unexpected script answer {0:?}")]
+    Answer(Vec<i64>),
+}
+
+/// What Redis said about a request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Taken; the hold (if a slot was taken) releases it when dropped.
+    Granted(Option<Hold>),
+    /// Refused by an aggregate limit, with the wait.
+    Refused(RejectReason, Duration),
+}
+
+/// A slot lease in Redis.
+#[derive(Debug, Clone)]
+struct Lease {
+    key: Arc<str>,
+    member: Arc<str>,
+    /// Redis has it (taken there, or registered by a renewal); a slot taken
+    /// locally while Redis was away has not.
+    registered: bool,
+}
+
+/// The Redis backend of one replica. Cheap to share.
+#[derive(Clone)]
+pub struct Global {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: RedisBackend,
+    client: redis::Client,
+    conn: ArcSwapOption<ConnectionManager>,
+    script: redis::Script,
+    /// This process, in lease members (random: a restarted replica must
+    /// not renew its predecessor's slots).
+    replica: String,
+    next: AtomicU64,
+    /// Slots this replica holds, by lease id: renewed while here.
+    held: Mutex<HashMap<u64, Lease>>,
+    releases: tokio::sync::mpsc::Sender<Lease>,
+    release_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Lease>>>,
+    up: AtomicBool,
+    /// Neither renew nor release any more, as if the process had died.
+    abandoned: AtomicBool,
+}
+
+impl std::fmt::Debug for Global {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("Global")
+            .field("host", &self.inner.cfg.host)
+            .field("port", &self.inner.cfg.port)
+            .field("up", &self.is_up())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request's slot in Redis: released when dropped (with its permit).
+pub struct Hold {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let lease = self
+            .inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        if let Some(lease) = lease
+            && !self.inner.abandoned.load(Ordering::Relaxed)
+            && self.inner.releases.try_send(lease).is_err()
+        {
+            // Full (or shutting down): the lease lapses by itself.
+            metrics::counter!("breakwater_global_limits_releases_dropped_total").increment(1);
+        }
+    }
+}
+
+impl Global {
+    /// Sets the backend up; connects later, in [`Global::run`]. Until then
+    /// the replica enforces its share.
+    pub fn new(cfg: &RedisBackend) -> Result<Global, GlobalError> {
+        let mut redis_info = redis::RedisConnectionInfo::default();
+        if let Some(user) = &cfg.username {
+            redis_info = redis_info.set_username(user);
+        }
+        if let Some(path) = &cfg.password_file {
+            let password =
+                std::fs::read_to_string(path).map_err(|source| GlobalError::PasswordFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            redis_info = redis_info.set_password(password.trim_end_matches(['\r', '\n']));
+        }
+        let addr = match &cfg.tls {
+            None => redis::ConnectionAddr::Tcp(cfg.host.clone(), cfg.port),
+            Some(_) => redis::ConnectionAddr::TcpTls {
+                host: cfg.host.clone(),
+                port: cfg.port,
+                insecure: false,
+                tls_params: None,
+            },
+        };
+        let info = redis::IntoConnectionInfo::into_connection_info(addr)
+            .map_err(GlobalError::Client)?
+            .set_redis_settings(redis_info);
+        let client = match &cfg.tls {
+            Some(Some(ca)) => {
+                let pem = std::fs::read(ca).map_err(|source| GlobalError::CaFile {
+                    path: ca.clone(),
+                    source,
+                })?;
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+            }
+            _ => redis::Client::open(info),
+        }
+        .map_err(GlobalError::Client)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(RELEASE_QUEUE);
+        let replica = format!("{:016x}", rand::random::<u64>());
+        metrics::gauge!("breakwater_global_limits_up").set(0.0);
+        Ok(Global {
+            inner: Arc::new(Inner {
+                cfg: cfg.clone(),
+                client,
+                conn: ArcSwapOption::empty(),
+                script: redis::Script::new(SCRIPT),
+                replica,
+                next: AtomicU64::new(0),
+                held: Mutex::new(HashMap::new()),
+                releases: tx,
+                release_rx: Mutex::new(Some(rx)),
+                up: AtomicBool::new(false),
+                abandoned: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Is Redis enforcing the aggregate limits now?
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Relaxed)
+    }
+
+    /// Slots this replica holds in Redis.
+    pub fn leases(&self) -> usize {
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Stops renewing and releasing this replica's slots, as if the process
+    /// had died (for tests of lease expiry); decisions continue.
+    pub fn abandon(&self) {
+        self.inner.abandoned.store(true, Ordering::Relaxed);
+    }
+
+    fn key(&self, rule: &str, what: &str) -> String {
+        // The hash tag keeps a rule's keys in one Redis Cluster slot, so
+        // one script may touch them all.
+        format!("{}{{{rule}}}:{what}", self.inner.cfg.key_prefix)
+    }
+
+    /// Takes what `demand` asks for, in one round trip.
+    pub async fn acquire(&self, demand: &GlobalDemand) -> Result<Outcome, GlobalError> {
+        let conn = self
+            .inner
+            .conn
+            .load_full()
+            .ok_or(GlobalError::NotConnected)?;
+        let mut conn = (*conn).clone();
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let member: Arc<str> = Arc::from(format!("{}:{id}", self.inner.replica));
+        let (watches, inflight) = (
+            self.key(&demand.rule, "watches"),
+            self.key(&demand.rule, "inflight"),
+        );
+        let cap = |c: Option<u64>| c.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
+        let us = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        let bucket = |r: Option<RateLimit>| {
+            r.map_or((0, -1), |r| {
+                // Whole µs, rounded up like the local bucket's ns.
+                let emission = us(r.emission_interval()).max(1)
+                    + i64::from(r.emission_interval().subsec_nanos() % 1000 != 0);
+                (
+                    emission,
+                    emission.saturating_mul(i64::try_from(r.burst).unwrap_or(i64::MAX)),
+                )
+            })
+        };
+        let (re, rt) = bucket(demand.rate);
+        let (we, wt) = bucket(demand.watch_opens);
+        let mut call = self.inner.script.key(&watches);
+        call.key(&inflight)
+            .key(self.key(&demand.rule, "rate"))
+            .key(self.key(&demand.rule, "watch_opens"))
+            .arg(&*member)
+            .arg(us(self.inner.cfg.lease))
+            .arg(cap(demand.watches))
+            .arg(cap(demand.inflight))
+            .arg(re)
+            .arg(rt)
+            .arg(we)
+            .arg(wt);
+        let answer: Vec<i64> =
+            tokio::time::timeout(self.inner.cfg.timeout, call.invoke_async(&mut conn))
+                .await
+                .map_err(|_| GlobalError::Timeout(self.inner.cfg.timeout))?
+                .map_err(GlobalError::Redis)?;
+        let wait = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+        match answer.as_slice() {
+            [0, _] => {
+                let key = match (demand.watches, demand.inflight) {
+                    (Some(_), _) => watches,
+                    (None, Some(_)) => inflight,
+                    (None, None) => return Ok(Outcome::Granted(None)),
+                };
+                self.inner
+                    .held
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(
+                        id,
+                        Lease {
+                            key: Arc::from(key),
+                            member,
+                            registered: true,
+                        },
+                    );
+                Ok(Outcome::Granted(Some(Hold {
+                    inner: Arc::clone(&self.inner),
+                    id,
+                })))
+            }
+            [1, _] => Ok(Outcome::Refused(
+                RejectReason::AggregateWatches,
+                CONCURRENCY_RETRY_AFTER,
+            )),
+            [2, _] => Ok(Outcome::Refused(
+                RejectReason::AggregateInflight,
+                CONCURRENCY_RETRY_AFTER,
+            )),
+            [3, w] => Ok(Outcome::Refused(RejectReason::AggregateRate, wait(*w))),
+            [4, w] => Ok(Outcome::Refused(
+                RejectReason::AggregateWatchOpens,
+                wait(*w),
+            )),
+            _ => Err(GlobalError::Answer(answer)),
+        }
+    }
+
+    /// The slot of a request admitted locally while Redis is away: held
+    /// and renewed like any other, so that it is registered when Redis
+    /// returns (before global enforcement resumes) and counts there.
+    pub fn hold_unregistered(&self, demand: &GlobalDemand) -> Option<Hold> {
+        let what = match (demand.watches, demand.inflight) {
+            (Some(_), _) => "watches",
+            (None, Some(_)) => "inflight",
+            (None, None) => return None,
+        };
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let lease = Lease {
+            key: Arc::from(self.key(&demand.rule, what)),
+            member: Arc::from(format!("{}:{id}", self.inner.replica)),
+            registered: false,
+        };
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, lease);
+        Some(Hold {
+            inner: Arc::clone(&self.inner),
+            id,
+        })
+    }
+
+    /// Hands the limits back to the local limiter (fail static), once per
+    /// outage.
+    pub fn fall_back(&self, limiter: &Limiter, err: &GlobalError) {
+        limiter.set_global(false);
+        self.mark_down(err);
+    }
+
+    fn mark_down(&self, err: &GlobalError) {
+        if self.inner.up.swap(false, Ordering::Relaxed) {
+            metrics::gauge!("breakwater_global_limits_up").set(0.0);
+            metrics::counter!("breakwater_global_limits_fallbacks_total").increment(1);
+            tracing::warn!(error = %Chain(err),
+                "Redis unavailable: enforcing this replica's share of the aggregate limits until it returns");
+        }
+    }
+
+    /// Keeps the backend going until `stop`: connects, renews held slots
+    /// while up, probes while down, and removes released slots.
+    /// `set_global` hands the aggregate limits to the backend (`true`) or
+    /// back to the local limiter ([`Limiter::set_global`]).
+    pub async fn run(
+        self,
+        set_global: impl Fn(bool) + Send + Sync + 'static,
+        stop: CancellationToken,
+    ) {
+        let releases = self
+            .inner
+            .release_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let drain = releases.map(|rx| tokio::spawn(self.clone().release_loop(rx, stop.clone())));
+        let renew_every = self.inner.cfg.lease / 3;
+        loop {
+            let wait = if self.is_up() {
+                renew_every
+            } else {
+                PROBE_EVERY
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if self.inner.abandoned.load(Ordering::Relaxed) {
+                continue;
+            }
+            if self.is_up() {
+                if let Err(err) = self.renew(true).await {
+                    metrics::counter!("breakwater_global_limits_errors_total", "op" => "renew")
+                        .increment(1);
+                    set_global(false);
+                    self.mark_down(&err);
+                }
+            } else if let Err(err) = self.recover().await {
+                tracing::debug!(error = %Chain(&err), "Redis still unavailable");
+            } else {
+                self.inner.up.store(true, Ordering::Relaxed);
+                set_global(true);
+                metrics::gauge!("breakwater_global_limits_up").set(1.0);
+                tracing::info!(
+                    host = %self.inner.cfg.host,
+                    port = self.inner.cfg.port,
+                    "Redis reachable: aggregate limits are global"
+                );
+            }
+        }
+        if let Some(drain) = drain {
+            let _ = drain.await;
+        }
+    }
+
+    /// Connects if needed, checks Redis answers, and registers every slot
+    /// held again (Redis may have restarted empty, or lapsed them while we
+    /// could not renew).
+    async fn recover(&self) -> Result<(), GlobalError> {
+        if self.inner.conn.load().is_none() {
+            let cfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(
+                    self.inner.cfg.timeout.max(Duration::from_millis(200)),
+                ))
+                .set_response_timeout(Some(self.inner.cfg.timeout.max(Duration::from_millis(200))))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(1));
+            let conn = tokio::time::timeout(
+                Duration::from_secs(2),
+                ConnectionManager::new_with_config(self.inner.client.clone(), cfg),
+            )
+            .await
+            .map_err(|_| GlobalError::Timeout(Duration::from_secs(2)))?
+            .map_err(GlobalError::Redis)?;
+            self.inner.conn.store(Some(Arc::new(conn)));
+        }
+        self.renew(false).await
+    }
+
+    /// Extends every held slot's lease in one pipeline. `existing_only`:
+    /// registered slots only where Redis still has them (`ZADD XX`), so a
+    /// renewal racing a release never brings a released slot back; slots
+    /// taken while Redis was away are added. Otherwise add them all.
+    async fn renew(&self, existing_only: bool) -> Result<(), GlobalError> {
+        let conn = self
+            .inner
+            .conn
+            .load_full()
+            .ok_or(GlobalError::NotConnected)?;
+        let mut conn = (*conn).clone();
+        let leases: Vec<(u64, Lease)> = self
+            .inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(id, l)| (*id, l.clone()))
+            .collect();
+        metrics::gauge!("breakwater_global_limits_leases").set(leases.len() as f64);
+        let (secs, micros): (u64, u64) = tokio::time::timeout(
+            self.inner.cfg.timeout,
+            redis::cmd("TIME").query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| GlobalError::Timeout(self.inner.cfg.timeout))?
+        .map_err(GlobalError::Redis)?;
+        let expiry = secs
+            .saturating_mul(1_000_000)
+            .saturating_add(micros)
+            .saturating_add(u64::try_from(self.inner.cfg.lease.as_micros()).unwrap_or(u64::MAX));
+        for chunk in leases.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for (_, l) in chunk {
+                let mut cmd = redis::cmd("ZADD");
+                cmd.arg(&*l.key);
+                if existing_only && l.registered {
+                    cmd.arg("XX");
+                }
+                cmd.arg(expiry).arg(&*l.member);
+                pipe.add_command(cmd).ignore();
+            }
+            let renew_timeout = self.inner.cfg.timeout.max(Duration::from_millis(500));
+            tokio::time::timeout(renew_timeout, pipe.query_async::<()>(&mut conn))
+                .await
+                .map_err(|_| GlobalError::Timeout(renew_timeout))?
+                .map_err(GlobalError::Redis)?;
+        }
+        let mut held = self
+            .inner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (id, _) in &leases {
+            if let Some(l) = held.get_mut(id) {
+                l.registered = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes released slots, a batch per round trip; errors are left to
+    /// the lease.
+    async fn release_loop(
+        self,
+        mut rx: tokio::sync::mpsc::Receiver<Lease>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => None,
+                l = rx.recv() => l,
+            };
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            while batch.len() < 512
+                && let Ok(l) = rx.try_recv()
+            {
+                batch.push(l);
+            }
+            self.release(&batch).await;
+        }
+        // Shutting down: what was released so far still goes.
+        let mut batch = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            batch.push(l);
+        }
+        if !batch.is_empty() {
+            self.release(&batch).await;
+        }
+    }
+
+    async fn release(&self, batch: &[Lease]) {
+        if self.inner.abandoned.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(conn) = self.inner.conn.load_full() else {
+            return;
+        };
+        let mut conn = (*conn).clone();
+        let mut pipe = redis::pipe();
+        for l in batch {
+            pipe.zrem(&*l.key, &*l.member).ignore();
+        }
+        let timeout = self.inner.cfg.timeout.max(Duration::from_millis(500));
+        match tokio::time::timeout(timeout, pipe.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => {}
+            _ => {
+                metrics::counter!("breakwater_global_limits_errors_total", "op" => "release")
+                    .increment(1);
+            }
+        }
+    }
+}
