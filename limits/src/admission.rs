@@ -1028,6 +1028,14 @@ impl Limiter {
         self.has_blocks.store(!b.is_empty(), Ordering::Relaxed);
     }
 
+    /// Reads the blocks in force without copying them; `f` is not called
+    /// while there are none.
+    pub fn with_blocks(&self, f: &mut dyn FnMut(&Blocks)) {
+        if self.has_blocks.load(Ordering::Acquire) {
+            f(&self.blocks.read().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
     /// A copy of the blocks (list them, or `save` them).
     pub fn blocks(&self) -> Blocks {
         self.blocks

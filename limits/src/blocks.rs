@@ -8,12 +8,18 @@
 //! unless forced, a block that names an exempt rule or a user an exempt rule
 //! lists — those would never take effect and are almost surely a mistake.
 //!
+//! A block with `terminate: true` also ends the matching long-running
+//! requests already open (the proxy keeps the register of them; see
+//! [`ActiveBlock::applies`]).
+//!
 //! Persistence writes a temporary file next to the target, syncs it, and
 //! renames it over the target, so a crash leaves either the old or the new
 //! list, never a torn one.
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
@@ -31,6 +37,22 @@ pub enum BlockTarget {
     Identity {
         /// User name.
         user: String,
+    },
+    /// Every request made with a bound ServiceAccount token of this Pod
+    /// (the token's `authentication.kubernetes.io/pod-name`, in its
+    /// ServiceAccount's namespace): one agent of a DaemonSet.
+    Pod {
+        /// The Pod's namespace.
+        namespace: String,
+        /// The Pod's name.
+        name: String,
+    },
+    /// Every request of this node: bound tokens naming it
+    /// (`authentication.kubernetes.io/node-name`) and the node's own
+    /// credentials (`system:node:NAME` in `system:nodes`).
+    Node {
+        /// The node's name.
+        name: String,
     },
     /// Every request the named rule governs.
     Rule {
@@ -93,9 +115,10 @@ impl TryFrom<u16> for BlockRespond {
 /// `createdAt` default to a random id and now):
 /// `{"id": "…", "target": {"kind": "pattern", "verb": "list", "resource":
 /// "pods", "namespace": null}, "expiresAt": "2026-01-01T00:00:00.000Z",
-/// "respond": 429, "force": false, "createdAt": "…", "reason": "incident"}`;
-/// other targets: `{"kind": "identity", "user": "…"}`, `{"kind": "rule",
-/// "name": "…"}`.
+/// "respond": 429, "force": false, "terminate": false, "createdAt": "…",
+/// "reason": "incident"}`; other targets: `{"kind": "identity", "user":
+/// "…"}`, `{"kind": "rule", "name": "…"}`, `{"kind": "pod", "namespace":
+/// "…", "name": "…"}`, `{"kind": "node", "name": "…"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Block {
@@ -113,6 +136,11 @@ pub struct Block {
     /// Also block exempt traffic.
     #[serde(default)]
     pub force: bool,
+    /// Also end the matching long-running requests already open (watches,
+    /// `logs -f`, exec/attach/port-forward) when the block is added.
+    /// Unary requests in flight finish either way.
+    #[serde(default)]
+    pub terminate: bool,
     /// When it was created.
     #[serde(default = "SystemTime::now", with = "rfc3339")]
     pub created_at: SystemTime,
@@ -130,6 +158,7 @@ impl Block {
             expires_at: None,
             respond: BlockRespond::Status429,
             force: false,
+            terminate: false,
             created_at: SystemTime::now(),
             reason: None,
         }
@@ -154,7 +183,9 @@ pub enum BlockError {
     #[error("a block with id `{0}` already exists")]
     DuplicateId(String),
     /// It would block exempt traffic without `force`.
-    #[error("{0} is exempt; set `force: true` to block it anyway")]
+    #[error(
+        "{0} is exempt (the limits file keeps a path open for it); force the block (`force: true`, `breakwater block --force`) to block it anyway"
+    )]
     Exempt(String),
     /// The pattern's verb, resource or namespace is not valid.
     #[error("invalid block pattern: {0}")]
@@ -182,11 +213,91 @@ pub enum BlockError {
     },
 }
 
-/// A block with its pattern compiled for matching.
+/// A block in force: the block, its pattern compiled for matching, and
+/// its counters (shared by every copy of the set, so a listing shows
+/// them).
 #[derive(Debug, Clone)]
-struct Entry {
+pub struct ActiveBlock {
     block: Block,
     compiled: Option<CompiledPattern>,
+    hits: Arc<AtomicU64>,
+    terminated: Arc<AtomicU64>,
+}
+
+impl ActiveBlock {
+    fn new(block: Block) -> Result<ActiveBlock, BlockError> {
+        let compiled = compile(&block)?;
+        Ok(ActiveBlock {
+            block,
+            compiled,
+            hits: Arc::default(),
+            terminated: Arc::default(),
+        })
+    }
+
+    /// The block.
+    pub fn block(&self) -> &Block {
+        &self.block
+    }
+
+    /// Does it apply to this request? `rule` is the name of the rule the
+    /// request matched and `exempt` whether that rule is exempt (exempt
+    /// traffic is blocked only by a forced block). Expiry is not
+    /// considered here.
+    pub fn applies(
+        &self,
+        subject: &Subject<'_>,
+        req: &RequestAttrs<'_>,
+        rule: Option<&str>,
+        exempt: bool,
+    ) -> bool {
+        (!exempt || self.block.force)
+            && match &self.block.target {
+                BlockTarget::Identity { user } => user == subject.user,
+                BlockTarget::Pod { namespace, name } => {
+                    subject.pod == Some(name.as_str())
+                        && subject
+                            .service_account()
+                            .is_some_and(|(ns, _)| ns == namespace)
+                }
+                BlockTarget::Node { name } => subject.node_name() == Some(name.as_str()),
+                BlockTarget::Rule { name } => rule == Some(name.as_str()),
+                BlockTarget::Pattern { .. } => {
+                    self.compiled.as_ref().is_some_and(|p| p.matches(req))
+                }
+            }
+    }
+
+    /// Counts open requests it ended.
+    pub fn count_terminated(&self, n: u64) {
+        self.terminated.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The block with its counters, for listing.
+    pub fn status(&self) -> BlockStatus {
+        BlockStatus {
+            block: self.block.clone(),
+            hits: self.hits.load(Ordering::Relaxed),
+            terminated: self.terminated.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A block as `GET /admin/v1/blocks` lists it: its fields, plus how many
+/// requests it refused (`hits`) and how many open ones it ended
+/// (`terminated`) since this process loaded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockStatus {
+    /// The block.
+    #[serde(flatten)]
+    pub block: Block,
+    /// Requests refused by it.
+    #[serde(default)]
+    pub hits: u64,
+    /// Open requests it ended (`terminate: true`).
+    #[serde(default)]
+    pub terminated: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -236,7 +347,7 @@ struct BlocksFile {
 /// The set of blocks.
 #[derive(Debug, Clone, Default)]
 pub struct Blocks {
-    entries: Vec<Entry>,
+    entries: Vec<ActiveBlock>,
 }
 
 impl Blocks {
@@ -250,7 +361,8 @@ impl Blocks {
         if self.entries.iter().any(|e| e.block.id == block.id) {
             return Err(BlockError::DuplicateId(block.id));
         }
-        let compiled = compile(&block)?;
+        let entry = ActiveBlock::new(block)?;
+        let block = &entry.block;
         if !block.force {
             match &block.target {
                 BlockTarget::Rule { name } => {
@@ -270,12 +382,15 @@ impl Blocks {
                         )));
                     }
                 }
-                // A pattern cannot be checked against exempt rules without a
-                // request; exempt traffic is simply not blocked without force.
-                BlockTarget::Pattern { .. } => {}
+                // A pattern, a Pod or a node cannot be checked against
+                // exempt rules without a request; exempt traffic is simply
+                // not blocked without force.
+                BlockTarget::Pattern { .. }
+                | BlockTarget::Pod { .. }
+                | BlockTarget::Node { .. } => {}
             }
         }
-        self.entries.push(Entry { block, compiled });
+        self.entries.push(entry);
         Ok(())
     }
 
@@ -285,8 +400,7 @@ impl Blocks {
         if self.entries.iter().any(|e| e.block.id == block.id) {
             return Err(BlockError::DuplicateId(block.id));
         }
-        let compiled = compile(&block)?;
-        self.entries.push(Entry { block, compiled });
+        self.entries.push(ActiveBlock::new(block)?);
         Ok(())
     }
 
@@ -299,6 +413,21 @@ impl Blocks {
     /// All blocks, in the order added.
     pub fn list(&self) -> Vec<Block> {
         self.entries.iter().map(|e| e.block.clone()).collect()
+    }
+
+    /// All blocks with their counters, in the order added.
+    pub fn statuses(&self) -> Vec<BlockStatus> {
+        self.entries.iter().map(ActiveBlock::status).collect()
+    }
+
+    /// The blocks in force with their counters, in the order added.
+    pub fn active(&self) -> impl Iterator<Item = &ActiveBlock> {
+        self.entries.iter()
+    }
+
+    /// The block with this id.
+    pub fn get(&self, id: &str) -> Option<&ActiveBlock> {
+        self.entries.iter().find(|e| e.block.id == id)
     }
 
     /// Number of blocks.
@@ -325,8 +454,9 @@ impl Blocks {
         gone
     }
 
-    /// The first unexpired block that applies. `rule` is the name of the
-    /// rule the request matched and `exempt` whether that rule is exempt.
+    /// The first unexpired block that applies, counted as a hit. `rule` is
+    /// the name of the rule the request matched and `exempt` whether that
+    /// rule is exempt.
     pub fn find(
         &self,
         subject: &Subject<'_>,
@@ -335,20 +465,12 @@ impl Blocks {
         exempt: bool,
         now: SystemTime,
     ) -> Option<&Block> {
-        self.entries
+        let e = self
+            .entries
             .iter()
-            .find(|e| {
-                (!exempt || e.block.force)
-                    && !e.block.is_expired(now)
-                    && match &e.block.target {
-                        BlockTarget::Identity { user } => user == subject.user,
-                        BlockTarget::Rule { name } => rule == Some(name.as_str()),
-                        BlockTarget::Pattern { .. } => {
-                            e.compiled.as_ref().is_some_and(|p| p.matches(req))
-                        }
-                    }
-            })
-            .map(|e| &e.block)
+            .find(|e| !e.block.is_expired(now) && e.applies(subject, req, rule, exempt))?;
+        e.hits.fetch_add(1, Ordering::Relaxed);
+        Some(&e.block)
     }
 
     /// Loads a blocks file; a missing file is an empty set (first start).
@@ -410,7 +532,13 @@ impl Blocks {
 fn compile(block: &Block) -> Result<Option<CompiledPattern>, BlockError> {
     match &block.target {
         BlockTarget::Identity { user } if user.is_empty() => Err(BlockError::Empty("user")),
-        BlockTarget::Rule { name } if name.is_empty() => Err(BlockError::Empty("name")),
+        BlockTarget::Rule { name } | BlockTarget::Node { name } if name.is_empty() => {
+            Err(BlockError::Empty("name"))
+        }
+        BlockTarget::Pod { name, .. } if name.is_empty() => Err(BlockError::Empty("name")),
+        BlockTarget::Pod { namespace, .. } if namespace.is_empty() => {
+            Err(BlockError::Empty("namespace"))
+        }
         BlockTarget::Pattern {
             verb,
             resource,

@@ -99,7 +99,7 @@ pub use admission::{
     BLOCK_RETRY_AFTER, CONCURRENCY_RETRY_AFTER, Decision, GlobalDemand, Limiter, LimiterConfig,
     Permit, Quota, RejectReason, Rejection, RuleStats, jittered,
 };
-pub use blocks::{Block, BlockError, BlockRespond, BlockTarget, Blocks};
+pub use blocks::{ActiveBlock, Block, BlockError, BlockRespond, BlockStatus, BlockTarget, Blocks};
 pub use bucket::RateLimit;
 pub use explain::{Explanation, explain};
 pub use file::{

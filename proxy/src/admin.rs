@@ -4,9 +4,15 @@
 //! - `GET /healthz`, `/livez`, `/readyz`, `/metrics`
 //! - `GET /debug/top`: who loads the apiserver now, and what the proxy does
 //!   about it (JSON, [`crate::top::view::TopView`]; `breakwater top` reads it)
-//! - `GET /admin/v1/blocks`: the block list (JSON array)
+//! - `GET /admin/v1/blocks`: the block list (JSON array of
+//!   `breakwater_limits::BlockStatus`: each block with its `hits` and
+//!   `terminated` counts)
 //! - `POST /admin/v1/blocks`: add a block (a `Block` JSON object; `id` and
-//!   `createdAt` may be left out); 201 with the stored block
+//!   `createdAt` may be left out); 201 with the stored block and its
+//!   counts. With `"terminate": true` the matching long-running requests
+//!   already open end before the answer (`terminated` says how many).
+//!   400 for a malformed or invalid block, 409 for a duplicate id, 422
+//!   for an exempt target without `force`
 //! - `DELETE /admin/v1/blocks/{id}`: remove one; 404 if unknown
 //!
 //! Blocks work while the apiserver is unreachable: they are decided before
@@ -78,6 +84,8 @@ pub struct AdminState {
     pub admission: Arc<Admission>,
     pub hub: crate::watch::Hub,
     pub top: Arc<crate::top::Top>,
+    /// The long-running requests open (a terminating block ends its own).
+    pub open: Arc<crate::brake::OpenStreams>,
 }
 
 /// Serves the admin endpoints until `stop` is cancelled, then waits for its
@@ -190,7 +198,7 @@ async fn blocks(state: &AdminState, rest: String, req: Request<Incoming>) -> Res
     use http_body_util::BodyExt;
     let admission = &state.admission;
     match (req.method().clone(), rest.as_str()) {
-        (Method::GET, "" | "/") => json(StatusCode::OK, &admission.blocks()),
+        (Method::GET, "" | "/") => json(StatusCode::OK, &admission.block_statuses()),
         (Method::POST, "" | "/") => {
             // Bounded: a block is a few hundred bytes.
             let limited = http_body_util::Limited::new(req.into_body(), 64 * 1024);
@@ -213,8 +221,29 @@ async fn blocks(state: &AdminState, rest: String, req: Request<Incoming>) -> Res
                 }
             };
             match admission.add_block(block) {
-                Ok(block) => json(StatusCode::CREATED, &block),
-                Err(err) => error(StatusCode::CONFLICT, &Chain(&err).to_string()),
+                Ok(active) => {
+                    if active.block().terminate {
+                        state.open.terminate(&active);
+                    }
+                    json(StatusCode::CREATED, &active.status())
+                }
+                Err(err) => {
+                    use breakwater_limits::BlockError;
+                    let status = match &err {
+                        crate::admit::AdmitError::Blocks(BlockError::DuplicateId(_)) => {
+                            StatusCode::CONFLICT
+                        }
+                        crate::admit::AdmitError::Blocks(BlockError::Exempt(_)) => {
+                            StatusCode::UNPROCESSABLE_ENTITY
+                        }
+                        crate::admit::AdmitError::Blocks(
+                            BlockError::InvalidPattern(_) | BlockError::Empty(_),
+                        ) => StatusCode::BAD_REQUEST,
+                        // Added, but not saved: the answer must say so.
+                        _ => StatusCode::INTERNAL_SERVER_ERROR,
+                    };
+                    error(status, &Chain(&err).to_string())
+                }
             }
         }
         (Method::DELETE, id) if id.len() > 1 => match admission.remove_block(&id[1..]) {

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use breakwater_limits::{
-    Block, BlockError, Decision, Limiter, LimitsError, Permit, RejectReason, Rejection,
-    RequestAttrs, Subject, ValidatedLimits,
+    ActiveBlock, Block, BlockError, BlockStatus, Decision, Limiter, LimitsError, Permit,
+    RejectReason, Rejection, RequestAttrs, Subject, ValidatedLimits,
 };
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
@@ -418,14 +418,23 @@ impl Admission {
         resp
     }
 
-    /// Adds a block and persists the list.
-    pub fn add_block(&self, block: Block) -> Result<Block, AdmitError> {
+    /// Adds a block and persists the list; returns it as in force (with
+    /// its counters).
+    pub fn add_block(&self, block: Block) -> Result<ActiveBlock, AdmitError> {
         let _serial = self.blocks_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.limiter.add_block(block.clone())?;
+        let id = block.id.clone();
+        self.limiter.add_block(block)?;
         self.publish_blocks();
         self.persist()?;
-        tracing::warn!(id = %block.id, target = ?block.target, "emergency block added");
-        Ok(block)
+        let mut active = None;
+        self.limiter
+            .with_blocks(&mut |b| active = b.get(&id).cloned());
+        let active = active.ok_or(AdmitError::Blocks(breakwater_limits::BlockError::Empty(
+            "id",
+        )))?;
+        let block = active.block();
+        tracing::warn!(id = %block.id, target = ?block.target, terminate = block.terminate, "emergency block added");
+        Ok(active)
     }
 
     /// Removes a block and persists the list.
@@ -442,6 +451,11 @@ impl Admission {
 
     pub fn blocks(&self) -> Vec<Block> {
         self.limiter.blocks().list()
+    }
+
+    /// The blocks with their hit and termination counts.
+    pub fn block_statuses(&self) -> Vec<BlockStatus> {
+        self.limiter.blocks().statuses()
     }
 
     /// The limits file's generation and last reload.
@@ -547,7 +561,7 @@ pub fn subject(identity: &Identity) -> Subject<'_> {
 }
 
 /// What the limiter needs to know of a request.
-fn attrs(info: &RequestInfo) -> RequestAttrs<'_> {
+pub fn attrs(info: &RequestInfo) -> RequestAttrs<'_> {
     RequestAttrs {
         verb: info.verb.as_str(),
         api_group: &info.api_group,

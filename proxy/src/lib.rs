@@ -7,6 +7,7 @@
 pub mod accept;
 pub mod admin;
 pub mod admit;
+pub mod brake;
 pub mod check;
 pub mod classify;
 pub mod config;

@@ -20,20 +20,19 @@
 //! a truncated watch or list for a complete one.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
+
+mod observed;
 
 use crate::admit::{Admission, Admit};
+use crate::brake::{Framing, OpenStreams, Registration};
 use crate::classify::{self, RequestInfo};
 use crate::error::Chain;
 use crate::identity::{AuthError, Authenticator, Identity};
@@ -42,6 +41,7 @@ use crate::upstream::{
     AuthMode, Body, BoxError, PoolError, ResponseBody, Route, Upstream, UpstreamError,
 };
 use breakwater_limits::Permit;
+use observed::{Observed, Stop};
 
 /// What every request handler shares.
 pub struct Shared {
@@ -57,6 +57,8 @@ pub struct Shared {
     pub tasks: crate::tasks::TaskTracker,
     /// Who loads the apiserver now (`/debug/top`).
     pub top: Arc<crate::top::Top>,
+    /// The long-running requests open, for blocks that end them.
+    pub open: Arc<OpenStreams>,
 }
 
 /// Handles one request from a client. Infallible: every outcome is a response.
@@ -114,6 +116,17 @@ pub async fn handle(
             return log.finish_with(response);
         }
     };
+    // Long-running requests are registered until their response ends, so
+    // that a block with `terminate: true` can end them.
+    let registration = long_running.then(|| {
+        shared.open.register(
+            identity.clone(),
+            Arc::new(info.clone()),
+            &permit,
+            &shared.streams,
+            |f| shared.admission.limiter().with_blocks(f),
+        )
+    });
 
     // Sanitize before anything else reads the headers, then say who the
     // caller is in the way the apiserver is configured to trust.
@@ -158,7 +171,7 @@ pub async fn handle(
                 return log.finish_with(resp);
             }
             shared.admission.served_uncharged(&permit, &info);
-            return respond_local(&shared, resp, log, long_running, permit);
+            return respond_local(&shared, resp, log, registration, info.is_watch(), permit);
         }
     }
 
@@ -205,7 +218,26 @@ pub async fn handle(
             );
         }
     };
-    respond(&shared, resp, log, long_running, client_upgrade, permit)
+    let stream = Stream {
+        registration,
+        is_watch: info.is_watch(),
+        client_upgrade,
+    };
+    respond(&shared, resp, log, stream, permit)
+}
+
+/// What `respond` needs of a long-running request.
+struct Stream {
+    registration: Option<Registration>,
+    is_watch: bool,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+fn stop(registration: Option<Registration>, is_watch: bool, headers: &HeaderMap) -> Option<Stop> {
+    registration.map(|registration| Stop {
+        registration,
+        framing: Framing::of(is_watch, headers.get(header::CONTENT_TYPE)),
+    })
 }
 
 /// The second admission step, offered to the hub as its gate.
@@ -245,37 +277,41 @@ fn respond(
     shared: &Shared,
     resp: Response<ResponseBody>,
     log: AccessLog,
-    long_running: bool,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    stream: Stream,
     permit: Permit,
 ) -> Response<Body> {
     let mut resp = resp;
     shared.admission.decorate(&permit, resp.headers_mut());
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
+        && let Some(client_upgrade) = stream.client_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        // Upgrades are long-running: registered. Without a registration
+        // (never expected) the splice still ends at shutdown.
+        let end = stream
+            .registration
+            .as_ref()
+            .map_or_else(|| shared.streams.clone(), |r| r.token().clone());
         shared.tasks.spawn(splice(
             client_upgrade,
             upstream_upgrade,
             log,
-            shared.streams.clone(),
-            permit,
+            end,
+            (stream.registration, permit),
         ));
         let (parts, _) = resp.into_parts();
         return Response::from_parts(parts, crate::upstream::empty());
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    let cancel = long_running.then(|| Box::pin(shared.streams.clone().cancelled_owned()));
     let status = parts.status;
-    let body = Observed {
-        inner: body.map_err(BoxError::from).boxed(),
-        log: Some(log.with_status(status)),
-        cancel,
-        bytes: 0,
-        _permit: permit,
-    };
+    let stop = stop(stream.registration, stream.is_watch, &parts.headers);
+    let body = Observed::new(
+        body.map_err(BoxError::from).boxed(),
+        log.with_status(status),
+        stop,
+        permit,
+    );
     Response::from_parts(parts, body.boxed())
 }
 
@@ -285,19 +321,14 @@ fn respond_local(
     shared: &Shared,
     resp: Response<Body>,
     log: AccessLog,
-    long_running: bool,
+    registration: Option<Registration>,
+    is_watch: bool,
     permit: Permit,
 ) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     shared.admission.decorate(&permit, &mut parts.headers);
-    let cancel = long_running.then(|| Box::pin(shared.streams.clone().cancelled_owned()));
-    let body = Observed {
-        inner: body,
-        log: Some(log.with_status(parts.status)),
-        cancel,
-        bytes: 0,
-        _permit: permit,
-    };
+    let stop = stop(registration, is_watch, &parts.headers);
+    let body = Observed::new(body, log.with_status(parts.status), stop, permit);
     Response::from_parts(parts, body.boxed())
 }
 
@@ -307,8 +338,8 @@ async fn splice(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     log: AccessLog,
-    streams: CancellationToken,
-    _permit: Permit,
+    end: CancellationToken,
+    _held: (Option<Registration>, Permit),
 ) {
     let log = log.with_status(StatusCode::SWITCHING_PROTOCOLS);
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -326,7 +357,12 @@ async fn splice(
                 tracing::debug!(error = %Chain(&err), path = %log.path, "upgraded stream ended with an error");
             }
         }
-        _ = streams.cancelled() => {}
+        _ = end.cancelled() => {
+            // Close both sides (a WebSocket client sees its connection end).
+            use tokio::io::AsyncWriteExt;
+            let _ = client.shutdown().await;
+            let _ = upstream.shutdown().await;
+        }
     }
     drop(log);
 }
@@ -694,84 +730,6 @@ impl Drop for AccessLog {
             .increment(1);
         metrics::histogram!("breakwater_request_duration_seconds", "verb" => self.verb)
             .record(elapsed.as_secs_f64());
-    }
-}
-
-/// A response body passed through frame by frame (no buffering), which
-/// records how it ended and, for long-running streams, ends cleanly when the
-/// proxy's shutdown grace period is over.
-struct Observed {
-    inner: Body,
-    log: Option<AccessLog>,
-    cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    bytes: u64,
-    /// Held until the body is dropped: in-flight and watch slots free
-    /// exactly when the response ends, however it ends.
-    _permit: Permit,
-}
-
-impl Observed {
-    fn end(&mut self, outcome: &'static str) {
-        if let Some(mut log) = self.log.take() {
-            log.outcome = outcome;
-            log.bytes = self.bytes;
-        }
-    }
-}
-
-impl http_body::Body for Observed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        if let Some(cancel) = this.cancel.as_mut()
-            && cancel.as_mut().poll(cx).is_ready()
-        {
-            this.end("shutdown");
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(err))) => {
-                tracing::warn!(error = %Chain(&*err), "upstream response stream broke; passing the break on");
-                this.end("upstream-error");
-                Poll::Ready(Some(Err(err)))
-            }
-            Poll::Ready(None) => {
-                this.end("complete");
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Observed {
-    fn drop(&mut self) {
-        // hyper stops polling a body that reports its own end (a known
-        // length, fully sent), so the end may only show here.
-        if http_body::Body::is_end_stream(&self.inner) {
-            self.end("complete");
-        } else if let Some(log) = self.log.as_mut() {
-            log.bytes = self.bytes;
-        }
     }
 }
 

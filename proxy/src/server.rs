@@ -197,6 +197,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     )?);
     let streams = CancellationToken::new();
     let top = Arc::new(crate::top::Top::default());
+    let open = Arc::new(crate::brake::OpenStreams::default());
     tasks.spawn(crate::top::ticker(
         top.clone(),
         upstream.latency().clone(),
@@ -210,6 +211,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         hub: crate::watch::Hub::new(upstream.clone(), cfg.watch.clone(), streams.clone()),
         streams,
         tasks: tasks.clone(),
+        open: open.clone(),
     });
     let hub = shared.hub.clone();
     let mut watched = server_tls.files();
@@ -265,6 +267,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         admission: admission.clone(),
         hub: hub.clone(),
         top,
+        open,
     });
     let admin_stop = CancellationToken::new();
     tasks.spawn(admin::serve(
