@@ -82,9 +82,16 @@ pub struct ProxyHandle {
     reload_all: Arc<dyn Fn() + Send + Sync>,
     hub: crate::watch::Hub,
     upstream: Upstream,
+    open: Arc<crate::brake::OpenStreams>,
 }
 
 impl ProxyHandle {
+    /// How many long-running requests are open (watches, streams,
+    /// upgrades), as registered for terminating blocks.
+    pub fn open_streams(&self) -> usize {
+        self.open.len()
+    }
+
     /// Where clients connect.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -198,6 +205,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     let streams = CancellationToken::new();
     let top = Arc::new(crate::top::Top::default());
     let open = Arc::new(crate::brake::OpenStreams::default());
+    let open_streams = open.clone();
     tasks.spawn(crate::top::ticker(
         top.clone(),
         upstream.latency().clone(),
@@ -359,6 +367,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         reload_all,
         hub,
         upstream: handle_upstream,
+        open: open_streams,
     })
 }
 

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -12,7 +11,9 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use common::{Env, Lines, get, https_client, kubectl_cmd};
+use common::{
+    Env, Lines, env_with_limits, get, https_client, kubectl_cmd, viewer_token, write_atomically,
+};
 
 const LIMITS: &str = r#"apiVersion: breakwater/v1alpha1
 kind: Limits
@@ -37,42 +38,8 @@ fn limits_text(watches: u32) -> String {
     LIMITS.replace("WATCHES", &watches.to_string())
 }
 
-/// Writes via a rename, as editors and ConfigMap volumes do.
-fn write_atomically(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write");
-    std::fs::rename(&tmp, path).expect("rename");
-}
-
-async fn env_with_limits(text: &str) -> Env {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cache = tempfile::tempdir().expect("tempdir");
-    let limits_dir = dir.path().join("limits");
-    std::fs::create_dir_all(&limits_dir).expect("mkdir");
-    let file = limits_dir.join("limits.yaml");
-    write_atomically(&file, text);
-    let demo = Demo::start(&DemoOptions {
-        dir: dir.path().to_path_buf(),
-        port: 0,
-        sim_port: 0,
-        admin_port: 0,
-        limits: Some(file),
-    })
-    .await
-    .expect("demo starts");
-    Env { demo, dir, cache }
-}
-
 fn limits_file(env: &Env) -> std::path::PathBuf {
     env.dir.path().join("limits").join("limits.yaml")
-}
-
-fn viewer_token(env: &Env) -> String {
-    let text = std::fs::read_to_string(&env.demo.kubeconfig_viewer).expect("viewer kubeconfig");
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("token: "))
-        .expect("token line")
-        .to_string()
 }
 
 fn viewer_watches(env: &Env) -> u64 {

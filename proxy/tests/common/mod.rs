@@ -4,7 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
@@ -360,4 +360,41 @@ pub fn counter_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+// ------------------------------------------------------------ limits
+
+/// Writes via a rename, as editors and ConfigMap volumes do.
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+pub async fn env_with_limits(text: &str) -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = tempfile::tempdir().expect("tempdir");
+    let limits_dir = dir.path().join("limits");
+    std::fs::create_dir_all(&limits_dir).expect("mkdir");
+    let file = limits_dir.join("limits.yaml");
+    write_atomically(&file, text);
+    let demo = Demo::start(&DemoOptions {
+        dir: dir.path().to_path_buf(),
+        port: 0,
+        sim_port: 0,
+        admin_port: 0,
+        limits: Some(file),
+    })
+    .await
+    .expect("demo starts");
+    Env { demo, dir, cache }
+}
+
+/// The token of ServiceAccount demo/viewer (from its kubeconfig).
+pub fn viewer_token(env: &Env) -> String {
+    let text = std::fs::read_to_string(&env.demo.kubeconfig_viewer).expect("viewer kubeconfig");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .expect("token line")
+        .to_string()
 }
