@@ -567,6 +567,63 @@ fn blocks_reject_at_once_and_spare_exempt_traffic_unless_forced() {
 }
 
 #[test]
+fn pod_and_node_blocks_match_bound_tokens_and_count_their_hits() {
+    let l = Limiter::new(limits(EXAMPLE));
+    let now = Instant::now();
+    let list = req("list", "pods", "");
+    let nodes = vec!["system:nodes".to_string()];
+    let agent_on = |pod, node| Subject {
+        user: AGENT,
+        pod: Some(pod),
+        node: Some(node),
+        ..Subject::default()
+    };
+    let (ns, _) = user(AGENT).service_account().expect("a ServiceAccount");
+    let pod = Block::new(BlockTarget::Pod {
+        namespace: ns.to_string(),
+        name: "agent-1".into(),
+    });
+    let pod_id = pod.id.clone();
+    l.add_block(pod).expect("pod block");
+    let node = Block::new(BlockTarget::Node { name: "n7".into() });
+    let node_id = node.id.clone();
+    l.add_block(node).expect("node block");
+
+    // The Pod: only its own token, and only in its ServiceAccount's namespace.
+    let r = rejected(l.admit(&agent_on("agent-1", "n1"), &list, now));
+    assert_eq!(r.block_id.as_deref(), Some(pod_id.as_str()));
+    drop(admitted(l.admit(&agent_on("agent-2", "n1"), &list, now)));
+    drop(admitted(l.admit(&user(AGENT), &list, now)));
+    // The node: bound tokens naming it, and the node's own credentials.
+    let r = rejected(l.admit(&agent_on("agent-9", "n7"), &list, now));
+    assert_eq!(r.block_id.as_deref(), Some(node_id.as_str()));
+    let kubelet = Subject {
+        user: "system:node:n7",
+        groups: &nodes,
+        ..Subject::default()
+    };
+    assert_eq!(
+        rejected(l.admit(&kubelet, &list, now)).block_id.as_deref(),
+        Some(node_id.as_str())
+    );
+
+    let hits: Vec<_> = l
+        .blocks()
+        .statuses()
+        .into_iter()
+        .map(|s| (s.block.id, s.hits))
+        .collect();
+    assert_eq!(hits, vec![(pod_id, 1), (node_id, 2)]);
+
+    // Empty names are refused.
+    let e = l.add_block(Block::new(BlockTarget::Pod {
+        namespace: String::new(),
+        name: "x".into(),
+    }));
+    assert!(matches!(e, Err(BlockError::Empty("namespace"))), "{e:?}");
+}
+
+#[test]
 fn blocks_expire_and_persist_atomically() {
     let lim = limits(EXAMPLE);
     let dir = tempfile::tempdir().expect("tempdir");
