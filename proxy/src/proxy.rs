@@ -73,7 +73,11 @@ pub async fn handle(
 ) -> Response<Body> {
     // Classify first: the access log, the timeouts and the limits all key on
     // the apiserver's own view of the request.
-    let info = classify::classify(req.method(), req.uri().path(), req.uri().query());
+    let info = Arc::new(classify::classify(
+        req.method(),
+        req.uri().path(),
+        req.uri().query(),
+    ));
     let long_running = info.is_long_running();
     let upgrade = is_upgrade(req.headers());
     let mut log = AccessLog::new(&req, &info, peer);
@@ -121,7 +125,7 @@ pub async fn handle(
     let registration = long_running.then(|| {
         shared.open.register(
             identity.clone(),
-            Arc::new(info.clone()),
+            info.clone(),
             &permit,
             &shared.streams,
             |f| shared.admission.limiter().with_blocks(f),
