@@ -98,7 +98,7 @@ async fn five_watches_and_twenty_gets_show_under_their_service_account_then_drai
         .iter()
         .filter_map(|l| l["lane"].as_str())
         .collect();
-    assert_eq!(lanes, ["unary", "long-running", "exempt", "own"]);
+    assert_eq!(lanes, ["unary", "long-running", "exempt", "hub", "own"]);
     let get = view["upstream"]["latency"]
         .as_array()
         .expect("latency")

@@ -218,10 +218,7 @@ async fn an_exempt_admin_gets_through_while_the_long_running_lane_is_at_its_cap(
     assert_eq!(lane.streams, held.len(), "{lane:?}");
     assert!(held.len() >= 100, "kube-sim allows at least 100 streams");
 
-    // Unary requests of the same identity have their own lane. (A GET of
-    // one object: a consistent LIST would also start the watch hub's shared
-    // stream, which then waits for a long-running stream and takes the one
-    // freed below before the test's watch can.)
+    // Unary requests of the same identity have their own lane.
     let resp = tokio::time::timeout(
         Duration::from_secs(10),
         client.request(common::get(
@@ -233,6 +230,32 @@ async fn an_exempt_admin_gets_through_while_the_long_running_lane_is_at_its_cap(
     .expect("a GET is answered while the long-running lane is full")
     .expect("GET");
     assert_eq!(resp.status(), 200);
+
+    // The watch hub's shared streams have a lane of their own: a shared
+    // watch of another collection still starts its upstream stream (until
+    // session 7 it waited behind the forwarded watches and got their 429).
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(common::get(
+            &format!("{base}/api/v1/namespaces/default/configmaps?watch=true"),
+            &env.demo.token,
+        )),
+    )
+    .await
+    .expect("a shared watch is answered while the long-running lane is full")
+    .expect("watch");
+    assert_eq!(resp.status(), 200);
+    let shared = tokio::spawn(drain(resp.into_body()));
+    let hub = proxy.upstream().lane_stats(Lane::Hub);
+    assert!(
+        hub.streams >= 1,
+        "the hub's stream is in its own lane: {hub:?}"
+    );
+    assert_eq!(
+        proxy.upstream().lane_stats(Lane::LongRunning).streams,
+        held.len(),
+        "and takes nothing of the forwarded watches' lane"
+    );
 
     // The admin (exempt, by certificate) watches and lists with kubectl.
     let kubeconfig = env.dir.path().join("lanes-admin.kubeconfig");
@@ -288,5 +311,6 @@ async fn an_exempt_admin_gets_through_while_the_long_running_lane_is_at_its_cap(
     for watch in held {
         watch.abort();
     }
+    shared.abort();
     proxy.shutdown().await;
 }

@@ -117,7 +117,10 @@ impl Route {
     /// a WATCH when `long_running`, of the collection at `path`.
     pub fn hub(long_running: bool, path: &str) -> Route {
         let class = crate::slo::Class::hub(long_running, path);
-        Route::client(class, long_running, false, false, false)
+        Route {
+            lane: Lane::Hub,
+            ..Route::client(class, long_running, false, false, false)
+        }
     }
 }
 
@@ -152,6 +155,14 @@ impl Default for Lanes {
         }
     }
 }
+
+/// The hub's lane: its shared streams are O(collections watched), never
+/// O(clients), so 4 × 250 streams is far more than it opens; having them
+/// to itself, it never waits behind forwarded watches.
+const HUB_LANE: LaneLimits = LaneLimits {
+    max_connections: 4,
+    wait: Duration::from_secs(5),
+};
 
 /// The proxy's own lane: TokenReviews, SubjectAccessReviews, probes.
 const OWN_LANE: LaneLimits = LaneLimits {
@@ -246,6 +257,7 @@ struct Forward {
     unary: Pool,
     long_running: Pool,
     exempt: Pool,
+    hub: Pool,
     /// HTTP/1.1 only: an upgrade takes its connection for good.
     upgrades: Connector,
 }
@@ -256,6 +268,7 @@ impl Forward {
             Lane::Unary | Lane::Own => &self.unary,
             Lane::LongRunning => &self.long_running,
             Lane::Exempt => &self.exempt,
+            Lane::Hub => &self.hub,
         }
     }
 }
@@ -413,6 +426,7 @@ impl Upstream {
                 unary: pool(Lane::Unary, cfg.lanes.unary),
                 long_running: pool(Lane::LongRunning, cfg.lanes.long_running),
                 exempt: pool(Lane::Exempt, cfg.lanes.exempt),
+                hub: pool(Lane::Hub, HUB_LANE),
                 upgrades: tls::upstream_connector(ca, cert, false)?,
             })
         };
@@ -564,6 +578,7 @@ impl Upstream {
             forward.unary.close();
             forward.long_running.close();
             forward.exempt.close();
+            forward.hub.close();
         }
         self.own.close();
     }

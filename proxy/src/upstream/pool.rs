@@ -59,19 +59,29 @@ pub enum Lane {
     /// Requests admitted by an exempt rule of the limits file: the path the
     /// rollback takes, whatever the fleet holds.
     Exempt,
+    /// The watch hub's shared streams and their LISTs: never starved by
+    /// forwarded watches, whose number clients choose.
+    Hub,
     /// The proxy's own requests (TokenReview, SubjectAccessReview, probes).
     Own,
 }
 
 impl Lane {
     /// Every lane, in the order views list them.
-    pub const ALL: [Lane; 4] = [Lane::Unary, Lane::LongRunning, Lane::Exempt, Lane::Own];
+    pub const ALL: [Lane; 5] = [
+        Lane::Unary,
+        Lane::LongRunning,
+        Lane::Exempt,
+        Lane::Hub,
+        Lane::Own,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Lane::Unary => "unary",
             Lane::LongRunning => "long-running",
             Lane::Exempt => "exempt",
+            Lane::Hub => "hub",
             Lane::Own => "own",
         }
     }
