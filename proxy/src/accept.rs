@@ -133,6 +133,9 @@ pub struct Gate {
     open: Mutex<Open>,
     rate: Option<KeyedLimiter<IpAddr>>,
     handshakes: Arc<Semaphore>,
+    /// The threads handshakes run on (`None`: they could not be started,
+    /// and handshakes run on the serving runtime).
+    threads: Option<handshakes::Handshakes>,
     open_gauge: metrics::Gauge,
 }
 
@@ -151,6 +154,13 @@ impl Gate {
                 .accept_rate_per_source
                 .map(|r| pacing::keyed(r.per_second, r.burst)),
             handshakes: Arc::new(Semaphore::new(limits.max_handshakes.get())),
+            threads: match handshakes::Handshakes::new(limits.max_handshakes) {
+                Ok(threads) => Some(threads),
+                Err(err) => {
+                    tracing::warn!(error = %crate::error::Chain(&err), "no handshake threads; handshakes share the serving runtime");
+                    None
+                }
+            },
             open: Mutex::new(Open::default()),
             open_gauge: metrics::gauge!("breakwater_client_connections"),
             limits,
@@ -198,6 +208,20 @@ impl Gate {
         }
         open.total += 1;
         Ok(())
+    }
+
+    /// Runs a TLS handshake on the handshake threads (see
+    /// [`handshakes`]); `None` if it could not be run there (no threads,
+    /// or they are shutting down).
+    pub async fn handshake<F>(&self, fut: F) -> Option<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.threads {
+            Some(threads) => threads.spawn(fut)?.await.ok(),
+            None => Some(fut.await),
+        }
     }
 
     /// The slots TLS handshakes take while they work ([`SlotIo`]).
@@ -408,5 +432,6 @@ pub async fn upkeep(
     }
 }
 
+pub mod handshakes;
 #[cfg(test)]
 mod tests;

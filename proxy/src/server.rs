@@ -149,10 +149,29 @@ pub struct Stopped {
     pub tasks_left: usize,
 }
 
+/// The listen backlog asked for; Linux caps it at `net.core.somaxconn`
+/// (4096 by default), which is what Go's net/http, and so the apiserver,
+/// uses. tokio's `TcpListener::bind` asks for 1024: 5,000 agents
+/// connecting at once overflowed it, and the kernel's dropped handshakes
+/// came back after SYN retransmits of 1, 3, 7 and 15 s (a storm of 5,000
+/// took 16.8 s to be all watching, its last 52 agents 8 s of it).
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As TcpListener::bind does on Unix: a restarted proxy rebinds at
+        // once, whatever connections of the old one linger in TIME_WAIT.
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Binds the listeners and starts serving.
@@ -458,7 +477,7 @@ async fn accept_loop(
                     io,
                     peer,
                     tls.acceptor(),
-                    admitted,
+                    (admitted, gate.clone()),
                     shared,
                     stop,
                 ));
@@ -478,22 +497,28 @@ async fn accept_loop(
 
 /// The TLS handshake and the HTTP connection, which finishes gracefully
 /// once `stop` is cancelled. `admitted` keeps the connection counted
-/// against the caps until it ends.
+/// against the caps until it ends; the gate runs the handshake on its
+/// threads (see [`accept::handshakes`]).
 async fn serve_connection(
     io: SlotIo,
     peer: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
-    admitted: Admitted,
+    (admitted, gate): (Admitted, Arc<Gate>),
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
     let _admitted = admitted;
     // A client that never finishes its handshake must not hold a task; the
-    // time waiting for handshake slots counts too (SlotIo).
-    // Boxed, so that the handshake's state is freed when it is done
-    // instead of sizing this task for the connection's whole life.
-    let handshake = Box::pin(acceptor.accept(io));
-    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    // time waiting for handshake slots counts too (SlotIo). The handshake
+    // is a task of its own on the handshake threads, so its state is freed
+    // when it is done instead of sizing this task for the connection's
+    // whole life.
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io));
+    let Some(outcome) = gate.handshake(handshake).await else {
+        // The handshake threads are gone: the proxy is shutting down.
+        return;
+    };
+    let mut tls = match outcome {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             tracing::debug!(%peer, error = %Chain(&err), "TLS handshake failed");

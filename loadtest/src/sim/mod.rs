@@ -240,12 +240,10 @@ impl KubeSim {
             cfg.issuer.clone(),
             cfg.api_audiences.clone(),
         )?;
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| SimError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
+        let listener = listen(cfg.listen).map_err(|source| SimError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| SimError::Bind {
             addr: cfg.listen,
             source,
@@ -677,4 +675,20 @@ fn create_unless_exists(
         Ok(_) | Err(store::StoreError::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Binds with the backlog Go's net/http uses (`net.core.somaxconn`; the
+/// kernel caps what is asked at it), not tokio's 1024: the apiserver takes
+/// 5,000 simultaneous connects without dropping a SYN, and so must a
+/// stand-in for it.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(65_535)
 }
