@@ -6,6 +6,7 @@
 
 pub mod accept;
 pub mod admin;
+pub mod admin_client;
 pub mod admit;
 pub mod brake;
 pub mod check;
