@@ -262,6 +262,11 @@ pub async fn run(
          \n  kubectl get pods -A -w\
          \n\nWho is loading the apiserver, live (q quits; --once prints one snapshot):\
          \n\n  breakwater top --admin http://{admin}\
+         \n\nThe emergency brake: block the viewer below for 5 minutes, ending its open\
+         \nwatches (its kubectl then gets 429), list the blocks, and lift it again:\
+         \n\n  breakwater block serviceaccount demo/viewer --terminate --for 5m --id demo-viewer --admin http://{admin}\
+         \n  breakwater blocks --admin http://{admin}\
+         \n  breakwater unblock demo-viewer --admin http://{admin}\
          \n\nA ServiceAccount that may only read pods in namespace demo (try a 403):\
          \n\n  KUBECONFIG={kcv} kubectl get configmaps -n demo\
          \n\nWatch sharing — informer-style (JSON) watches share one upstream watch\

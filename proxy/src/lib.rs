@@ -6,7 +6,9 @@
 
 pub mod accept;
 pub mod admin;
+pub mod admin_client;
 pub mod admit;
+pub mod blockctl;
 pub mod brake;
 pub mod check;
 pub mod classify;

@@ -67,6 +67,15 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Block a ServiceAccount, user, rule, Pod, node or request pattern at once
+    /// (the emergency brake), through the proxy's admin listener.
+    #[command(after_help = breakwater::blockctl::BLOCK_EXAMPLES)]
+    Block(breakwater::blockctl::BlockArgs),
+    /// List the blocks in force, with how many requests each refused.
+    Blocks(breakwater::blockctl::BlocksArgs),
+    /// Remove blocks: by id, every one (--all), or those whose time is up
+    /// (--all-expired).
+    Unblock(breakwater::blockctl::UnblockArgs),
     /// Run kube-sim behind the proxy on loopback, with ready-made kubeconfigs.
     #[cfg(feature = "demo")]
     Demo {
@@ -156,6 +165,19 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// `block`, `blocks`, `unblock`: on failure, one `error: …` line per
+/// problem (kubectl's form) and exit 1.
+fn brake_cli(res: Result<(), breakwater::blockctl::CtlError>) {
+    if let Err(err) = res {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        for line in err.lines() {
+            eprintln!("error: {line}");
+        }
+        std::process::exit(1);
+    }
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(opts) => {
@@ -222,6 +244,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 breakwater::top::client::interactive(&admin, sort).await?;
             }
+        }
+        Command::Block(args) => {
+            brake_cli(breakwater::blockctl::block(&args, &mut std::io::stdout()).await)
+        }
+        Command::Blocks(args) => {
+            brake_cli(breakwater::blockctl::blocks(&args, &mut std::io::stdout()).await)
+        }
+        Command::Unblock(args) => {
+            brake_cli(breakwater::blockctl::unblock(&args, &mut std::io::stdout()).await)
         }
         #[cfg(feature = "demo")]
         Command::Demo {
