@@ -187,6 +187,12 @@ pub enum BlockError {
         "{0} is exempt (the limits file keeps a path open for it); force the block (`force: true`, `breakwater block --force`) to block it anyway"
     )]
     Exempt(String),
+    /// A rule block names no rule of the limits file in force (it would
+    /// never match); forcing it adds it anyway (for a rule about to come).
+    #[error(
+        "no rule `{0}` in the limits file in force (rules: {1}); force the block (`force: true`, `breakwater block --force`) to add it anyway"
+    )]
+    UnknownRule(String, String),
     /// The pattern's verb, resource or namespace is not valid.
     #[error("invalid block pattern: {0}")]
     InvalidPattern(String),
@@ -368,6 +374,15 @@ impl Blocks {
                 BlockTarget::Rule { name } => {
                     if limits.rules.iter().any(|r| r.exempt && *r.name == **name) {
                         return Err(BlockError::Exempt(format!("rule `{name}`")));
+                    }
+                    if !limits.rules.iter().any(|r| *r.name == **name) {
+                        let known: Vec<&str> = limits.rules.iter().map(|r| &*r.name).collect();
+                        let known = if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        };
+                        return Err(BlockError::UnknownRule(name.clone(), known));
                     }
                 }
                 BlockTarget::Identity { user } => {

@@ -537,6 +537,19 @@ fn blocks_reject_at_once_and_spare_exempt_traffic_unless_forced() {
         name: "admins".into(),
     }));
     assert!(matches!(e, Err(BlockError::Exempt(_))), "{e:?}");
+    // Nor a rule that does not exist (it would never match), unless forced.
+    let mut typo = Block::new(BlockTarget::Rule {
+        name: "telemetry-agnets".into(),
+    });
+    let e = l.add_block(typo.clone());
+    assert!(
+        matches!(&e, Err(BlockError::UnknownRule(name, known)) if name == "telemetry-agnets" && known.contains("telemetry-agents")),
+        "{e:?}"
+    );
+    typo.force = true;
+    let typo_id = typo.id.clone();
+    l.add_block(typo).expect("forced");
+    assert!(l.remove_block(&typo_id).is_some());
     // A pattern block ("LIST pods cluster-wide") spares the admin.
     l.add_block(Block::new(BlockTarget::Pattern {
         verb: "list".into(),

@@ -237,7 +237,9 @@ async fn blocks(state: &AdminState, rest: String, req: Request<Incoming>) -> Res
                             StatusCode::UNPROCESSABLE_ENTITY
                         }
                         crate::admit::AdmitError::Blocks(
-                            BlockError::InvalidPattern(_) | BlockError::Empty(_),
+                            BlockError::InvalidPattern(_)
+                            | BlockError::Empty(_)
+                            | BlockError::UnknownRule(..),
                         ) => StatusCode::BAD_REQUEST,
                         // Added, but not saved: the answer must say so.
                         _ => StatusCode::INTERNAL_SERVER_ERROR,
