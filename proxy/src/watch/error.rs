@@ -96,6 +96,8 @@ impl From<Unavailable> for JoinError {
 pub enum Unavailable {
     #[error("the shared stream did not become ready in time")]
     NotReady,
+    #[error("the shared stream's LIST could not connect to the apiserver")]
+    Unreachable,
     #[error("the shared stream did not reach the apiserver's resourceVersion in time")]
     NotReached,
     #[error("the freshness check failed")]

@@ -122,13 +122,19 @@ impl Stream {
     /// Waits until the stream is live and has seen `rv`.
     pub(crate) async fn ready(&self, rv: u64) -> Result<(), JoinError> {
         let mut rx = self.progress();
-        let wait =
-            rx.wait_for(|p| p.closed || p.failed.is_some() || (p.live && p.rv.max(p.fresh) >= rv));
+        let wait = rx.wait_for(|p| {
+            p.closed || p.failed.is_some() || p.unreachable || (p.live && p.rv.max(p.fresh) >= rv)
+        });
         let p = match tokio::time::timeout(self.ctx.cfg.ready_timeout, wait).await {
             Ok(Ok(p)) => p.clone(),
             Ok(Err(_)) => return Err(JoinError::Closed),
             Err(_) => return Err(Unavailable::NotReady.into()),
         };
+        if p.unreachable && !(p.live && p.rv.max(p.fresh) >= rv) {
+            // Forwarded, it fails as fast (503) instead of waiting out the
+            // stream's retries; the apiserver is not reachable to load.
+            return Err(Unavailable::Unreachable.into());
+        }
         if let Some(f) = p.failed {
             return Err(JoinError::Refused(f));
         }

@@ -199,6 +199,18 @@ impl Stream {
                 }
                 Err(ListError::Transient(e)) => {
                     tracing::warn!(error = %Chain(&e), path = %self.key.target.path(), "shared stream LIST failed; retrying");
+                    // Only a failure to connect: an apiserver that answers,
+                    // even 429 or 5xx, is not sent the joiners' requests.
+                    if matches!(
+                        e,
+                        FetchError::Send(crate::upstream::UpstreamError::Pool(
+                            crate::upstream::PoolError::Connect(_)
+                        ))
+                    ) {
+                        let mut st = self.lock();
+                        st.unreachable = true;
+                        self.publish(&st);
+                    }
                     if !self.sleep(backoff.next()).await {
                         break;
                     }

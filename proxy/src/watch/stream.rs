@@ -44,6 +44,9 @@ pub struct Progress {
     pub fresh: u64,
     pub failed: Option<Failure>,
     pub closed: bool,
+    /// Not live, and its last LIST could not even connect to the apiserver:
+    /// joiners are forwarded (and fail as fast) rather than wait for it.
+    pub unreachable: bool,
 }
 
 pub(crate) struct State {
@@ -53,6 +56,8 @@ pub(crate) struct State {
     /// The task ended and the accounting was undone.
     shut: bool,
     pub(crate) failed: Option<Failure>,
+    /// See [`Progress::unreachable`].
+    pub(crate) unreachable: bool,
     pub(crate) cache: Cache,
     pub(crate) subs: Subs,
     /// Since when nobody has used the stream (see [`Stream::idle_close`]).
@@ -121,6 +126,7 @@ impl Stream {
                 closed: false,
                 shut: false,
                 failed: None,
+                unreachable: false,
                 cache: Cache::new(codec, ctx.cfg.ring),
                 subs: Subs::default(),
                 idle_since: None,
@@ -189,6 +195,7 @@ impl Stream {
             p.fresh = st.cache.fresh;
             p.failed = st.failed.clone();
             p.closed = st.closed;
+            p.unreachable = st.unreachable && !st.live;
         });
     }
 
@@ -203,6 +210,7 @@ impl Stream {
         st.cache.install(listed);
         self.ctx.stats.cache_moved(before, st.cache.size());
         st.live = true;
+        st.unreachable = false;
         self.publish(&st);
     }
 
