@@ -706,8 +706,6 @@ rules:
     #[tokio::test]
     async fn a_terminating_block_closes_upgraded_streams() {
         use futures_util::StreamExt;
-        use tokio_tungstenite::tungstenite::Message;
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
         let env = crate::common::demo_env().await;
         let proxy = breakwater::server::start(crate::common::passthrough_config(
@@ -730,30 +728,7 @@ rules:
             )
             .expect("create pod");
         let name = pod["metadata"]["name"].as_str().expect("name");
-        let mut req = format!(
-            "ws://{plain}/api/v1/namespaces/demo/pods/{name}/exec?command=echo&command=hi&stdout=true"
-        )
-        .into_client_request()
-        .expect("ws request");
-        let h = req.headers_mut();
-        h.insert(
-            "authorization",
-            format!("Bearer {token}").parse().expect("header"),
-        );
-        h.insert(
-            "sec-websocket-protocol",
-            http::HeaderValue::from_static("v5.channel.k8s.io"),
-        );
-        let tcp = tokio::net::TcpStream::connect(plain)
-            .await
-            .expect("connect");
-        let (mut exec, _) = tokio_tungstenite::client_async(req, tcp)
-            .await
-            .expect("exec upgraded");
-        match exec.next().await {
-            Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], b"\x01hi\n"),
-            other => panic!("exec stdout: {other:?}"),
-        }
+        let mut exec = crate::common::exec_echo_hi(plain, token, name).await;
         // kube-sim now waits for the client's close, which does not come: the
         // splice stays open until the block ends it.
         assert_eq!(proxy.open_streams(), 1);

@@ -242,8 +242,6 @@ async fn shutdown_fails_readiness_then_ends_watches_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_watches_exec_and_idle_upstream_connections_within_the_grace() {
     use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
     let env = demo_env().await;
     let grace = Duration::from_secs(1);
@@ -292,30 +290,7 @@ async fn shutdown_ends_watches_exec_and_idle_upstream_connections_within_the_gra
     // 10 s for the client's close, which never comes: the splice is open
     // until the shutdown ends it.
     let plain = proxy.plain_addr().expect("plain listener");
-    let mut req = format!(
-        "ws://{plain}/api/v1/namespaces/demo/pods/{pod}/exec?command=echo&command=hi&stdout=true"
-    )
-    .into_client_request()
-    .expect("ws request");
-    let h = req.headers_mut();
-    h.insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
-    h.insert(
-        "sec-websocket-protocol",
-        http::HeaderValue::from_static("v5.channel.k8s.io"),
-    );
-    let tcp = tokio::net::TcpStream::connect(plain)
-        .await
-        .expect("connect");
-    let (mut exec, _) = tokio_tungstenite::client_async(req, tcp)
-        .await
-        .expect("exec upgraded");
-    match exec.next().await {
-        Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], b"\x01hi\n"),
-        other => panic!("exec stdout: {other:?}"),
-    }
+    let mut exec = common::exec_echo_hi(plain, token, &pod).await;
 
     let stopped = tokio::time::timeout(grace * 2 + Duration::from_secs(10), proxy.shutdown())
         .await

@@ -398,3 +398,46 @@ pub fn viewer_token(env: &Env) -> String {
         .expect("token line")
         .to_string()
 }
+
+// ------------------------------------------------------------ exec
+
+/// An exec of `echo hi` in `pod` (namespace demo) over WebSocket
+/// (`v5.channel.k8s.io`), through the plain loopback listener at `plain`,
+/// upgraded and spliced; returns the session once its stdout (`hi`) has
+/// arrived. kube-sim then sends the status and its close and waits 10 s for
+/// the client's close: until the client reads on, the splice stays open.
+pub async fn exec_echo_hi(
+    plain: std::net::SocketAddr,
+    token: &str,
+    pod: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let mut req = format!(
+        "ws://{plain}/api/v1/namespaces/demo/pods/{pod}/exec?command=echo&command=hi&stdout=true"
+    )
+    .into_client_request()
+    .expect("ws request");
+    let h = req.headers_mut();
+    h.insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    h.insert(
+        "sec-websocket-protocol",
+        http::HeaderValue::from_static("v5.channel.k8s.io"),
+    );
+    let tcp = tokio::net::TcpStream::connect(plain)
+        .await
+        .expect("connect");
+    let (mut exec, _) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .expect("exec upgraded");
+    match exec.next().await {
+        Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], b"\x01hi\n"),
+        other => panic!("exec stdout: {other:?}"),
+    }
+    exec
+}
