@@ -47,7 +47,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 
-use crate::blocks::{self, Block, BlockError, Blocks};
+use crate::blocks::{self, ActiveBlock, Block, BlockError, Blocks};
 use crate::bucket::RateLimit;
 use crate::file::{Charges, Key, Mode, OnMissingKey};
 use crate::matcher::{RequestAttrs, Subject};
@@ -997,12 +997,12 @@ impl Limiter {
     /// Adds a block, checked against the limits in force (see
     /// [`Blocks::add`]). Persisting is the caller's job ([`Limiter::blocks`]
     /// + [`Blocks::save`]).
-    pub fn add_block(&self, block: Block) -> Result<(), BlockError> {
+    pub fn add_block(&self, block: Block) -> Result<ActiveBlock, BlockError> {
         let limits = self.limits();
         let mut b = self.blocks.write().unwrap_or_else(PoisonError::into_inner);
-        b.add(block, &limits)?;
-        self.has_blocks.store(!b.is_empty(), Ordering::Relaxed);
-        Ok(())
+        let added = b.add(block, &limits)?.clone();
+        self.has_blocks.store(true, Ordering::Relaxed);
+        Ok(added)
     }
 
     /// Removes a block by id.

@@ -362,8 +362,13 @@ impl Blocks {
         Blocks::default()
     }
 
-    /// Adds a block after checking it (see the module docs on exempt rules).
-    pub fn add(&mut self, block: Block, limits: &ValidatedLimits) -> Result<(), BlockError> {
+    /// Adds a block after checking it (see the module docs on exempt rules);
+    /// returns it as in force.
+    pub fn add(
+        &mut self,
+        block: Block,
+        limits: &ValidatedLimits,
+    ) -> Result<&ActiveBlock, BlockError> {
         if self.entries.iter().any(|e| e.block.id == block.id) {
             return Err(BlockError::DuplicateId(block.id));
         }
@@ -406,7 +411,7 @@ impl Blocks {
             }
         }
         self.entries.push(entry);
-        Ok(())
+        Ok(&self.entries[self.entries.len() - 1])
     }
 
     /// Adds a block without the exempt check (loading a persisted file:
@@ -438,11 +443,6 @@ impl Blocks {
     /// The blocks in force with their counters, in the order added.
     pub fn active(&self) -> impl Iterator<Item = &ActiveBlock> {
         self.entries.iter()
-    }
-
-    /// The block with this id.
-    pub fn get(&self, id: &str) -> Option<&ActiveBlock> {
-        self.entries.iter().find(|e| e.block.id == id)
     }
 
     /// Number of blocks.

@@ -422,16 +422,9 @@ impl Admission {
     /// its counters).
     pub fn add_block(&self, block: Block) -> Result<ActiveBlock, AdmitError> {
         let _serial = self.blocks_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let id = block.id.clone();
-        self.limiter.add_block(block)?;
+        let active = self.limiter.add_block(block)?;
         self.publish_blocks();
         self.persist()?;
-        let mut active = None;
-        self.limiter
-            .with_blocks(&mut |b| active = b.get(&id).cloned());
-        let active = active.ok_or(AdmitError::Blocks(breakwater_limits::BlockError::Empty(
-            "id",
-        )))?;
         let block = active.block();
         tracing::warn!(id = %block.id, target = ?block.target, terminate = block.terminate, "emergency block added");
         Ok(active)

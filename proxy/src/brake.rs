@@ -185,13 +185,12 @@ impl Framing {
             return Framing::Bytes;
         }
         let ct = content_type.and_then(|v| v.to_str().ok()).unwrap_or("");
+        // JSON (Tables included) is newline-delimited; the apiserver streams
+        // watches in no other text encoding, and whatever else comes is
+        // not cut mid-line either.
         if ct.starts_with("application/vnd.kubernetes.protobuf") {
             Framing::LengthPrefixed
-        } else if ct.starts_with("application/json") || ct.is_empty() {
-            Framing::Lines
         } else {
-            // YAML and other encodings are not streamed by the apiserver's
-            // watch; whatever comes, do not cut it mid-line.
             Framing::Lines
         }
     }
@@ -258,7 +257,7 @@ impl Boundary {
                     if !self.mid {
                         return 0;
                     }
-                    match memchr(b'\n', chunk) {
+                    match chunk.iter().position(|&b| b == b'\n') {
                         Some(i) => {
                             self.mid = false;
                             i + 1
@@ -298,24 +297,12 @@ impl Boundary {
     }
 }
 
-fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
-}
-
 /// Ends a response stream cleanly once its token fires: at once if the
 /// stream is between events, else after the event in progress (within
 /// [`FINISH_EVENT_WITHIN`]; past that the stream breaks with an error).
 pub struct Ending {
     boundary: Boundary,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-/// What [`Ending::poll_frame_data`] says of a chunk once the end is asked.
-pub enum Cut {
-    /// Send this (the rest of the event), then end.
-    Last(Bytes),
-    /// Send this; the event goes on.
-    More(Bytes),
 }
 
 impl Ending {
@@ -337,15 +324,13 @@ impl Ending {
         self.boundary.at_boundary()
     }
 
-    /// The end was asked and a chunk came: what of it to send.
-    pub fn cut(&mut self, mut chunk: Bytes) -> Cut {
+    /// The end was asked and a chunk came: the part of it that finishes
+    /// the event in progress (all of it if the event goes on). Once the
+    /// event is whole, [`Ending::can_end_now`] says so.
+    pub fn cut(&mut self, mut chunk: Bytes) -> Bytes {
         let n = self.boundary.finish(&chunk);
-        if self.boundary.at_boundary() {
-            chunk.truncate(n);
-            Cut::Last(chunk)
-        } else {
-            Cut::More(chunk)
-        }
+        chunk.truncate(n);
+        chunk
     }
 
     /// The end was asked mid-event: has the event had its time?

@@ -11,7 +11,7 @@ use http_body::{Frame, SizeHint};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::AccessLog;
-use crate::brake::{Cut, Ending, Framing, Registration};
+use crate::brake::{Ending, Framing, Registration};
 use crate::error::Chain;
 use crate::upstream::{Body, BoxError};
 use breakwater_limits::Permit;
@@ -94,10 +94,7 @@ impl http_body::Body for Observed {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let cut = end.at.cut(data);
-                        let data = match cut {
-                            Cut::Last(d) | Cut::More(d) => d,
-                        };
+                        let data = end.at.cut(data);
                         this.bytes += data.len() as u64;
                         Poll::Ready(Some(Ok(Frame::data(data))))
                     }
