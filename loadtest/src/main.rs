@@ -49,8 +49,13 @@ struct StormArgs {
     /// Agents (nodes) in the fleet, 1..=20000.
     #[arg(long, default_value_t = 5000)]
     agents: usize,
-    /// Workload pods per node (besides the agent's own pod).
-    #[arg(long, default_value_t = 3)]
+    /// Nodes in the cluster (default: one per agent); agents run on the first.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Workload pods per node (besides the agent's own pod). The default
+    /// shape, 5,000 nodes with 2 pods each, is the real cluster the lab is
+    /// calibrated against.
+    #[arg(long, default_value_t = 1)]
     pods_per_node: usize,
     /// Agents start uniformly within this window (0s: all at once).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -577,6 +582,7 @@ async fn storm(a: StormArgs) -> anyhow::Result<()> {
     }
     let opts = StormOpts {
         agents: a.agents,
+        nodes: a.nodes.unwrap_or(0),
         pods_per_node: a.pods_per_node,
         spread: a.spread,
         churn: a.churn,

@@ -20,21 +20,28 @@
 //!    seconds computed from what it does ([`CostModel`]): a fixed base, and for
 //!    a LIST a per-object cost for every object of the resource it must scan
 //!    (a consistent LIST reads the whole resource from etcd and filters; a
-//!    `resourceVersion=0` LIST scans the watch cache, cheaper per object) plus
-//!    a per-byte cost for what it serialises; every watch event delivered costs
-//!    a fixed dispatch cost plus its bytes; each open watch steals a little
-//!    CPU all the time (its goroutines, timers and buffers) and holds
-//!    `watch_memory_bytes` of memory. The CPU is a processor-sharing scheduler
-//!    with `cores` cores: all runnable requests share it equally (as Go's
-//!    scheduler shares the apiserver's cores), so latency grows with the
-//!    number of runnable requests — an admin GET that costs half a
-//!    millisecond takes tens of milliseconds when a hundred LISTs run beside
-//!    it. Exempt requests skip the seats but not the CPU, which is why a
-//!    real saturated apiserver is slow even for `system:masters`.
+//!    `resourceVersion=0` LIST scans the watch cache, cheaper per object, and
+//!    reads only the matches when an index serves its field selector, as the
+//!    cacher's `spec.nodeName` index of pods does) plus a per-byte cost for
+//!    what it serialises; every new connection's TLS handshake costs
+//!    `tls_handshake` before the connection can speak; every watch event
+//!    delivered costs a fixed dispatch cost plus its bytes; each open watch
+//!    steals a little CPU all the time (its goroutines, timers and buffers)
+//!    and holds `watch_memory_bytes` of memory. The CPU is scheduled like
+//!    Go's runtime schedules goroutines: `cores` cores take runnable jobs
+//!    from one FIFO run queue, and a job that runs longer than `quantum`
+//!    (Go preempts after 10 ms) goes to the back of the queue. So short jobs
+//!    finish in arrival order and long ones share the cores round-robin; a
+//!    request that arrives behind thousands of queued handshakes waits for
+//!    them — an admin GET that costs a third of a millisecond takes seconds
+//!    in a handshake storm. Exempt requests skip the seats but not the CPU,
+//!    which is why a real saturated apiserver is slow even for
+//!    `system:masters`.
 //!
 //! The constants of the `small-cluster` preset and why they were chosen are in
 //! docs/incident-lab.md.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -66,6 +73,9 @@ pub struct CostModel {
     pub cache_per_object: Duration,
     /// Serialising a response or a watch event, per byte.
     pub serialize_per_byte: Duration,
+    /// A new connection's TLS handshake (server side: key exchange and the
+    /// serving key's signature; kubeadm's serving keys are RSA-2048).
+    pub tls_handshake: Duration,
     /// A write (create, update, patch, delete): the etcd transaction.
     pub write: Duration,
     /// Dispatching one watch event to one watcher, besides its bytes.
@@ -82,6 +92,13 @@ pub struct CostModel {
 pub struct CapacityConfig {
     /// Simulated CPU cores shared by all requests.
     pub cores: f64,
+    /// Objects a LIST may process per seat it occupies (APF's work
+    /// estimator: `objectsPerSeat` 100, at most `max_list_seats` seats).
+    pub objects_per_seat: usize,
+    pub max_list_seats: u32,
+    /// How long a job runs before it goes to the back of the run queue
+    /// (Go's scheduler preempts a goroutine after 10 ms).
+    pub quantum: Duration,
     /// Seats: concurrent non-exempt requests being served.
     pub max_inflight: usize,
     /// Requests that may wait for a seat; more get 429 at once.
@@ -94,20 +111,30 @@ pub struct CapacityConfig {
 }
 
 impl CapacityConfig {
-    /// A small control plane (2 cores, 200 seats): a storm of a few thousand
-    /// agents saturates it within a second. Constants: docs/incident-lab.md.
+    /// A small control plane: a kube-apiserver v1.24 with etcd on 2 cores,
+    /// calibrated against one (docs/incident-lab.md, "Calibration"). The
+    /// seats and queue are APF's for the agents' priority level: the
+    /// ServiceAccount flow schema maps them to `workload-low`, 100 of the
+    /// 245 concurrency shares of the default 600 seats (400 read + 200
+    /// mutating) = 245 seats; one flow (one ServiceAccount) shuffle-shards
+    /// onto a hand of 6 queues of 50 = 300 queued; a queued request waits at
+    /// most a quarter of the 60 s request timeout.
     pub fn small_cluster() -> CapacityConfig {
         CapacityConfig {
             cores: 2.0,
-            max_inflight: 200,
-            max_queued: 400,
-            queue_wait: Duration::from_secs(10),
+            objects_per_seat: 100,
+            max_list_seats: 10,
+            quantum: Duration::from_millis(10),
+            max_inflight: 245,
+            max_queued: 6400,
+            queue_wait: Duration::from_secs(15),
             retry_after_secs: 1,
             cost: CostModel {
                 request_base: Duration::from_micros(300),
-                etcd_per_object: Duration::from_micros(5),
+                etcd_per_object: Duration::from_micros(15),
                 cache_per_object: Duration::from_nanos(500),
                 serialize_per_byte: Duration::from_nanos(10),
+                tls_handshake: Duration::from_micros(2500),
                 write: Duration::from_millis(2),
                 watch_event: Duration::from_micros(20),
                 watch_idle_per_sec: Duration::from_micros(20),
@@ -122,6 +149,34 @@ impl CapacityConfig {
             "small-cluster" => Some(CapacityConfig::small_cluster()),
             _ => None,
         }
+    }
+}
+
+impl CapacityConfig {
+    /// The seats APF's list work estimator (v1.24) gives a LIST: the objects
+    /// it may process over `objects_per_seat`, between 1 and
+    /// `max_list_seats`. A LIST from the watch cache may process every stored
+    /// object; one from etcd with a selector every stored object plus a page;
+    /// one without, two pages.
+    pub fn list_seats(
+        &self,
+        stored: usize,
+        from_cache: bool,
+        selectors: bool,
+        limit: Option<usize>,
+    ) -> u32 {
+        let page = limit.filter(|&l| l > 0 && l < stored).unwrap_or(stored);
+        let objects = if from_cache {
+            stored
+        } else if selectors {
+            stored.saturating_add(page)
+        } else {
+            page.saturating_mul(2)
+        };
+        let seats = objects.div_ceil(self.objects_per_seat.max(1));
+        u32::try_from(seats)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.max_list_seats.max(1))
     }
 }
 
@@ -175,6 +230,9 @@ pub enum RequestKind {
         /// selectors (the apiserver asks etcd for one page and one more key);
         /// `None` when it may read them all (selectors filter after reading).
         scan_bound: Option<usize>,
+        /// A watch-cache LIST whose field selector an index serves (pods by
+        /// `spec.nodeName`): it reads only the objects it returns.
+        indexed: bool,
     },
     Write,
     Read,
@@ -198,6 +256,7 @@ pub fn request_cost(
             rt,
             consistent,
             scan_bound,
+            indexed,
         } => {
             let source = if consistent {
                 ListSource::Etcd
@@ -205,7 +264,14 @@ pub fn request_cost(
                 ListSource::Cache
             };
             let all = store.count(rt);
-            cost.list(source, scan_bound.map_or(all, |b| b.min(all)), bytes)
+            // An index lookup reads the matches only; their cost is in their
+            // bytes (a node's few pods: nothing next to the base).
+            let scanned = if indexed && !consistent {
+                0
+            } else {
+                scan_bound.map_or(all, |b| b.min(all))
+            };
+            cost.list(source, scanned, bytes)
         }
         RequestKind::Write => cost.write(bytes),
         RequestKind::Read => cost.read(bytes),
@@ -289,7 +355,7 @@ impl Capacity {
             peak_inflight: AtomicUsize::new(0),
             peak_queued: AtomicUsize::new(0),
             rejected: AtomicU64::new(0),
-            cpu: Cpu::default(),
+            cpu: Cpu::new(cfg.quantum),
             cfg,
         });
         tokio::spawn(scheduler(Arc::downgrade(&cap), cancel));
@@ -304,16 +370,31 @@ impl Capacity {
         &self.cfg.cost
     }
 
-    /// APF-style admission: a seat now, a seat after queueing, or the 429
-    /// response to send. Exempt callers always get a (permit-less) seat.
+    /// APF-style admission of a one-seat request (see [`Capacity::admit_width`]).
     pub async fn admit(self: &Arc<Self>, exempt: bool) -> Result<Seat, Response<ResBody>> {
+        self.admit_width(exempt, 1).await
+    }
+
+    /// APF-style admission of a request that occupies `width` seats (APF's
+    /// work estimate: a LIST takes up to 10): its seats now, after queueing,
+    /// or the 429 response to send. Exempt callers always get a
+    /// (permit-less) seat.
+    pub async fn admit_width(
+        self: &Arc<Self>,
+        exempt: bool,
+        width: u32,
+    ) -> Result<Seat, Response<ResBody>> {
         if exempt {
             return Ok(Seat {
                 _permit: None,
                 capacity: None,
             });
         }
-        let permit = match Arc::clone(&self.seats).try_acquire_owned() {
+        let width = width.clamp(
+            1,
+            u32::try_from(self.cfg.max_inflight.max(1)).unwrap_or(u32::MAX),
+        );
+        let permit = match Arc::clone(&self.seats).try_acquire_many_owned(width) {
             Ok(p) => p,
             Err(_) => {
                 // Queue only while there is room; the count is checked and
@@ -330,7 +411,7 @@ impl Capacity {
                 self.peak_queued.fetch_max(prev + 1, Ordering::Relaxed);
                 let waited = tokio::time::timeout(
                     self.cfg.queue_wait,
-                    Arc::clone(&self.seats).acquire_owned(),
+                    Arc::clone(&self.seats).acquire_many_owned(width),
                 )
                 .await;
                 self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -354,13 +435,25 @@ impl Capacity {
         too_many_requests(self.cfg.retry_after_secs, why)
     }
 
-    /// Runs `cost` CPU seconds on the shared CPU; returns when they are done.
+    /// Runs `cost` CPU seconds on the shared CPU, queued at the back of the
+    /// run queue (a goroutine woken by the network); returns when done.
     pub async fn serve(&self, cost: Duration) {
+        self.run_job(cost, false).await;
+    }
+
+    /// Like [`Capacity::serve`], for work that continues what just ran (the
+    /// same goroutine going on after taking its seat): it runs next, at the
+    /// head of the run queue, as Go's `runnext` does.
+    pub async fn serve_next(&self, cost: Duration) {
+        self.run_job(cost, true).await;
+    }
+
+    async fn run_job(&self, cost: Duration, next: bool) {
         if cost.is_zero() {
             return;
         }
         let (tx, rx) = oneshot::channel();
-        self.cpu.submit(cost.as_secs_f64(), tx);
+        self.cpu.submit(cost.as_secs_f64(), next, tx);
         // A closed channel means the scheduler stopped (shutdown): go on.
         let _ = rx.await;
     }
@@ -413,10 +506,13 @@ pub fn too_many_requests(retry_after_secs: u64, why: &str) -> Response<ResBody> 
     resp
 }
 
-/// A processor-sharing CPU: runnable jobs, each with CPU seconds left.
-#[derive(Debug, Default)]
+/// A CPU scheduled like Go's runtime: one FIFO run queue of jobs, each with
+/// CPU seconds left; a job that used up its quantum goes to the back.
+#[derive(Debug)]
 struct Cpu {
-    jobs: std::sync::Mutex<Vec<Job>>,
+    jobs: std::sync::Mutex<VecDeque<Job>>,
+    /// Seconds a job runs before it is preempted.
+    quantum: f64,
     wake: Arc<Notify>,
     runnable: AtomicUsize,
     /// CPU seconds consumed, as f64 bits.
@@ -426,13 +522,35 @@ struct Cpu {
 #[derive(Debug)]
 struct Job {
     left: f64,
+    /// What is left of its current quantum.
+    slice: f64,
     done: oneshot::Sender<()>,
 }
 
 impl Cpu {
-    fn submit(&self, secs: f64, done: oneshot::Sender<()>) {
+    fn new(quantum: Duration) -> Cpu {
+        Cpu {
+            jobs: std::sync::Mutex::new(VecDeque::new()),
+            quantum: quantum.as_secs_f64().max(1e-6),
+            wake: Arc::new(Notify::new()),
+            runnable: AtomicUsize::new(0),
+            consumed: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues a job at the back, or at the head when it runs `next`.
+    fn submit(&self, secs: f64, next: bool, done: oneshot::Sender<()>) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        jobs.push(Job { left: secs, done });
+        let job = Job {
+            left: secs,
+            slice: self.quantum,
+            done,
+        };
+        if next {
+            jobs.push_front(job);
+        } else {
+            jobs.push_back(job);
+        }
         self.runnable.store(jobs.len(), Ordering::Relaxed);
         drop(jobs);
         self.wake.notify_one();
@@ -446,9 +564,10 @@ impl Cpu {
         f64::from_bits(self.consumed.load(Ordering::Relaxed))
     }
 
-    /// Hands out `dt` seconds of `cores` cores: every job gets an equal
-    /// share, at most one core each (a request is one goroutine); finished
-    /// jobs are woken. Returns whether jobs remain.
+    /// Hands out `dt` seconds of `cores` cores to the jobs at the head of
+    /// the run queue, in order, at most `dt` each (a job is one goroutine,
+    /// on one core at a time); finished jobs are woken, jobs that used up
+    /// their quantum go to the back. Returns whether jobs remain.
     fn run(&self, dt: f64, cores: f64) -> bool {
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         if jobs.is_empty() {
@@ -456,35 +575,32 @@ impl Cpu {
         }
         let mut budget = cores.max(0.0) * dt;
         let mut used = 0.0;
-        // Water-filling: jobs needing less than an equal share finish and
-        // their leftover goes to the rest, like a fair scheduler.
-        loop {
-            let n = jobs.iter().filter(|j| j.left > 0.0).count();
-            if n == 0 || budget <= 1e-12 {
+        // Jobs that ran and keep their place (quantum left), and jobs that
+        // were preempted (to the back, after everything already queued).
+        let mut kept = Vec::new();
+        let mut preempted = Vec::new();
+        while budget > 1e-12 {
+            let Some(mut job) = jobs.pop_front() else {
                 break;
-            }
-            let share = (budget / n as f64).min(dt);
-            let mut given = 0.0;
-            for j in jobs.iter_mut().filter(|j| j.left > 0.0) {
-                let g = share.min(j.left).min(dt);
-                j.left -= g;
-                given += g;
-            }
+            };
+            let given = job.left.min(job.slice).min(dt).min(budget);
+            job.left -= given;
+            job.slice -= given;
             budget -= given;
             used += given;
-            if given < 1e-12 || share >= dt {
-                break;
-            }
-        }
-        let mut i = 0;
-        while i < jobs.len() {
-            if jobs[i].left <= 1e-12 {
-                let job = jobs.swap_remove(i);
+            if job.left <= 1e-12 {
                 let _ = job.done.send(());
+            } else if job.slice <= 1e-12 {
+                job.slice = self.quantum;
+                preempted.push(job);
             } else {
-                i += 1;
+                kept.push(job);
             }
         }
+        for job in kept.into_iter().rev() {
+            jobs.push_front(job);
+        }
+        jobs.extend(preempted);
         self.runnable.store(jobs.len(), Ordering::Relaxed);
         let total = self.consumed() + used;
         self.consumed.store(total.to_bits(), Ordering::Relaxed);
@@ -549,20 +665,82 @@ mod tests {
     }
 
     #[test]
-    fn cpu_shares_time_between_runnable_jobs() {
-        let cpu = Cpu::default();
+    fn list_seats_follow_apf_list_work_estimator() {
+        let cfg = CapacityConfig::small_cluster();
+        // From the watch cache: every stored object may be processed.
+        assert_eq!(cfg.list_seats(10_000, true, true, Some(500)), 10);
+        assert_eq!(cfg.list_seats(150, true, true, Some(500)), 2);
+        // From etcd with a selector: everything plus a page.
+        assert_eq!(cfg.list_seats(250, false, true, Some(100)), 4);
+        // From etcd without one: two pages.
+        assert_eq!(cfg.list_seats(10_000, false, false, Some(1)), 1);
+        assert_eq!(cfg.list_seats(10_000, false, false, Some(120)), 3);
+        assert_eq!(cfg.list_seats(0, true, false, None), 1);
+    }
+
+    #[test]
+    fn short_jobs_finish_in_arrival_order() {
+        let cpu = Cpu::new(Duration::from_millis(10));
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
-        cpu.submit(0.010, a);
-        cpu.submit(0.001, b);
-        // One core, 1 ms: each gets 0.5 ms.
+        cpu.submit(0.003, false, a);
+        cpu.submit(0.001, false, b);
+        // One core: a runs first, b waits although it is shorter.
+        for _ in 0..2 {
+            assert!(cpu.run(0.001, 1.0));
+            assert!(ra.try_recv().is_err() && rb.try_recv().is_err());
+        }
         assert!(cpu.run(0.001, 1.0));
-        assert!(ra.try_recv().is_err() && rb.try_recv().is_err());
-        // Next 1 ms: b needs 0.5 ms and finishes; a gets the rest.
-        assert!(cpu.run(0.001, 1.0));
+        assert!(ra.try_recv().is_ok());
+        assert!(rb.try_recv().is_err());
+        assert!(!cpu.run(0.001, 1.0));
         assert!(rb.try_recv().is_ok());
+        assert!((cpu.consumed() - 0.004).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_continuation_runs_next() {
+        let cpu = Cpu::new(Duration::from_millis(10));
+        let (a, mut ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        cpu.submit(0.001, false, a);
+        cpu.submit(0.001, true, b);
+        assert!(cpu.run(0.001, 1.0));
+        assert!(rb.try_recv().is_ok() && ra.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_long_job_is_preempted_after_its_quantum() {
+        let cpu = Cpu::new(Duration::from_millis(10));
+        let (a, mut ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        cpu.submit(0.030, false, a);
+        cpu.submit(0.001, false, b);
+        for _ in 0..10 {
+            assert!(cpu.run(0.001, 1.0));
+        }
+        assert!(rb.try_recv().is_err(), "b waits for a's quantum");
+        assert!(cpu.run(0.001, 1.0));
+        assert!(rb.try_recv().is_ok(), "then b runs, before the rest of a");
         assert!(ra.try_recv().is_err());
-        assert!((cpu.consumed() - 0.002).abs() < 1e-9);
+    }
+
+    #[test]
+    fn each_core_runs_one_job_at_a_time() {
+        let cpu = Cpu::new(Duration::from_millis(10));
+        let (a, mut ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        let (c, mut rc) = oneshot::channel();
+        cpu.submit(0.002, false, a);
+        cpu.submit(0.002, false, b);
+        cpu.submit(0.001, false, c);
+        // Two cores: a and b run side by side (at most one core each).
+        assert!(cpu.run(0.001, 2.0));
+        assert!(cpu.run(0.001, 2.0));
+        assert!(ra.try_recv().is_ok() && rb.try_recv().is_ok());
+        assert!(rc.try_recv().is_err());
+        assert!(!cpu.run(0.001, 2.0));
+        assert!(rc.try_recv().is_ok());
     }
 
     #[tokio::test]
@@ -630,8 +808,8 @@ mod tests {
         let start = tokio::time::Instant::now();
         cap.serve(Duration::from_millis(2)).await;
         let alone = start.elapsed();
-        // Ten 20 ms jobs beside it on one core: the same 2 ms job now
-        // shares the core with them.
+        // Ten 20 ms jobs queued before it on one core: the same 2 ms job now
+        // waits for a quantum of each.
         for _ in 0..10 {
             let cap = Arc::clone(&cap);
             tokio::spawn(async move { cap.serve(Duration::from_millis(20)).await });
@@ -640,8 +818,8 @@ mod tests {
         let start = tokio::time::Instant::now();
         cap.serve(Duration::from_millis(2)).await;
         let loaded = start.elapsed();
-        // Sharing one core with ten others, 2 ms of CPU needs at least 11 ×
-        // 2 ms of wall time (the scheduler never hands out more than the
+        // Behind ten jobs on one core, 2 ms of CPU waits for ten quanta
+        // (100 ms of wall time: the scheduler never hands out more than the
         // time that really passed); alone it needs 2 ms and a tick or two.
         assert!(
             loaded >= Duration::from_millis(20) && loaded > alone,

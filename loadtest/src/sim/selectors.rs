@@ -683,9 +683,15 @@ impl FieldSelector {
     /// list/watch as a request for that one object); with several, the
     /// first in sorted term order, as `RequiresExactMatch` answers.
     pub fn exact_name(&self) -> Option<&str> {
+        self.exact_value("metadata.name")
+    }
+
+    /// The value `field` must equal, when a term says so (the apiserver's
+    /// `RequiresExactMatch`, which picks a watch-cache index).
+    pub fn exact_value(&self, field: &str) -> Option<&str> {
         self.requirements
             .iter()
-            .find(|r| r.field == "metadata.name" && r.op == FieldOp::Equals)
+            .find(|r| r.field == field && r.op == FieldOp::Equals)
             .map(|r| r.value.as_str())
     }
 

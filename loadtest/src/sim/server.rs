@@ -213,6 +213,10 @@ enum ConnCert {
 /// What a connection knows about its caller before any request.
 struct ConnInfo {
     cert: ConnCert,
+    /// Set until the connection's first request: with TLS 1.3 the client's
+    /// Finished and its first request arrive together, so the goroutine
+    /// that finishes the handshake goes straight on to serve it.
+    fresh: std::sync::atomic::AtomicBool,
 }
 
 async fn serve_connection(
@@ -221,6 +225,12 @@ async fn serve_connection(
     acceptor: tokio_rustls::TlsAcceptor,
     state: Arc<State>,
 ) {
+    // Incident lab: the handshake's CPU, on the modeled CPU, before the
+    // connection can speak (a Go server handshakes in the connection's
+    // goroutine, queued on the run queue like every other).
+    if let Some(cap) = &state.capacity {
+        cap.serve(cap.cost().tls_handshake).await;
+    }
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -257,7 +267,10 @@ async fn serve_connection(
             }
         }
     };
-    let conn = Arc::new(ConnInfo { cert });
+    let conn = Arc::new(ConnInfo {
+        cert,
+        fresh: std::sync::atomic::AtomicBool::new(true),
+    });
     let svc_state = Arc::clone(&state);
     let service = hyper::service::service_fn(move |req| {
         let state = Arc::clone(&svc_state);
@@ -354,11 +367,26 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
     // How this request's objects and errors are encoded.
     let neg = Negotiated::for_type(info.rt, req.headers());
 
-    // Incident lab (capacity.rs): APF-like admission — a seat, a wait in
-    // queue, or 429 — held until the modeled CPU work below is done.
+    // Incident lab (capacity.rs): what comes before APF in the apiserver's
+    // handler chain (reading the request, authentication, authorization,
+    // the filters) costs the request's base CPU before it can take a seat:
+    // a request waiting for the CPU does not hold one.
+    if let Some(cap) = &state.capacity {
+        let base = cap.cost().request_base;
+        if conn.fresh.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            cap.serve_next(base).await;
+        } else {
+            cap.serve(base).await;
+        }
+    }
+    // APF-like admission — a seat, a wait in queue, or 429 — held until the
+    // modeled CPU work below is done.
     let _seat = match &state.capacity {
         Some(cap) => match cap
-            .admit(user.groups.iter().any(|g| g == "system:masters"))
+            .admit_width(
+                user.groups.iter().any(|g| g == "system:masters"),
+                seats(cap.config(), &state.store, &info),
+            )
             .await
         {
             Ok(seat) => Some(seat),
@@ -373,27 +401,34 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
     // Phase 6: the handler. Watches count themselves when they end.
     let labels = info.labels();
     let resp = match info.verb {
-        Verb::Watch => {
-            // Incident lab: opening a watch costs a request's base CPU.
-            if let Some(cap) = &state.capacity {
-                cap.serve(cap.cost().read(0)).await;
-            }
-            return watch(state, &info, &neg, req.uri().query());
-        }
+        // Incident lab: opening a watch costs the base CPU served above.
+        Verb::Watch => return watch(state, &info, &neg, req.uri().query()),
         _ => dispatch(state, &info, &user, &neg, req).await,
     };
-    // Incident lab: the CPU this request cost, served on the modeled CPU.
+    // Incident lab: the rest of the CPU this request cost (its base was
+    // served before admission), on the modeled CPU, holding the seat.
     if let Some(cap) = &state.capacity {
-        cap.serve(super::capacity::request_cost(
-            cap.cost(),
-            &state.store,
-            &info_cost(&info),
-            &resp,
-        ))
-        .await;
+        let cost =
+            super::capacity::request_cost(cap.cost(), &state.store, &info_cost(&info), &resp);
+        cap.serve_next(cost.saturating_sub(cap.cost().request_base))
+            .await;
     }
     state.metrics.record(labels, resp.status().as_u16());
     resp
+}
+
+/// Incident lab: the seats APF gives a request (a LIST's work estimate;
+/// everything else one).
+fn seats(cfg: &super::capacity::CapacityConfig, store: &Store, info: &ReqInfo) -> u32 {
+    if info.verb != Verb::List {
+        return 1;
+    }
+    let Ok(opts) = ListOptions::from_query(info.rt, &info.list_query) else {
+        return 1;
+    };
+    let from_cache = opts.resource_version.as_deref() == Some("0");
+    let selectors = !opts.label_selector.is_empty() || !opts.field_selector.is_empty();
+    cfg.list_seats(store.count(info.rt), from_cache, selectors, opts.limit)
 }
 
 /// Incident lab: what the capacity model needs to know about a request.
@@ -410,10 +445,17 @@ fn info_cost(info: &ReqInfo) -> super::capacity::RequestKind {
                 let plain = o.label_selector.is_empty() && o.field_selector.is_empty();
                 o.limit.filter(|_| consistent && plain).map(|l| l + 1)
             });
+            // The v1.24 cacher indexes pods by spec.nodeName
+            // (`f:spec.nodeName`): an exact match reads only that node's pods.
+            let indexed = info.rt.kind == "Pod"
+                && opts
+                    .as_ref()
+                    .is_some_and(|o| o.field_selector.exact_value("spec.nodeName").is_some());
             RequestKind::List {
                 rt: info.rt,
                 consistent,
                 scan_bound,
+                indexed,
             }
         }
         Verb::Create | Verb::Update | Verb::Patch | Verb::Delete | Verb::DeleteCollection => {

@@ -26,7 +26,7 @@
 //! custom-type registry, then (deleting a CRD's objects) that type's lock;
 //! nothing takes these the other way round.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -485,6 +485,10 @@ fn transition(c: &Change, label: &LabelSelector, field: &FieldSelector) -> Optio
 /// State of one resource type.
 struct TypeState {
     objects: BTreeMap<Key, Arc<Value>>,
+    /// The keys of the objects on each node (`spec.nodeName`), like the
+    /// v1.24 cacher's `f:spec.nodeName` index of pods: a node's pods are
+    /// listed without scanning the others.
+    by_node: HashMap<String, BTreeSet<Key>>,
     window: VecDeque<Change>,
     /// Set once any change was dropped from the window (or compacted): the
     /// highest dropped RV (or the RV at compaction).
@@ -496,6 +500,7 @@ impl TypeState {
     fn new() -> TypeState {
         TypeState {
             objects: BTreeMap::new(),
+            by_node: HashMap::new(),
             window: VecDeque::new(),
             dropped: None,
             watchers: Vec::new(),
@@ -699,6 +704,27 @@ impl Shared {
 
     /// Commits a change under `ts`'s lock: window, then fan-out to watchers.
     fn commit(&self, ts: &mut TypeState, change: Change) {
+        let node_of = |o: &Option<Arc<Value>>| {
+            o.as_ref()
+                .and_then(|o| o.pointer("/spec/nodeName"))
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+        };
+        let (old_node, new_node) = (node_of(&change.old), node_of(&change.new));
+        if old_node != new_node {
+            if let Some(n) = old_node
+                && let Some(keys) = ts.by_node.get_mut(&n)
+            {
+                keys.remove(&change.key);
+                if keys.is_empty() {
+                    ts.by_node.remove(&n);
+                }
+            }
+            if let Some(n) = new_node {
+                ts.by_node.entry(n).or_default().insert(change.key.clone());
+            }
+        }
         match &change.new {
             Some(n) => {
                 ts.objects.insert(change.key.clone(), n.clone());
@@ -1565,8 +1591,23 @@ impl Store {
             None => Bound::Included(Key(ns_key.clone(), String::new())),
         };
         let selectors_empty = opts.label_selector.is_empty() && opts.field_selector.is_empty();
-        let mut matching = objects
-            .range((lower, Bound::Unbounded))
+        // `spec.nodeName=X` on the current state: only that node's objects
+        // are candidates (the index holds the current state only).
+        let node_keys = match (&objects, opts.field_selector.exact_value("spec.nodeName")) {
+            (std::borrow::Cow::Borrowed(_), Some(node)) if rt.kind == "Pod" => {
+                Some(ts.by_node.get(node))
+            }
+            _ => None,
+        };
+        let candidates: Box<dyn Iterator<Item = (&Key, &Arc<Value>)>> = match node_keys {
+            Some(Some(keys)) => Box::new(
+                keys.range((lower, Bound::Unbounded))
+                    .filter_map(|k| objects.get_key_value(k)),
+            ),
+            Some(None) => Box::new(std::iter::empty()),
+            None => Box::new(objects.range((lower, Bound::Unbounded))),
+        };
+        let mut matching = candidates
             .take_while(|(k, _)| all_namespaces || k.0 == ns_key)
             .filter(|(_, o)| selected(&opts.label_selector, &opts.field_selector, o));
         let mut items = Vec::new();

@@ -62,7 +62,8 @@ pub struct AgentSpec {
 #[derive(Debug, Default)]
 pub struct AgentState {
     pub view: Mutex<View>,
-    /// Durations of its successful LISTs (request to parsed body).
+    /// Durations of its LISTs as client-go's `List` sees them: from needing
+    /// the list (connecting and 429 retries included) to the parsed body.
     pub list_latencies: Mutex<Vec<Duration>>,
     /// A watch is open now.
     pub watching: AtomicBool,
@@ -118,9 +119,16 @@ pub async fn run(
     let mut backoff = Backoff::new();
     let mut conn: Option<SendRequest<Empty<Bytes>>> = None;
     let mut rv: Option<String> = None;
+    // When the agent began to need a LIST: its latency is what client-go's
+    // `List` call takes, connecting (the first request dials) and waiting
+    // out 429s included.
+    let mut list_began: Option<Instant> = None;
     loop {
         if cancel.is_cancelled() {
             return;
+        }
+        if rv.is_none() && list_began.is_none() {
+            list_began = Some(Instant::now());
         }
         let sender = match conn.take() {
             Some(s) if !s.is_closed() => s,
@@ -142,7 +150,10 @@ pub async fn run(
         let step = match &rv {
             None => tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = list(&spec, &mut sender, &state, &counters) => r.map(|new_rv| rv = Some(new_rv)),
+                r = list(&spec, &mut sender, &state, &counters, list_began.unwrap_or_else(Instant::now)) => r.map(|new_rv| {
+                    rv = Some(new_rv);
+                    list_began = None;
+                }),
             },
             Some(from) => {
                 let from = from.clone();
@@ -308,6 +319,7 @@ async fn list(
     sender: &mut SendRequest<Empty<Bytes>>,
     state: &AgentState,
     counters: &FleetCounters,
+    began: Instant,
 ) -> Result<String, Failure> {
     // client-go's reflector pages its LISTs (500); with resourceVersion=0
     // the apiserver's watch cache ignores the limit.
@@ -316,7 +328,6 @@ async fn list(
     if !spec.consistent_list {
         query.push_str("&resourceVersion=0");
     }
-    let started = Instant::now();
     sender.ready().await.map_err(|_| Failure::Other)?;
     let resp = sender
         .send_request(request(spec, &query))
@@ -362,7 +373,7 @@ async fn list(
         .list_latencies
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .push(started.elapsed());
+        .push(began.elapsed());
     counters.lists_ok.fetch_add(1, Ordering::Relaxed);
     Ok(list_rv)
 }

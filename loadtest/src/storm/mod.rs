@@ -65,7 +65,10 @@ pub const STORM_LIMITS: &str = include_str!("../../../docker/limits-storm.yaml")
 #[derive(Debug, Clone)]
 pub struct StormOpts {
     pub agents: usize,
-    /// Pods per node (each agent's node) besides the agent's own pod.
+    /// Nodes in the cluster (fewer than `agents`, 0 included: one per
+    /// agent; agents run on the first ones). Every node has an agent pod and `pods_per_node` others.
+    pub nodes: usize,
+    /// Pods per node besides the agent's own pod.
     pub pods_per_node: usize,
     /// Agents start uniformly within this (zero: all at once).
     pub spread: Duration,
@@ -98,7 +101,8 @@ impl Default for StormOpts {
     fn default() -> StormOpts {
         StormOpts {
             agents: 5000,
-            pods_per_node: 3,
+            nodes: 0,
+            pods_per_node: 1,
             spread: Duration::ZERO,
             churn: 10.0,
             consistent_list: false,
@@ -242,8 +246,9 @@ pub async fn run_compare(opts: &StormOpts) -> anyhow::Result<Comparison> {
 /// One line naming the knobs, for the report.
 pub fn describe(o: &StormOpts) -> String {
     format!(
-        "agents {}, pods/node {}, spread {:?}, churn {}/s, {} LIST, {}, rollback at {:?}, replicas {}, seed {}, capacity {}",
+        "agents {}, nodes {}, pods/node {}, spread {:?}, churn {}/s, {} LIST, {}, rollback at {:?}, replicas {}, seed {}, capacity {}",
         o.agents,
+        o.nodes.max(o.agents),
         o.pods_per_node,
         o.spread,
         o.churn,
@@ -335,7 +340,9 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
         .context("kube-sim's start task")?
         .context("start kube-sim")?;
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    let nodes: Vec<String> = (0..opts.agents).map(|i| format!("node-{i:05}")).collect();
+    let nodes: Vec<String> = (0..opts.nodes.max(opts.agents))
+        .map(|i| format!("node-{i:05}"))
+        .collect();
     seed(&sim, &nodes, opts.pods_per_node).context("seed kube-sim")?;
 
     // Through Breakwater: start the proxies, point agents and admin at them.
@@ -397,6 +404,7 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
         .collect();
     let specs: Vec<AgentSpec> = nodes
         .iter()
+        .take(opts.agents)
         .enumerate()
         .map(|(i, node)| AgentSpec {
             node: node.clone(),
