@@ -12,12 +12,19 @@
 //! apiservers drop the unknown fields, and RBAC ignores selectors anyway,
 //! so the answer is never broader than the request).
 //!
-//! Answers are cached per (identity, attributes) in a bounded moka cache:
-//! "allowed" for [`POSITIVE_TTL`], "denied" for [`NEGATIVE_TTL`] (so a
-//! freshly granted role works soon); a failure to ask counts as a denial
-//! (a proxy without permission to create reviews must not ask once per
-//! watch of a storm). Identical concurrent reviews (a DaemonSet's agents
-//! arriving at once) share one upstream request through `get_with`.
+//! Answers are cached per (scope, attributes) in a bounded moka cache, the
+//! scope being the user and groups the hub already shares a stream within
+//! ([`key::scope_of`]: a DaemonSet's agents, whose bound tokens differ only
+//! in their pod claims, are one scope): "allowed" for [`POSITIVE_TTL`],
+//! "denied" for [`NEGATIVE_TTL`] (so a freshly granted role works soon); a
+//! failure to ask counts as a denial (a proxy without permission to create
+//! reviews must not ask once per watch of a storm). A request with
+//! selectors is first asked about without them: allowed the whole
+//! collection, it is allowed any part of it, so the agents of a DaemonSet,
+//! each with its own node's field selector, cost one review, not one each.
+//! Only a denial (never a failure) makes it ask about its own selectors.
+//! Identical concurrent reviews (the agents arriving at once) share one
+//! upstream request through `get_with`.
 //!
 //! # Whose credentials a shared stream uses
 //!
@@ -46,6 +53,8 @@ use std::time::{Duration, Instant};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request};
 use http_body_util::BodyExt;
+
+use super::key;
 use moka::Expiry;
 use moka::future::Cache;
 
@@ -191,7 +200,17 @@ impl AccessReviewer for Upstream {
     }
 }
 
-type Key = (Identity, Attributes);
+/// A scope ([`key::scope_of`]) and what it asks.
+type Key = (String, Attributes);
+
+/// A cached answer. A failure to ask is remembered like a denial, but it
+/// does not lead to a narrower question (that would fail too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Allowed,
+    Denied,
+    Failed,
+}
 
 /// Allowed and denied answers age differently.
 struct AnswerExpiry {
@@ -199,9 +218,9 @@ struct AnswerExpiry {
     negative: Duration,
 }
 
-impl Expiry<Key, bool> for AnswerExpiry {
-    fn expire_after_create(&self, _key: &Key, allowed: &bool, _at: Instant) -> Option<Duration> {
-        Some(if *allowed {
+impl Expiry<Key, Answer> for AnswerExpiry {
+    fn expire_after_create(&self, _key: &Key, answer: &Answer, _at: Instant) -> Option<Duration> {
+        Some(if *answer == Answer::Allowed {
             self.positive
         } else {
             self.negative
@@ -212,7 +231,7 @@ impl Expiry<Key, bool> for AnswerExpiry {
 /// The sharing decisions, cached. Cheap to share (`Arc` it).
 pub struct Sharing {
     reviewer: Arc<dyn AccessReviewer>,
-    cache: Cache<Key, bool>,
+    cache: Cache<Key, Answer>,
     /// When a failed review was last logged at warn level (at most once a
     /// minute: a proxy without permission to create SubjectAccessReviews
     /// would otherwise log one line per watch).
@@ -242,20 +261,24 @@ impl Sharing {
     /// (no permission to create SubjectAccessReviews, an outage) must not
     /// ask again for every watch of a storm.
     pub async fn allowed(&self, identity: &Identity, attrs: Attributes) -> bool {
-        let key = (identity.clone(), attrs);
+        self.answer(identity, attrs).await == Answer::Allowed
+    }
+
+    async fn answer(&self, identity: &Identity, attrs: Attributes) -> Answer {
+        let key = (key::scope_of(identity), attrs);
         self.cache
             .get_with_by_ref(&key, async {
-                let res = self.reviewer.review(&key.0, &key.1).await;
-                let result = match &res {
-                    Ok(true) => "allowed",
-                    Ok(false) => "denied",
-                    Err(_) => "error",
+                let res = self.reviewer.review(identity, &key.1).await;
+                let (answer, result) = match &res {
+                    Ok(true) => (Answer::Allowed, "allowed"),
+                    Ok(false) => (Answer::Denied, "denied"),
+                    Err(err) => {
+                        self.warn_failed(err, identity);
+                        (Answer::Failed, "error")
+                    }
                 };
                 metrics::counter!("breakwater_watch_sar_total", "result" => result).increment(1);
-                res.unwrap_or_else(|err| {
-                    self.warn_failed(&err, &key.0);
-                    false
-                })
+                answer
             })
             .await
     }
@@ -281,8 +304,22 @@ impl Sharing {
         label: Option<String>,
         field: Option<String>,
     ) -> bool {
-        self.allowed(identity, Attributes::new(verb, target, label, field))
+        if label.is_none() && field.is_none() {
+            return self
+                .allowed(identity, Attributes::new(verb, target, None, None))
+                .await;
+        }
+        match self
+            .answer(identity, Attributes::new(verb, target, None, None))
             .await
+        {
+            Answer::Allowed => true,
+            Answer::Failed => false,
+            Answer::Denied => {
+                self.allowed(identity, Attributes::new(verb, target, label, field))
+                    .await
+            }
+        }
     }
 
     /// Whether `identity`'s credentials may carry a shared stream of
@@ -317,7 +354,9 @@ impl Sharing {
         for verb in ["watch", "list"] {
             let (label, field) = selectors.clone();
             let attrs = Attributes::new(verb, target, label, field);
-            self.cache.invalidate(&(identity.clone(), attrs)).await;
+            self.cache
+                .invalidate(&(key::scope_of(identity), attrs))
+                .await;
         }
     }
 }
@@ -329,7 +368,8 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// Allows `allowed_user` everything; counts calls; fails while `fail`.
+    /// Allows `allowed_user` everything and "carol" what a field selector
+    /// narrows; counts calls; fails while `fail`.
     struct Fake {
         allowed_user: &'static str,
         calls: AtomicUsize,
@@ -347,7 +387,8 @@ mod tests {
                 if *self.fail.lock().expect("lock") {
                     return Err(SarError::Failed("down".into()));
                 }
-                Ok(identity.username == self.allowed_user)
+                Ok(identity.username == self.allowed_user
+                    || (identity.username == "carol" && attrs.field_selector.is_some()))
             })
         }
     }
@@ -449,12 +490,51 @@ mod tests {
         }
         assert!(allowed, "asked again once the denial expired");
         assert_eq!(f.calls.load(Ordering::SeqCst), 2);
+        // Both times about the whole collection: a failure never leads to
+        // asking about the selectors, and a grant covers them.
         let seen = f.seen.lock().expect("lock").clone();
-        assert_eq!(seen[1].field_selector, field);
-        assert_eq!(seen[1].namespace, "demo");
-        let json = seen[1].to_json();
+        assert!(seen.iter().all(|a| a.field_selector.is_none()), "{seen:?}");
+        // Denied the collection, carol is asked about her own selectors.
+        assert!(
+            s.may_join(&who("carol"), "watch", &pods(), None, field.clone())
+                .await
+        );
+        let seen = f.seen.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 4);
+        assert_eq!(seen[2].field_selector, None);
+        assert_eq!(seen[3].field_selector, field);
+        assert_eq!(seen[3].namespace, "demo");
+        let json = seen[3].to_json();
         assert_eq!(json["fieldSelector"]["rawSelector"], "spec.nodeName=n1");
         assert!(json.get("labelSelector").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_daemonsets_agents_cost_one_review() {
+        // One ServiceAccount, a bound token per pod (its own pod claims),
+        // a field selector per node: one scope, one question.
+        let f = fake();
+        let s = Arc::new(sharing(&f));
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut agent = who("alice");
+                agent.extra.insert(
+                    "authentication.kubernetes.io/pod-name".into(),
+                    vec![format!("agent-{i}")],
+                );
+                let field = Some(format!("spec.nodeName=node-{i}"));
+                s.may_join(&agent, "watch", &pods(), None, field).await
+            }));
+        }
+        for t in tasks {
+            assert!(t.await.expect("task"));
+        }
+        assert_eq!(f.calls.load(Ordering::SeqCst), 1);
+        // Another user is another scope.
+        assert!(!s.may_join(&who("bob"), "watch", &pods(), None, None).await);
+        assert_eq!(f.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
