@@ -628,6 +628,44 @@ async fn a_rule_charging_upstream_lets_50_hub_served_watches_and_lists_through_b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_must_catch_up_upstream_is_charged() {
+    let env = env_with_limits(&charges_text("upstream", 1000)).await;
+    let token = viewer_token(&env);
+    // A resourceVersion from before the shared stream, and a change after
+    // it that the stream's LIST will already hold: the gap only the
+    // apiserver can replay.
+    let old = env.demo.sim.store().current_rv();
+    let pods = breakwater_loadtest::sim::resources::find("", "v1", "pods").expect("pods");
+    env.demo
+        .sim
+        .store()
+        .create(
+            pods,
+            Some("demo"),
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "in-the-gap"},
+                "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]}}),
+        )
+        .expect("pod");
+    // The first watch starts the stream: charged (one of the two tokens).
+    let first = at_once(&env, &token, POD_WATCH, 1).await;
+    assert_eq!(codes(&first), [200]);
+    // From the old RV the gap goes upstream: charged (the second token).
+    let from_old = format!("{POD_WATCH}&resourceVersion={old}");
+    let caught_up = at_once(&env, &token, &from_old, 1).await;
+    assert_eq!(codes(&caught_up), [200]);
+    // The next one would go upstream too: refused, and nothing is sent.
+    let watches = env.demo.sim.request_count("WATCH", "pods");
+    let refused = at_once(&env, &token, &from_old, 1).await;
+    assert_eq!(codes(&refused), [429]);
+    assert_eq!(refused[0].headers()["x-breakwater-rule"], "viewers");
+    assert_eq!(env.demo.sim.request_count("WATCH", "pods"), watches);
+    // Joining the stream without a gap stays free.
+    assert_eq!(codes(&at_once(&env, &token, POD_WATCH, 3).await), [200; 3]);
+    drop((first, caught_up));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_rule_charging_all_paces_the_hub_served_watches_and_lists() {
     let env = env_with_limits(&charges_text("all", 1000)).await;
     let token = viewer_token(&env);

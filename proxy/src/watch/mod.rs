@@ -424,7 +424,7 @@ impl Hub {
             let res = match &req.mode {
                 Mode::Watch(opts) => {
                     let selectors = (req.label.as_deref(), req.field.as_deref());
-                    stream.join(sel.clone(), opts, selectors).await
+                    stream.join(sel.clone(), opts, selectors, gate).await
                 }
                 Mode::ListCached => stream.list(&sel, None).await,
                 Mode::ListConsistent { limit } => stream.list(&sel, Some(*limit)).await,

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::classify::ResourceVersion;
 use crate::upstream::{Body, full};
+use crate::watch::Gate;
 use crate::watch::cache::{Obj, Since};
 use crate::watch::error::{JoinError, Unavailable};
 use crate::watch::fanout::{SubBody, SubHandle, Subscription, queue};
@@ -26,6 +27,7 @@ impl Stream {
         sel: Arc<Selector>,
         opts: &WatchOpts,
         selectors: (Option<&str>, Option<&str>),
+        gate: &mut Gate<'_>,
     ) -> Result<Response<Body>, JoinError> {
         let send_initial = opts
             .send_initial_events
@@ -48,6 +50,12 @@ impl Stream {
             self.extend_back(n).await;
             let gap = self.lock().cache.gap_below(n);
             if let Some(floor) = gap {
+                // The gap is read upstream for this client: it is charged
+                // like any request that goes upstream (its refusal is the
+                // answer, and nothing goes upstream).
+                if let Err(refusal) = gate() {
+                    return Ok(*refusal);
+                }
                 match self.catch_up(n, floor, selectors).await {
                     Some(Gap::Events(frames)) => caught_up = Some((floor, frames)),
                     Some(Gap::Error(frame)) => return Ok(self.watch_response(full(frame))),
