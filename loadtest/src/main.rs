@@ -126,7 +126,7 @@ struct SimArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Unary GET latency and throughput through breakwater vs direct to kube-sim.
+    /// Unary GET latency and throughput through breakwater vs direct to kube-sim (and nginx).
     Overhead(OverheadArgs),
     /// Watch fan-out: N watchers of one shared watch through breakwater, vs the raw-socket limit.
     Fanout(FanoutArgs),
@@ -273,6 +273,14 @@ struct OverheadArgs {
     /// Show breakwater's logs (stderr) instead of keeping them for errors.
     #[arg(long)]
     show_proxy_logs: bool,
+    /// nginx as a third target in every round (a TLS reverse proxy with
+    /// upstream keepalive, configured by the bench; Debian: `apt-get
+    /// install -y nginx-light`).
+    #[arg(long)]
+    with_nginx: bool,
+    /// The nginx binary (default: `nginx` on PATH, else /usr/sbin/nginx).
+    #[arg(long, requires = "with_nginx")]
+    nginx: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -448,6 +456,8 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
         } else {
             StderrMode::Capture
         },
+        with_nginx: a.with_nginx,
+        nginx: a.nginx,
     };
     let report = run_overhead(opts).await?;
     println!("{}", report.table());
