@@ -269,6 +269,7 @@ impl KubeSim {
             capacity,
             http2_max_streams: cfg.effective_http2_max_streams(),
             anonymous_auth: std::sync::atomic::AtomicBool::new(cfg.anonymous_auth),
+            auth_record: auth::AuthRecord::default(),
         });
         tracker.spawn(server::accept_loop(
             listener,
@@ -353,6 +354,14 @@ impl KubeSim {
             .issue_bound(namespace, name, &uid, &[], ttl, &binding)
             .expect("invariant: the SA key loaded at start signs ES256")
             .token
+    }
+
+    /// How many of `user`'s requests each authenticator accepted (the user
+    /// as authenticated, before impersonation): a front proxy's callers
+    /// show as [`auth::AuthPath::RequestHeader`], passed-through tokens as
+    /// [`auth::AuthPath::Token`].
+    pub fn auth_paths(&self, user: &str) -> std::collections::BTreeMap<auth::AuthPath, u64> {
+        self.state.auth_record.of(user)
     }
 
     /// Prometheus text of /metrics.

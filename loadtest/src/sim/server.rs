@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::auth::{self, Authenticator, Impersonate, UserInfo};
+use super::auth::{self, AuthPath, AuthRecord, Authenticator, Impersonate, UserInfo};
 use super::binding::bind;
 use super::metrics::{RequestLabels, SimMetrics};
 use super::rbac::{self, Attributes, Authorizer, Decision};
@@ -95,6 +95,8 @@ pub(crate) struct State {
     /// Switchable at run time ([`super::KubeSim::set_anonymous_auth`]), as a
     /// restarted apiserver with another flag would be.
     pub(crate) anonymous_auth: std::sync::atomic::AtomicBool,
+    /// Which authenticator accepted each user's requests.
+    pub(crate) auth_record: AuthRecord,
 }
 
 /// The rustls config: our serving cert, ALPN h2 + http/1.1, client certs
@@ -304,7 +306,7 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
     let early = Negotiated::for_status(req.headers());
 
     // Phase 1: who is calling.
-    let Some(user) = authenticate(
+    let Some((user, via)) = authenticate(
         &state.auth,
         state
             .anonymous_auth
@@ -315,6 +317,7 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
         state.metrics.record(non_resource_labels(), 401);
         return respond::unauthorized(&early);
     };
+    state.auth_record.record(via, &user.username);
 
     // Phase 2: impersonation, authorized for the authenticated user.
     let user = match impersonate(&state.authz, user, req.headers(), &early) {
@@ -456,20 +459,21 @@ fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBo
 /// The apiserver's union authenticator: requestheader, x509, bearer token;
 /// None (401) when a credential was presented and none succeeded; when
 /// nothing was presented, the anonymous user if `anonymous` allows it
-/// (`--anonymous-auth`), else None as well.
+/// (`--anonymous-auth`), else None as well. With the user, which
+/// authenticator accepted it.
 fn authenticate(
     auth: &Authenticator,
     anonymous: bool,
     conn: &ConnInfo,
     headers: &HeaderMap,
-) -> Option<UserInfo> {
+) -> Option<(UserInfo, AuthPath)> {
     // A credential that failed: the request is refused unless a later
     // authenticator succeeds (the union returns the first success).
     let mut failed = false;
     match &conn.cert {
-        ConnCert::Client(user) => return Some(user.clone()),
+        ConnCert::Client(user) => return Some((user.clone(), AuthPath::ClientCertificate)),
         ConnCert::FrontProxy { allowed: true } => match auth::front_proxy_user(headers) {
-            Some(user) => return Some(user),
+            Some(user) => return Some((user, AuthPath::RequestHeader)),
             // requestheader has no opinion; x509 then rejects a certificate
             // that is not from the client CA.
             None => failed = true,
@@ -490,7 +494,13 @@ fn authenticate(
             .unwrap_or("");
         if !token.is_empty() {
             match auth.authenticate(token) {
-                Ok(user) => return Some(user),
+                Ok(user) => {
+                    let via = match conn.cert {
+                        ConnCert::None => AuthPath::Token,
+                        _ => AuthPath::TokenBesideCertificate,
+                    };
+                    return Some((user, via));
+                }
                 Err(e) => {
                     tracing::debug!(error = %Chain(&e), "kube-sim refused a bearer token");
                     failed = true;
@@ -504,7 +514,7 @@ fn authenticate(
     if failed || !anonymous {
         None
     } else {
-        Some(UserInfo::anonymous())
+        Some((UserInfo::anonymous(), AuthPath::Anonymous))
     }
 }
 
