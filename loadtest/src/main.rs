@@ -122,6 +122,18 @@ struct SimArgs {
         default_missing_value = "true"
     )]
     anonymous_auth: bool,
+    /// Talk like the apiserver's Go net/http server: its HTTP/2 windows and
+    /// frame sizes, Audit-Id and APF response headers, HEADERS and DATA
+    /// flushed separately (`--go-like-transport=false`: hyper's defaults).
+    #[arg(
+        long,
+        action = ArgAction::Set,
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    go_like_transport: bool,
 }
 
 #[derive(Subcommand)]
@@ -281,6 +293,17 @@ struct OverheadArgs {
     /// The nginx binary (default: `nginx` on PATH, else /usr/sbin/nginx).
     #[arg(long, requires = "with_nginx")]
     nginx: Option<PathBuf>,
+    /// kube-sim's transport: `go-like` (the apiserver's HTTP/2 settings,
+    /// response headers and flushing) or `hyper` (hyper's defaults).
+    #[arg(long, value_enum, default_value = "go-like")]
+    upstream_transport: UpstreamTransport,
+}
+
+/// How kube-sim talks in the overhead bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UpstreamTransport {
+    GoLike,
+    Hyper,
 }
 
 #[tokio::main]
@@ -317,6 +340,7 @@ async fn sim(a: SimArgs) -> anyhow::Result<()> {
         listen: a.listen,
         http2_max_streams_per_connection: a.http2_max_streams_per_connection,
         anonymous_auth: a.anonymous_auth,
+        go_like_transport: a.go_like_transport,
         ..SimConfig::default()
     };
     let sim = KubeSim::start(cfg, pki)
@@ -458,6 +482,7 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
         },
         with_nginx: a.with_nginx,
         nginx: a.nginx,
+        go_like_transport: a.upstream_transport == UpstreamTransport::GoLike,
     };
     let report = run_overhead(opts).await?;
     println!("{}", report.table());

@@ -86,6 +86,9 @@ pub struct OverheadOpts {
     pub with_nginx: bool,
     /// The nginx binary; `None` = [`nginx::find_nginx`]'s search.
     pub nginx: Option<PathBuf>,
+    /// kube-sim talks like the apiserver's Go server
+    /// ([`crate::sim::transport`]); false: hyper's defaults.
+    pub go_like_transport: bool,
 }
 
 impl Default for OverheadOpts {
@@ -103,6 +106,7 @@ impl Default for OverheadOpts {
             proxy_stderr: StderrMode::Capture,
             with_nginx: false,
             nginx: None,
+            go_like_transport: true,
         }
     }
 }
@@ -160,6 +164,8 @@ fn proxy_key(target: &str) -> &str {
 #[derive(Debug, Clone, Serialize)]
 pub struct OverheadReport {
     pub protocol: Protocol,
+    /// kube-sim's transport: "go-like" or "hyper".
+    pub upstream_transport: &'static str,
     pub clients: usize,
     /// TCP/TLS connections per phase.
     pub connections: usize,
@@ -214,8 +220,9 @@ impl OverheadReport {
     /// The human-readable table.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "breakwater overhead: {}, {} clients over {} connections, {:.0}s measured after {:.0}s warm-up, {} rounds\n\n",
+            "breakwater overhead: {}, kube-sim transport {}, {} clients over {} connections, {:.0}s measured after {:.0}s warm-up, {} rounds\n\n",
             self.protocol,
+            self.upstream_transport,
             self.clients,
             self.connections,
             self.duration_secs,
@@ -297,9 +304,15 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
     }
 
     let pki = SimPki::generate(&["127.0.0.1", "localhost"]).context("kube-sim PKI")?;
-    let sim = KubeSim::start(SimConfig::default(), pki)
-        .await
-        .context("start kube-sim")?;
+    let sim = KubeSim::start(
+        SimConfig {
+            go_like_transport: opts.go_like_transport,
+            ..SimConfig::default()
+        },
+        pki,
+    )
+    .await
+    .context("start kube-sim")?;
     let result = with_sim(&sim, &bin, &opts).await;
     sim.shutdown().await;
     result
@@ -478,6 +491,11 @@ async fn with_sim(
     let ratios = Ratios::of(&proxy, &direct);
     Ok(OverheadReport {
         protocol: opts.protocol,
+        upstream_transport: if opts.go_like_transport {
+            "go-like"
+        } else {
+            "hyper"
+        },
         clients: opts.clients,
         connections,
         duration_secs: opts.duration.as_secs_f64(),
@@ -973,6 +991,7 @@ mod tests {
         assert_eq!(f.errors, f.requests);
         let report = OverheadReport {
             protocol: Protocol::Http1,
+            upstream_transport: "go-like",
             clients: 4,
             connections: 4,
             duration_secs: 0.3,

@@ -97,6 +97,9 @@ pub(crate) struct State {
     pub(crate) anonymous_auth: std::sync::atomic::AtomicBool,
     /// Which authenticator accepted each user's requests.
     pub(crate) auth_record: AuthRecord,
+    /// The Go-like transport ([`super::transport`]): the apiserver's
+    /// response headers and HTTP/2 flushing, when on.
+    pub(crate) go_like: Option<super::transport::ApiserverHeaders>,
 }
 
 /// The rustls config: our serving cert, ALPN h2 + http/1.1, client certs
@@ -261,18 +264,25 @@ async fn serve_connection(
     };
     let conn = Arc::new(ConnInfo { cert });
     let svc_state = Arc::clone(&state);
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let state = Arc::clone(&svc_state);
         let conn = Arc::clone(&conn);
-        async move { Ok::<_, Infallible>(handle(&state, &conn, req).await) }
+        async move {
+            let version = req.version();
+            let mut resp = handle(&state, &conn, req).await;
+            if let Some(headers) = &state.go_like {
+                headers.apply(&mut resp);
+                resp = super::transport::go_flush(resp, version);
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // The apiserver's stream limit, not hyper's default of 200: a client
-    // multiplexing everything on one connection must stall where it would
-    // against the real thing.
-    builder
-        .http2()
-        .max_concurrent_streams(state.http2_max_streams);
+    super::transport::configure_http2(
+        &mut builder,
+        state.http2_max_streams,
+        state.go_like.is_some(),
+    );
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     tokio::select! {
