@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use breakwater_loadtest::bench::Protocol;
-use breakwater_loadtest::bench::overhead::{OverheadOpts, run_overhead};
+use breakwater_loadtest::bench::overhead::{OverheadOpts, UpstreamKind, run_overhead};
 use breakwater_loadtest::proc::StderrMode;
 use breakwater_loadtest::sim::{KubeSim, SimConfig, SimPki, seed_demo};
 use clap::{ArgAction, Args, Parser, Subcommand};
@@ -297,6 +297,10 @@ struct OverheadArgs {
     /// response headers and flushing) or `hyper` (hyper's defaults).
     #[arg(long, value_enum, default_value = "go-like")]
     upstream_transport: UpstreamTransport,
+    /// The upstream: `kube-sim`, or `go`, a Go net/http stand-in serving
+    /// the same ConfigMap (built with the local `go`; Debian: golang-go).
+    #[arg(long, value_enum, default_value = "kube-sim")]
+    upstream: UpstreamArg,
 }
 
 /// How kube-sim talks in the overhead bench.
@@ -304,6 +308,13 @@ struct OverheadArgs {
 enum UpstreamTransport {
     GoLike,
     Hyper,
+}
+
+/// What answers in the overhead bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UpstreamArg {
+    KubeSim,
+    Go,
 }
 
 #[tokio::main]
@@ -482,7 +493,11 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
         },
         with_nginx: a.with_nginx,
         nginx: a.nginx,
-        go_like_transport: a.upstream_transport == UpstreamTransport::GoLike,
+        upstream: match (a.upstream, a.upstream_transport) {
+            (UpstreamArg::Go, _) => UpstreamKind::Go,
+            (UpstreamArg::KubeSim, UpstreamTransport::GoLike) => UpstreamKind::KubeSim,
+            (UpstreamArg::KubeSim, UpstreamTransport::Hyper) => UpstreamKind::KubeSimHyper,
+        },
     };
     let report = run_overhead(opts).await?;
     println!("{}", report.table());

@@ -13,6 +13,7 @@
 //!   (and vs nginx, [`nginx`], with `--with-nginx`).
 
 pub mod fanout;
+pub mod go_upstream;
 pub mod handshake;
 pub mod memory;
 pub mod nginx;

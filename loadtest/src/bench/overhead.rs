@@ -33,6 +33,7 @@ use http_body_util::{BodyExt, Empty};
 use serde::Serialize;
 use serde_json::json;
 
+use super::go_upstream::{self, GoUpstream, GoUpstreamConfig};
 use super::nginx::{self, NginxConfig, NginxProcess};
 use super::{
     ClientError, Conn, Connector, Figures, Protocol, ScratchDir, client_tls, cpu_seconds,
@@ -54,6 +55,20 @@ pub const PROXY_CPU: &str = "breakwater";
 pub const LOADTEST_CPU: &str = "loadtest";
 /// Key of nginx's CPU use (master + workers), and its phases' target.
 pub const NGINX: &str = "nginx";
+/// Key of the Go stand-in upstream's CPU use (`--upstream go`).
+pub const UPSTREAM_CPU: &str = "upstream";
+
+/// What the benchmark's clients and proxies talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamKind {
+    /// kube-sim, with its Go-like transport ([`crate::sim::transport`]).
+    KubeSim,
+    /// kube-sim with hyper's own transport.
+    KubeSimHyper,
+    /// A Go `net/http` stand-in ([`go_upstream`]), when `go` is installed.
+    Go,
+}
 
 /// Errors above this fraction of requests fail the benchmark.
 pub const MAX_ERROR_FRACTION: f64 = 0.001;
@@ -86,9 +101,9 @@ pub struct OverheadOpts {
     pub with_nginx: bool,
     /// The nginx binary; `None` = [`nginx::find_nginx`]'s search.
     pub nginx: Option<PathBuf>,
-    /// kube-sim talks like the apiserver's Go server
-    /// ([`crate::sim::transport`]); false: hyper's defaults.
-    pub go_like_transport: bool,
+    /// The upstream: kube-sim (Go-like or hyper transport) or the Go
+    /// stand-in.
+    pub upstream: UpstreamKind,
 }
 
 impl Default for OverheadOpts {
@@ -106,7 +121,7 @@ impl Default for OverheadOpts {
             proxy_stderr: StderrMode::Capture,
             with_nginx: false,
             nginx: None,
-            go_like_transport: true,
+            upstream: UpstreamKind::KubeSim,
         }
     }
 }
@@ -164,8 +179,8 @@ fn proxy_key(target: &str) -> &str {
 #[derive(Debug, Clone, Serialize)]
 pub struct OverheadReport {
     pub protocol: Protocol,
-    /// kube-sim's transport: "go-like" or "hyper".
-    pub upstream_transport: &'static str,
+    /// What answered: kube-sim (Go-like transport), kube-sim-hyper, or go.
+    pub upstream: UpstreamKind,
     pub clients: usize,
     /// TCP/TLS connections per phase.
     pub connections: usize,
@@ -220,9 +235,9 @@ impl OverheadReport {
     /// The human-readable table.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "breakwater overhead: {}, kube-sim transport {}, {} clients over {} connections, {:.0}s measured after {:.0}s warm-up, {} rounds\n\n",
+            "breakwater overhead: {}, upstream {:?}, {} clients over {} connections, {:.0}s measured after {:.0}s warm-up, {} rounds\n\n",
             self.protocol,
-            self.upstream_transport,
+            self.upstream,
             self.clients,
             self.connections,
             self.duration_secs,
@@ -230,7 +245,7 @@ impl OverheadReport {
             self.rounds
         );
         let header = format!(
-            "{:<6} {:<12} {:>10} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11}\n",
+            "{:<6} {:<12} {:>10} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}\n",
             "round",
             "target",
             "requests",
@@ -240,7 +255,8 @@ impl OverheadReport {
             "p99",
             "max",
             "cpu/req px",
-            "cpu/req lt"
+            "cpu/req lt",
+            "cpu/req up"
         );
         out.push_str(&header);
         let cpu = |f: &Figures, key: &str| {
@@ -250,7 +266,7 @@ impl OverheadReport {
         };
         let row = |round: &str, f: &Figures| {
             format!(
-                "{:<6} {:<12} {:>10} {:>7} {:>10.0} {:>9} {:>9} {:>9} {:>11} {:>11}\n",
+                "{:<6} {:<12} {:>10} {:>7} {:>10.0} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}\n",
                 round,
                 f.target,
                 f.requests,
@@ -260,7 +276,8 @@ impl OverheadReport {
                 fmt_us(f.p99_us),
                 fmt_us(f.max_us),
                 cpu(f, proxy_key(&f.target)),
-                cpu(f, LOADTEST_CPU)
+                cpu(f, LOADTEST_CPU),
+                cpu(f, UPSTREAM_CPU)
             )
         };
         let per_round = if self.nginx.is_some() { 3 } else { 2 };
@@ -274,7 +291,7 @@ impl OverheadReport {
             out.push_str(&row("best", n));
         }
         out.push_str(&format!(
-            "\nproxy/direct: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x   (upstream GETs counted by kube-sim: {})\n",
+            "\nproxy/direct: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x   (upstream GETs counted by the upstream: {})\n",
             self.ratios.rps, self.ratios.p50, self.ratios.p99, self.upstream_gets
         ));
         if let (Some(n), Some(b)) = (&self.nginx_ratios, &self.breakwater_vs_nginx) {
@@ -284,7 +301,7 @@ impl OverheadReport {
             ));
         }
         out.push_str(
-            "cpu/req: CPU time per request of the proxy under test (px: breakwater, or nginx's master + workers) and of this process, kube-sim + clients (lt)\n",
+            "cpu/req: CPU time per request of the proxy under test (px: breakwater, or nginx's master + workers), of this process, kube-sim + clients (lt), and of the Go stand-in upstream (up, --upstream go)\n",
         );
         out
     }
@@ -302,11 +319,14 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
         // Before anything starts: a missing nginx is one line, and the fix.
         nginx::find_nginx(opts.nginx.as_deref())?;
     }
+    if opts.upstream == UpstreamKind::Go && go_upstream::find_go().is_none() {
+        return Err(go_upstream::GoError::NotFound.into());
+    }
 
     let pki = SimPki::generate(&["127.0.0.1", "localhost"]).context("kube-sim PKI")?;
     let sim = KubeSim::start(
         SimConfig {
-            go_like_transport: opts.go_like_transport,
+            go_like_transport: opts.upstream != UpstreamKind::KubeSimHyper,
             ..SimConfig::default()
         },
         pki,
@@ -325,6 +345,14 @@ async fn with_sim(
 ) -> anyhow::Result<OverheadReport> {
     seed(sim).context("seed kube-sim")?;
     let token = sim.issue_token("default", "bench", Duration::from_secs(3600));
+    let auth = HeaderValue::from_str(&format!("Bearer {token}")).context("token header")?;
+    // With `--upstream go`, the Go stand-in serves what kube-sim would.
+    let go = match opts.upstream {
+        UpstreamKind::Go => Some(start_go(sim, &token, &auth, opts.protocol).await?),
+        UpstreamKind::KubeSim | UpstreamKind::KubeSimHyper => None,
+    };
+    let upstream_addr = go.as_ref().map_or(sim.addr(), GoUpstream::addr);
+    let upstream_url = format!("https://{upstream_addr}");
 
     // The proxy's serving certificate, from a CA only this run trusts.
     let proxy_ca = Ca::new("breakwater-bench-ca")?;
@@ -337,7 +365,7 @@ async fn with_sim(
     let args = RunArgs {
         tls_cert,
         tls_key,
-        upstream: sim.url(),
+        upstream: upstream_url.clone(),
         upstream_ca,
         // Every client comes from 127.0.0.1: no per-source cap.
         extra: vec!["--max-connections-per-source".into(), "0".into()],
@@ -355,14 +383,14 @@ async fn with_sim(
     let proxy = BreakwaterProcess::start(bin, args.to_args(), start)
         .await
         .with_context(|| format!("start {}", bin.display()))?;
-    tracing::info!(proxy = %proxy.listen_url(), upstream = %sim.url(), "breakwater is ready");
+    tracing::info!(proxy = %proxy.listen_url(), upstream = %upstream_url, "breakwater is ready");
 
     let tls = client_tls(
         &[sim.pki().serving_ca.cert_pem(), proxy_ca.cert_pem()],
         opts.protocol,
     )?;
     let direct = Connector {
-        addr: sim.addr(),
+        addr: upstream_addr,
         tls: tls.clone(),
         proto: opts.protocol,
     };
@@ -371,7 +399,6 @@ async fn with_sim(
         tls,
         proto: opts.protocol,
     };
-    let auth = HeaderValue::from_str(&format!("Bearer {token}")).context("token header")?;
 
     // Fail fast, with the answer in the message, if either path is broken.
     probe(&direct, &auth)
@@ -391,7 +418,7 @@ async fn with_sim(
         let cert = proxy_ca.issue_server(&["127.0.0.1", "localhost"])?;
         let n = NginxProcess::start(&NginxConfig {
             bin: opts.nginx.clone(),
-            upstream: sim.addr(),
+            upstream: upstream_addr,
             upstream_name: "localhost".to_string(),
             upstream_ca_pem: sim.pki().serving_ca.cert_pem().to_string(),
             cert_pem: cert.cert_pem,
@@ -437,7 +464,9 @@ async fn with_sim(
     for round in 1..=opts.rounds {
         for &(target, connector, cpu) in &targets {
             tracing::info!(round, target, "phase starts");
-            let (figures, conns) = run_phase(target, connector, &auth, opts, cpu).await?;
+            let upstream_pid = go.as_ref().and_then(GoUpstream::pid);
+            let (figures, conns) =
+                run_phase(target, connector, &auth, opts, cpu, upstream_pid).await?;
             connections = conns;
             eprintln!(
                 "round {round} {target:<10}: {:.0} req/s, p50 {}, p99 {}, {} errors",
@@ -476,6 +505,16 @@ async fn with_sim(
     {
         tracing::warn!(error = %Chain(&e), "stopping nginx");
     }
+    let upstream_gets = match &go {
+        Some(g) => go_gets(&direct, &auth, g).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the Go stand-in's GET count");
+            0
+        }),
+        None => sim.request_count("GET", "configmaps"),
+    };
+    if let Some(g) = go {
+        g.shutdown().await;
+    }
 
     let best = |target: &str| {
         phases
@@ -491,11 +530,7 @@ async fn with_sim(
     let ratios = Ratios::of(&proxy, &direct);
     Ok(OverheadReport {
         protocol: opts.protocol,
-        upstream_transport: if opts.go_like_transport {
-            "go-like"
-        } else {
-            "hyper"
-        },
+        upstream: opts.upstream,
         clients: opts.clients,
         connections,
         duration_secs: opts.duration.as_secs_f64(),
@@ -509,12 +544,85 @@ async fn with_sim(
         direct,
         proxy,
         ratios,
-        upstream_gets: sim.request_count("GET", "configmaps"),
+        upstream_gets,
         breakwater_bin: bin.to_path_buf(),
         finished_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     })
+}
+
+/// Builds and starts the Go stand-in serving what kube-sim serves: the
+/// bench ConfigMap's bytes and a SelfSubjectReview answer for the token's
+/// ServiceAccount, with a certificate from kube-sim's serving CA (so
+/// breakwater, nginx and the clients trust it as they trust kube-sim).
+async fn start_go(
+    sim: &KubeSim,
+    token: &str,
+    auth: &HeaderValue,
+    protocol: Protocol,
+) -> anyhow::Result<GoUpstream> {
+    let tls = client_tls(&[sim.pki().serving_ca.cert_pem()], protocol)?;
+    let to_sim = Connector {
+        addr: sim.addr(),
+        tls,
+        proto: protocol,
+    };
+    let mut conn = to_sim.connect().await?;
+    let resp = conn.send(request(&conn, &to_sim, auth)).await?;
+    ensure!(
+        resp.status().is_success(),
+        "GET {BENCH_PATH} from kube-sim answered {}",
+        resp.status()
+    );
+    let body = resp.into_body().collect().await?.to_bytes().to_vec();
+    let sa = sim
+        .store()
+        .get(
+            resources::find("", "v1", "serviceaccounts")
+                .context("kube-sim serves serviceaccounts")?,
+            Some("default"),
+            "bench",
+        )
+        .context("the bench ServiceAccount")?;
+    let uid = sa["metadata"]["uid"].as_str().unwrap_or_default();
+    let self_subject_review = serde_json::to_vec(&json!({
+        "kind": "SelfSubjectReview",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {"creationTimestamp": null},
+        "status": {"userInfo": {
+            "username": "system:serviceaccount:default:bench",
+            "uid": uid,
+            "groups": ["system:serviceaccounts", "system:serviceaccounts:default",
+                       "system:authenticated"],
+        }},
+    }))?;
+    let cert = sim
+        .pki()
+        .serving_ca
+        .issue_server(&["127.0.0.1", "localhost"])?;
+    let go = GoUpstream::start(&GoUpstreamConfig {
+        cert_pem: cert.cert_pem,
+        key_pem: cert.key_pem,
+        token: token.to_string(),
+        path: BENCH_PATH.to_string(),
+        body,
+        self_subject_review,
+    })
+    .await
+    .context("start the Go stand-in upstream")?;
+    tracing::info!(addr = %go.addr(), "Go stand-in upstream is ready");
+    Ok(go)
+}
+
+/// GETs of the bench path the Go stand-in answered (its `/__gets`).
+async fn go_gets(direct: &Connector, auth: &HeaderValue, go: &GoUpstream) -> anyhow::Result<u64> {
+    let mut conn = direct.connect().await?;
+    let mut req = request(&conn, direct, auth);
+    *req.uri_mut() = conn.request_uri(go.addr(), "/__gets").parse()?;
+    let resp = conn.send(req).await?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(std::str::from_utf8(&body)?.trim().parse()?)
 }
 
 /// Namespace `default` (if kube-sim does not make it), ServiceAccount
@@ -640,6 +748,7 @@ async fn run_phase(
     auth: &HeaderValue,
     opts: &OverheadOpts,
     proxy_cpu: ProxyCpu,
+    upstream_pid: Option<u32>,
 ) -> anyhow::Result<(Figures, usize)> {
     // Connect everything before the clock starts: handshakes are not requests.
     let conns: Vec<Conn> = match opts.protocol {
@@ -677,7 +786,8 @@ async fn run_phase(
     // decide per request whether it is inside; the few in flight at either
     // edge are noise well below one clock tick per phase).
     tokio::time::sleep_until(clock.measure_from.into()).await;
-    let cpu_before = (cpu_seconds(None), proxy_cpu.read());
+    let upstream_cpu = || upstream_pid.and_then(|p| cpu_seconds(Some(p)));
+    let cpu_before = (cpu_seconds(None), proxy_cpu.read(), upstream_cpu());
 
     let mut hist = latency_histogram();
     let (mut requests, mut errors) = (0u64, 0u64);
@@ -691,7 +801,7 @@ async fn run_phase(
             last_done = last_done.max(d);
         }
     }
-    let cpu_after = (cpu_seconds(None), proxy_cpu.read());
+    let cpu_after = (cpu_seconds(None), proxy_cpu.read(), upstream_cpu());
     let seconds = last_done.duration_since(clock.measure_from).as_secs_f64();
     let mut figures = Figures::new(target, &hist, requests, errors, seconds);
     let per_request = |before: Option<f64>, after: Option<f64>| {
@@ -707,6 +817,11 @@ async fn run_phase(
         && let Some(us) = per_request(Some(before), Some(after))
     {
         figures.cpu_us_per_request.insert(key.to_string(), us);
+    }
+    if let Some(us) = per_request(cpu_before.2, cpu_after.2) {
+        figures
+            .cpu_us_per_request
+            .insert(UPSTREAM_CPU.to_string(), us);
     }
     Ok((figures, connections))
 }
@@ -880,10 +995,16 @@ mod tests {
                 proto: protocol,
             };
             probe(&connector, &good).await.expect("probe");
-            let (f, conns) =
-                run_phase("direct", &connector, &good, &opts(protocol), ProxyCpu::None)
-                    .await
-                    .expect("phase");
+            let (f, conns) = run_phase(
+                "direct",
+                &connector,
+                &good,
+                &opts(protocol),
+                ProxyCpu::None,
+                None,
+            )
+            .await
+            .expect("phase");
             assert!(f.requests > 10, "{protocol}: {f:?}");
             assert_eq!(f.errors, 0, "{protocol}: {f:?}");
             assert!(f.p50_us > 0 && f.p50_us <= f.max_us, "{f:?}");
@@ -935,6 +1056,7 @@ mod tests {
                 &auth,
                 &opts(protocol),
                 ProxyCpu::Nginx(pid),
+                None,
             )
             .await
             .expect("phase");
@@ -984,6 +1106,7 @@ mod tests {
             &bad,
             &opts(Protocol::Http1),
             ProxyCpu::None,
+            None,
         )
         .await
         .expect("phase");
@@ -991,7 +1114,7 @@ mod tests {
         assert_eq!(f.errors, f.requests);
         let report = OverheadReport {
             protocol: Protocol::Http1,
-            upstream_transport: "go-like",
+            upstream: UpstreamKind::KubeSim,
             clients: 4,
             connections: 4,
             duration_secs: 0.3,
