@@ -51,8 +51,8 @@ const PORT_ATTEMPTS: usize = 3;
 /// A failure to find, configure, start or stop nginx.
 #[derive(Debug, thiserror::Error)]
 pub enum NginxError {
-    #[error("nginx not found (looked on PATH and in /usr/sbin); install it: {INSTALL_HINT}")]
-    NotFound,
+    #[error("nginx not found ({looked}); install it: {INSTALL_HINT}")]
+    NotFound { looked: String },
     #[error("`{bin} -v` did not print a version")]
     Version { bin: PathBuf },
     #[error("writing nginx's files in {dir}")]
@@ -111,7 +111,9 @@ pub fn find_nginx(explicit: Option<&Path>) -> Result<PathBuf, NginxError> {
         return if p.is_file() {
             Ok(p.to_path_buf())
         } else {
-            Err(NginxError::NotFound)
+            Err(NginxError::NotFound {
+                looked: format!("no file at {}", p.display()),
+            })
         };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -119,7 +121,10 @@ pub fn find_nginx(explicit: Option<&Path>) -> Result<PathBuf, NginxError> {
         .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"].map(PathBuf::from))
         .map(|d| d.join("nginx"))
         .find(|p| p.is_file())
-        .ok_or(NginxError::NotFound)
+        .ok_or_else(|| NginxError::NotFound {
+            looked: "looked on PATH and in /usr/sbin, /usr/local/sbin, /usr/local/nginx/sbin"
+                .to_string(),
+        })
 }
 
 /// `nginx -v`'s version, e.g. (1, 22, 1).
