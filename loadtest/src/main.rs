@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use breakwater_loadtest::bench::Protocol;
-use breakwater_loadtest::bench::overhead::{OverheadOpts, run_overhead};
+use breakwater_loadtest::bench::overhead::{OverheadOpts, UpstreamKind, run_overhead};
 use breakwater_loadtest::proc::StderrMode;
 use breakwater_loadtest::sim::{KubeSim, SimConfig, SimPki, seed_demo};
 use clap::{ArgAction, Args, Parser, Subcommand};
@@ -127,11 +127,23 @@ struct SimArgs {
         default_missing_value = "true"
     )]
     anonymous_auth: bool,
+    /// Talk like the apiserver's Go net/http server: its HTTP/2 windows and
+    /// frame sizes, Audit-Id and APF response headers, HEADERS and DATA
+    /// flushed separately (`--go-like-transport=false`: hyper's defaults).
+    #[arg(
+        long,
+        action = ArgAction::Set,
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    go_like_transport: bool,
 }
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Unary GET latency and throughput through breakwater vs direct to kube-sim.
+    /// Unary GET latency and throughput through breakwater vs direct to kube-sim (and nginx).
     Overhead(OverheadArgs),
     /// Watch fan-out: N watchers of one shared watch through breakwater, vs the raw-socket limit.
     Fanout(FanoutArgs),
@@ -278,6 +290,36 @@ struct OverheadArgs {
     /// Show breakwater's logs (stderr) instead of keeping them for errors.
     #[arg(long)]
     show_proxy_logs: bool,
+    /// nginx as a third target in every round (a TLS reverse proxy with
+    /// upstream keepalive, configured by the bench; Debian: `apt-get
+    /// install -y nginx-light`).
+    #[arg(long)]
+    with_nginx: bool,
+    /// The nginx binary (default: `nginx` on PATH, else /usr/sbin/nginx).
+    #[arg(long, requires = "with_nginx")]
+    nginx: Option<PathBuf>,
+    /// kube-sim's transport: `go-like` (the apiserver's HTTP/2 settings,
+    /// response headers and flushing) or `hyper` (hyper's defaults).
+    #[arg(long, value_enum, default_value = "go-like")]
+    upstream_transport: UpstreamTransport,
+    /// The upstream: `kube-sim`, or `go`, a Go net/http stand-in serving
+    /// the same ConfigMap (built with the local `go`; Debian: golang-go).
+    #[arg(long, value_enum, default_value = "kube-sim")]
+    upstream: UpstreamArg,
+}
+
+/// How kube-sim talks in the overhead bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UpstreamTransport {
+    GoLike,
+    Hyper,
+}
+
+/// What answers in the overhead bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UpstreamArg {
+    KubeSim,
+    Go,
 }
 
 #[tokio::main]
@@ -314,6 +356,7 @@ async fn sim(a: SimArgs) -> anyhow::Result<()> {
         listen: a.listen,
         http2_max_streams_per_connection: a.http2_max_streams_per_connection,
         anonymous_auth: a.anonymous_auth,
+        go_like_transport: a.go_like_transport,
         ..SimConfig::default()
     };
     let sim = KubeSim::start(cfg, pki)
@@ -452,6 +495,13 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
             StderrMode::Inherit
         } else {
             StderrMode::Capture
+        },
+        with_nginx: a.with_nginx,
+        nginx: a.nginx,
+        upstream: match (a.upstream, a.upstream_transport) {
+            (UpstreamArg::Go, _) => UpstreamKind::Go,
+            (UpstreamArg::KubeSim, UpstreamTransport::GoLike) => UpstreamKind::KubeSim,
+            (UpstreamArg::KubeSim, UpstreamTransport::Hyper) => UpstreamKind::KubeSimHyper,
         },
     };
     let report = run_overhead(opts).await?;

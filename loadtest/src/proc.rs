@@ -406,10 +406,10 @@ fn parse_addr(rest: &str, line: &str) -> Result<SocketAddr, ProcError> {
 
 /// The last [`TAIL_LINES`] lines of the child's output.
 #[derive(Clone, Default)]
-struct Tail(Arc<Mutex<VecDeque<String>>>);
+pub(crate) struct Tail(Arc<Mutex<VecDeque<String>>>);
 
 impl Tail {
-    fn push(&self, line: String) {
+    pub(crate) fn push(&self, line: String) {
         // A poisoned lock only means a drain task panicked mid-push; the lines
         // are still usable for an error message.
         let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -419,7 +419,7 @@ impl Tail {
         q.push_back(line);
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         let q = self.0.lock().unwrap_or_else(|e| e.into_inner());
         q.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
     }

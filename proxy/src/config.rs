@@ -52,11 +52,13 @@ pub struct RunOptions {
     #[arg(long)]
     pub upstream_token_file: Option<PathBuf>,
     /// How the apiserver learns who the client is: passthrough (forward the client's
-    /// Authorization), front-proxy (X-Remote-* over the proxy's front-proxy certificate) or
-    /// impersonate (the proxy's credentials plus Impersonate-*) [default: passthrough].
+    /// Authorization), front-proxy (X-Remote-* over the proxy's front-proxy certificate),
+    /// impersonate (the proxy's credentials plus Impersonate-*) or auto (token clients
+    /// as passthrough, certificate clients as front-proxy; needs the front-proxy
+    /// certificate) [default: passthrough].
     #[arg(long, value_enum)]
     pub upstream_auth: Option<AuthMode>,
-    /// In front-proxy mode, the user the proxy's own requests (TokenReview) carry
+    /// In front-proxy and auto modes, the user the proxy's own requests (TokenReview) carry
     /// [default: system:serviceaccount:kube-system:breakwater].
     #[arg(long)]
     pub proxy_user: Option<String>,

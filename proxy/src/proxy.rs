@@ -433,6 +433,10 @@ impl Via {
 ///   certificate; the client's `Authorization` is dropped.
 /// - impersonate: the proxy's own credentials plus `Impersonate-*`; a client
 ///   that impersonates itself is refused, since the two cannot combine.
+/// - auto: a token caller as passthrough (the apiserver caches token
+///   authentication, and verifies no certificate of ours), a certificate
+///   caller as front-proxy. The upstream client routes each by the
+///   headers set here (`X-Remote-User` or not).
 fn identify_upstream(
     upstream: &Upstream,
     identity: &Identity,
@@ -455,6 +459,8 @@ fn identify_upstream(
         return Ok(());
     }
     match upstream.mode() {
+        AuthMode::Auto if via == Via::Token => {}
+        AuthMode::Auto => front_proxy_headers(identity, headers),
         AuthMode::Passthrough => {
             if via == Via::Certificate {
                 return Err(refuse(
@@ -465,19 +471,7 @@ fn identify_upstream(
                 ));
             }
         }
-        AuthMode::FrontProxy => {
-            headers.remove(header::AUTHORIZATION);
-            insert(headers, "x-remote-user", &identity.username);
-            for group in &identity.groups {
-                append(headers, "x-remote-group", group);
-            }
-            for (key, values) in &identity.extra {
-                let name = format!("x-remote-extra-{}", escape_extra_key(key));
-                for v in values {
-                    append(headers, &name, v);
-                }
-            }
-        }
+        AuthMode::FrontProxy => front_proxy_headers(identity, headers),
         AuthMode::Impersonate => {
             headers.remove(header::AUTHORIZATION);
             if let Some(token) = upstream.own_token() {
@@ -503,6 +497,21 @@ fn identify_upstream(
         }
     }
     Ok(())
+}
+
+/// `X-Remote-User/Group/Extra-*` in place of the client's `Authorization`.
+fn front_proxy_headers(identity: &Identity, headers: &mut HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    insert(headers, "x-remote-user", &identity.username);
+    for group in &identity.groups {
+        append(headers, "x-remote-group", group);
+    }
+    for (key, values) in &identity.extra {
+        let name = format!("x-remote-extra-{}", escape_extra_key(key));
+        for v in values {
+            append(headers, &name, v);
+        }
+    }
 }
 
 fn insert(headers: &mut HeaderMap, name: &str, value: &str) {

@@ -13,6 +13,7 @@ use breakwater::tls::UpstreamTls;
 use breakwater::upstream::{AuthMode, DEFAULT_PROXY_USER, Timeouts, UpstreamConfig};
 use breakwater_loadtest::pki::Ca;
 use breakwater_loadtest::sim::SimConfig;
+use breakwater_loadtest::sim::auth::AuthPath;
 use http_body_util::{BodyExt, Empty};
 use serde_json::{Value, json};
 
@@ -20,7 +21,7 @@ use common::{Env, Lines, counter_sum, demo_env, get, https_client, scrape, write
 
 /// A proxy in front of the demo's kube-sim in `mode`. The proxy's own
 /// credential is kube-sim's admin certificate (impersonate, passthrough) or
-/// its front-proxy certificate (front-proxy).
+/// its front-proxy certificate (front-proxy, auto).
 async fn proxy_in_mode(
     env: &Env,
     mode: AuthMode,
@@ -57,7 +58,7 @@ async fn start_with_auth(
 ) -> breakwater::server::ProxyHandle {
     let dir = env.dir.path();
     let client_cert = match mode {
-        AuthMode::FrontProxy => (
+        AuthMode::FrontProxy | AuthMode::Auto => (
             dir.join("front-proxy-client.crt"),
             dir.join("front-proxy-client.key"),
         ),
@@ -126,6 +127,7 @@ async fn whoami_names_the_caller_in_every_upstream_mode() {
         AuthMode::FrontProxy,
         AuthMode::Impersonate,
         AuthMode::Passthrough,
+        AuthMode::Auto,
     ] {
         let proxy = proxy_in_mode(&env, mode, true).await;
         let server = format!("https://{}", proxy.addr());
@@ -163,6 +165,104 @@ async fn whoami_names_the_caller_in_every_upstream_mode() {
         }
         proxy.shutdown().await;
     }
+}
+
+/// Requests of `user` that kube-sim authenticated since `before`, per path.
+fn auth_delta(
+    env: &Env,
+    user: &str,
+    before: &std::collections::BTreeMap<AuthPath, u64>,
+) -> std::collections::BTreeMap<AuthPath, u64> {
+    env.demo
+        .sim
+        .auth_paths(user)
+        .into_iter()
+        .map(|(path, n)| (path, n - before.get(&path).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// One proxy in `auto`: a token client and a certificate client, over
+/// HTTP/1.1 and HTTP/2, directly and through the watch hub. kube-sim sees
+/// each as who it is, and says how it found out: the token as a token on a
+/// connection without a certificate (what the apiserver caches; no
+/// front-proxy certificate to verify), the certificate user by
+/// requestheader (the only way the proxy can speak for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_passes_tokens_through_and_names_certificate_users_by_front_proxy_headers() {
+    let env = demo_env().await;
+    let proxy = proxy_in_mode(&env, AuthMode::Auto, true).await;
+    let base = format!("https://{}", proxy.addr());
+    let sa = "system:serviceaccount:demo:viewer";
+    let admin = "kubernetes-admin";
+    let sa_before = env.demo.sim.auth_paths(sa);
+    let admin_before = env.demo.sim.auth_paths(admin);
+
+    // kubectl, both ways: the apiserver's own answer to "who am I".
+    let as_sa = write_kubeconfig(
+        &env,
+        "kc-auto-sa",
+        &base,
+        &format!("token: {}", common::viewer_token(&env)),
+    );
+    let as_admin = write_kubeconfig(&env, "kc-auto-admin", &base, &admin_user(&env));
+    let who = whoami(&env, &as_sa).await;
+    assert_eq!(who["status"]["userInfo"]["username"], sa, "{who}");
+    let who = whoami(&env, &as_admin).await;
+    assert_eq!(who["status"]["userInfo"]["username"], admin, "{who}");
+    let groups = who["status"]["userInfo"]["groups"].to_string();
+    assert!(groups.contains("system:masters"), "{groups}");
+
+    // A GET and a watch (served by the hub, whose upstream stream carries
+    // the caller's credentials) with the token, over both protocols.
+    let token = common::viewer_token(&env);
+    for h2 in [false, true] {
+        let client = https_client(&env.demo.proxy_ca_pem, h2);
+        let resp = client
+            .request(get(&format!("{base}/api/v1/namespaces/demo/pods"), &token))
+            .await
+            .expect("GET");
+        assert_eq!(resp.status(), 200, "h2={h2}");
+        let resp = client
+            .request(get(
+                &format!("{base}/api/v1/namespaces/demo/pods?watch=true&resourceVersion=0&timeoutSeconds=1"),
+                &token,
+            ))
+            .await
+            .expect("watch");
+        assert_eq!(resp.status(), 200, "h2={h2}");
+        let mut lines = Lines::new(resp.into_body());
+        assert!(
+            lines.next_within(Duration::from_secs(20)).await.is_some(),
+            "h2={h2}: an event"
+        );
+    }
+
+    let sa_paths = auth_delta(&env, sa, &sa_before);
+    assert!(
+        sa_paths.get(&AuthPath::Token).copied().unwrap_or(0) >= 5,
+        "the token went through as a token: {sa_paths:?}"
+    );
+    assert_eq!(
+        sa_paths.len(),
+        1,
+        "and only so (no certificate beside it, no X-Remote-User): {sa_paths:?}"
+    );
+    let admin_paths = auth_delta(&env, admin, &admin_before);
+    assert!(
+        admin_paths
+            .get(&AuthPath::RequestHeader)
+            .copied()
+            .unwrap_or(0)
+            >= 1,
+        "{admin_paths:?}"
+    );
+    assert_eq!(
+        admin_paths.len(),
+        1,
+        "by front-proxy headers only: {admin_paths:?}"
+    );
+    proxy.shutdown().await;
 }
 
 /// Signs SA-shaped claims with `key_pem` (ES256).
@@ -603,6 +703,7 @@ async fn a_request_without_credentials_meets_the_apiservers_own_anonymous_policy
         AuthMode::Passthrough,
         AuthMode::FrontProxy,
         AuthMode::Impersonate,
+        AuthMode::Auto,
     ] {
         let proxy = proxy_in_mode(&env, mode, true).await;
         let base = format!("https://{}", proxy.addr());

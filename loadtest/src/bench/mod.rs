@@ -9,11 +9,14 @@
 //! derived from an HDR histogram.
 //!
 //! Benchmarks:
-//! - [`overhead`]: unary GET latency and throughput through breakwater vs direct.
+//! - [`overhead`]: unary GET latency and throughput through breakwater vs direct
+//!   (and vs nginx, [`nginx`], with `--with-nginx`).
 
 pub mod fanout;
+pub mod go_upstream;
 pub mod handshake;
 pub mod memory;
+pub mod nginx;
 pub mod overhead;
 
 use std::collections::BTreeMap;
@@ -318,6 +321,39 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some((utime + stime) as f64 / clock_ticks_per_second())
 }
 
+/// CPU time of process `pid` and of its direct children (nginx's master
+/// and its workers): the same `/proc/PID/stat` figure as [`cpu_seconds`],
+/// summed. A child's time is only in its parent's `cutime` once it has
+/// been reaped, so the children are read one by one. `None` if `pid`'s
+/// own figure cannot be read.
+pub fn cpu_seconds_tree(pid: u32) -> Option<f64> {
+    let own = cpu_seconds(Some(pid))?;
+    let children: f64 = children_of(pid)
+        .into_iter()
+        .filter_map(|c| cpu_seconds(Some(c)))
+        .sum();
+    Some(own + children)
+}
+
+/// Pids whose parent is `pid`, from `/proc/*/stat` (field 4, ppid).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
 /// `getconf CLK_TCK` (no libc here); 100, the Linux default, if that fails.
 fn clock_ticks_per_second() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
@@ -429,6 +465,22 @@ mod tests {
         }
         let after = cpu_seconds(None).expect("readable on Linux");
         assert!(after > before, "{before} -> {after}");
+    }
+
+    #[test]
+    fn a_process_tree_counts_its_children() {
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("read _")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh runs");
+        let me = std::process::id();
+        assert!(children_of(me).contains(&child.id()));
+        assert!(!children_of(child.id()).contains(&me));
+        assert!(cpu_seconds_tree(me).is_some());
+        drop(child.stdin.take());
+        child.wait().expect("sh exits once its stdin closes");
     }
 
     #[test]

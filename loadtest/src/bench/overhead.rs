@@ -14,6 +14,11 @@
 //! HTTP/1.1: one connection per client, one request at a time (like wrk).
 //! HTTP/2: a few connections, the clients' requests multiplexed over them
 //! (like h2load, or client-go sharing one connection).
+//!
+//! With `--with-nginx` ([`OverheadOpts::with_nginx`]) nginx, configured by
+//! [`super::nginx`] as a TLS reverse proxy with upstream keepalive, is a
+//! third target in every round (direct, breakwater, nginx), under the same
+//! clients and phases; its CPU per request is its master's and workers'.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,9 +33,11 @@ use http_body_util::{BodyExt, Empty};
 use serde::Serialize;
 use serde_json::json;
 
+use super::go_upstream::{self, GoUpstream, GoUpstreamConfig};
+use super::nginx::{self, NginxConfig, NginxProcess};
 use super::{
-    ClientError, Conn, Connector, Figures, Protocol, ScratchDir, client_tls, cpu_seconds, fmt_us,
-    latency_histogram,
+    ClientError, Conn, Connector, Figures, Protocol, ScratchDir, client_tls, cpu_seconds,
+    cpu_seconds_tree, fmt_us, latency_histogram,
 };
 use crate::error::Chain;
 use crate::pki::Ca;
@@ -46,6 +53,22 @@ pub const BENCH_PATH: &str = "/api/v1/namespaces/default/configmaps/bench";
 pub const PROXY_CPU: &str = "breakwater";
 /// Key of this process's CPU use (kube-sim + the clients).
 pub const LOADTEST_CPU: &str = "loadtest";
+/// Key of nginx's CPU use (master + workers), and its phases' target.
+pub const NGINX: &str = "nginx";
+/// Key of the Go stand-in upstream's CPU use (`--upstream go`).
+pub const UPSTREAM_CPU: &str = "upstream";
+
+/// What the benchmark's clients and proxies talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamKind {
+    /// kube-sim, with its Go-like transport ([`crate::sim::transport`]).
+    KubeSim,
+    /// kube-sim with hyper's own transport.
+    KubeSimHyper,
+    /// A Go `net/http` stand-in ([`go_upstream`]), when `go` is installed.
+    Go,
+}
 
 /// Errors above this fraction of requests fail the benchmark.
 pub const MAX_ERROR_FRACTION: f64 = 0.001;
@@ -74,6 +97,13 @@ pub struct OverheadOpts {
     pub proxy_log: String,
     /// Show the proxy's logs instead of keeping them for error messages.
     pub proxy_stderr: StderrMode,
+    /// nginx as a third target in each round (`--with-nginx`).
+    pub with_nginx: bool,
+    /// The nginx binary; `None` = [`nginx::find_nginx`]'s search.
+    pub nginx: Option<PathBuf>,
+    /// The upstream: kube-sim (Go-like or hyper transport) or the Go
+    /// stand-in.
+    pub upstream: UpstreamKind,
 }
 
 impl Default for OverheadOpts {
@@ -89,11 +119,15 @@ impl Default for OverheadOpts {
             breakwater: None,
             proxy_log: "warn".to_string(),
             proxy_stderr: StderrMode::Capture,
+            with_nginx: false,
+            nginx: None,
+            upstream: UpstreamKind::KubeSim,
         }
     }
 }
 
-/// Proxy figure divided by direct figure.
+/// One target's figure divided by another's (proxy / direct, or
+/// breakwater / nginx).
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratios {
     /// Throughput through the proxy as a fraction of direct (1.0 = no cost).
@@ -103,23 +137,76 @@ pub struct Ratios {
     pub p99: f64,
 }
 
+impl Ratios {
+    /// `a` / `b`, figure by figure (NaN where `b` is 0).
+    pub fn of(a: &Figures, b: &Figures) -> Ratios {
+        let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
+        Ratios {
+            rps: ratio(a.rps, b.rps),
+            p50: ratio(a.p50_us as f64, b.p50_us as f64),
+            p99: ratio(a.p99_us as f64, b.p99_us as f64),
+        }
+    }
+}
+
+/// Whose CPU a phase accounts for besides this process's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyCpu {
+    None,
+    /// The breakwater child (all its threads are in its own figure).
+    Breakwater(u32),
+    /// nginx's master: its workers are processes of their own, summed in.
+    Nginx(u32),
+}
+
+impl ProxyCpu {
+    /// The `cpu_us_per_request` key and the CPU seconds used so far.
+    fn read(self) -> Option<(&'static str, f64)> {
+        match self {
+            ProxyCpu::None => None,
+            ProxyCpu::Breakwater(pid) => Some((PROXY_CPU, cpu_seconds(Some(pid))?)),
+            ProxyCpu::Nginx(pid) => Some((NGINX, cpu_seconds_tree(pid)?)),
+        }
+    }
+}
+
+/// The `cpu_us_per_request` key of the proxy a target measures.
+fn proxy_key(target: &str) -> &str {
+    if target == NGINX { NGINX } else { PROXY_CPU }
+}
+
 /// The result of [`run_overhead`]; serializes to the `--json` file.
 #[derive(Debug, Clone, Serialize)]
 pub struct OverheadReport {
     pub protocol: Protocol,
+    /// What answered: kube-sim (Go-like transport), kube-sim-hyper, or go.
+    pub upstream: UpstreamKind,
     pub clients: usize,
     /// TCP/TLS connections per phase.
     pub connections: usize,
     pub duration_secs: f64,
     pub warmup_secs: f64,
     pub rounds: usize,
-    /// Every phase in the order run: direct, breakwater, direct, breakwater, …
+    /// Every phase in the order run: direct, breakwater (, nginx), direct, …
     pub phases: Vec<Figures>,
     /// The direct phase with the highest req/s.
     pub direct: Figures,
     /// The breakwater phase with the highest req/s.
     pub proxy: Figures,
     pub ratios: Ratios,
+    /// With `--with-nginx`: the nginx phase with the highest req/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nginx: Option<Figures>,
+    /// nginx / direct.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nginx_ratios: Option<Ratios>,
+    /// breakwater / nginx, best phase of each (req/s ≥ 1 and p50 ≤ 1 mean
+    /// breakwater is the better proxy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breakwater_vs_nginx: Option<Ratios>,
+    /// nginx's `worker_processes` (= breakwater's runtime worker threads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nginx_workers: Option<usize>,
     /// GETs of configmaps kube-sim counted (all phases, warm-ups, probes):
     /// proves the proxy phases really reached the upstream.
     pub upstream_gets: u64,
@@ -148,8 +235,9 @@ impl OverheadReport {
     /// The human-readable table.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "breakwater overhead: {}, {} clients over {} connections, {:.0}s measured after {:.0}s warm-up, {} rounds\n\n",
+            "breakwater overhead: {}, upstream {:?}, {} clients over {} connections, {:.0}s measured after {:.0}s warm-up, {} rounds\n\n",
             self.protocol,
+            self.upstream,
             self.clients,
             self.connections,
             self.duration_secs,
@@ -157,7 +245,7 @@ impl OverheadReport {
             self.rounds
         );
         let header = format!(
-            "{:<6} {:<12} {:>10} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11}\n",
+            "{:<6} {:<12} {:>10} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}\n",
             "round",
             "target",
             "requests",
@@ -166,8 +254,9 @@ impl OverheadReport {
             "p50",
             "p99",
             "max",
-            "cpu/req bw",
-            "cpu/req lt"
+            "cpu/req px",
+            "cpu/req lt",
+            "cpu/req up"
         );
         out.push_str(&header);
         let cpu = |f: &Figures, key: &str| {
@@ -177,7 +266,7 @@ impl OverheadReport {
         };
         let row = |round: &str, f: &Figures| {
             format!(
-                "{:<6} {:<12} {:>10} {:>7} {:>10.0} {:>9} {:>9} {:>9} {:>11} {:>11}\n",
+                "{:<6} {:<12} {:>10} {:>7} {:>10.0} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11}\n",
                 round,
                 f.target,
                 f.requests,
@@ -186,22 +275,33 @@ impl OverheadReport {
                 fmt_us(f.p50_us),
                 fmt_us(f.p99_us),
                 fmt_us(f.max_us),
-                cpu(f, PROXY_CPU),
-                cpu(f, LOADTEST_CPU)
+                cpu(f, proxy_key(&f.target)),
+                cpu(f, LOADTEST_CPU),
+                cpu(f, UPSTREAM_CPU)
             )
         };
+        let per_round = if self.nginx.is_some() { 3 } else { 2 };
         for (i, f) in self.phases.iter().enumerate() {
-            out.push_str(&row(&(i / 2 + 1).to_string(), f));
+            out.push_str(&row(&(i / per_round + 1).to_string(), f));
         }
         out.push('\n');
         out.push_str(&row("best", &self.direct));
         out.push_str(&row("best", &self.proxy));
+        if let Some(n) = &self.nginx {
+            out.push_str(&row("best", n));
+        }
         out.push_str(&format!(
-            "\nproxy/direct: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x   (upstream GETs counted by kube-sim: {})\n",
+            "\nproxy/direct: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x   (upstream GETs counted by the upstream: {})\n",
             self.ratios.rps, self.ratios.p50, self.ratios.p99, self.upstream_gets
         ));
+        if let (Some(n), Some(b)) = (&self.nginx_ratios, &self.breakwater_vs_nginx) {
+            out.push_str(&format!(
+                "nginx/direct: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x   breakwater/nginx: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x\n",
+                n.rps, n.p50, n.p99, b.rps, b.p50, b.p99
+            ));
+        }
         out.push_str(
-            "cpu/req: CPU time per request of breakwater (bw) and of this process, kube-sim + clients (lt)\n",
+            "cpu/req: CPU time per request of the proxy under test (px: breakwater, or nginx's master + workers), of this process, kube-sim + clients (lt), and of the Go stand-in upstream (up, --upstream go)\n",
         );
         out
     }
@@ -215,11 +315,24 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
     ensure!(opts.rounds > 0, "--rounds must be at least 1");
     ensure!(!opts.duration.is_zero(), "--duration must be positive");
     let bin = find_breakwater(opts.breakwater.as_deref())?;
+    if opts.with_nginx {
+        // Before anything starts: a missing nginx is one line, and the fix.
+        nginx::find_nginx(opts.nginx.as_deref())?;
+    }
+    if opts.upstream == UpstreamKind::Go && go_upstream::find_go().is_none() {
+        return Err(go_upstream::GoError::NotFound.into());
+    }
 
     let pki = SimPki::generate(&["127.0.0.1", "localhost"]).context("kube-sim PKI")?;
-    let sim = KubeSim::start(SimConfig::default(), pki)
-        .await
-        .context("start kube-sim")?;
+    let sim = KubeSim::start(
+        SimConfig {
+            go_like_transport: opts.upstream != UpstreamKind::KubeSimHyper,
+            ..SimConfig::default()
+        },
+        pki,
+    )
+    .await
+    .context("start kube-sim")?;
     let result = with_sim(&sim, &bin, &opts).await;
     sim.shutdown().await;
     result
@@ -232,6 +345,14 @@ async fn with_sim(
 ) -> anyhow::Result<OverheadReport> {
     seed(sim).context("seed kube-sim")?;
     let token = sim.issue_token("default", "bench", Duration::from_secs(3600));
+    let auth = HeaderValue::from_str(&format!("Bearer {token}")).context("token header")?;
+    // With `--upstream go`, the Go stand-in serves what kube-sim would.
+    let go = match opts.upstream {
+        UpstreamKind::Go => Some(start_go(sim, &token, &auth, opts.protocol).await?),
+        UpstreamKind::KubeSim | UpstreamKind::KubeSimHyper => None,
+    };
+    let upstream_addr = go.as_ref().map_or(sim.addr(), GoUpstream::addr);
+    let upstream_url = format!("https://{upstream_addr}");
 
     // The proxy's serving certificate, from a CA only this run trusts.
     let proxy_ca = Ca::new("breakwater-bench-ca")?;
@@ -244,7 +365,7 @@ async fn with_sim(
     let args = RunArgs {
         tls_cert,
         tls_key,
-        upstream: sim.url(),
+        upstream: upstream_url.clone(),
         upstream_ca,
         // Every client comes from 127.0.0.1: no per-source cap.
         extra: vec!["--max-connections-per-source".into(), "0".into()],
@@ -262,14 +383,14 @@ async fn with_sim(
     let proxy = BreakwaterProcess::start(bin, args.to_args(), start)
         .await
         .with_context(|| format!("start {}", bin.display()))?;
-    tracing::info!(proxy = %proxy.listen_url(), upstream = %sim.url(), "breakwater is ready");
+    tracing::info!(proxy = %proxy.listen_url(), upstream = %upstream_url, "breakwater is ready");
 
     let tls = client_tls(
         &[sim.pki().serving_ca.cert_pem(), proxy_ca.cert_pem()],
         opts.protocol,
     )?;
     let direct = Connector {
-        addr: sim.addr(),
+        addr: upstream_addr,
         tls: tls.clone(),
         proto: opts.protocol,
     };
@@ -278,7 +399,6 @@ async fn with_sim(
         tls,
         proto: opts.protocol,
     };
-    let auth = HeaderValue::from_str(&format!("Bearer {token}")).context("token header")?;
 
     // Fail fast, with the answer in the message, if either path is broken.
     probe(&direct, &auth)
@@ -291,13 +411,62 @@ async fn with_sim(
         );
     }
 
+    // nginx in front of the same kube-sim, with a certificate from the same
+    // CA as breakwater's, so the same clients trust both.
+    let nginx_workers = nginx::breakwater_worker_count();
+    let nginx = if opts.with_nginx {
+        let cert = proxy_ca.issue_server(&["127.0.0.1", "localhost"])?;
+        let n = NginxProcess::start(&NginxConfig {
+            bin: opts.nginx.clone(),
+            upstream: upstream_addr,
+            upstream_name: "localhost".to_string(),
+            upstream_ca_pem: sim.pki().serving_ca.cert_pem().to_string(),
+            cert_pem: cert.cert_pem,
+            key_pem: cert.key_pem,
+            workers: nginx_workers,
+            // Every client's request may be in flight upstream at once.
+            upstream_keepalive: opts.clients.max(32),
+        })
+        .await
+        .context("start nginx")?;
+        tracing::info!(nginx = %n.addr(), workers = nginx_workers, "nginx is ready");
+        Some(n)
+    } else {
+        None
+    };
+    let via_nginx = nginx.as_ref().map(|n| Connector {
+        addr: n.addr(),
+        tls: through.tls.clone(),
+        proto: opts.protocol,
+    });
+    if let (Some(n), Some(c)) = (&nginx, &via_nginx)
+        && let Err(e) = probe(c, &auth).await
+    {
+        bail!(
+            "probe GET through nginx failed: {e:#}\nnginx output:\n{}",
+            n.output_tail()
+        );
+    }
+
+    let mut targets = vec![
+        ("direct", &direct, ProxyCpu::None),
+        (
+            "breakwater",
+            &through,
+            proxy.pid().map_or(ProxyCpu::None, ProxyCpu::Breakwater),
+        ),
+    ];
+    if let (Some(n), Some(c)) = (&nginx, &via_nginx) {
+        targets.push((NGINX, c, n.pid().map_or(ProxyCpu::None, ProxyCpu::Nginx)));
+    }
     let mut phases = Vec::new();
     let mut connections = 0;
     for round in 1..=opts.rounds {
-        for (target, connector) in [("direct", &direct), ("breakwater", &through)] {
+        for &(target, connector, cpu) in &targets {
             tracing::info!(round, target, "phase starts");
-            let pid = (target == "breakwater").then(|| proxy.pid()).flatten();
-            let (figures, conns) = run_phase(target, connector, &auth, opts, pid).await?;
+            let upstream_pid = go.as_ref().and_then(GoUpstream::pid);
+            let (figures, conns) =
+                run_phase(target, connector, &auth, opts, cpu, upstream_pid).await?;
             connections = conns;
             eprintln!(
                 "round {round} {target:<10}: {:.0} req/s, p50 {}, p99 {}, {} errors",
@@ -320,8 +489,31 @@ async fn with_sim(
             "requests through breakwater failed; its last output follows"
         );
     }
+    if phases.iter().any(|f| f.target == NGINX && f.errors > 0)
+        && let Some(n) = &nginx
+    {
+        tracing::warn!(
+            output = %n.output_tail(),
+            "requests through nginx failed; its last output follows"
+        );
+    }
     if let Err(e) = proxy.shutdown(Duration::from_secs(10)).await {
         tracing::warn!(error = %Chain(&e), "stopping breakwater");
+    }
+    if let Some(n) = nginx
+        && let Err(e) = n.shutdown(Duration::from_secs(10)).await
+    {
+        tracing::warn!(error = %Chain(&e), "stopping nginx");
+    }
+    let upstream_gets = match &go {
+        Some(g) => go_gets(&direct, &auth, g).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the Go stand-in's GET count");
+            0
+        }),
+        None => sim.request_count("GET", "configmaps"),
+    };
+    if let Some(g) = go {
+        g.shutdown().await;
     }
 
     let best = |target: &str| {
@@ -334,29 +526,103 @@ async fn with_sim(
     };
     let direct = best("direct");
     let proxy = best("breakwater");
-    let ratio = |p: f64, d: f64| if d > 0.0 { p / d } else { f64::NAN };
-    let ratios = Ratios {
-        rps: ratio(proxy.rps, direct.rps),
-        p50: ratio(proxy.p50_us as f64, direct.p50_us as f64),
-        p99: ratio(proxy.p99_us as f64, direct.p99_us as f64),
-    };
+    let nginx_best = opts.with_nginx.then(|| best(NGINX));
+    let ratios = Ratios::of(&proxy, &direct);
     Ok(OverheadReport {
         protocol: opts.protocol,
+        upstream: opts.upstream,
         clients: opts.clients,
         connections,
         duration_secs: opts.duration.as_secs_f64(),
         warmup_secs: opts.warmup.as_secs_f64(),
         rounds: opts.rounds,
         phases,
+        nginx_ratios: nginx_best.as_ref().map(|n| Ratios::of(n, &direct)),
+        breakwater_vs_nginx: nginx_best.as_ref().map(|n| Ratios::of(&proxy, n)),
+        nginx: nginx_best,
+        nginx_workers: opts.with_nginx.then_some(nginx_workers),
         direct,
         proxy,
         ratios,
-        upstream_gets: sim.request_count("GET", "configmaps"),
+        upstream_gets,
         breakwater_bin: bin.to_path_buf(),
         finished_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     })
+}
+
+/// Builds and starts the Go stand-in serving what kube-sim serves: the
+/// bench ConfigMap's bytes and a SelfSubjectReview answer for the token's
+/// ServiceAccount, with a certificate from kube-sim's serving CA (so
+/// breakwater, nginx and the clients trust it as they trust kube-sim).
+async fn start_go(
+    sim: &KubeSim,
+    token: &str,
+    auth: &HeaderValue,
+    protocol: Protocol,
+) -> anyhow::Result<GoUpstream> {
+    let tls = client_tls(&[sim.pki().serving_ca.cert_pem()], protocol)?;
+    let to_sim = Connector {
+        addr: sim.addr(),
+        tls,
+        proto: protocol,
+    };
+    let mut conn = to_sim.connect().await?;
+    let resp = conn.send(request(&conn, &to_sim, auth)).await?;
+    ensure!(
+        resp.status().is_success(),
+        "GET {BENCH_PATH} from kube-sim answered {}",
+        resp.status()
+    );
+    let body = resp.into_body().collect().await?.to_bytes().to_vec();
+    let sa = sim
+        .store()
+        .get(
+            resources::find("", "v1", "serviceaccounts")
+                .context("kube-sim serves serviceaccounts")?,
+            Some("default"),
+            "bench",
+        )
+        .context("the bench ServiceAccount")?;
+    let uid = sa["metadata"]["uid"].as_str().unwrap_or_default();
+    let self_subject_review = serde_json::to_vec(&json!({
+        "kind": "SelfSubjectReview",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {"creationTimestamp": null},
+        "status": {"userInfo": {
+            "username": "system:serviceaccount:default:bench",
+            "uid": uid,
+            "groups": ["system:serviceaccounts", "system:serviceaccounts:default",
+                       "system:authenticated"],
+        }},
+    }))?;
+    let cert = sim
+        .pki()
+        .serving_ca
+        .issue_server(&["127.0.0.1", "localhost"])?;
+    let go = GoUpstream::start(&GoUpstreamConfig {
+        cert_pem: cert.cert_pem,
+        key_pem: cert.key_pem,
+        token: token.to_string(),
+        path: BENCH_PATH.to_string(),
+        body,
+        self_subject_review,
+    })
+    .await
+    .context("start the Go stand-in upstream")?;
+    tracing::info!(addr = %go.addr(), "Go stand-in upstream is ready");
+    Ok(go)
+}
+
+/// GETs of the bench path the Go stand-in answered (its `/__gets`).
+async fn go_gets(direct: &Connector, auth: &HeaderValue, go: &GoUpstream) -> anyhow::Result<u64> {
+    let mut conn = direct.connect().await?;
+    let mut req = request(&conn, direct, auth);
+    *req.uri_mut() = conn.request_uri(go.addr(), "/__gets").parse()?;
+    let resp = conn.send(req).await?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(std::str::from_utf8(&body)?.trim().parse()?)
 }
 
 /// Namespace `default` (if kube-sim does not make it), ServiceAccount
@@ -481,7 +747,8 @@ async fn run_phase(
     connector: &Connector,
     auth: &HeaderValue,
     opts: &OverheadOpts,
-    proxy_pid: Option<u32>,
+    proxy_cpu: ProxyCpu,
+    upstream_pid: Option<u32>,
 ) -> anyhow::Result<(Figures, usize)> {
     // Connect everything before the clock starts: handshakes are not requests.
     let conns: Vec<Conn> = match opts.protocol {
@@ -519,10 +786,8 @@ async fn run_phase(
     // decide per request whether it is inside; the few in flight at either
     // edge are noise well below one clock tick per phase).
     tokio::time::sleep_until(clock.measure_from.into()).await;
-    let cpu_before = (
-        cpu_seconds(None),
-        proxy_pid.and_then(|p| cpu_seconds(Some(p))),
-    );
+    let upstream_cpu = || upstream_pid.and_then(|p| cpu_seconds(Some(p)));
+    let cpu_before = (cpu_seconds(None), proxy_cpu.read(), upstream_cpu());
 
     let mut hist = latency_histogram();
     let (mut requests, mut errors) = (0u64, 0u64);
@@ -536,10 +801,7 @@ async fn run_phase(
             last_done = last_done.max(d);
         }
     }
-    let cpu_after = (
-        cpu_seconds(None),
-        proxy_pid.and_then(|p| cpu_seconds(Some(p))),
-    );
+    let cpu_after = (cpu_seconds(None), proxy_cpu.read(), upstream_cpu());
     let seconds = last_done.duration_since(clock.measure_from).as_secs_f64();
     let mut figures = Figures::new(target, &hist, requests, errors, seconds);
     let per_request = |before: Option<f64>, after: Option<f64>| {
@@ -551,8 +813,15 @@ async fn run_phase(
             .cpu_us_per_request
             .insert(LOADTEST_CPU.to_string(), us);
     }
-    if let Some(us) = per_request(cpu_before.1, cpu_after.1) {
-        figures.cpu_us_per_request.insert(PROXY_CPU.to_string(), us);
+    if let (Some((key, before)), Some((_, after))) = (cpu_before.1, cpu_after.1)
+        && let Some(us) = per_request(Some(before), Some(after))
+    {
+        figures.cpu_us_per_request.insert(key.to_string(), us);
+    }
+    if let Some(us) = per_request(cpu_before.2, cpu_after.2) {
+        figures
+            .cpu_us_per_request
+            .insert(UPSTREAM_CPU.to_string(), us);
     }
     Ok((figures, connections))
 }
@@ -726,14 +995,98 @@ mod tests {
                 proto: protocol,
             };
             probe(&connector, &good).await.expect("probe");
-            let (f, conns) = run_phase("direct", &connector, &good, &opts(protocol), None)
-                .await
-                .expect("phase");
+            let (f, conns) = run_phase(
+                "direct",
+                &connector,
+                &good,
+                &opts(protocol),
+                ProxyCpu::None,
+                None,
+            )
+            .await
+            .expect("phase");
             assert!(f.requests > 10, "{protocol}: {f:?}");
             assert_eq!(f.errors, 0, "{protocol}: {f:?}");
             assert!(f.p50_us > 0 && f.p50_us <= f.max_us, "{f:?}");
             assert_eq!(conns, if protocol == Protocol::Http1 { 4 } else { 2 });
         }
+    }
+
+    /// nginx (required: CI installs nginx-light) in front of a real
+    /// kube-sim, configured as the bench configures it: both protocols
+    /// reach kube-sim through it with the client's own token, and the
+    /// phase accounts nginx's CPU under its own key.
+    #[tokio::test]
+    async fn nginx_target_proxies_the_bench_get_for_both_protocols() {
+        let pki = SimPki::generate(&["127.0.0.1", "localhost"]).expect("pki");
+        let sim = KubeSim::start(SimConfig::default(), pki)
+            .await
+            .expect("kube-sim");
+        seed(&sim).expect("seed");
+        let token = sim.issue_token("default", "bench", Duration::from_secs(600));
+        let auth = HeaderValue::from_str(&format!("Bearer {token}")).expect("header");
+        let ca = Ca::new("nginx-test-ca").expect("ca");
+        let cert = ca.issue_server(&["127.0.0.1"]).expect("cert");
+        let nginx = NginxProcess::start(&NginxConfig {
+            bin: None,
+            upstream: sim.addr(),
+            upstream_name: "localhost".into(),
+            upstream_ca_pem: sim.pki().serving_ca.cert_pem().to_string(),
+            cert_pem: cert.cert_pem,
+            key_pem: cert.key_pem,
+            workers: 2,
+            upstream_keepalive: 8,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{}", Chain(&e)));
+        let pid = nginx.pid().expect("nginx runs");
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            let connector = Connector {
+                addr: nginx.addr(),
+                tls: client_tls(&[ca.cert_pem()], protocol).expect("tls"),
+                proto: protocol,
+            };
+            probe(&connector, &auth)
+                .await
+                .unwrap_or_else(|e| panic!("{protocol}: {e:#}\n{}", nginx.output_tail()));
+            let gets_before = sim.request_count("GET", "configmaps");
+            let (f, _) = run_phase(
+                NGINX,
+                &connector,
+                &auth,
+                &opts(protocol),
+                ProxyCpu::Nginx(pid),
+                None,
+            )
+            .await
+            .expect("phase");
+            assert!(f.requests > 10, "{protocol}: {f:?}");
+            assert_eq!(f.errors, 0, "{protocol}: {f:?}\n{}", nginx.output_tail());
+            assert!(f.cpu_us_per_request.contains_key(NGINX), "{f:?}");
+            assert!(!f.cpu_us_per_request.contains_key(PROXY_CPU), "{f:?}");
+            // Every request went through to kube-sim (warm-up ones too).
+            let gets = sim.request_count("GET", "configmaps") - gets_before;
+            assert!(
+                gets >= f.requests,
+                "{protocol}: {gets} upstream GETs for {f:?}"
+            );
+        }
+        // The client's token is what kube-sim saw: a bad one is refused
+        // upstream, not by nginx, and comes back as the apiserver's 401.
+        let connector = Connector {
+            addr: nginx.addr(),
+            tls: client_tls(&[ca.cert_pem()], Protocol::Http1).expect("tls"),
+            proto: Protocol::Http1,
+        };
+        let err = probe(&connector, &HeaderValue::from_static("Bearer nope"))
+            .await
+            .expect_err("a bad token is refused");
+        assert!(format!("{err:#}").contains("401"), "{err:#}");
+        nginx
+            .shutdown(Duration::from_secs(10))
+            .await
+            .expect("stop nginx");
+        sim.shutdown().await;
     }
 
     #[tokio::test]
@@ -747,13 +1100,21 @@ mod tests {
             proto: Protocol::Http1,
         };
         assert!(probe(&connector, &bad).await.is_err());
-        let (f, _) = run_phase("breakwater", &connector, &bad, &opts(Protocol::Http1), None)
-            .await
-            .expect("phase");
+        let (f, _) = run_phase(
+            "breakwater",
+            &connector,
+            &bad,
+            &opts(Protocol::Http1),
+            ProxyCpu::None,
+            None,
+        )
+        .await
+        .expect("phase");
         assert!(f.requests > 0);
         assert_eq!(f.errors, f.requests);
         let report = OverheadReport {
             protocol: Protocol::Http1,
+            upstream: UpstreamKind::KubeSim,
             clients: 4,
             connections: 4,
             duration_secs: 0.3,
@@ -767,6 +1128,10 @@ mod tests {
                 p50: 1.0,
                 p99: 1.0,
             },
+            nginx: None,
+            nginx_ratios: None,
+            breakwater_vs_nginx: None,
+            nginx_workers: None,
             upstream_gets: 0,
             breakwater_bin: PathBuf::new(),
             finished_unix: 0,

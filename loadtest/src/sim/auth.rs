@@ -734,6 +734,83 @@ pub fn random_uuid() -> String {
     )
 }
 
+/// Which of the apiserver's authenticators accepted a request: what a
+/// request cost the apiserver to authenticate depends on it (a token is
+/// cached after its first review; a client certificate is verified on
+/// every request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AuthPath {
+    /// requestheader: a front-proxy certificate with `X-Remote-User`.
+    RequestHeader,
+    /// x509: the caller's own client certificate.
+    ClientCertificate,
+    /// A bearer token on a connection without a client certificate.
+    Token,
+    /// A bearer token on a connection that also presented a client
+    /// certificate, which the union authenticator checked (and failed)
+    /// first: certificate work for nothing on every request.
+    TokenBesideCertificate,
+    /// No credentials: `system:anonymous`.
+    Anonymous,
+}
+
+impl AuthPath {
+    const ALL: [AuthPath; 5] = [
+        AuthPath::RequestHeader,
+        AuthPath::ClientCertificate,
+        AuthPath::Token,
+        AuthPath::TokenBesideCertificate,
+        AuthPath::Anonymous,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Users counted by [`AuthRecord`] at most; requests of further users are
+/// not counted (a storm's thousands of agents fit; a flood of random
+/// front-proxy usernames cannot grow kube-sim's memory).
+const MAX_RECORDED_USERS: usize = 20_000;
+
+/// How many requests each user was authenticated by each [`AuthPath`]:
+/// lets a test see not only who kube-sim thought was calling, but how it
+/// found out.
+#[derive(Debug, Default)]
+pub struct AuthRecord {
+    /// Per username, one count per [`AuthPath`]. Looked up by `&str`, so a
+    /// known user's request allocates nothing.
+    counts: std::sync::Mutex<std::collections::HashMap<String, [u64; 5]>>,
+}
+
+impl AuthRecord {
+    /// Counts one request of `user` authenticated by `path`.
+    pub fn record(&self, path: AuthPath, user: &str) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = counts.get_mut(user) {
+            c[path.index()] += 1;
+        } else if counts.len() < MAX_RECORDED_USERS {
+            let mut c = [0; 5];
+            c[path.index()] = 1;
+            counts.insert(user.to_string(), c);
+        }
+    }
+
+    /// The requests of `user` per path that authenticated them (paths with
+    /// none left out).
+    pub fn of(&self, user: &str) -> BTreeMap<AuthPath, u64> {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(c) = counts.get(user) else {
+            return BTreeMap::new();
+        };
+        AuthPath::ALL
+            .iter()
+            .filter(|p| c[p.index()] > 0)
+            .map(|&p| (p, c[p.index()]))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -838,6 +915,24 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn the_auth_record_counts_each_path_per_user() {
+        let r = AuthRecord::default();
+        r.record(AuthPath::Token, "alice");
+        r.record(AuthPath::Token, "alice");
+        r.record(AuthPath::RequestHeader, "alice");
+        r.record(AuthPath::ClientCertificate, "bob");
+        let alice = r.of("alice");
+        assert_eq!(alice.get(&AuthPath::Token), Some(&2));
+        assert_eq!(alice.get(&AuthPath::RequestHeader), Some(&1));
+        assert_eq!(alice.len(), 2);
+        assert_eq!(
+            r.of("bob").into_iter().collect::<Vec<_>>(),
+            [(AuthPath::ClientCertificate, 1)]
+        );
+        assert!(r.of("carol").is_empty());
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod selectors;
 pub mod server;
 pub mod store;
 pub mod table;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -147,6 +148,11 @@ pub struct SimConfig {
     /// apiserver's default; when false it gets the 401 Status a bad
     /// credential gets.
     pub anonymous_auth: bool,
+    /// Talk like the apiserver's Go `net/http` server ([`transport`]): its
+    /// HTTP/2 windows and frame sizes, its response headers (`Audit-Id`,
+    /// the APF uids) and its HTTP/2 flushing (HEADERS and DATA in separate
+    /// writes). On by default: a proxy's measured cost depends on it.
+    pub go_like_transport: bool,
 }
 
 impl SimConfig {
@@ -176,6 +182,7 @@ impl Default for SimConfig {
             capacity: None,
             http2_max_streams_per_connection: GO_HTTP2_MAX_STREAMS,
             anonymous_auth: true,
+            go_like_transport: true,
         }
     }
 }
@@ -269,6 +276,8 @@ impl KubeSim {
             capacity,
             http2_max_streams: cfg.effective_http2_max_streams(),
             anonymous_auth: std::sync::atomic::AtomicBool::new(cfg.anonymous_auth),
+            auth_record: auth::AuthRecord::default(),
+            go_like: cfg.go_like_transport.then(transport::ApiserverHeaders::new),
         });
         tracker.spawn(server::accept_loop(
             listener,
@@ -353,6 +362,14 @@ impl KubeSim {
             .issue_bound(namespace, name, &uid, &[], ttl, &binding)
             .expect("invariant: the SA key loaded at start signs ES256")
             .token
+    }
+
+    /// How many of `user`'s requests each authenticator accepted (the user
+    /// as authenticated, before impersonation): a front proxy's callers
+    /// show as [`auth::AuthPath::RequestHeader`], passed-through tokens as
+    /// [`auth::AuthPath::Token`].
+    pub fn auth_paths(&self, user: &str) -> std::collections::BTreeMap<auth::AuthPath, u64> {
+        self.state.auth_record.of(user)
     }
 
     /// Prometheus text of /metrics.

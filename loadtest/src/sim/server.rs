@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::auth::{self, Authenticator, Impersonate, UserInfo};
+use super::auth::{self, AuthPath, AuthRecord, Authenticator, Impersonate, UserInfo};
 use super::binding::bind;
 use super::metrics::{RequestLabels, SimMetrics};
 use super::rbac::{self, Attributes, Authorizer, Decision};
@@ -95,6 +95,11 @@ pub(crate) struct State {
     /// Switchable at run time ([`super::KubeSim::set_anonymous_auth`]), as a
     /// restarted apiserver with another flag would be.
     pub(crate) anonymous_auth: std::sync::atomic::AtomicBool,
+    /// Which authenticator accepted each user's requests.
+    pub(crate) auth_record: AuthRecord,
+    /// The Go-like transport ([`super::transport`]): the apiserver's
+    /// response headers and HTTP/2 flushing, when on.
+    pub(crate) go_like: Option<super::transport::ApiserverHeaders>,
 }
 
 /// The rustls config: our serving cert, ALPN h2 + http/1.1, client certs
@@ -272,18 +277,25 @@ async fn serve_connection(
         fresh: std::sync::atomic::AtomicBool::new(true),
     });
     let svc_state = Arc::clone(&state);
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let state = Arc::clone(&svc_state);
         let conn = Arc::clone(&conn);
-        async move { Ok::<_, Infallible>(handle(&state, &conn, req).await) }
+        async move {
+            let version = req.version();
+            let mut resp = handle(&state, &conn, req).await;
+            if let Some(headers) = &state.go_like {
+                headers.apply(&mut resp);
+                resp = super::transport::go_flush(resp, version);
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // The apiserver's stream limit, not hyper's default of 200: a client
-    // multiplexing everything on one connection must stall where it would
-    // against the real thing.
-    builder
-        .http2()
-        .max_concurrent_streams(state.http2_max_streams);
+    super::transport::configure_http2(
+        &mut builder,
+        state.http2_max_streams,
+        state.go_like.is_some(),
+    );
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     tokio::select! {
@@ -317,7 +329,7 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
     let early = Negotiated::for_status(req.headers());
 
     // Phase 1: who is calling.
-    let Some(user) = authenticate(
+    let Some((user, via)) = authenticate(
         &state.auth,
         state
             .anonymous_auth
@@ -328,6 +340,7 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
         state.metrics.record(non_resource_labels(), 401);
         return respond::unauthorized(&early);
     };
+    state.auth_record.record(via, &user.username);
 
     // Phase 2: impersonation, authorized for the authenticated user.
     let user = match impersonate(&state.authz, user, req.headers(), &early) {
@@ -498,20 +511,21 @@ fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBo
 /// The apiserver's union authenticator: requestheader, x509, bearer token;
 /// None (401) when a credential was presented and none succeeded; when
 /// nothing was presented, the anonymous user if `anonymous` allows it
-/// (`--anonymous-auth`), else None as well.
+/// (`--anonymous-auth`), else None as well. With the user, which
+/// authenticator accepted it.
 fn authenticate(
     auth: &Authenticator,
     anonymous: bool,
     conn: &ConnInfo,
     headers: &HeaderMap,
-) -> Option<UserInfo> {
+) -> Option<(UserInfo, AuthPath)> {
     // A credential that failed: the request is refused unless a later
     // authenticator succeeds (the union returns the first success).
     let mut failed = false;
     match &conn.cert {
-        ConnCert::Client(user) => return Some(user.clone()),
+        ConnCert::Client(user) => return Some((user.clone(), AuthPath::ClientCertificate)),
         ConnCert::FrontProxy { allowed: true } => match auth::front_proxy_user(headers) {
-            Some(user) => return Some(user),
+            Some(user) => return Some((user, AuthPath::RequestHeader)),
             // requestheader has no opinion; x509 then rejects a certificate
             // that is not from the client CA.
             None => failed = true,
@@ -532,7 +546,13 @@ fn authenticate(
             .unwrap_or("");
         if !token.is_empty() {
             match auth.authenticate(token) {
-                Ok(user) => return Some(user),
+                Ok(user) => {
+                    let via = match conn.cert {
+                        ConnCert::None => AuthPath::Token,
+                        _ => AuthPath::TokenBesideCertificate,
+                    };
+                    return Some((user, via));
+                }
                 Err(e) => {
                     tracing::debug!(error = %Chain(&e), "kube-sim refused a bearer token");
                     failed = true;
@@ -546,7 +566,7 @@ fn authenticate(
     if failed || !anonymous {
         None
     } else {
-        Some(UserInfo::anonymous())
+        Some((UserInfo::anonymous(), AuthPath::Anonymous))
     }
 }
 

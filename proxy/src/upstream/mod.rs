@@ -12,9 +12,13 @@
 //! What the forwarding connections present depends on the upstream auth mode:
 //! nothing in `passthrough` (a client request must never borrow the proxy's
 //! identity), the proxy's certificate in `front-proxy` and `impersonate`.
-//! A request that came without credentials asserts no identity at all: it
-//! goes over connections that present no certificate, so the apiserver
-//! applies its own anonymous policy. The `own` lane always presents the
+//! In `auto` both kinds exist: a request that carries `X-Remote-User` (a
+//! client-certificate caller) goes over the front-proxy connections, a
+//! token caller's over connections that present nothing, so the apiserver
+//! authenticates the token (and caches that) without also verifying a
+//! certificate on every request. A request that came without credentials
+//! asserts no identity at all: it goes over connections that present no
+//! certificate, so the apiserver applies its own anonymous policy. The `own` lane always presents the
 //! proxy's credentials. Protocol upgrades (exec, attach, port-forward) get an
 //! HTTP/1.1 connection of their own.
 //!
@@ -199,6 +203,11 @@ pub enum AuthMode {
     FrontProxy,
     /// The proxy's own credentials plus `Impersonate-*` headers.
     Impersonate,
+    /// Bearer-token callers as `passthrough` (the apiserver caches token
+    /// authentication), client-certificate callers as `front-proxy` (the
+    /// proxy cannot present their certificate). Needs the front-proxy
+    /// certificate, like `front-proxy`.
+    Auto,
 }
 
 impl AuthMode {
@@ -207,9 +216,21 @@ impl AuthMode {
             AuthMode::Passthrough => "passthrough",
             AuthMode::FrontProxy => "front-proxy",
             AuthMode::Impersonate => "impersonate",
+            AuthMode::Auto => "auto",
         }
     }
+
+    /// Whether the proxy sends `X-Remote-*` over its front-proxy
+    /// certificate (for every caller, or for certificate callers in `auto`).
+    pub fn uses_front_proxy(self) -> bool {
+        matches!(self, AuthMode::FrontProxy | AuthMode::Auto)
+    }
 }
+
+/// The header a front-proxy request names its user with. Client-sent
+/// `X-Remote-*` headers are always removed before the proxy sets its own,
+/// so in `auto` its presence says the proxy vouches for this caller.
+const REMOTE_USER: &str = "x-remote-user";
 
 /// Everything the proxy needs to reach the apiserver.
 #[derive(Debug, Clone)]
@@ -281,9 +302,11 @@ pub struct Upstream {
     scheme: Scheme,
     authority: Authority,
     forward: Forward,
-    /// For callers without credentials, when `forward` presents a
-    /// certificate (front-proxy, impersonate); else `forward` serves them.
-    anonymous: Option<Forward>,
+    /// Connections that present no certificate, when `forward` presents
+    /// one (front-proxy, impersonate, auto): for callers without
+    /// credentials, and in `auto` for token callers; else `forward` serves
+    /// them.
+    plain: Option<Forward>,
     own: Pool,
     client_cert: Option<Arc<ClientCert>>,
     token: Option<Arc<TokenFile>>,
@@ -386,8 +409,8 @@ impl Upstream {
             None => None,
         };
         match cfg.mode {
-            AuthMode::FrontProxy if client_cert.is_none() => {
-                return Err(UpstreamConfigError::NeedsClientCert("front-proxy"));
+            AuthMode::FrontProxy | AuthMode::Auto if client_cert.is_none() => {
+                return Err(UpstreamConfigError::NeedsClientCert(cfg.mode.as_str()));
             }
             AuthMode::Impersonate if client_cert.is_none() && token.is_none() => {
                 return Err(UpstreamConfigError::NeedsCredentials);
@@ -401,7 +424,7 @@ impl Upstream {
         // anonymous, never as the proxy.
         let forward_cert = match cfg.mode {
             AuthMode::Passthrough => None,
-            AuthMode::FrontProxy | AuthMode::Impersonate => client_cert.clone(),
+            AuthMode::FrontProxy | AuthMode::Impersonate | AuthMode::Auto => client_cert.clone(),
         };
         let ca = cfg.tls.ca.as_deref();
         let h2 = H2Settings {
@@ -430,7 +453,7 @@ impl Upstream {
                 upgrades: tls::upstream_connector(ca, cert, false)?,
             })
         };
-        let anonymous = match forward_cert {
+        let plain = match forward_cert {
             Some(_) => Some(forward(None)?),
             None => None,
         };
@@ -448,7 +471,7 @@ impl Upstream {
             scheme,
             authority,
             forward,
-            anonymous,
+            plain,
             own,
             client_cert,
             token,
@@ -524,8 +547,8 @@ impl Upstream {
         req: Request<Body>,
         route: Route,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
-        let forward = match (&self.anonymous, route.anonymous) {
-            (Some(anonymous), true) => anonymous,
+        let forward = match &self.plain {
+            Some(plain) if !self.presents_certificate(&route, req.headers()) => plain,
             _ => &self.forward,
         };
         if route.upgrade {
@@ -547,6 +570,21 @@ impl Upstream {
         res
     }
 
+    /// Whether a request goes over the connections that present the
+    /// proxy's certificate (when there are any): never for a caller without
+    /// credentials; in `auto` only for a front-proxy request (it carries
+    /// `X-Remote-User`), so a token is never sent beside a certificate the
+    /// apiserver would verify for nothing.
+    fn presents_certificate(&self, route: &Route, headers: &http::HeaderMap) -> bool {
+        if route.anonymous {
+            return false;
+        }
+        match self.mode {
+            AuthMode::Auto => headers.contains_key(REMOTE_USER),
+            _ => true,
+        }
+    }
+
     /// The answer-time recorder (histograms and recent quantiles).
     pub fn latency(&self) -> &Arc<crate::slo::Latency> {
         &self.latency
@@ -562,8 +600,8 @@ impl Upstream {
         if let Some(token) = self.own_token() {
             headers.insert(http::header::AUTHORIZATION, token);
         }
-        if self.mode == AuthMode::FrontProxy {
-            headers.insert("x-remote-user", self.proxy_user.clone());
+        if self.mode.uses_front_proxy() {
+            headers.insert(REMOTE_USER, self.proxy_user.clone());
         }
         self.with_timeout(self.own.send(req), true).await
     }
@@ -574,7 +612,7 @@ impl Upstream {
     /// pooled connections would otherwise keep their driver tasks, which
     /// the shutdown waits for, alive until the apiserver closed them.
     pub fn close(&self) {
-        for forward in std::iter::once(&self.forward).chain(&self.anonymous) {
+        for forward in std::iter::once(&self.forward).chain(&self.plain) {
             forward.unary.close();
             forward.long_running.close();
             forward.exempt.close();
@@ -584,11 +622,21 @@ impl Upstream {
     }
 
     /// Connections and streams in use in one forwarding lane (for callers
-    /// with credentials).
+    /// with credentials: in `auto`, both kinds of connection, summed).
     pub fn lane_stats(&self, lane: Lane) -> LaneStats {
         match lane {
             Lane::Own => self.own.stats(),
-            lane => self.forward.pool(lane).stats(),
+            lane => {
+                let mut s = self.forward.pool(lane).stats();
+                if self.mode == AuthMode::Auto
+                    && let Some(plain) = &self.plain
+                {
+                    let p = plain.pool(lane).stats();
+                    s.connections += p.connections;
+                    s.streams += p.streams;
+                }
+                s
+            }
         }
     }
 
@@ -773,5 +821,40 @@ fn identity_from_user_info(user: &serde_json::Value) -> crate::identity::Identit
         uid: user["uid"].as_str().unwrap_or_default().to_string(),
         groups: strings(&user["groups"]),
         extra,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_and_front_proxy_need_the_front_proxy_certificate() {
+        for mode in [AuthMode::Auto, AuthMode::FrontProxy] {
+            let cfg = UpstreamConfig {
+                mode,
+                ..UpstreamConfig::passthrough("https://127.0.0.1:6443", None)
+            };
+            let err = Upstream::new(&cfg, TaskTracker::new())
+                .err()
+                .expect("refused without a client certificate");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("--upstream-auth {} needs", mode.as_str())),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_mode_names_are_the_flag_values() {
+        use clap::ValueEnum;
+        for mode in AuthMode::value_variants() {
+            let parsed: AuthMode =
+                serde_json::from_value(serde_json::json!(mode.as_str())).expect("config name");
+            assert_eq!(parsed, *mode);
+            let flag = mode.to_possible_value().expect("a flag value");
+            assert_eq!(flag.get_name(), mode.as_str());
+        }
     }
 }
