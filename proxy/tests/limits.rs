@@ -655,7 +655,16 @@ async fn a_watch_that_must_catch_up_upstream_is_charged() {
     let caught_up = at_once(&env, &token, &from_old, 1).await;
     assert_eq!(codes(&caught_up), [200]);
     // The next one would go upstream too: refused, and nothing is sent.
+    // (The stream's own upstream watch follows its LIST: count from when
+    // kube-sim has seen it and the catch-up.)
+    for _ in 0..2000 {
+        if env.demo.sim.request_count("WATCH", "pods") >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let watches = env.demo.sim.request_count("WATCH", "pods");
+    assert_eq!(watches, 2, "the stream's watch and one catch-up");
     let refused = at_once(&env, &token, &from_old, 1).await;
     assert_eq!(codes(&refused), [429]);
     assert_eq!(refused[0].headers()["x-breakwater-rule"], "viewers");

@@ -175,6 +175,9 @@ pub struct Cache {
     ring_floor: u64,
     /// The upstream answered 410 for this RV: any RV up to it is expired.
     expired_below: u64,
+    /// A probe saw a change in `(n, floor]`: any gap that contains it holds
+    /// changes too, so it needs no probe (a catch-up reads it anyway).
+    nonempty_gap: Option<(u64, u64)>,
 }
 
 impl Cache {
@@ -192,6 +195,7 @@ impl Cache {
             ring: VecDeque::new(),
             ring_floor: 0,
             expired_below: 0,
+            nonempty_gap: None,
         }
     }
 
@@ -311,6 +315,18 @@ impl Cache {
     /// the gap a probe of the apiserver could confirm empty.
     pub fn gap_below(&self, n: u64) -> Option<u64> {
         (n < self.ring_floor && n > self.expired_below).then_some(self.ring_floor)
+    }
+
+    /// Whether `(n, floor]` is known to hold a change (it contains a gap a
+    /// probe found one in).
+    pub fn gap_known_nonempty(&self, n: u64, floor: u64) -> bool {
+        self.nonempty_gap
+            .is_some_and(|(n0, f0)| n <= n0 && floor >= f0)
+    }
+
+    /// A probe saw a change in `(n, floor]`.
+    pub fn note_nonempty_gap(&mut self, n: u64, floor: u64) {
+        self.nonempty_gap = Some((n, floor));
     }
 
     /// The apiserver confirmed nothing changed in `(n, floor]`: the ring

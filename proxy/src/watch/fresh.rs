@@ -186,7 +186,7 @@ impl Stream {
                 }
                 st.cache.rv
             };
-            if self.gap_is_empty(from, need).await {
+            if self.gap_is_empty(from, need).await == Some(true) {
                 let mut st = self.lock();
                 // A relist meanwhile starts over from its own, newer RV.
                 if st.cache.rv >= from && st.live {
@@ -213,8 +213,16 @@ impl Stream {
         let Some(floor) = self.lock().cache.gap_below(n) else {
             return;
         };
-        if self.gap_is_empty(n, floor).await {
-            self.lock().cache.extend_floor(n, floor);
+        // Clients of a storm that listed before the stream began share an
+        // RV: once one probe found a change in their gap, the others go
+        // straight to their catch-up.
+        if self.lock().cache.gap_known_nonempty(n, floor) {
+            return;
+        }
+        match self.gap_is_empty(n, floor).await {
+            Some(true) => self.lock().cache.extend_floor(n, floor),
+            Some(false) => self.lock().cache.note_nonempty_gap(n, floor),
+            None => {}
         }
     }
 
@@ -274,26 +282,28 @@ impl Stream {
 
     /// Whether nothing in this collection changed in `(n, floor]`, from a
     /// short upstream watch from `n` (no answer: not empty).
-    async fn gap_is_empty(&self, n: u64, floor: u64) -> bool {
+    /// Whether nothing changed in `(n, floor]`; `None` when the apiserver
+    /// did not say.
+    async fn gap_is_empty(&self, n: u64, floor: u64) -> Option<bool> {
         let query = self.query(&format!("watch=1&resourceVersion={n}&timeoutSeconds=1"));
         let end = self
             .short_watch(&query, |_, ty, rv| match ty {
-                Some(EventType::Bookmark) if rv >= floor => ControlFlow::Break(Some(true)),
+                Some(EventType::Bookmark) if rv >= floor => ControlFlow::Break(Some(Some(true))),
                 Some(EventType::Bookmark) => ControlFlow::Continue(()),
                 Some(EventType::Added | EventType::Modified | EventType::Deleted) => {
-                    ControlFlow::Break(Some(rv > floor))
+                    ControlFlow::Break(Some(Some(rv > floor)))
                 }
-                _ => ControlFlow::Break(Some(false)),
+                _ => ControlFlow::Break(Some(None)),
             })
             .await;
         match end {
             Ok(Short::Stopped(empty)) => empty,
             // Ended (timeoutSeconds) with no change at all since `n`.
-            Ok(Short::Ended) => true,
-            Ok(Short::GaveUp) => false,
+            Ok(Short::Ended) => Some(true),
+            Ok(Short::GaveUp) => None,
             Err(e) => {
                 tracing::debug!(error = %Chain(&e), "gap probe gave no answer");
-                false
+                None
             }
         }
     }

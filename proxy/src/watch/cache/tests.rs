@@ -281,3 +281,16 @@ fn a_stream_records_item_type_meta_only_from_items_that_agree() {
     };
     assert_eq!(seen(&[half]).record(None), None);
 }
+
+#[test]
+fn a_gap_that_contains_a_changed_one_is_known_to_hold_changes() {
+    let mut c = Cache::new(Codec::Json, 16);
+    assert!(!c.gap_known_nonempty(5, 10));
+    c.note_nonempty_gap(5, 10);
+    // Any gap containing (5, 10] holds that change.
+    assert!(c.gap_known_nonempty(5, 10));
+    assert!(c.gap_known_nonempty(3, 12));
+    // A gap that may leave it out is not known.
+    assert!(!c.gap_known_nonempty(6, 10));
+    assert!(!c.gap_known_nonempty(5, 9));
+}
