@@ -121,6 +121,34 @@ pub enum GlobalError {
     Client(#[source] redis::RedisError),
     #[error("no connection to Redis yet")]
     NotConnected,
+    #[error("connecting to Redis at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// Redis said no to the username and password (never printed).
+    #[error(
+        "Redis at {addr} refused the credentials of user `{user}` (password from {password_file})"
+    )]
+    Auth {
+        addr: String,
+        user: String,
+        password_file: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// The TLS handshake failed: most often a `caFile` that did not sign
+    /// the server's certificate, or a host name the certificate lacks.
+    #[error(
+        "TLS with Redis at {addr} failed (does {ca} hold the CA that signed its certificate, for this address?)"
+    )]
+    Tls {
+        addr: String,
+        ca: String,
+        #[source]
+        source: redis::RedisError,
+    },
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("Redis call failed")]
@@ -168,6 +196,9 @@ struct Inner {
     releases: tokio::sync::mpsc::Sender<Lease>,
     release_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Lease>>>,
     up: AtomicBool,
+    /// The last failure logged at WARN: the next identical one goes to
+    /// DEBUG (a probe fails every 250 ms while Redis is away).
+    last_error: Mutex<Option<String>>,
     /// Neither renew nor release any more, as if the process had died.
     abandoned: AtomicBool,
 }
@@ -273,6 +304,7 @@ impl Global {
                 releases: tx,
                 release_rx: Mutex::new(Some(rx)),
                 up: AtomicBool::new(false),
+                last_error: Mutex::new(None),
                 abandoned: AtomicBool::new(false),
             }),
         })
@@ -429,9 +461,63 @@ impl Global {
         if self.inner.up.swap(false, Ordering::Relaxed) {
             metrics::gauge!("breakwater_global_limits_up").set(0.0);
             metrics::counter!("breakwater_global_limits_fallbacks_total").increment(1);
-            tracing::warn!(error = %Chain(err),
-                "Redis unavailable: enforcing this replica's share of the aggregate limits until it returns");
+            self.log_failure(err);
         }
+    }
+
+    /// Logs why Redis is not in charge: at WARN when the reason is new
+    /// (an outage begins, the replica starts without Redis, or the cause
+    /// changes, e.g. from "refused" to "wrong password"), else at DEBUG.
+    fn log_failure(&self, err: &GlobalError) {
+        let text = Chain(err).to_string();
+        let mut last = self
+            .inner
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if last.as_deref() == Some(text.as_str()) {
+            tracing::debug!(error = %text, "Redis still unavailable");
+        } else {
+            tracing::warn!(error = %text,
+                "Redis unavailable: enforcing this replica's share of the aggregate limits until it returns");
+            *last = Some(text);
+        }
+    }
+
+    /// What went wrong connecting, in the operator's terms: the
+    /// credentials, TLS, or the connection itself.
+    fn connect_error(&self, source: redis::RedisError) -> GlobalError {
+        let cfg = &self.inner.cfg;
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        if source.kind() == redis::ErrorKind::AuthenticationFailed
+            || source
+                .code()
+                .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH")
+        {
+            return GlobalError::Auth {
+                addr,
+                user: cfg
+                    .username
+                    .clone()
+                    .unwrap_or_else(|| "default".to_string()),
+                password_file: cfg.password_file.as_ref().map_or_else(
+                    || "nowhere: no passwordFile".to_string(),
+                    |p| p.display().to_string(),
+                ),
+                source,
+            };
+        }
+        if cfg.tls.is_some() && is_tls_failure(&source) {
+            return GlobalError::Tls {
+                addr,
+                ca: match &cfg.tls {
+                    Some(Some(ca)) => ca.display().to_string(),
+                    _ => "the system's roots".to_string(),
+                },
+                source,
+            };
+        }
+        GlobalError::Connect { addr, source }
     }
 
     /// Keeps the backend going until `stop`: connects, renews held slots
@@ -472,8 +558,13 @@ impl Global {
                     self.mark_down(&err);
                 }
             } else if let Err(err) = self.recover().await {
-                tracing::debug!(error = %Chain(&err), "Redis still unavailable");
+                self.log_failure(&err);
             } else {
+                *self
+                    .inner
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
                 self.inner.up.store(true, Ordering::Relaxed);
                 set_global(true);
                 metrics::gauge!("breakwater_global_limits_up").set(1.0);
@@ -507,7 +598,7 @@ impl Global {
             )
             .await
             .map_err(|_| GlobalError::Timeout(Duration::from_secs(2)))?
-            .map_err(GlobalError::Redis)?;
+            .map_err(|e| self.connect_error(e))?;
             self.inner.conn.store(Some(Arc::new(conn)));
         }
         self.renew(false).await
@@ -626,4 +717,35 @@ impl Global {
             }
         }
     }
+}
+
+/// Did `err` come from rustls (a handshake or certificate failure)?
+/// redis-rs keeps the I/O error behind an `Arc<dyn Error>`, and
+/// `io::Error::source` skips the error it wraps, so both are opened here.
+fn is_tls_failure(err: &redis::RedisError) -> bool {
+    type Shared = Arc<dyn std::error::Error + Send + Sync>;
+    fn rustls(e: &(dyn std::error::Error + 'static)) -> bool {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(shared) = e.downcast_ref::<Shared>() {
+            let inner: &(dyn std::error::Error + 'static) = &**shared;
+            return rustls(inner);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+        {
+            let inner: &(dyn std::error::Error + 'static) = inner;
+            return rustls(inner);
+        }
+        false
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if rustls(e) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }

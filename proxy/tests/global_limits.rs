@@ -24,31 +24,88 @@ use hyper_util::rt::TokioExecutor;
 
 use common::{Env, demo_env, passthrough_config};
 
+/// How a test's `redis-server` is reached.
+#[derive(Clone, Default)]
+struct RedisOpts {
+    /// Serve TLS only (`--port 0 --tls-port P`), with a certificate for
+    /// 127.0.0.1 from a fresh test CA (ECDSA P-256, rcgen).
+    tls: bool,
+    /// `requirepass` (the default user's password) and an ACL user
+    /// `breakwater` with this password and every right.
+    password: Option<String>,
+}
+
 /// A `redis-server` of our own; killed on drop.
 struct Redis {
     port: u16,
+    opts: RedisOpts,
     child: Option<tokio::process::Child>,
     dir: tempfile::TempDir,
 }
 
+/// The ACL user the tests' Redis knows.
+const REDIS_USER: &str = "breakwater";
+
 impl Redis {
     async fn start() -> Redis {
+        Redis::start_with(RedisOpts::default()).await
+    }
+
+    async fn start_with(opts: RedisOpts) -> Redis {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr").port()
         };
+        let dir = tempfile::tempdir().expect("tempdir");
+        if opts.tls {
+            let ca = breakwater_loadtest::pki::Ca::new("redis test CA").expect("CA");
+            let server = ca.issue_server(&["127.0.0.1", "localhost"]).expect("cert");
+            std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).expect("write CA");
+            std::fs::write(dir.path().join("redis.crt"), &server.cert_pem).expect("write cert");
+            std::fs::write(dir.path().join("redis.key"), &server.key_pem).expect("write key");
+        }
         let mut r = Redis {
             port,
+            opts,
             child: None,
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir,
         };
         r.restart().await;
         r
     }
 
+    /// The CA file that signed a TLS Redis' certificate.
+    fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
     async fn restart(&mut self) {
-        let child = tokio::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let port = self.port.to_string();
+        let mut cmd = tokio::process::Command::new("redis-server");
+        if self.opts.tls {
+            let d = self.dir.path();
+            cmd.args(["--port", "0", "--tls-port", &port])
+                .arg("--tls-cert-file")
+                .arg(d.join("redis.crt"))
+                .arg("--tls-key-file")
+                .arg(d.join("redis.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(d.join("ca.crt"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.args(["--port", &port]);
+        }
+        if let Some(pw) = &self.opts.password {
+            cmd.args(["--requirepass", pw]).args([
+                "--user",
+                REDIS_USER,
+                "on",
+                &format!(">{pw}"),
+                "~*",
+                "+@all",
+            ]);
+        }
+        let child = cmd
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -87,30 +144,71 @@ struct Fleet {
 
 const LEASE: Duration = Duration::from_secs(2);
 
-async fn fleet(redis: &Redis, rule: &str) -> Fleet {
-    let env = demo_env().await;
-    let text = format!(
+/// Credentials and trust for a replica's `backend.redis`.
+#[derive(Default)]
+struct Creds<'a> {
+    /// `username` and a `passwordFile` holding this password.
+    password: Option<&'a str>,
+    /// `tls: {caFile}`: this CA file.
+    ca_file: Option<&'a std::path::Path>,
+}
+
+/// A `backend: {redis: ...}` section for `redis`, keys under `prefix`;
+/// secrets go to files in `dir`.
+fn redis_backend(redis: &Redis, prefix: &str, creds: &Creds<'_>, dir: &std::path::Path) -> String {
+    let mut text = format!(
+        "backend:\n  redis:\n    address: 127.0.0.1:{}\n    keyPrefix: \"{prefix}\"\n    leaseSeconds: {}\n    timeoutMillis: 200\n",
+        redis.port,
+        LEASE.as_secs()
+    );
+    if let Some(ca) = creds.ca_file {
+        text += &format!("    tls: {{caFile: \"{}\"}}\n", ca.display());
+    }
+    if let Some(pw) = creds.password {
+        let file = dir.join(format!("redis-password-{}", rand::random::<u32>()));
+        // As a Secret volume would have it, with a trailing newline.
+        std::fs::write(&file, format!("{pw}\n")).expect("write password file");
+        text += &format!(
+            "    username: {REDIS_USER}\n    passwordFile: \"{}\"\n",
+            file.display()
+        );
+    }
+    text
+}
+
+/// A limits file: `replicas`, a backend section (empty: local), and the
+/// rule `fleet` for demo/viewer with `rule`'s limits.
+fn limits_text(replicas: usize, backend: &str, rule: &str) -> String {
+    format!(
         r#"apiVersion: breakwater/v1alpha1
 kind: Limits
-replicas: 3
-backend:
-  redis:
-    address: 127.0.0.1:{port}
-    keyPrefix: "test:"
-    leaseSeconds: {lease}
-    timeoutMillis: 200
-rules:
+replicas: {replicas}
+{backend}rules:
   - name: fleet
     match: {{serviceAccounts: ["demo/viewer"]}}
 {rule}
-"#,
-        port = redis.port,
-        lease = LEASE.as_secs()
-    );
-    let file = env.dir.path().join("global-limits.yaml");
+"#
+    )
+}
+
+/// Three replicas on the plain Redis `redis`, keys under `test:`.
+async fn fleet(redis: &Redis, rule: &str) -> Fleet {
+    let env = demo_env().await;
+    let backend = redis_backend(redis, "test:", &Creds::default(), env.dir.path());
+    let fleet = fleet_in(env, 3, &limits_text(3, &backend, rule)).await;
+    fleet.until_up(&[0, 1, 2]).await;
+    fleet
+}
+
+/// `n` replicas in `env` reading a limits file with `text`.
+async fn fleet_in(env: Env, n: usize, text: &str) -> Fleet {
+    // A directory of its own: the replicas watch it for changes.
+    let dir = env.dir.path().join("limits");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let file = dir.join("global-limits.yaml");
     std::fs::write(&file, text).expect("write limits");
     let mut replicas = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..n {
         let mut cfg = passthrough_config(&env, env.demo.sim.url(), Duration::from_secs(2));
         cfg.limits = LimitsConfig {
             file: Some(file.clone()),
@@ -122,20 +220,13 @@ rules:
                 .expect("replica starts"),
         );
     }
-    let viewer = std::fs::read_to_string(&env.demo.kubeconfig_viewer).expect("kubeconfig");
-    let token = viewer
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("token: "))
-        .expect("token line")
-        .to_string();
-    let fleet = Fleet {
+    let token = common::viewer_token(&env);
+    Fleet {
         env,
         replicas,
         token,
         client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-    };
-    fleet.until_up(&[0, 1, 2]).await;
-    fleet
+    }
 }
 
 impl Fleet {
@@ -161,26 +252,13 @@ impl Fleet {
     }
 
     async fn request(&self, i: usize, pq: &str) -> http::Response<Incoming> {
-        let req = http::Request::get(format!("http://{}{pq}", self.plain(i)))
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(Empty::new())
-            .expect("request");
-        tokio::time::timeout(Duration::from_secs(20), self.client.request(req))
-            .await
-            .expect("answered in time")
-            .expect("response")
+        get(&self.client, self.plain(i), &self.token, pq).await
     }
 
     /// Opens a watch on replica `i`: the open body (kept open while held),
     /// or the refusal's status.
     async fn watch(&self, i: usize) -> Result<Incoming, u16> {
-        let resp = self
-            .request(i, "/api/v1/namespaces/demo/pods?watch=1")
-            .await;
-        match resp.status().as_u16() {
-            200 => Ok(resp.into_body()),
-            code => Err(code),
-        }
+        open_watch(&self.client, self.plain(i), &self.token).await
     }
 
     /// Opens `n` watches on each replica in `which` at once; returns the
@@ -200,6 +278,173 @@ impl Fleet {
             }
         }
         (open, refused)
+    }
+}
+
+/// A GET as demo/viewer on a replica's plain listener.
+async fn get(client: &Plain, addr: SocketAddr, token: &str, pq: &str) -> http::Response<Incoming> {
+    let req = http::Request::get(format!("http://{addr}{pq}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Empty::new())
+        .expect("request");
+    tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("answered in time")
+        .expect("response")
+}
+
+/// Opens a watch of demo/viewer: the open body (kept open while held), or
+/// the refusal's status.
+async fn open_watch(client: &Plain, addr: SocketAddr, token: &str) -> Result<Incoming, u16> {
+    let resp = get(client, addr, token, "/api/v1/namespaces/demo/pods?watch=1").await;
+    match resp.status().as_u16() {
+        200 => Ok(resp.into_body()),
+        code => Err(code),
+    }
+}
+
+/// A replica as its own process (`breakwater run`, the real binary): its
+/// metrics and logs are its own, and it can be paused with SIGSTOP.
+struct Child {
+    child: tokio::process::Child,
+    plain: SocketAddr,
+    admin: SocketAddr,
+    /// Everything it logged so far (stderr).
+    log: tokio::sync::watch::Receiver<String>,
+}
+
+impl Child {
+    /// Starts a replica in front of `env`'s kube-sim with the limits file
+    /// `limits`, logging at debug level (so a test sees whatever it could
+    /// leak).
+    async fn start(env: &Env, limits: &std::path::Path) -> Child {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let d = env.dir.path();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
+            .arg("run")
+            .args(["--listen", "127.0.0.1:0", "--plain-listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .arg("--tls-cert")
+            .arg(d.join("proxy.crt"))
+            .arg("--tls-key")
+            .arg(d.join("proxy.key"))
+            .args(["--upstream", &env.demo.sim.url()])
+            .arg("--upstream-ca")
+            .arg(d.join("kube-sim-ca.crt"))
+            .arg("--service-account-key-file")
+            .arg(d.join("sa.pub"))
+            .args([
+                "--service-account-issuer",
+                &breakwater_loadtest::sim::SimConfig::default().issuer,
+            ])
+            .args(["--shutdown-grace", "1s"])
+            .arg("--limits")
+            .arg(limits)
+            .env("BREAKWATER_LOG", "info,breakwater=debug")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("breakwater runs");
+        let (tx, log) = tokio::sync::watch::channel(String::new());
+        let mut stderr = child.stderr.take().expect("stderr");
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                tx.send_modify(|log| log.push_str(&text));
+            }
+        });
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (mut plain, mut admin) = (None, None);
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while plain.is_none() || admin.is_none() {
+                let line = lines
+                    .next_line()
+                    .await
+                    .expect("read stdout")
+                    .unwrap_or_else(|| panic!("replica exited: {}", log.borrow().as_str()));
+                let addr = |p: &str| line.strip_prefix(p).map(|a| a.parse().expect("address"));
+                plain = plain.or_else(|| addr("breakwater: plain HTTP on http://"));
+                admin = admin.or_else(|| addr("breakwater: admin on http://"));
+            }
+        })
+        .await
+        .expect("the replica announced its listeners within 30 s");
+        // Keep draining stdout so the child never blocks on it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Child {
+            child,
+            plain: plain.expect("plain listener"),
+            admin: admin.expect("admin listener"),
+            log,
+        }
+    }
+
+    /// Waits (bounded) until the log has a line containing every one of
+    /// `needles`; returns that line.
+    async fn until_logged(&mut self, needles: &[&str]) -> String {
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Some(line) = self
+                    .log
+                    .borrow_and_update()
+                    .lines()
+                    .find(|l| needles.iter().all(|n| l.contains(n)))
+                {
+                    return line.to_string();
+                }
+                self.log.changed().await.expect("the log reader ended");
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| {
+            panic!(
+                "no log line with {needles:?}:\n{}",
+                self.log.borrow().as_str()
+            )
+        })
+    }
+
+    /// The value of a metric without labels, from the replica's admin
+    /// listener.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let text = common::scrape(self.admin).await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Waits (bounded) until `name` reads `want`.
+    async fn until_metric(&self, name: &str, want: f64) {
+        let mut last = None;
+        for _ in 0..400 {
+            last = self.metric(name).await;
+            if last == Some(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{name} stayed {last:?}, not {want}");
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id().expect("running")).expect("pid")
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) with kill(1) and waits for it to
+    /// be sent.
+    async fn signal(&self, signal: &str) {
+        let status = tokio::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal}");
     }
 }
 
@@ -408,5 +653,155 @@ async fn measure_admission_latency_local_and_redis() {
             );
         }
         stop.cancel();
+    }
+}
+
+/// A password the test's Redis accepts, and one it does not.
+fn passwords() -> (String, String) {
+    let r = rand::random::<u64>();
+    (format!("right-{r:016x}"), format!("wrong-{r:016x}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_over_tls_as_an_acl_user_share_the_aggregate_watches() {
+    let (password, _) = passwords();
+    let redis = Redis::start_with(RedisOpts {
+        tls: true,
+        password: Some(password.clone()),
+    })
+    .await;
+    let env = demo_env().await;
+    let creds = Creds {
+        password: Some(&password),
+        ca_file: Some(&redis.ca_file()),
+    };
+    let backend = redis_backend(&redis, "tls:", &creds, env.dir.path());
+    let fleet = fleet_in(
+        env,
+        2,
+        &limits_text(2, &backend, "    aggregate: {watches: 4}"),
+    )
+    .await;
+    fleet.until_up(&[0, 1]).await;
+
+    // Replica 0 alone takes all 4 (its static share is 2): the limit is
+    // kept in Redis, over TLS, as the ACL user.
+    let mut open = Vec::new();
+    for n in 0..4 {
+        open.push(
+            fleet
+                .watch(0)
+                .await
+                .unwrap_or_else(|code| panic!("watch {n} on replica 0: {code}")),
+        );
+    }
+    assert_eq!(fleet.watch(1).await.err(), Some(429), "4 held in all");
+    assert_eq!(fleet.watch(0).await.err(), Some(429), "4 held in all");
+
+    // One ends on replica 0: replica 1 may take its slot, and no more.
+    drop(open.pop());
+    let mut moved = None;
+    for _ in 0..100 {
+        if let Ok(body) = fleet.watch(1).await {
+            moved = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(moved.is_some(), "the released slot never reached replica 1");
+    assert_eq!(fleet.watch(1).await.err(), Some(429), "4 held again");
+    assert!(fleet.global(0).is_up() && fleet.global(1).is_up());
+    drop((open, moved));
+    for r in fleet.replicas {
+        let _stopped = r.shutdown().await;
+    }
+}
+
+/// A replica whose Redis refuses it (a wrong password) or cannot be
+/// trusted (a certificate of another CA) says why at WARN, never logs a
+/// password, reports `breakwater_global_limits_up 0`, and enforces its
+/// static share: never unlimited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_or_an_untrusted_ca_is_logged_and_the_replica_keeps_its_share() {
+    let (password, wrong) = passwords();
+    let redis = Redis::start_with(RedisOpts {
+        tls: true,
+        password: Some(password.clone()),
+    })
+    .await;
+    let env = demo_env().await;
+    let other_ca = env.dir.path().join("other-ca.crt");
+    let ca = breakwater_loadtest::pki::Ca::new("not the redis CA").expect("CA");
+    std::fs::write(&other_ca, ca.cert_pem()).expect("write CA");
+    let rule = "    aggregate: {watches: 4}";
+    let cases = [
+        (
+            "wrong password",
+            Creds {
+                password: Some(&wrong),
+                ca_file: Some(&redis.ca_file()),
+            },
+            &[
+                "refused the credentials of user `breakwater`",
+                "redis-password-",
+            ][..],
+        ),
+        (
+            "untrusted CA",
+            Creds {
+                password: Some(&password),
+                ca_file: Some(&other_ca),
+            },
+            &["TLS with Redis", "other-ca.crt", "UnknownIssuer"][..],
+        ),
+    ];
+    let client: Plain = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let token = common::viewer_token(&env);
+    for (case, creds, says) in cases {
+        let file = env
+            .dir
+            .path()
+            .join(format!("limits-{}.yaml", case.replace(' ', "-")));
+        let backend = redis_backend(&redis, "tls:", &creds, env.dir.path());
+        std::fs::write(&file, limits_text(2, &backend, rule)).expect("write limits");
+        let mut replica = Child::start(&env, &file).await;
+
+        let line = replica.until_logged(says).await;
+        assert!(
+            line.contains(" WARN ") || line.contains(" ERROR "),
+            "{case}: logged at WARN or ERROR: {line}"
+        );
+        replica
+            .until_metric("breakwater_global_limits_up", 0.0)
+            .await;
+
+        // Its share of 4 over 2 replicas: 2, then 429s.
+        let mut open = Vec::new();
+        for n in 0..2 {
+            open.push(
+                open_watch(&client, replica.plain, &token)
+                    .await
+                    .unwrap_or_else(|code| panic!("{case}: watch {n}: {code}")),
+            );
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                open_watch(&client, replica.plain, &token).await.err(),
+                Some(429),
+                "{case}: the share of 2 holds"
+            );
+        }
+        assert_eq!(
+            replica.metric("breakwater_global_limits_up").await,
+            Some(0.0)
+        );
+        let log = replica.log.borrow().clone();
+        assert!(
+            !log.contains(&password) && !log.contains(&wrong),
+            "{case}: a password reached the log:\n{log}"
+        );
+        drop(open);
+        replica.signal("TERM").await;
+        let _ = replica.child.wait().await;
     }
 }
