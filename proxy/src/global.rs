@@ -16,7 +16,9 @@
 //!   expiry. Every replica renews the slots it holds every third of the
 //!   lease and removes them when the request ends; the script drops
 //!   expired members before counting, so a dead replica's slots free
-//!   within one lease.
+//!   within one lease. A replica stalled past its lease finds some of its
+//!   slots gone: it takes them back only where the cap has room
+//!   ([`RENEW_SCRIPT`]) and counts the rest until they end.
 //! - **Fail static.** A Redis error or a call slower than `timeoutMillis`
 //!   hands the limits back to the local limiter at once
 //!   ([`Limiter::set_global`]`(false)`): this replica then enforces its
@@ -24,7 +26,8 @@
 //!   them), never more, and the request that saw the failure is decided
 //!   that way. Exempt rules never reach Redis. A probe reconnects every
 //!   250 ms; on success the replica first registers every slot it holds
-//!   again (a restarted Redis has forgotten them), then takes global
+//!   again (a restarted Redis has forgotten them; the same script, within
+//!   the caps), then takes global
 //!   enforcement back. `breakwater_global_limits_up` says which mode is in
 //!   force.
 //!
@@ -94,6 +97,48 @@ if wnew then
 end
 return {0, 0}
 "#;
+
+/// Renews this replica's slots in one sorted set, and takes back those
+/// Redis no longer has where the cap allows.
+///
+/// KEYS: 1 the slot set. ARGV: 1 lease µs, 2 the cap, 3.. lease members.
+/// Returns one code per member: 0 renewed (Redis had it), 1 taken (Redis
+/// did not have it: it had lapsed, or was taken while Redis was away, and
+/// there was room), 2 not taken (no room under the cap).
+///
+/// Members Redis has are renewed first, so that the room left is counted
+/// with them; a member is only ever added when the set, without expired
+/// members, is below the cap.
+const RENEW_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local expiry = string.format('%.0f', now + tonumber(ARGV[1]))
+local cap = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
+local out = {}
+for i = 3, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+    out[i - 2] = 0
+  else
+    out[i - 2] = 2
+  end
+end
+local count = redis.call('ZCARD', KEYS[1])
+for i = 3, #ARGV do
+  if out[i - 2] == 2 and count < cap then
+    redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+    count = count + 1
+    out[i - 2] = 1
+  end
+end
+return out
+"#;
+
+/// What a renewal found for one held slot ([`RENEW_SCRIPT`]'s codes).
+const RENEWED: i64 = 0;
+const TAKEN: i64 = 1;
+const NO_ROOM: i64 = 2;
 
 /// How often a replica without Redis tries again.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -171,8 +216,13 @@ pub enum Outcome {
 struct Lease {
     key: Arc<str>,
     member: Arc<str>,
+    /// The cap of the slot's set (the rule's limit for all replicas when
+    /// the slot was taken): a renewal takes back a lapsed slot only below
+    /// it.
+    cap: u64,
     /// Redis has it (taken there, or registered by a renewal); a slot taken
-    /// locally while Redis was away has not.
+    /// locally while Redis was away has not, nor one that lapsed in Redis
+    /// and found no room to be taken back.
     registered: bool,
 }
 
@@ -187,6 +237,9 @@ struct Inner {
     client: redis::Client,
     conn: ArcSwapOption<ConnectionManager>,
     script: redis::Script,
+    renew_script: redis::Script,
+    /// Held slots Redis did not count at the last renewal.
+    unregistered: AtomicU64,
     /// This process, in lease members (random: a restarted replica must
     /// not renew its predecessor's slots).
     replica: String,
@@ -212,6 +265,17 @@ impl std::fmt::Debug for Global {
             .field("up", &self.is_up())
             .finish_non_exhaustive()
     }
+}
+
+/// What one renewal found.
+#[derive(Debug, Default)]
+struct Found {
+    /// Slots Redis had, and no longer had.
+    lapsed: u64,
+    /// Of those, taken back.
+    retaken: u64,
+    /// Slots held here that Redis does not count after the renewal.
+    unregistered: u64,
 }
 
 /// A request's slot in Redis: released when dropped (with its permit).
@@ -298,6 +362,8 @@ impl Global {
                 client,
                 conn: ArcSwapOption::empty(),
                 script: redis::Script::new(SCRIPT),
+                renew_script: redis::Script::new(RENEW_SCRIPT),
+                unregistered: AtomicU64::new(0),
                 replica,
                 next: AtomicU64::new(0),
                 held: Mutex::new(HashMap::new()),
@@ -385,9 +451,9 @@ impl Global {
         let wait = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
         match answer.as_slice() {
             [0, _] => {
-                let key = match (demand.watches, demand.inflight) {
-                    (Some(_), _) => watches,
-                    (None, Some(_)) => inflight,
+                let (key, cap) = match (demand.watches, demand.inflight) {
+                    (Some(c), _) => (watches, c),
+                    (None, Some(c)) => (inflight, c),
                     (None, None) => return Ok(Outcome::Granted(None)),
                 };
                 self.inner
@@ -399,6 +465,7 @@ impl Global {
                         Lease {
                             key: Arc::from(key),
                             member,
+                            cap,
                             registered: true,
                         },
                     );
@@ -428,15 +495,16 @@ impl Global {
     /// and renewed like any other, so that it is registered when Redis
     /// returns (before global enforcement resumes) and counts there.
     pub fn hold_unregistered(&self, demand: &GlobalDemand) -> Option<Hold> {
-        let what = match (demand.watches, demand.inflight) {
-            (Some(_), _) => "watches",
-            (None, Some(_)) => "inflight",
+        let (what, cap) = match (demand.watches, demand.inflight) {
+            (Some(c), _) => ("watches", c),
+            (None, Some(c)) => ("inflight", c),
             (None, None) => return None,
         };
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let lease = Lease {
             key: Arc::from(self.key(&demand.rule, what)),
             member: Arc::from(format!("{}:{id}", self.inner.replica)),
+            cap,
             registered: false,
         };
         self.inner
@@ -551,7 +619,7 @@ impl Global {
                 continue;
             }
             if self.is_up() {
-                if let Err(err) = self.renew(true).await {
+                if let Err(err) = self.renew().await {
                     metrics::counter!("breakwater_global_limits_errors_total", "op" => "renew")
                         .increment(1);
                     set_global(false);
@@ -601,14 +669,25 @@ impl Global {
             .map_err(|e| self.connect_error(e))?;
             self.inner.conn.store(Some(Arc::new(conn)));
         }
-        self.renew(false).await
+        self.renew().await
     }
 
-    /// Extends every held slot's lease in one pipeline. `existing_only`:
-    /// registered slots only where Redis still has them (`ZADD XX`), so a
-    /// renewal racing a release never brings a released slot back; slots
-    /// taken while Redis was away are added. Otherwise add them all.
-    async fn renew(&self, existing_only: bool) -> Result<(), GlobalError> {
+    /// Extends every held slot's lease, one script call per slot set
+    /// ([`RENEW_SCRIPT`]), and registers those Redis does not have where
+    /// their cap allows.
+    ///
+    /// Redis may lack a slot this replica holds: taken while Redis was
+    /// away, forgotten by a restarted Redis, or *lapsed*: this replica
+    /// could not renew it within the lease (a stall longer than
+    /// `leaseSeconds`: a paused process, a VM migration, a network cut),
+    /// and Redis dropped it, so the fleet may have admitted someone else
+    /// in its place. Such a slot is taken again only where the cap leaves
+    /// room, never past it; the rest stay held here, uncounted in Redis
+    /// (`breakwater_global_limits_unregistered`), and are tried again at
+    /// every renewal until they end. A released slot is never brought
+    /// back: Redis only renews what it still has, and a slot taken again
+    /// by a renewal that raced its release is released again.
+    async fn renew(&self) -> Result<(), GlobalError> {
         let conn = self
             .inner
             .conn
@@ -624,45 +703,98 @@ impl Global {
             .map(|(id, l)| (*id, l.clone()))
             .collect();
         metrics::gauge!("breakwater_global_limits_leases").set(leases.len() as f64);
-        let (secs, micros): (u64, u64) = tokio::time::timeout(
-            self.inner.cfg.timeout,
-            redis::cmd("TIME").query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| GlobalError::Timeout(self.inner.cfg.timeout))?
-        .map_err(GlobalError::Redis)?;
-        let expiry = secs
-            .saturating_mul(1_000_000)
-            .saturating_add(micros)
-            .saturating_add(u64::try_from(self.inner.cfg.lease.as_micros()).unwrap_or(u64::MAX));
-        for chunk in leases.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for (_, l) in chunk {
-                let mut cmd = redis::cmd("ZADD");
-                cmd.arg(&*l.key);
-                if existing_only && l.registered {
-                    cmd.arg("XX");
+        let mut sets: HashMap<Arc<str>, Vec<(u64, Lease)>> = HashMap::new();
+        for (id, l) in leases {
+            sets.entry(Arc::clone(&l.key)).or_default().push((id, l));
+        }
+        let lease_us = u64::try_from(self.inner.cfg.lease.as_micros()).unwrap_or(u64::MAX);
+        let timeout = self.inner.cfg.timeout.max(Duration::from_millis(500));
+        let mut found = Found::default();
+        for (key, set) in &sets {
+            for chunk in set.chunks(1000) {
+                // The cap in force for the newest slot (a reload may have
+                // changed it since older ones were taken).
+                let cap = chunk
+                    .iter()
+                    .max_by_key(|(id, _)| *id)
+                    .map_or(0, |(_, l)| l.cap);
+                let mut call = self.inner.renew_script.key(&**key);
+                call.arg(lease_us).arg(cap);
+                for (_, l) in chunk {
+                    call.arg(&*l.member);
                 }
-                cmd.arg(expiry).arg(&*l.member);
-                pipe.add_command(cmd).ignore();
-            }
-            let renew_timeout = self.inner.cfg.timeout.max(Duration::from_millis(500));
-            tokio::time::timeout(renew_timeout, pipe.query_async::<()>(&mut conn))
-                .await
-                .map_err(|_| GlobalError::Timeout(renew_timeout))?
-                .map_err(GlobalError::Redis)?;
-        }
-        let mut held = self
-            .inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (id, _) in &leases {
-            if let Some(l) = held.get_mut(id) {
-                l.registered = true;
+                let codes: Vec<i64> = tokio::time::timeout(timeout, call.invoke_async(&mut conn))
+                    .await
+                    .map_err(|_| GlobalError::Timeout(timeout))?
+                    .map_err(GlobalError::Redis)?;
+                if codes.len() != chunk.len() {
+                    return Err(GlobalError::Answer(codes));
+                }
+                self.settle(chunk, &codes, &mut found);
             }
         }
+        self.report(&found);
         Ok(())
+    }
+
+    /// Records what a renewal found for `chunk`: registered or not, lapsed
+    /// or not; releases again a slot taken back after its release.
+    fn settle(&self, chunk: &[(u64, Lease)], codes: &[i64], found: &mut Found) {
+        let mut again = Vec::new();
+        {
+            let mut held = self
+                .inner
+                .held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for ((id, lease), &code) in chunk.iter().zip(codes) {
+                if lease.registered && code != RENEWED {
+                    found.lapsed += 1;
+                    if code == TAKEN {
+                        found.retaken += 1;
+                    }
+                }
+                match held.get_mut(id) {
+                    Some(l) => {
+                        l.registered = code != NO_ROOM;
+                        if !l.registered {
+                            found.unregistered += 1;
+                        }
+                    }
+                    // Released while this renewal ran: if the renewal took
+                    // it back after the release, release it again.
+                    None if code == TAKEN => again.push(lease.clone()),
+                    None => {}
+                }
+            }
+        }
+        for lease in again {
+            if self.inner.releases.try_send(lease).is_err() {
+                metrics::counter!("breakwater_global_limits_releases_dropped_total").increment(1);
+            }
+        }
+    }
+
+    /// Publishes a renewal's findings; logs lapsed slots once per stall.
+    fn report(&self, found: &Found) {
+        metrics::gauge!("breakwater_global_limits_unregistered").set(found.unregistered as f64);
+        if found.lapsed > 0 {
+            metrics::counter!("breakwater_global_limits_lapsed_total").increment(found.lapsed);
+            tracing::warn!(
+                lapsed = found.lapsed,
+                retaken = found.retaken,
+                not_retaken = found.lapsed - found.retaken,
+                lease = ?self.inner.cfg.lease,
+                "slots this replica holds were gone from Redis (not renewed within the lease: a stalled process or a cut network; or Redis restarted); took back those the limits had room for, the others stay held, uncounted in Redis, until they end or room frees"
+            );
+        }
+        let was = self
+            .inner
+            .unregistered
+            .swap(found.unregistered, Ordering::Relaxed);
+        if was > 0 && found.unregistered == 0 {
+            tracing::info!("every slot this replica holds is counted in Redis again");
+        }
     }
 
     /// Removes released slots, a batch per round trip; errors are left to

@@ -131,6 +131,35 @@ impl Redis {
             c.kill().await.expect("kill redis-server");
         }
     }
+
+    /// A connection of the test's own, to look at what the replicas left
+    /// in Redis (plain TCP only).
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        assert!(!self.opts.tls, "the test's own connection is plain TCP");
+        let client =
+            redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).expect("redis client");
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis")
+    }
+
+    /// Leases in `key` not yet expired (by Redis' clock).
+    async fn live(&self, key: &str) -> u64 {
+        let mut conn = self.conn().await;
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .expect("TIME");
+        let now = secs * 1_000_000 + micros;
+        redis::cmd("ZCOUNT")
+            .arg(key)
+            .arg(format!("({now}"))
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await
+            .expect("ZCOUNT")
+    }
 }
 
 type Plain = Client<HttpConnector, Empty<Bytes>>;
@@ -803,5 +832,104 @@ async fn a_wrong_password_or_an_untrusted_ca_is_logged_and_the_replica_keeps_its
         drop(open);
         replica.signal("TERM").await;
         let _ = replica.child.wait().await;
+    }
+}
+
+/// A replica paused longer than the lease (SIGSTOP: a stalled process)
+/// finds on waking that Redis dropped its slots and another replica took
+/// them. It takes back only what the limit has room for, counts the rest
+/// (`breakwater_global_limits_lapsed_total`, `..._unregistered`), and
+/// takes those back as room frees, so the fleet never admits past the
+/// limit on top of the lapsed slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_replica_takes_back_its_lapsed_slots_only_where_the_limit_has_room() {
+    let redis = Redis::start().await;
+    let env = demo_env().await;
+    let backend = redis_backend(&redis, "lapse:", &Creds::default(), env.dir.path());
+    let file = env.dir.path().join("lapse-limits.yaml");
+    std::fs::write(
+        &file,
+        limits_text(2, &backend, "    aggregate: {watches: 4}"),
+    )
+    .expect("write");
+    let key = "lapse:{fleet}:watches";
+    let mut a = Child::start(&env, &file).await;
+    let b = Child::start(&env, &file).await;
+    a.until_metric("breakwater_global_limits_up", 1.0).await;
+    b.until_metric("breakwater_global_limits_up", 1.0).await;
+    let client: Plain = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let token = common::viewer_token(&env);
+    let watch = |addr| open_watch(&client, addr, &token);
+
+    // A holds 3 of 4 (more than its share of 2: Redis is in charge).
+    let mut on_a = Vec::new();
+    for _ in 0..3 {
+        on_a.push(watch(a.plain).await.expect("watch on A"));
+    }
+    assert_eq!(redis.live(key).await, 3);
+
+    // A stalls past its lease: Redis drops its slots, and B takes all 4.
+    a.signal("STOP").await;
+    let stopped = Instant::now();
+    while redis.live(key).await > 0 {
+        assert!(stopped.elapsed() < LEASE * 3, "A's slots never lapsed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut on_b = Vec::new();
+    for n in 0..4 {
+        on_b.push(
+            watch(b.plain)
+                .await
+                .unwrap_or_else(|c| panic!("watch {n} on B: {c}")),
+        );
+    }
+    assert_eq!(watch(b.plain).await.err(), Some(429));
+
+    // A wakes: its 3 slots lapsed, and there is no room to take them back.
+    a.signal("CONT").await;
+    a.until_metric("breakwater_global_limits_lapsed_total", 3.0)
+        .await;
+    a.until_metric("breakwater_global_limits_unregistered", 3.0)
+        .await;
+    let line = a
+        .until_logged(&["WARN", "gone from Redis", "lapsed=3", "retaken=0"])
+        .await;
+    assert!(line.contains("not_retaken=3"), "{line}");
+    assert_eq!(redis.live(key).await, 4, "A took nothing past the limit");
+    assert_eq!(watch(a.plain).await.err(), Some(429));
+
+    // Two of B's end: A takes their room back, not a newcomer.
+    drop(on_b.drain(..2));
+    a.until_metric("breakwater_global_limits_unregistered", 1.0)
+        .await;
+    assert_eq!(redis.live(key).await, 4);
+    assert_eq!(
+        watch(b.plain).await.err(),
+        Some(429),
+        "7 open, 4 counted: full"
+    );
+
+    // The rest of B's end: A's last slot is counted again, and the fleet
+    // admits exactly the one left of 4.
+    drop(on_b);
+    a.until_metric("breakwater_global_limits_unregistered", 0.0)
+        .await;
+    a.until_logged(&["counted in Redis again"]).await;
+    let mut last = None;
+    for _ in 0..100 {
+        if let Ok(w) = watch(b.plain).await {
+            last = Some(w);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(last.is_some(), "B never got the slot left");
+    assert_eq!(watch(b.plain).await.err(), Some(429));
+    assert_eq!(watch(a.plain).await.err(), Some(429));
+    assert_eq!(redis.live(key).await, 4);
+    drop((on_a, last));
+    for mut r in [a, b] {
+        r.signal("TERM").await;
+        let _ = r.child.wait().await;
     }
 }
