@@ -276,6 +276,10 @@ impl std::fmt::Debug for Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        // A shared backend's hold goes first: a backend comparing its holds
+        // with the counters below ([`Limiter::global_held`]) then never sees
+        // a request gone from the counters but still held.
+        drop(self.attached.take());
         if let Some(id) = &self.identity {
             if self.held & ID_INFLIGHT != 0 {
                 release(&id.inflight);
@@ -968,6 +972,37 @@ impl Limiter {
         })
     }
 
+    /// The slots held in this replica that a shared backend counts, per
+    /// rule: what [`Limiter::global_demand`] asks the backend for, counted
+    /// (exactly) whether or not the backend is in charge. A backend taking
+    /// over (a reload switched `backend`) registers these as the slots of
+    /// requests admitted before it.
+    pub fn global_held(&self) -> Vec<GlobalHeld> {
+        let snap = Arc::clone(&self.read_snapshot());
+        snap.limits
+            .rules
+            .iter()
+            .zip(&snap.states)
+            .filter(|(r, _)| !r.exempt)
+            .filter_map(|(r, s)| {
+                let g = &r.global;
+                let held = GlobalHeld {
+                    rule: Arc::clone(&r.name),
+                    watches: g
+                        .watches
+                        .map(|cap| (cap, s.aggregate.watches.load(Ordering::Relaxed))),
+                    // A `charges: upstream` rule takes its in-flight slot in
+                    // the second step, which stays local.
+                    inflight: g
+                        .inflight
+                        .filter(|_| r.charges != Charges::Upstream)
+                        .map(|cap| (cap, s.aggregate.inflight.load(Ordering::Relaxed))),
+                };
+                (held.watches.is_some() || held.inflight.is_some()).then_some(held)
+            })
+            .collect()
+    }
+
     /// Per-identity entries in memory (all rules).
     pub fn identity_entries(&self) -> usize {
         self.entries.load(Ordering::Relaxed)
@@ -1043,6 +1078,18 @@ impl Limiter {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+}
+
+/// A rule's slots a shared backend counts, held in this replica (see
+/// [`Limiter::global_held`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalHeld {
+    /// The rule.
+    pub rule: Arc<str>,
+    /// The rule's watch cap for all replicas, and the watches held here.
+    pub watches: Option<(u64, u64)>,
+    /// The same for in-flight requests.
+    pub inflight: Option<(u64, u64)>,
 }
 
 /// What a shared backend must take for one request: its rule's aggregate

@@ -96,8 +96,8 @@ mod state;
 pub mod validate;
 
 pub use admission::{
-    BLOCK_RETRY_AFTER, CONCURRENCY_RETRY_AFTER, Decision, GlobalDemand, Limiter, LimiterConfig,
-    Permit, Quota, RejectReason, Rejection, RuleStats, jittered,
+    BLOCK_RETRY_AFTER, CONCURRENCY_RETRY_AFTER, Decision, GlobalDemand, GlobalHeld, Limiter,
+    LimiterConfig, Permit, Quota, RejectReason, Rejection, RuleStats, jittered,
 };
 pub use blocks::{ActiveBlock, Block, BlockError, BlockRespond, BlockStatus, BlockTarget, Blocks};
 pub use bucket::RateLimit;

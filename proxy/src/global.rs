@@ -18,7 +18,7 @@
 //!   expired members before counting, so a dead replica's slots free
 //!   within one lease. A replica stalled past its lease finds some of its
 //!   slots gone: it takes them back only where the cap has room
-//!   ([`RENEW_SCRIPT`]) and counts the rest until they end.
+//!   (`RENEW_SCRIPT`) and counts the rest until they end.
 //! - **Fail static.** A Redis error or a call slower than `timeoutMillis`
 //!   hands the limits back to the local limiter at once
 //!   ([`Limiter::set_global`]`(false)`): this replica then enforces its
@@ -30,6 +30,12 @@
 //!   the caps), then takes global
 //!   enforcement back. `breakwater_global_limits_up` says which mode is in
 //!   force.
+//!
+//! - **Backends change on reload.** A reload that changes `backend`
+//!   retires this backend ([`Global::retire`]: its slots leave its Redis)
+//!   and the next one adopts the slots held then ([`Global::adopt`]),
+//!   releasing them as their requests end (see
+//!   `Admission::switch_backend`).
 //!
 //! What stays local even with Redis up: per-identity limits (an identity's
 //! connection lands on one replica), the upstream seat cap, and the
@@ -44,101 +50,19 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use breakwater_limits::{
-    CONCURRENCY_RETRY_AFTER, GlobalDemand, Limiter, RateLimit, RedisBackend, RejectReason,
+    CONCURRENCY_RETRY_AFTER, GlobalDemand, GlobalHeld, Limiter, RateLimit, RedisBackend,
+    RejectReason,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Chain;
 
-/// Checks and takes a request's slot and tokens, all or nothing.
-///
-/// KEYS: 1 watch slots, 2 in-flight slots (sorted sets: member = lease,
-/// score = expiry in µs), 3 rate TAT, 4 watch-open TAT (strings, µs).
-/// ARGV: 1 lease member, 2 lease µs, 3 watch cap, 4 in-flight cap (-1: not
-/// taken), 5/6 rate emission/tolerance µs, 7/8 the same for watch opens
-/// (tolerance -1: not taken). Returns {0, 0} granted, or {reason, wait µs}
-/// with reason 1 watches, 2 in-flight, 3 rate, 4 watch opens.
-///
-/// Numbers leave Lua through `string.format('%.0f')`: Redis would format
-/// them with 14 significant digits, losing microseconds.
-const SCRIPT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local lease = tonumber(ARGV[2])
-local function full(key, cap)
-  if cap < 0 then return false end
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
-  return redis.call('ZCARD', key) >= cap
-end
-local wcap = tonumber(ARGV[3])
-if full(KEYS[1], wcap) then return {1, 0} end
-local icap = tonumber(ARGV[4])
-if full(KEYS[2], icap) then return {2, 0} end
-local function gcra(key, emission, tolerance)
-  if tolerance < 0 then return 0, nil end
-  local tat = tonumber(redis.call('GET', key) or '0')
-  local new = math.max(tat, now) + emission
-  if new - now > tolerance then return new - now - tolerance, nil end
-  return 0, new
-end
-local rwait, rnew = gcra(KEYS[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
-if rwait > 0 then return {3, rwait} end
-local wwait, wnew = gcra(KEYS[4], tonumber(ARGV[7]), tonumber(ARGV[8]))
-if wwait > 0 then return {4, wwait} end
-local expiry = string.format('%.0f', now + lease)
-if wcap >= 0 then redis.call('ZADD', KEYS[1], expiry, ARGV[1]) end
-if icap >= 0 then redis.call('ZADD', KEYS[2], expiry, ARGV[1]) end
-if rnew then
-  redis.call('SET', KEYS[3], string.format('%.0f', rnew), 'PX', math.ceil((rnew - now) / 1000) + 1000)
-end
-if wnew then
-  redis.call('SET', KEYS[4], string.format('%.0f', wnew), 'PX', math.ceil((wnew - now) / 1000) + 1000)
-end
-return {0, 0}
-"#;
+mod renew;
+mod scripts;
+mod switch;
 
-/// Renews this replica's slots in one sorted set, and takes back those
-/// Redis no longer has where the cap allows.
-///
-/// KEYS: 1 the slot set. ARGV: 1 lease µs, 2 the cap, 3.. lease members.
-/// Returns one code per member: 0 renewed (Redis had it), 1 taken (Redis
-/// did not have it: it had lapsed, or was taken while Redis was away, and
-/// there was room), 2 not taken (no room under the cap).
-///
-/// Members Redis has are renewed first, so that the room left is counted
-/// with them; a member is only ever added when the set, without expired
-/// members, is below the cap.
-const RENEW_SCRIPT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local expiry = string.format('%.0f', now + tonumber(ARGV[1]))
-local cap = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
-local out = {}
-for i = 3, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
-    out[i - 2] = 0
-  else
-    out[i - 2] = 2
-  end
-end
-local count = redis.call('ZCARD', KEYS[1])
-for i = 3, #ARGV do
-  if out[i - 2] == 2 and count < cap then
-    redis.call('ZADD', KEYS[1], expiry, ARGV[i])
-    count = count + 1
-    out[i - 2] = 1
-  end
-end
-return out
-"#;
-
-/// What a renewal found for one held slot ([`RENEW_SCRIPT`]'s codes).
-const RENEWED: i64 = 0;
-const TAKEN: i64 = 1;
-const NO_ROOM: i64 = 2;
+use scripts::{RENEW_SCRIPT, SCRIPT};
 
 /// How often a replica without Redis tries again.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -224,6 +148,9 @@ struct Lease {
     /// locally while Redis was away has not, nor one that lapsed in Redis
     /// and found no room to be taken back.
     registered: bool,
+    /// Stands for a request admitted before this backend took over (see
+    /// [`Global::adopt`]), not for one request of its own.
+    adopted: bool,
 }
 
 /// The Redis backend of one replica. Cheap to share.
@@ -254,6 +181,13 @@ struct Inner {
     last_error: Mutex<Option<String>>,
     /// Neither renew nor release any more, as if the process had died.
     abandoned: AtomicBool,
+    /// Replaced by another backend (a reload changed `backend`): it never
+    /// hands the limits to the limiter again. The lock orders that against
+    /// this backend's own [`Limiter::set_global`] calls.
+    retired: Mutex<bool>,
+    /// Ends this backend's tasks (a child of the proxy's shutdown token,
+    /// once [`Global::run`] started).
+    stop: Mutex<Option<CancellationToken>>,
 }
 
 impl std::fmt::Debug for Global {
@@ -265,17 +199,6 @@ impl std::fmt::Debug for Global {
             .field("up", &self.is_up())
             .finish_non_exhaustive()
     }
-}
-
-/// What one renewal found.
-#[derive(Debug, Default)]
-struct Found {
-    /// Slots Redis had, and no longer had.
-    lapsed: u64,
-    /// Of those, taken back.
-    retaken: u64,
-    /// Slots held here that Redis does not count after the renewal.
-    unregistered: u64,
 }
 
 /// A request's slot in Redis: released when dropped (with its permit).
@@ -355,7 +278,6 @@ impl Global {
         .map_err(GlobalError::Client)?;
         let (tx, rx) = tokio::sync::mpsc::channel(RELEASE_QUEUE);
         let replica = format!("{:016x}", rand::random::<u64>());
-        metrics::gauge!("breakwater_global_limits_up").set(0.0);
         Ok(Global {
             inner: Arc::new(Inner {
                 cfg: cfg.clone(),
@@ -372,6 +294,8 @@ impl Global {
                 up: AtomicBool::new(false),
                 last_error: Mutex::new(None),
                 abandoned: AtomicBool::new(false),
+                retired: Mutex::new(false),
+                stop: Mutex::new(None),
             }),
         })
     }
@@ -467,6 +391,7 @@ impl Global {
                             member,
                             cap,
                             registered: true,
+                            adopted: false,
                         },
                     );
                 Ok(Outcome::Granted(Some(Hold {
@@ -506,6 +431,7 @@ impl Global {
             member: Arc::from(format!("{}:{id}", self.inner.replica)),
             cap,
             registered: false,
+            adopted: false,
         };
         self.inner
             .held
@@ -521,8 +447,25 @@ impl Global {
     /// Hands the limits back to the local limiter (fail static), once per
     /// outage.
     pub fn fall_back(&self, limiter: &Limiter, err: &GlobalError) {
-        limiter.set_global(false);
-        self.mark_down(err);
+        if self.hand_over(limiter, false) {
+            self.mark_down(err);
+        }
+    }
+
+    /// Hands the aggregate limits to this backend or takes them back,
+    /// unless it was retired: then a newer backend (or the local limiter)
+    /// owns that switch.
+    /// Returns whether it did.
+    fn hand_over(&self, limiter: &Limiter, on: bool) -> bool {
+        let retired = self
+            .inner
+            .retired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !*retired {
+            limiter.set_global(on);
+        }
+        !*retired
     }
 
     fn mark_down(&self, err: &GlobalError) {
@@ -588,15 +531,29 @@ impl Global {
         GlobalError::Connect { addr, source }
     }
 
-    /// Keeps the backend going until `stop`: connects, renews held slots
-    /// while up, probes while down, and removes released slots.
-    /// `set_global` hands the aggregate limits to the backend (`true`) or
-    /// back to the local limiter ([`Limiter::set_global`]).
-    pub async fn run(
-        self,
-        set_global: impl Fn(bool) + Send + Sync + 'static,
-        stop: CancellationToken,
-    ) {
+    /// Keeps the backend going until `stop` (or [`Global::retire`]):
+    /// connects, renews held slots while up, probes while down, and removes
+    /// released slots. It hands `limiter`'s aggregate limits to Redis when
+    /// Redis answers and back when it fails ([`Limiter::set_global`]),
+    /// never once retired.
+    pub async fn run(self, limiter: Arc<Limiter>, stop: CancellationToken) {
+        let stop = stop.child_token();
+        {
+            let retired = self
+                .inner
+                .retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if *retired {
+                return;
+            }
+            *self
+                .inner
+                .stop
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(stop.clone());
+        }
+        metrics::gauge!("breakwater_global_limits_up").set(0.0);
         let releases = self
             .inner
             .release_rx
@@ -618,12 +575,14 @@ impl Global {
             if self.inner.abandoned.load(Ordering::Relaxed) {
                 continue;
             }
+            self.reconcile(&limiter);
             if self.is_up() {
                 if let Err(err) = self.renew().await {
                     metrics::counter!("breakwater_global_limits_errors_total", "op" => "renew")
                         .increment(1);
-                    set_global(false);
-                    self.mark_down(&err);
+                    if self.hand_over(&limiter, false) {
+                        self.mark_down(&err);
+                    }
                 }
             } else if let Err(err) = self.recover().await {
                 self.log_failure(&err);
@@ -634,7 +593,11 @@ impl Global {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = None;
                 self.inner.up.store(true, Ordering::Relaxed);
-                set_global(true);
+                if !self.hand_over(&limiter, true) {
+                    // Retired meanwhile: the next backend is in charge.
+                    self.inner.up.store(false, Ordering::Relaxed);
+                    break;
+                }
                 metrics::gauge!("breakwater_global_limits_up").set(1.0);
                 tracing::info!(
                     host = %self.inner.cfg.host,
@@ -670,131 +633,6 @@ impl Global {
             self.inner.conn.store(Some(Arc::new(conn)));
         }
         self.renew().await
-    }
-
-    /// Extends every held slot's lease, one script call per slot set
-    /// ([`RENEW_SCRIPT`]), and registers those Redis does not have where
-    /// their cap allows.
-    ///
-    /// Redis may lack a slot this replica holds: taken while Redis was
-    /// away, forgotten by a restarted Redis, or *lapsed*: this replica
-    /// could not renew it within the lease (a stall longer than
-    /// `leaseSeconds`: a paused process, a VM migration, a network cut),
-    /// and Redis dropped it, so the fleet may have admitted someone else
-    /// in its place. Such a slot is taken again only where the cap leaves
-    /// room, never past it; the rest stay held here, uncounted in Redis
-    /// (`breakwater_global_limits_unregistered`), and are tried again at
-    /// every renewal until they end. A released slot is never brought
-    /// back: Redis only renews what it still has, and a slot taken again
-    /// by a renewal that raced its release is released again.
-    async fn renew(&self) -> Result<(), GlobalError> {
-        let conn = self
-            .inner
-            .conn
-            .load_full()
-            .ok_or(GlobalError::NotConnected)?;
-        let mut conn = (*conn).clone();
-        let leases: Vec<(u64, Lease)> = self
-            .inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(id, l)| (*id, l.clone()))
-            .collect();
-        metrics::gauge!("breakwater_global_limits_leases").set(leases.len() as f64);
-        let mut sets: HashMap<Arc<str>, Vec<(u64, Lease)>> = HashMap::new();
-        for (id, l) in leases {
-            sets.entry(Arc::clone(&l.key)).or_default().push((id, l));
-        }
-        let lease_us = u64::try_from(self.inner.cfg.lease.as_micros()).unwrap_or(u64::MAX);
-        let timeout = self.inner.cfg.timeout.max(Duration::from_millis(500));
-        let mut found = Found::default();
-        for (key, set) in &sets {
-            for chunk in set.chunks(1000) {
-                // The cap in force for the newest slot (a reload may have
-                // changed it since older ones were taken).
-                let cap = chunk
-                    .iter()
-                    .max_by_key(|(id, _)| *id)
-                    .map_or(0, |(_, l)| l.cap);
-                let mut call = self.inner.renew_script.key(&**key);
-                call.arg(lease_us).arg(cap);
-                for (_, l) in chunk {
-                    call.arg(&*l.member);
-                }
-                let codes: Vec<i64> = tokio::time::timeout(timeout, call.invoke_async(&mut conn))
-                    .await
-                    .map_err(|_| GlobalError::Timeout(timeout))?
-                    .map_err(GlobalError::Redis)?;
-                if codes.len() != chunk.len() {
-                    return Err(GlobalError::Answer(codes));
-                }
-                self.settle(chunk, &codes, &mut found);
-            }
-        }
-        self.report(&found);
-        Ok(())
-    }
-
-    /// Records what a renewal found for `chunk`: registered or not, lapsed
-    /// or not; releases again a slot taken back after its release.
-    fn settle(&self, chunk: &[(u64, Lease)], codes: &[i64], found: &mut Found) {
-        let mut again = Vec::new();
-        {
-            let mut held = self
-                .inner
-                .held
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            for ((id, lease), &code) in chunk.iter().zip(codes) {
-                if lease.registered && code != RENEWED {
-                    found.lapsed += 1;
-                    if code == TAKEN {
-                        found.retaken += 1;
-                    }
-                }
-                match held.get_mut(id) {
-                    Some(l) => {
-                        l.registered = code != NO_ROOM;
-                        if !l.registered {
-                            found.unregistered += 1;
-                        }
-                    }
-                    // Released while this renewal ran: if the renewal took
-                    // it back after the release, release it again.
-                    None if code == TAKEN => again.push(lease.clone()),
-                    None => {}
-                }
-            }
-        }
-        for lease in again {
-            if self.inner.releases.try_send(lease).is_err() {
-                metrics::counter!("breakwater_global_limits_releases_dropped_total").increment(1);
-            }
-        }
-    }
-
-    /// Publishes a renewal's findings; logs lapsed slots once per stall.
-    fn report(&self, found: &Found) {
-        metrics::gauge!("breakwater_global_limits_unregistered").set(found.unregistered as f64);
-        if found.lapsed > 0 {
-            metrics::counter!("breakwater_global_limits_lapsed_total").increment(found.lapsed);
-            tracing::warn!(
-                lapsed = found.lapsed,
-                retaken = found.retaken,
-                not_retaken = found.lapsed - found.retaken,
-                lease = ?self.inner.cfg.lease,
-                "slots this replica holds were gone from Redis (not renewed within the lease: a stalled process or a cut network; or Redis restarted); took back those the limits had room for, the others stay held, uncounted in Redis, until they end or room frees"
-            );
-        }
-        let was = self
-            .inner
-            .unregistered
-            .swap(found.unregistered, Ordering::Relaxed);
-        if was > 0 && found.unregistered == 0 {
-            tracing::info!("every slot this replica holds is counted in Redis again");
-        }
     }
 
     /// Removes released slots, a batch per round trip; errors are left to

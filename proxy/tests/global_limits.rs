@@ -169,6 +169,8 @@ struct Fleet {
     replicas: Vec<ProxyHandle>,
     token: String,
     client: Plain,
+    /// The limits file every replica reads (rewrite it to reload).
+    file: std::path::PathBuf,
 }
 
 const LEASE: Duration = Duration::from_secs(2);
@@ -255,6 +257,7 @@ async fn fleet_in(env: Env, n: usize, text: &str) -> Fleet {
         replicas,
         token,
         client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        file,
     }
 }
 
@@ -263,11 +266,37 @@ impl Fleet {
         self.replicas[i].plain_addr().expect("plain listener")
     }
 
-    fn global(&self, i: usize) -> &breakwater::global::Global {
+    fn global(&self, i: usize) -> breakwater::global::Global {
         self.replicas[i]
             .admission()
             .global()
             .expect("redis backend")
+    }
+
+    /// Rewrites the limits file (as a ConfigMap update does) and waits
+    /// until every replica has reloaded it; returns why each refused it
+    /// (`None`: accepted).
+    async fn rewrite(&self, text: &str) -> Vec<Option<String>> {
+        let state = |i: usize| self.replicas[i].admission().limits_file_state();
+        let before: Vec<_> = (0..self.replicas.len())
+            .map(|i| state(i).last_reload.map(|r| r.at))
+            .collect();
+        common::write_atomically(&self.file, text);
+        let mut out = Vec::new();
+        for (i, before) in before.into_iter().enumerate() {
+            let mut tries = 0;
+            loop {
+                let now = state(i).last_reload;
+                if let Some(r) = now.filter(|r| Some(r.at) != before) {
+                    out.push(r.error);
+                    break;
+                }
+                tries += 1;
+                assert!(tries < 400, "replica {i} did not reload the limits file");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        out
     }
 
     async fn until_up(&self, which: &[usize]) {
@@ -642,9 +671,8 @@ async fn measure_admission_latency_local_and_redis() {
         let admission =
             std::sync::Arc::new(Admission::new(Some(&file), None, false).expect("admission"));
         let stop = tokio_util::sync::CancellationToken::new();
-        if let Some(g) = admission.global().cloned() {
-            let a = admission.clone();
-            tokio::spawn(g.run(move |on| a.limiter().set_global(on), stop.clone()));
+        if admission.global().is_some() {
+            admission.start_backend(&tokio_util::task::TaskTracker::new(), stop.clone());
             while !admission.limiter().global_active() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -931,5 +959,135 @@ async fn a_paused_replica_takes_back_its_lapsed_slots_only_where_the_limit_has_r
     for mut r in [a, b] {
         r.signal("TERM").await;
         let _ = r.child.wait().await;
+    }
+}
+
+/// A reload changes the backend without a restart: local → Redis →
+/// another Redis → local, with watches open throughout. Each time the
+/// held slots are counted once by the new backend and leave the old one;
+/// an invalid backend is refused and the old one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_the_held_slots_to_another_backend_without_a_restart() {
+    let one = Redis::start().await;
+    let two = Redis::start().await;
+    let env = demo_env().await;
+    let dir = env.dir.path().to_path_buf();
+    let rule = "    aggregate: {watches: 4}";
+    let local = limits_text(2, "", rule);
+    let on_one = limits_text(
+        2,
+        &redis_backend(&one, "one:", &Creds::default(), &dir),
+        rule,
+    );
+    let on_two = limits_text(
+        2,
+        &redis_backend(&two, "two:", &Creds::default(), &dir),
+        rule,
+    );
+    let (key_one, key_two) = ("one:{fleet}:watches", "two:{fleet}:watches");
+    let fleet = fleet_in(env, 2, &local).await;
+    let backend = |i: usize| fleet.replicas[i].admission().global();
+
+    // Local: replica 0 holds its share, 2 of 4.
+    let mut first = vec![
+        fleet.watch(0).await.expect("watch 1"),
+        fleet.watch(0).await.expect("watch 2"),
+    ];
+    assert_eq!(fleet.watch(0).await.err(), Some(429), "local share of 2");
+
+    // local -> Redis: the 2 held are registered, once; then the 4 are
+    // shared by the fleet.
+    assert_eq!(fleet.rewrite(&on_one).await, [None, None]);
+    fleet.until_up(&[0, 1]).await;
+    assert_eq!(one.live(key_one).await, 2, "the watches held before, once");
+    let mut more = vec![
+        fleet.watch(0).await.expect("a third on replica 0"),
+        fleet.watch(1).await.expect("watch on replica 1"),
+    ];
+    assert_eq!(one.live(key_one).await, 4);
+    assert_eq!(fleet.watch(1).await.err(), Some(429), "4 held in all");
+
+    // One of the watches from before ends: its lease goes (at the next
+    // renewal), and one more fits.
+    drop(first.pop());
+    let ended = Instant::now();
+    while one.live(key_one).await != 3 {
+        assert!(ended.elapsed() < LEASE, "the ended watch's lease stayed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    more.push(fleet.watch(1).await.expect("the freed slot"));
+    assert_eq!(fleet.watch(0).await.err(), Some(429), "4 held in all");
+
+    // Redis -> another Redis (address and prefix): the 4 held move, and
+    // the old Redis forgets them at once, not when their leases lapse.
+    let switched = Instant::now();
+    assert_eq!(fleet.rewrite(&on_two).await, [None, None]);
+    fleet.until_up(&[0, 1]).await;
+    assert_eq!(two.live(key_two).await, 4, "every held watch, once");
+    while one.live(key_one).await != 0 {
+        assert!(switched.elapsed() < LEASE, "the old backend kept its slots");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(fleet.watch(0).await.err(), Some(429));
+    assert_eq!(fleet.watch(1).await.err(), Some(429));
+
+    // Invalid backends are refused, with line and column or the file that
+    // cannot be read; the backend in force stays.
+    let generation = |i: usize| fleet.replicas[i].admission().limits_file_state().generation;
+    let in_force = [generation(0), generation(1)];
+    let bad_address = on_two.replace(&format!("127.0.0.1:{}", two.port), "no-port");
+    for err in fleet.rewrite(&bad_address).await {
+        let err = err.expect("refused");
+        assert!(err.contains(":6:") && err.contains("no-port"), "{err}");
+    }
+    let missing = dir.join("no-such-password-file");
+    let bad_password = on_two.replace(
+        "    keyPrefix:",
+        &format!(
+            "    passwordFile: \"{}\"\n    keyPrefix:",
+            missing.display()
+        ),
+    );
+    for err in fleet.rewrite(&bad_password).await {
+        let err = err.expect("refused");
+        assert!(err.contains("no-such-password-file"), "{err}");
+    }
+    assert_eq!(
+        [generation(0), generation(1)],
+        in_force,
+        "nothing swapped in"
+    );
+    assert!(
+        backend(0).expect("redis").is_up() && backend(1).expect("redis").is_up(),
+        "the old backend is still in force (a new one would still be connecting)"
+    );
+    assert_eq!(two.live(key_two).await, 4);
+    assert_eq!(fleet.watch(1).await.err(), Some(429));
+
+    // Redis -> local: the slots leave Redis, and each replica enforces its
+    // share against the watches it really holds (2 each).
+    assert_eq!(fleet.rewrite(&local).await, [None, None]);
+    assert!(backend(0).is_none() && backend(1).is_none());
+    let switched = Instant::now();
+    while two.live(key_two).await != 0 {
+        assert!(switched.elapsed() < LEASE, "the Redis slots stayed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(fleet.watch(0).await.err(), Some(429), "replica 0 holds 2");
+    assert_eq!(fleet.watch(1).await.err(), Some(429), "replica 1 holds 2");
+    drop(more.pop());
+    let mut freed = None;
+    for _ in 0..100 {
+        if let Ok(w) = fleet.watch(1).await {
+            freed = Some(w);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed.is_some(), "replica 1's share freed");
+    assert_eq!(fleet.watch(1).await.err(), Some(429));
+    drop((first, more, freed));
+    for r in fleet.replicas {
+        let _stopped = r.shutdown().await;
     }
 }
