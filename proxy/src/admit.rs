@@ -385,12 +385,67 @@ impl Admission {
         if !permit.charge_pending() {
             return Ok(());
         }
-        let verb = info.verb.label();
         let shadowed = permit.shadow_rejection().is_some();
-        match self
-            .limiter
-            .charge_upstream(permit, &attrs(info), Instant::now())
+        let res = self.try_charge(permit, info);
+        self.charged(res, shadowed, permit, identity, info)
+    }
+
+    /// [`Admission::charge_upstream`] where waiting is allowed (a request
+    /// about to be forwarded, outside the watch hub): when the local quota
+    /// of a global limit is empty, fills it from Redis (one round trip)
+    /// and tries once more, rather than refusing a request the fleet has
+    /// room for.
+    pub async fn charge_upstream_or_fill(
+        &self,
+        permit: &mut Permit,
+        identity: &Identity,
+        info: &RequestInfo,
+    ) -> Result<(), Box<Response<Body>>> {
+        if !permit.charge_pending() {
+            return Ok(());
+        }
+        let shadowed = permit.shadow_rejection().is_some();
+        let mut res = self.try_charge(permit, info);
+        if let Err(rej) = &res
+            && self.limiter.global_active()
+            && matches!(
+                rej.reason,
+                RejectReason::AggregateRate
+                    | RejectReason::AggregateInflight
+                    | RejectReason::AggregateWatchOpens
+            )
+            && let Some(global) = self.global()
+            && global.is_up()
         {
+            match global.fill(&self.limiter, Some(&rej.rule)).await {
+                Ok(()) => res = self.try_charge(permit, info),
+                Err(err) => {
+                    metrics::counter!("breakwater_global_limits_errors_total", "op" => "quota")
+                        .increment(1);
+                    tracing::debug!(error = %Chain(&err), "filling a local quota failed");
+                }
+            }
+        }
+        self.charged(res, shadowed, permit, identity, info)
+    }
+
+    fn try_charge(&self, permit: &mut Permit, info: &RequestInfo) -> Result<(), Rejection> {
+        self.limiter
+            .charge_upstream(permit, &attrs(info), Instant::now())
+    }
+
+    /// Counts and answers the second step's outcome (`shadowed`: the first
+    /// step had recorded a would-be rejection already).
+    fn charged(
+        &self,
+        res: Result<(), Rejection>,
+        shadowed: bool,
+        permit: &mut Permit,
+        identity: &Identity,
+        info: &RequestInfo,
+    ) -> Result<(), Box<Response<Body>>> {
+        let verb = info.verb.label();
+        match res {
             Ok(()) => {
                 if !shadowed && let Some(would) = permit.shadow_rejection() {
                     count_shadow(would, verb, identity);

@@ -37,11 +37,18 @@
 //!   releasing them as their requests end (see
 //!   `Admission::switch_backend`).
 //!
+//! - **Local quotas for the second step.** `charges: upstream` rules take
+//!   their `rate`, `inflight` and `watchOpens` only when a request goes
+//!   upstream, often inside the watch hub, which cannot wait for Redis.
+//!   They spend local quotas ([`breakwater_limits::quota`]) that
+//!   [`Global::fill`] keeps topped up from Redis off the request path: a
+//!   batch of tokens from the same GCRA bucket (`TOKENS_SCRIPT`), a block
+//!   of in-flight leases (`SLOTS_SCRIPT`), spares past a block returned.
+//!   Nothing is spent that Redis did not grant first; the slack is what
+//!   replicas hold unspent.
+//!
 //! What stays local even with Redis up: per-identity limits (an identity's
-//! connection lands on one replica), the upstream seat cap, and the
-//! second admission step of `charges: upstream` rules (it runs inside the
-//! watch hub, which cannot wait for Redis), which enforces the replica's
-//! share of the rule's `rate`, `inflight` and `watchOpens`.
+//! connection lands on one replica) and the upstream seat cap.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,18 +58,20 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use breakwater_limits::{
     CONCURRENCY_RETRY_AFTER, GlobalDemand, GlobalHeld, Limiter, RateLimit, RedisBackend,
-    RejectReason,
+    RejectReason, Unit,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Chain;
 
+mod quota;
 mod renew;
 mod scripts;
 mod switch;
 
-use scripts::{RENEW_SCRIPT, SCRIPT};
+use quota::QuotaBook;
+use scripts::{REFUND_SCRIPT, RENEW_SCRIPT, SCRIPT, SLOTS_SCRIPT, TOKENS_SCRIPT, gcra};
 
 /// How often a replica without Redis tries again.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -165,6 +174,16 @@ struct Inner {
     conn: ArcSwapOption<ConnectionManager>,
     script: redis::Script,
     renew_script: redis::Script,
+    tokens_script: redis::Script,
+    refund_script: redis::Script,
+    slots_script: redis::Script,
+    /// Local quotas (see [`breakwater_limits::quota`]): the lease ids of
+    /// each in-flight slot set's pooled slots, and when each bucket may be
+    /// asked again (it was empty). One filler at a time.
+    quotas: Mutex<QuotaBook>,
+    filling: tokio::sync::Mutex<()>,
+    /// Wakes the quota filler (a quota ran out).
+    quota_wake: Arc<tokio::sync::Notify>,
     /// Held slots Redis did not count at the last renewal.
     unregistered: AtomicU64,
     /// This process, in lease members (random: a restarted replica must
@@ -285,6 +304,12 @@ impl Global {
                 conn: ArcSwapOption::empty(),
                 script: redis::Script::new(SCRIPT),
                 renew_script: redis::Script::new(RENEW_SCRIPT),
+                tokens_script: redis::Script::new(TOKENS_SCRIPT),
+                refund_script: redis::Script::new(REFUND_SCRIPT),
+                slots_script: redis::Script::new(SLOTS_SCRIPT),
+                quotas: Mutex::new(QuotaBook::default()),
+                filling: tokio::sync::Mutex::new(()),
+                quota_wake: Arc::new(tokio::sync::Notify::new()),
                 unregistered: AtomicU64::new(0),
                 replica,
                 next: AtomicU64::new(0),
@@ -342,17 +367,7 @@ impl Global {
         );
         let cap = |c: Option<u64>| c.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
         let us = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        let bucket = |r: Option<RateLimit>| {
-            r.map_or((0, -1), |r| {
-                // Whole µs, rounded up like the local bucket's ns.
-                let emission = us(r.emission_interval()).max(1)
-                    + i64::from(r.emission_interval().subsec_nanos() % 1000 != 0);
-                (
-                    emission,
-                    emission.saturating_mul(i64::try_from(r.burst).unwrap_or(i64::MAX)),
-                )
-            })
-        };
+        let bucket = |r: Option<RateLimit>| r.map_or((0, -1), |r| gcra(&r));
         let (re, rt) = bucket(demand.rate);
         let (we, wt) = bucket(demand.watch_opens);
         let mut call = self.inner.script.key(&watches);
@@ -448,6 +463,7 @@ impl Global {
     /// outage.
     pub fn fall_back(&self, limiter: &Limiter, err: &GlobalError) {
         if self.hand_over(limiter, false) {
+            self.drop_quotas(limiter, false, false);
             self.mark_down(err);
         }
     }
@@ -561,6 +577,7 @@ impl Global {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         let drain = releases.map(|rx| tokio::spawn(self.clone().release_loop(rx, stop.clone())));
+        let quotas = tokio::spawn(self.clone().quota_loop(Arc::clone(&limiter), stop.clone()));
         let renew_every = self.inner.cfg.lease / 3;
         loop {
             let wait = if self.is_up() {
@@ -581,6 +598,7 @@ impl Global {
                     metrics::counter!("breakwater_global_limits_errors_total", "op" => "renew")
                         .increment(1);
                     if self.hand_over(&limiter, false) {
+                        self.drop_quotas(&limiter, false, false);
                         self.mark_down(&err);
                     }
                 }
@@ -592,6 +610,10 @@ impl Global {
                     .last_error
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = None;
+                // Quotas first, so the second step finds them filled.
+                if let Err(err) = self.fill(&limiter, None).await {
+                    tracing::debug!(error = %Chain(&err), "filling the local quotas failed");
+                }
                 self.inner.up.store(true, Ordering::Relaxed);
                 if !self.hand_over(&limiter, true) {
                     // Retired meanwhile: the next backend is in charge.
@@ -606,6 +628,7 @@ impl Global {
                 );
             }
         }
+        let _ = quotas.await;
         if let Some(drain) = drain {
             let _ = drain.await;
         }

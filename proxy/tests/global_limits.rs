@@ -595,10 +595,25 @@ async fn three_replicas_share_ten_watches_leases_lapse_and_redis_outages_fall_ba
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_global_token_bucket_admits_its_rate_across_replicas() {
+    rate_across_replicas("    aggregate: {rate: 20, burst: 10}").await;
+}
+
+/// The same for a `charges: upstream` rule: its rate is charged in the
+/// second admission step, from local quotas each replica fills from the
+/// Redis bucket in small batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charges_upstream_rate_is_global_through_local_quotas() {
+    rate_across_replicas("    charges: upstream\n    aggregate: {rate: 20, burst: 10}").await;
+}
+
+/// 3 replicas, uneven load (30/s, 10/s, 2/s of GETs that go upstream),
+/// `rule` with `aggregate: {rate: 20, burst: 10}`: within ±5% of
+/// 10 + 20/s over 10 s in all.
+async fn rate_across_replicas(rule: &str) {
     const RATE: f64 = 20.0;
     const BURST: f64 = 10.0;
     let redis = Redis::start().await;
-    let fleet = fleet(&redis, "    aggregate: {rate: 20, burst: 10}").await;
+    let fleet = fleet(&redis, rule).await;
     // Uneven offered load: 30/s, 10/s and 2/s. Static shares would admit
     // about 6.7 + 6.7 + 2 per second; the global bucket admits 20.
     let offered = [30.0f64, 10.0, 2.0];
@@ -628,6 +643,10 @@ async fn a_global_token_bucket_admits_its_rate_across_replicas() {
     let total: u32 = admitted.iter().map(|a| a.0).sum();
     let expected = BURST + RATE * elapsed;
     let error = (f64::from(total) - expected).abs() / (RATE * elapsed);
+    println!(
+        "{rule:?}: admitted {total} in {elapsed:.2}s, expected {expected:.0} (off by {:.1}%): {admitted:?}",
+        error * 100.0
+    );
     assert!(
         error <= 0.05,
         "admitted {total} in {elapsed:.2}s, expected {expected:.0} (±5%): {admitted:?}"
@@ -1090,4 +1109,163 @@ async fn a_reload_moves_the_held_slots_to_another_backend_without_a_restart() {
     for r in fleet.replicas {
         let _stopped = r.shutdown().await;
     }
+}
+
+type Streaming = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// A SelfSubjectAccessReview as demo/viewer (allowed to everyone) whose
+/// body never ends until `tx` drops: kube-sim reads the body after it
+/// authorizes, so an admitted one stays in flight at the replica. Its
+/// status (or 0 if it failed) goes to `done` with `n`.
+fn pending_post(
+    client: &Client<HttpConnector, Streaming>,
+    addr: SocketAddr,
+    token: &str,
+    n: usize,
+    done: tokio::sync::mpsc::UnboundedSender<(usize, u16)>,
+) -> tokio::sync::mpsc::Sender<Bytes> {
+    use http_body_util::BodyExt;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| {
+            (
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
+                rx,
+            )
+        })
+    });
+    let body = http_body_util::StreamBody::new(stream).boxed();
+    let req = http::Request::post(format!(
+        "http://{addr}/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+    ))
+    .header("authorization", format!("Bearer {token}"))
+    .header("content-type", "application/json")
+    .body(body)
+    .expect("request");
+    let fut = client.request(req);
+    tokio::spawn(async move {
+        let code = match fut.await {
+            Ok(resp) => resp.status().as_u16(),
+            Err(_) => 0,
+        };
+        let _ = done.send((n, code));
+    });
+    let first = tx.clone();
+    tokio::spawn(async move {
+        let _ = first.send(Bytes::from_static(b"{")).await;
+    });
+    tx
+}
+
+/// A `charges: upstream` rule's in-flight cap is global too: its second
+/// step spends in-flight slots from a local quota, a block of leases each
+/// replica keeps spare (1 here: a quarter of 6/3). The fleet never holds
+/// more than the cap in Redis (in use + spare), and admits exactly the cap
+/// minus the spares the other replicas hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charges_upstream_inflight_cap_is_global_exact_but_for_the_spares() {
+    use breakwater_limits::Unit;
+    let redis = Redis::start().await;
+    let fleet = fleet(
+        &redis,
+        "    charges: upstream\n    aggregate: {inflight: 6}",
+    )
+    .await;
+    let key = "test:{fleet}:inflight";
+    let spare = |i: usize| {
+        fleet.replicas[i].admission().limiter().upstream_quotas()[0]
+            .quota
+            .available(Unit::Inflight)
+    };
+    let in_flight = |i: usize| {
+        fleet.replicas[i]
+            .admission()
+            .limiter()
+            .rule_stats()
+            .iter()
+            .find(|s| &*s.rule == "fleet")
+            .map_or(0, |s| s.inflight)
+    };
+    until("each replica keeps one spare slot", || {
+        (0..3).all(|i| spare(i) == 1)
+    })
+    .await;
+    assert_eq!(redis.live(key).await, 3, "the spares are leased in Redis");
+
+    let client: Client<HttpConnector, Streaming> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    // 10 at once on replica 0: its spare and the 3 slots left in Redis
+    // (6 minus the 3 spares) are in flight; 6 are refused at once.
+    let mut bodies: Vec<_> = (0..10)
+        .map(|n| pending_post(&client, fleet.plain(0), &fleet.token, n, done_tx.clone()))
+        .collect();
+    let mut refused = Vec::new();
+    while refused.len() < 6 {
+        let (n, code) = tokio::time::timeout(Duration::from_secs(20), done.recv())
+            .await
+            .expect("refusals come at once")
+            .expect("a status");
+        assert_eq!(code, 429, "request {n}");
+        refused.push(n);
+    }
+    until("4 in flight on replica 0", || in_flight(0) == 4).await;
+    assert_eq!(redis.live(key).await, 6, "4 in use and 2 spares: the cap");
+    assert_eq!(spare(0), 0);
+
+    // Replica 1 spends its spare; then the fleet is full.
+    let mut on_one = vec![pending_post(
+        &client,
+        fleet.plain(1),
+        &fleet.token,
+        10,
+        done_tx.clone(),
+    )];
+    until("1 in flight on replica 1", || in_flight(1) == 1).await;
+    on_one.push(pending_post(
+        &client,
+        fleet.plain(1),
+        &fleet.token,
+        11,
+        done_tx.clone(),
+    ));
+    let (n, code) = tokio::time::timeout(Duration::from_secs(20), done.recv())
+        .await
+        .expect("refused at once")
+        .expect("a status");
+    assert_eq!((n, code), (11, 429), "6 held in all");
+    assert_eq!(redis.live(key).await, 6);
+
+    // Two of replica 0's end: it keeps one spare and returns the other,
+    // which replica 1 takes as its spare.
+    let admitted: Vec<usize> = (0..10).filter(|n| !refused.contains(n)).collect();
+    for n in &admitted[..2] {
+        bodies[*n] = tokio::sync::mpsc::channel(1).0;
+    }
+    until("replica 0 keeps one spare", || spare(0) == 1).await;
+    until("replica 1 got the other", || spare(1) == 1).await;
+    assert_eq!(redis.live(key).await, 6, "never past the cap");
+    on_one.push(pending_post(
+        &client,
+        fleet.plain(1),
+        &fleet.token,
+        12,
+        done_tx.clone(),
+    ));
+    until("2 in flight on replica 1", || in_flight(1) == 2).await;
+    drop((bodies, on_one));
+    for r in fleet.replicas {
+        let _stopped = r.shutdown().await;
+    }
+}
+
+/// Waits (bounded, 4 s) until `cond` holds.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..400 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
 }

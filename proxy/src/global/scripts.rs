@@ -2,6 +2,8 @@
 //! rule's keys atomically, with Redis' own clock (`TIME`), so replicas'
 //! clocks do not matter.
 
+use breakwater_limits::RateLimit;
+
 /// Checks and takes a request's slot and tokens, all or nothing.
 ///
 /// KEYS: 1 watch slots, 2 in-flight slots (sorted sets: member = lease,
@@ -85,6 +87,72 @@ for i = 3, #ARGV do
 end
 return out
 "#;
+
+/// Takes up to ARGV[3] tokens at once from a GCRA bucket (a local quota's
+/// batch), as many as its burst allows now.
+///
+/// KEYS: 1 the bucket's TAT. ARGV: 1 emission µs, 2 tolerance µs, 3 the
+/// most wanted. Returns {taken, 0}, or {0, wait µs} when not one is there.
+pub(super) const TOKENS_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local e = tonumber(ARGV[1])
+local tol = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local base = math.max(tat, now)
+local k = math.min(math.floor((tol - (base - now)) / e), tonumber(ARGV[3]))
+if k < 1 then return {0, math.ceil(base + e - now - tol)} end
+local new = base + k * e
+redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+return {k, 0}
+"#;
+
+/// Gives back ARGV[2] unspent tokens to a GCRA bucket (never below now).
+///
+/// KEYS: 1 the bucket's TAT. ARGV: 1 emission µs, 2 tokens.
+pub(super) const REFUND_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat <= now then return 0 end
+local new = math.max(now, tat - tonumber(ARGV[1]) * tonumber(ARGV[2]))
+redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+return 1
+"#;
+
+/// Leases a block of in-flight slots for a local quota: adds the members
+/// while the set, without expired members, is below the cap.
+///
+/// KEYS: 1 the slot set. ARGV: 1 lease µs, 2 the cap, 3.. members.
+/// Returns how many were added (the first ones).
+pub(super) const SLOTS_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local expiry = string.format('%.0f', now + tonumber(ARGV[1]))
+local cap = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
+local count = redis.call('ZCARD', KEYS[1])
+local added = 0
+for i = 3, #ARGV do
+  if count >= cap then break end
+  redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+  count = count + 1
+  added = added + 1
+end
+return added
+"#;
+
+/// A bucket's GCRA constants in whole µs: (emission interval, tolerance),
+/// rounded up like the local bucket's ns.
+pub(super) fn gcra(r: &RateLimit) -> (i64, i64) {
+    let e = r.emission_interval();
+    let emission = i64::try_from(e.as_micros()).unwrap_or(i64::MAX).max(1)
+        + i64::from(!e.subsec_nanos().is_multiple_of(1000));
+    (
+        emission,
+        emission.saturating_mul(i64::try_from(r.burst).unwrap_or(i64::MAX)),
+    )
+}
 
 /// What a renewal found for one held slot ([`RENEW_SCRIPT`]'s codes).
 pub(super) const RENEWED: i64 = 0;

@@ -145,6 +145,7 @@ impl Global {
         if self.inner.up.swap(false, Ordering::Relaxed) {
             metrics::gauge!("breakwater_global_limits_up").set(0.0);
         }
+        self.drop_quotas(limiter, true, true);
         let leases: Vec<Lease> = self
             .inner
             .held
