@@ -576,7 +576,11 @@ impl Global {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let drain = releases.map(|rx| tokio::spawn(self.clone().release_loop(rx, stop.clone())));
+        // The release loop outlives the others: what they release on the
+        // way out still goes.
+        let release_stop = CancellationToken::new();
+        let drain =
+            releases.map(|rx| tokio::spawn(self.clone().release_loop(rx, release_stop.clone())));
         let quotas = tokio::spawn(self.clone().quota_loop(Arc::clone(&limiter), stop.clone()));
         let renew_every = self.inner.cfg.lease / 3;
         loop {
@@ -629,6 +633,16 @@ impl Global {
             }
         }
         let _ = quotas.await;
+        // Shutting down (a retired backend did this already, and the
+        // quotas are its successor's now): requests still draining are
+        // decided at the share, the unspent tokens go back to their
+        // buckets and the spare slots to Redis.
+        if self.is_up() && self.hand_over(&limiter, false) {
+            self.inner.up.store(false, Ordering::Relaxed);
+            self.drop_quotas(&limiter, true, true);
+        }
+        self.refund_tokens().await;
+        release_stop.cancel();
         if let Some(drain) = drain {
             let _ = drain.await;
         }

@@ -144,6 +144,29 @@ impl Redis {
             .expect("connect to redis")
     }
 
+    /// Redis' clock, in µs.
+    async fn now_micros(&self) -> u64 {
+        let mut conn = self.conn().await;
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .expect("TIME");
+        secs * 1_000_000 + micros
+    }
+
+    /// The members of the sorted set `key` with their scores (expiry, µs).
+    async fn members(&self, key: &str) -> Vec<(String, u64)> {
+        let mut conn = self.conn().await;
+        redis::cmd("ZRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .expect("ZRANGE")
+    }
+
     /// Leases in `key` not yet expired (by Redis' clock).
     async fn live(&self, key: &str) -> u64 {
         let mut conn = self.conn().await;
@@ -1253,6 +1276,31 @@ async fn a_charges_upstream_inflight_cap_is_global_exact_but_for_the_spares() {
         done_tx.clone(),
     ));
     until("2 in flight on replica 1", || in_flight(1) == 2).await;
+
+    // Replica 2 (a spare, nothing in use) shuts down: its spare leaves
+    // Redis at once, before its lease would have lapsed.
+    let members = redis.members(key).await;
+    let prefix = |m: &str| m.split(':').next().unwrap_or_default().to_string();
+    let alone: Vec<&(String, u64)> = members
+        .iter()
+        .filter(|(m, _)| {
+            members
+                .iter()
+                .filter(|(o, _)| prefix(o) == prefix(m))
+                .count()
+                == 1
+        })
+        .collect();
+    assert_eq!(alone.len(), 1, "replica 2's one spare: {members:?}");
+    let (spare_of_2, expiry) = alone[0].clone();
+    let mut fleet = fleet;
+    let _stopped = fleet.replicas.pop().expect("replica 2").shutdown().await;
+    let after = redis.members(key).await;
+    assert!(
+        after.iter().all(|(m, _)| *m != spare_of_2),
+        "replica 2's spare is gone: {after:?}"
+    );
+    assert!(redis.now_micros().await < expiry, "released, not lapsed");
     drop((bodies, on_one));
     for r in fleet.replicas {
         let _stopped = r.shutdown().await;

@@ -39,8 +39,7 @@ pub(super) struct QuotaBook {
 impl Global {
     /// Keeps the local quotas of `charges: upstream` rules filled while
     /// Redis is in charge: every [`QUOTA_TICK`], and at once when one runs
-    /// out. On the way out it gives back the tokens [`Global::retire`]
-    /// took from the quotas.
+    /// out.
     pub(super) async fn quota_loop(self, limiter: Arc<Limiter>, stop: CancellationToken) {
         let wake = Arc::clone(&self.inner.quota_wake);
         limiter.set_quota_hook(Arc::new(move || wake.notify_one()));
@@ -59,6 +58,11 @@ impl Global {
                 tracing::debug!(error = %Chain(&err), "filling the local quotas failed");
             }
         }
+    }
+
+    /// Gives the unspent tokens [`Global::drop_quotas`] set aside back to
+    /// their buckets (the backend is ending: retired, or shutting down).
+    pub(super) async fn refund_tokens(&self) {
         let refunds = std::mem::take(
             &mut self
                 .inner
