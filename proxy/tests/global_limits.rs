@@ -1062,14 +1062,11 @@ async fn a_reload_moves_the_held_slots_to_another_backend_without_a_restart() {
 
     // Redis -> another Redis (address and prefix): the 4 held move, and
     // the old Redis forgets them at once, not when their leases lapse.
-    let switched = Instant::now();
+    let expiry = first_expiry(&one, key_one).await;
     assert_eq!(fleet.rewrite(&on_two).await, [None, None]);
     fleet.until_up(&[0, 1]).await;
     assert_eq!(two.live(key_two).await, 4, "every held watch, once");
-    while one.live(key_one).await != 0 {
-        assert!(switched.elapsed() < LEASE, "the old backend kept its slots");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    until_released(&one, key_one, expiry).await;
     assert_eq!(fleet.watch(0).await.err(), Some(429));
     assert_eq!(fleet.watch(1).await.err(), Some(429));
 
@@ -1108,13 +1105,10 @@ async fn a_reload_moves_the_held_slots_to_another_backend_without_a_restart() {
 
     // Redis -> local: the slots leave Redis, and each replica enforces its
     // share against the watches it really holds (2 each).
+    let expiry = first_expiry(&two, key_two).await;
     assert_eq!(fleet.rewrite(&local).await, [None, None]);
     assert!(backend(0).is_none() && backend(1).is_none());
-    let switched = Instant::now();
-    while two.live(key_two).await != 0 {
-        assert!(switched.elapsed() < LEASE, "the Redis slots stayed");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    until_released(&two, key_two, expiry).await;
     assert_eq!(fleet.watch(0).await.err(), Some(429), "replica 0 holds 2");
     assert_eq!(fleet.watch(1).await.err(), Some(429), "replica 1 holds 2");
     drop(more.pop());
@@ -1316,4 +1310,30 @@ async fn until(what: &str, cond: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("never: {what}");
+}
+
+/// The earliest expiry among the leases in `key`.
+async fn first_expiry(redis: &Redis, key: &str) -> u64 {
+    let members = redis.members(key).await;
+    members
+        .iter()
+        .map(|(_, e)| *e)
+        .min()
+        .unwrap_or_else(|| panic!("leases in {key}"))
+}
+
+/// Waits until `key` is empty, and checks it emptied before `expiry`
+/// (by Redis' clock): released, not lapsed.
+async fn until_released(redis: &Redis, key: &str, expiry: u64) {
+    for _ in 0..200 {
+        if redis.members(key).await.is_empty() {
+            assert!(
+                redis.now_micros().await < expiry,
+                "{key}: the slots lapsed instead of being released"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{key}: the slots stayed");
 }
