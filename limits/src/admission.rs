@@ -957,9 +957,10 @@ impl Limiter {
     /// must ask the backend for [`Limiter::global_demand`] before letting
     /// the request go; the second step ([`Limiter::charge_upstream`]),
     /// which must decide without waiting, spends the rule's local quota
-    /// the backend granted ahead of time ([`crate::quota`]). Taken back, every check is local again at once, against
-    /// this replica's share and the counts it holds: the fallback when the
-    /// backend is unreachable, which never admits more than the share.
+    /// the backend granted ahead of time ([`crate::quota`]). Taken back,
+    /// every check is local again at once, against this replica's share
+    /// and the counts it holds: the fallback when the backend is
+    /// unreachable, which never admits more than the share.
     pub fn set_global(&self, on: bool) {
         self.global.store(on, Ordering::Relaxed);
     }
@@ -1062,7 +1063,8 @@ impl Limiter {
                         .watches
                         .map(|cap| (cap, s.aggregate.watches.load(Ordering::Relaxed))),
                     // A `charges: upstream` rule takes its in-flight slot in
-                    // the second step, which stays local.
+                    // the second step, from a local quota (the backend
+                    // leased it for the pool, not for the request).
                     inflight: g
                         .inflight
                         .filter(|_| r.charges != Charges::Upstream)

@@ -685,7 +685,9 @@ async fn rate_across_replicas(rule: &str) {
 
 /// Admission latency, local against Redis on loopback: `Admission::admit`
 /// (the first step, with the Redis round trip when the backend is up) and
-/// dropping the permit (its release is queued, sent in batches). Run with
+/// dropping the permit (its release is queued, sent in batches); for a
+/// `charges: upstream` rule on Redis (`quota`), both steps, the second
+/// spending the local quotas. Run with
 /// `cargo test --release -p breakwater --test global_limits -- --ignored
 /// --nocapture measure`; figures in docs/benchmarks.md §6.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -707,7 +709,11 @@ async fn measure_admission_latency_local_and_redis() {
         groups: vec!["system:serviceaccounts".to_string()],
         extra: Default::default(),
     };
-    for (name, text) in [("local", local), ("redis", shared)] {
+    let quota = shared.replace(
+        "  - name: fleet\n",
+        "  - name: fleet\n    charges: upstream\n",
+    );
+    for (name, text) in [("local", local), ("redis", shared), ("quota", quota)] {
         let file = dir.path().join(format!("{name}.yaml"));
         std::fs::write(&file, text).expect("write");
         let admission =
@@ -733,7 +739,16 @@ async fn measure_admission_latency_local_and_redis() {
             for i in 0..22_000 {
                 let t = Instant::now();
                 match admission.admit(&identity, &info).await {
-                    Admit::Go(permit) => drop(permit),
+                    Admit::Go(mut permit) => {
+                        if admission
+                            .charge_upstream_or_fill(&mut permit, &identity, &info)
+                            .await
+                            .is_err()
+                        {
+                            panic!("refused at the second step");
+                        }
+                        drop(permit)
+                    }
                     Admit::Refuse { .. } => panic!("refused"),
                 }
                 if i >= 2_000 {
