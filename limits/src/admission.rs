@@ -51,6 +51,7 @@ use crate::blocks::{self, ActiveBlock, Block, BlockError, Blocks};
 use crate::bucket::RateLimit;
 use crate::file::{Charges, Key, Mode, OnMissingKey};
 use crate::matcher::{RequestAttrs, Subject};
+use crate::quota::Unit;
 use crate::state::{
     IdentityState, KeyHasher, RuleState, UpstreamState, acquire, acquire_seat, release, stripe,
 };
@@ -186,6 +187,8 @@ const AGG_WATCH: u16 = 8;
 const SEAT: u16 = 16;
 const AGG_INFLIGHT_STRIPED: u16 = 32;
 const AGG_WATCH_STRIPED: u16 = 64;
+/// An in-flight slot of the rule's local quota (see [`crate::quota`]).
+const QUOTA_INFLIGHT: u16 = 128;
 const SLOT_BITS: u16 =
     ID_INFLIGHT | ID_WATCH | AGG_INFLIGHT | AGG_WATCH | AGG_INFLIGHT_STRIPED | AGG_WATCH_STRIPED;
 
@@ -209,6 +212,8 @@ pub struct Permit {
     /// second step finds the rule's limits there without a search, unless
     /// a reload moved it.
     index: u32,
+    /// The local quota's epoch when its in-flight slot was taken.
+    quota_epoch: u32,
     quota: Option<Quota>,
     shadow: Option<Box<Rejection>>,
     /// What a shared backend gave the request (its slot leases); dropped,
@@ -276,6 +281,10 @@ impl std::fmt::Debug for Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        // A shared backend's hold goes first: a backend comparing its holds
+        // with the counters below ([`Limiter::global_held`]) then never sees
+        // a request gone from the counters but still held.
+        drop(self.attached.take());
         if let Some(id) = &self.identity {
             if self.held & ID_INFLIGHT != 0 {
                 release(&id.inflight);
@@ -286,6 +295,9 @@ impl Drop for Permit {
         }
         if let Some(r) = &self.rule {
             release_aggregate(r, self.held, self.stripe);
+            if self.held & QUOTA_INFLIGHT != 0 {
+                r.quota.give_back(Unit::Inflight, self.quota_epoch);
+            }
         }
         if self.held & SEAT != 0 {
             // Through the rule when there is one (no extra Arc held).
@@ -394,6 +406,8 @@ pub struct Limiter {
     /// A shared backend enforces the aggregate limits now (see
     /// [`Limiter::set_global`]).
     global: AtomicBool,
+    /// Called when a local quota runs low or out.
+    quota_low: QuotaHook,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -446,6 +460,7 @@ impl Limiter {
             no_rule: Arc::from("-"),
             keys: KeyHasher::default(),
             global: AtomicBool::new(false),
+            quota_low: QuotaHook::default(),
         }
     }
 
@@ -616,23 +631,39 @@ impl Limiter {
         };
         let stripe = permit.stripe;
         let identity = permit.identity.as_deref();
-        let (mut held, quota, shadow) = match take_rule(
-            rule,
-            rs,
-            identity,
-            req,
-            self.ns(now),
-            stripe,
-            How {
-                step: Step::Upstream,
-                local_aggregate: true,
+        // With a shared backend in charge, the rule's aggregate limits are
+        // spent from the local quota it granted (no round trip here);
+        // otherwise they are this replica's share, as in the first step.
+        let local_aggregate = !self.global.load(Ordering::Relaxed);
+        let how = How {
+            step: Step::Upstream,
+            local_aggregate,
+        };
+        let taken = take_rule(rule, rs, identity, req, self.ns(now), stripe, how).and_then(
+            |(held, quota)| {
+                if local_aggregate {
+                    return Ok((held, quota, Units::default()));
+                }
+                match take_quota(rule, rs, req, &self.quota_low) {
+                    Ok(units) => Ok((held, quota, units)),
+                    Err(rej) => {
+                        let again = Undo {
+                            after_success: true,
+                            local_aggregate,
+                        };
+                        undo(rule, rs, identity, held, req, again, stripe);
+                        Err(rej)
+                    }
+                }
             },
-        ) {
-            Ok((held, quota)) => (held, quota, None),
+        );
+        let (mut held, quota, units, shadow) = match taken {
+            Ok((held, quota, units)) => (held, quota, units, None),
             // Undone; the first step's gauge count stays.
-            Err(rej) if rule.mode == Mode::Shadow => (0, None, Some(rej)),
+            Err(rej) if rule.mode == Mode::Shadow => (0, None, Units::default(), Some(rej)),
             Err(rej) => return Err(rej),
         };
+        let epoch = rs.quota.epoch();
         if !req.is_long_running()
             && let Some(c) = snap.limits.upstream
         {
@@ -642,9 +673,10 @@ impl Limiter {
                 if shadow.is_none() {
                     let again = Undo {
                         after_success: true,
-                        local_aggregate: true,
+                        local_aggregate,
                     };
                     undo(rule, rs, identity, held, req, again, stripe);
+                    units.give_back(&rs.quota, epoch);
                 }
                 return Err(self.seat_rejection(Arc::clone(&rule.name), c.non_exempt()));
             }
@@ -658,6 +690,10 @@ impl Limiter {
         {
             rs.aggregate.inflight_striped.sub(stripe);
             permit.held &= !AGG_INFLIGHT_STRIPED;
+        }
+        if units.has(Unit::Inflight) {
+            held |= QUOTA_INFLIGHT;
+            permit.quota_epoch = epoch;
         }
         permit.held |= held;
         permit.quota = quota;
@@ -831,6 +867,7 @@ impl Limiter {
             exempt: flags.exempt,
             pending: flags.pending,
             index: flags.index,
+            quota_epoch: 0,
             quota,
             shadow,
             attached: None,
@@ -918,13 +955,51 @@ impl Limiter {
     /// admission step ([`Limiter::admit_client`], or [`Limiter::admit`])
     /// only counts what its aggregate limits would take, and the caller
     /// must ask the backend for [`Limiter::global_demand`] before letting
-    /// the request go; the second step ([`Limiter::charge_upstream`])
-    /// keeps enforcing this replica's share, as it must decide without
-    /// waiting. Taken back, every check is local again at once, against
-    /// this replica's share and the counts it holds: the fallback when the
-    /// backend is unreachable, which never admits more than the share.
+    /// the request go; the second step ([`Limiter::charge_upstream`]),
+    /// which must decide without waiting, spends the rule's local quota
+    /// the backend granted ahead of time ([`crate::quota`]). Taken back,
+    /// every check is local again at once, against this replica's share
+    /// and the counts it holds: the fallback when the backend is
+    /// unreachable, which never admits more than the share.
     pub fn set_global(&self, on: bool) {
         self.global.store(on, Ordering::Relaxed);
+    }
+
+    /// Calls `hook` whenever the second step finds a rule's local quota
+    /// empty, or empties it: a shared backend fills it then, off the
+    /// request path. It must not block (a notification).
+    pub fn set_quota_hook(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        *self
+            .quota_low
+            .0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(hook);
+    }
+
+    /// The rules whose second step a shared backend serves from local
+    /// quotas (`charges: upstream` rules with an aggregate rate, in-flight
+    /// or watch-open limit), with their limits for all replicas together
+    /// and their quotas.
+    pub fn upstream_quotas(&self) -> Vec<QuotaRule> {
+        let snap = Arc::clone(&self.read_snapshot());
+        snap.limits
+            .rules
+            .iter()
+            .zip(&snap.states)
+            .filter(|(r, _)| !r.exempt && r.charges == Charges::Upstream)
+            .filter(|(r, _)| {
+                r.global.rate.is_some()
+                    || r.global.inflight.is_some()
+                    || r.global.watch_opens.is_some()
+            })
+            .map(|(r, s)| QuotaRule {
+                rule: Arc::clone(&r.name),
+                rate: r.global.rate,
+                watch_opens: r.global.watch_opens,
+                inflight: r.global.inflight,
+                quota: Arc::clone(&s.quota),
+            })
+            .collect()
     }
 
     /// Is a shared backend enforcing the aggregate limits?
@@ -966,6 +1041,38 @@ impl Limiter {
             };
             (!d.is_empty()).then_some(d)
         })
+    }
+
+    /// The slots held in this replica that a shared backend counts, per
+    /// rule: what [`Limiter::global_demand`] asks the backend for, counted
+    /// (exactly) whether or not the backend is in charge. A backend taking
+    /// over (a reload switched `backend`) registers these as the slots of
+    /// requests admitted before it.
+    pub fn global_held(&self) -> Vec<GlobalHeld> {
+        let snap = Arc::clone(&self.read_snapshot());
+        snap.limits
+            .rules
+            .iter()
+            .zip(&snap.states)
+            .filter(|(r, _)| !r.exempt)
+            .filter_map(|(r, s)| {
+                let g = &r.global;
+                let held = GlobalHeld {
+                    rule: Arc::clone(&r.name),
+                    watches: g
+                        .watches
+                        .map(|cap| (cap, s.aggregate.watches.load(Ordering::Relaxed))),
+                    // A `charges: upstream` rule takes its in-flight slot in
+                    // the second step, from a local quota (the backend
+                    // leased it for the pool, not for the request).
+                    inflight: g
+                        .inflight
+                        .filter(|_| r.charges != Charges::Upstream)
+                        .map(|cap| (cap, s.aggregate.inflight.load(Ordering::Relaxed))),
+                };
+                (held.watches.is_some() || held.inflight.is_some()).then_some(held)
+            })
+            .collect()
     }
 
     /// Per-identity entries in memory (all rules).
@@ -1043,6 +1150,34 @@ impl Limiter {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+}
+
+/// A rule whose second admission step spends a local quota (see
+/// [`Limiter::upstream_quotas`]).
+#[derive(Debug, Clone)]
+pub struct QuotaRule {
+    /// The rule.
+    pub rule: Arc<str>,
+    /// Its aggregate rate for all replicas.
+    pub rate: Option<RateLimit>,
+    /// Its aggregate watch-open rate for all replicas.
+    pub watch_opens: Option<RateLimit>,
+    /// Its aggregate in-flight cap for all replicas.
+    pub inflight: Option<u64>,
+    /// The quota (shared with the limiter).
+    pub quota: Arc<crate::quota::UpstreamQuota>,
+}
+
+/// A rule's slots a shared backend counts, held in this replica (see
+/// [`Limiter::global_held`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalHeld {
+    /// The rule.
+    pub rule: Arc<str>,
+    /// The rule's watch cap for all replicas, and the watches held here.
+    pub watches: Option<(u64, u64)>,
+    /// The same for in-flight requests.
+    pub inflight: Option<(u64, u64)>,
 }
 
 /// What a shared backend must take for one request: its rule's aggregate
@@ -1293,6 +1428,130 @@ fn take_rule(
     }
     // The permit keeps only the slot bits; tokens are spent for good.
     Ok((held & SLOT_BITS, quota))
+}
+
+/// The second step's aggregate limits from the rule's local quota (a
+/// shared backend is in charge): an in-flight slot, a rate token, a
+/// watch-open token, as the request needs. All or nothing; a refusal
+/// names the limit whose quota ran out, and the backend is told
+/// (`quota_low`) to fill it.
+fn take_quota(
+    rule: &Rule,
+    rs: &RuleState,
+    req: &RequestAttrs<'_>,
+    quota_low: &QuotaHook,
+) -> Result<Units, Rejection> {
+    let g = &rule.global;
+    let watch = req.is_watch();
+    let wants = [
+        (
+            Unit::Inflight,
+            g.inflight
+                .filter(|_| !watch && !req.is_long_running())
+                .is_some(),
+            RejectReason::AggregateInflight,
+        ),
+        (Unit::Rate, g.rate.is_some(), RejectReason::AggregateRate),
+        (
+            Unit::WatchOpen,
+            g.watch_opens.filter(|_| watch).is_some(),
+            RejectReason::AggregateWatchOpens,
+        ),
+    ];
+    let mut units = Units::default();
+    for (unit, wanted, reason) in wants {
+        if !wanted {
+            continue;
+        }
+        if rs.quota.take(unit) {
+            units.add(unit);
+            if rs.quota.available(unit) == 0 {
+                quota_low.notify();
+            }
+            continue;
+        }
+        units.give_back(&rs.quota, rs.quota.epoch());
+        quota_low.notify();
+        let (limit, retry_after, window) = match reason {
+            RejectReason::AggregateRate => g
+                .rate
+                .map_or((0, CONCURRENCY_RETRY_AFTER, Duration::ZERO), |r| {
+                    (r.burst, r.emission_interval(), r.window())
+                }),
+            RejectReason::AggregateWatchOpens => g
+                .watch_opens
+                .map_or((0, CONCURRENCY_RETRY_AFTER, Duration::ZERO), |r| {
+                    (r.burst, r.emission_interval(), r.window())
+                }),
+            _ => (
+                g.inflight.unwrap_or(0),
+                CONCURRENCY_RETRY_AFTER,
+                Duration::ZERO,
+            ),
+        };
+        return Err(Rejection {
+            rule: Arc::clone(&rule.name),
+            reason,
+            retry_after,
+            limit,
+            remaining: 0,
+            window,
+            status: 429,
+            block_id: None,
+        });
+    }
+    Ok(units)
+}
+
+/// The quota units one charge took (a set of [`Unit`]s, without an
+/// allocation).
+#[derive(Debug, Clone, Copy, Default)]
+struct Units(u8);
+
+impl Units {
+    const ALL: [Unit; 3] = [Unit::Inflight, Unit::Rate, Unit::WatchOpen];
+
+    fn bit(unit: Unit) -> u8 {
+        match unit {
+            Unit::Inflight => 1,
+            Unit::Rate => 2,
+            Unit::WatchOpen => 4,
+        }
+    }
+
+    fn add(&mut self, unit: Unit) {
+        self.0 |= Units::bit(unit);
+    }
+
+    fn has(self, unit: Unit) -> bool {
+        self.0 & Units::bit(unit) != 0
+    }
+
+    fn give_back(self, quota: &crate::quota::UpstreamQuota, epoch: u32) {
+        for unit in Units::ALL {
+            if self.has(unit) {
+                quota.give_back(unit, epoch);
+            }
+        }
+    }
+}
+
+/// Tells a shared backend that a local quota ran low or out (see
+/// [`Limiter::set_quota_hook`]).
+#[derive(Default)]
+struct QuotaHook(RwLock<Option<Arc<dyn Fn() + Send + Sync>>>);
+
+impl QuotaHook {
+    fn notify(&self) {
+        let hook = self
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
 }
 
 // Token bits, only used between take_rule's steps and undo.

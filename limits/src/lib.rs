@@ -92,12 +92,13 @@ pub mod bucket;
 pub mod explain;
 pub mod file;
 pub mod matcher;
+pub mod quota;
 mod state;
 pub mod validate;
 
 pub use admission::{
-    BLOCK_RETRY_AFTER, CONCURRENCY_RETRY_AFTER, Decision, GlobalDemand, Limiter, LimiterConfig,
-    Permit, Quota, RejectReason, Rejection, RuleStats, jittered,
+    BLOCK_RETRY_AFTER, CONCURRENCY_RETRY_AFTER, Decision, GlobalDemand, GlobalHeld, Limiter,
+    LimiterConfig, Permit, Quota, QuotaRule, RejectReason, Rejection, RuleStats, jittered,
 };
 pub use blocks::{ActiveBlock, Block, BlockError, BlockRespond, BlockStatus, BlockTarget, Blocks};
 pub use bucket::RateLimit;
@@ -106,4 +107,5 @@ pub use file::{
     BackendSpec, Charges, Key, LimitsError, LimitsFile, Mode, OnMissingKey, Problem, Problems,
 };
 pub use matcher::{RequestAttrs, Subject};
+pub use quota::{Unit, UpstreamQuota};
 pub use validate::{Backend, LimitValues, RedisBackend, Rule, UpstreamCaps, ValidatedLimits};

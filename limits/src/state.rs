@@ -186,6 +186,9 @@ pub(crate) struct RuleState {
     /// The limiter's seat counter, reached through the rule so a permit
     /// needs one `Arc` (fewer shared reference counts to bump).
     pub(crate) upstream: Arc<UpstreamState>,
+    /// What a shared backend granted ahead of time for the rule's second
+    /// admission step (see [`crate::quota`]).
+    pub(crate) quota: Arc<crate::quota::UpstreamQuota>,
 }
 
 impl RuleState {
@@ -203,6 +206,7 @@ impl RuleState {
             overflow: Arc::default(),
             entries,
             upstream,
+            quota: Arc::default(),
         }
     }
 

@@ -132,3 +132,77 @@ fn exempt_rules_and_deferred_charges_ask_the_backend_nothing_more() {
     let d = l.global_demand(&p, &req("watch")).expect("the watch slot");
     assert_eq!((d.watches, d.rate, d.watch_opens), (Some(10), None, None));
 }
+
+/// With the backend in charge, the second step of a `charges: upstream`
+/// rule spends its local quota, not the replica's share: refused (and
+/// the backend told) when the quota is empty, however much share is left;
+/// an in-flight slot goes back to the quota when its request ends, but
+/// not to a quota reset since.
+#[test]
+fn the_second_step_spends_the_local_quota_the_backend_granted() {
+    use breakwater_limits::Unit;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = Limiter::new(limits("charges: upstream"));
+    let told = Arc::new(AtomicUsize::new(0));
+    let hook = Arc::clone(&told);
+    l.set_quota_hook(Arc::new(move || {
+        hook.fetch_add(1, Ordering::SeqCst);
+    }));
+    l.set_global(true);
+    let now = Instant::now();
+    let quotas = l.upstream_quotas();
+    assert_eq!(quotas.len(), 1);
+    let q = &quotas[0];
+    assert_eq!((q.inflight, q.rate.map(|r| r.burst)), (Some(6), Some(9)));
+
+    // Nothing granted yet: refused for the in-flight slot, nothing taken.
+    let mut p = admitted(l.admit_client(&agent(), &req("list"), now));
+    let rej = l
+        .charge_upstream(&mut p, &req("list"), now)
+        .expect_err("no quota");
+    assert_eq!(rej.reason, RejectReason::AggregateInflight);
+    assert_eq!(rej.limit, 6);
+    assert!(told.load(Ordering::SeqCst) >= 1, "the backend was told");
+    assert!(p.charge_pending());
+
+    // A slot but no token: refused for the rate; the slot is given back.
+    q.quota.grant(Unit::Inflight, 2);
+    let rej = l
+        .charge_upstream(&mut p, &req("list"), now)
+        .expect_err("no token");
+    assert_eq!(rej.reason, RejectReason::AggregateRate);
+    assert_eq!(q.quota.available(Unit::Inflight), 2);
+
+    // Both: charged; the slot is in use until the permit drops.
+    q.quota.grant(Unit::Rate, 1);
+    l.charge_upstream(&mut p, &req("list"), now)
+        .expect("charged from the quota");
+    assert_eq!(
+        (
+            q.quota.available(Unit::Inflight),
+            q.quota.available(Unit::Rate)
+        ),
+        (1, 0)
+    );
+    drop(p);
+    assert_eq!(q.quota.available(Unit::Inflight), 2);
+
+    // A slot in use when the quota is reset (the backend failed or
+    // stepped down) goes back to no pool.
+    q.quota.grant(Unit::Rate, 1);
+    let mut p = admitted(l.admit_client(&agent(), &req("list"), now));
+    l.charge_upstream(&mut p, &req("list"), now)
+        .expect("charged");
+    q.quota.reset();
+    drop(p);
+    assert_eq!(q.quota.available(Unit::Inflight), 0);
+
+    // The backend out of charge: the share again (30/3 = 10/s, burst 3).
+    l.set_global(false);
+    for _ in 0..2 {
+        let mut p = admitted(l.admit_client(&agent(), &req("list"), now));
+        l.charge_upstream(&mut p, &req("list"), now)
+            .expect("the share");
+    }
+}

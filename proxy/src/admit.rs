@@ -26,22 +26,30 @@ use crate::error::Chain;
 use crate::global::{Global, GlobalError, Outcome};
 use crate::identity::Identity;
 use crate::status::{Details, Reason, Status};
+use crate::tasks::TaskTracker;
 use crate::upstream::Body;
+use arc_swap::ArcSwapOption;
+use tokio_util::sync::CancellationToken;
 
 /// Response header naming the rule that governed a request.
 pub const RULE_HEADER: &str = "x-breakwater-rule";
 
 /// Limits, blocks and their files.
 pub struct Admission {
-    limiter: Limiter,
+    limiter: Arc<Limiter>,
     limits_file: Option<PathBuf>,
     blocks_file: Option<PathBuf>,
     rate_limit_headers: bool,
     /// Serializes block changes with their write to disk.
     blocks_lock: std::sync::Mutex<()>,
-    /// The shared backend of the aggregate limits (`backend: redis`), set
-    /// up from the file read at start-up.
-    global: Option<Global>,
+    /// The shared backend of the aggregate limits (`backend: redis`); a
+    /// reload that changes `backend` replaces it.
+    global: ArcSwapOption<Global>,
+    /// Where backends run ([`Admission::start_backend`]): the proxy's
+    /// tracker and shutdown token.
+    runner: std::sync::Mutex<Option<(TaskTracker, CancellationToken)>>,
+    /// Serializes reloads (the file watcher and SIGHUP may both call).
+    reload_lock: std::sync::Mutex<()>,
     /// The limits file's generation and last reload, for `/debug/top`.
     file_state: std::sync::Mutex<LimitsFileState>,
 }
@@ -112,7 +120,7 @@ impl Admission {
             breakwater_limits::Backend::Local => None,
             breakwater_limits::Backend::Redis(cfg) => Some(Global::new(cfg)?),
         };
-        let limiter = Limiter::new(limits);
+        let limiter = Arc::new(Limiter::new(limits));
         if let Some(path) = blocks_file {
             limiter.set_blocks(breakwater_limits::Blocks::load(path)?);
         }
@@ -128,15 +136,29 @@ impl Admission {
             rate_limit_headers,
             blocks_lock: std::sync::Mutex::new(()),
             file_state,
-            global,
+            global: ArcSwapOption::new(global.map(Arc::new)),
+            runner: std::sync::Mutex::new(None),
+            reload_lock: std::sync::Mutex::new(()),
         };
         admission.publish_limits(false);
+        admission.publish_backend();
         Ok(admission)
     }
 
-    /// The Redis backend, if the limits file asked for one.
-    pub fn global(&self) -> Option<&Global> {
-        self.global.as_ref()
+    /// The Redis backend in force, if the limits file asks for one.
+    pub fn global(&self) -> Option<Global> {
+        self.global.load().as_deref().cloned()
+    }
+
+    /// Runs the backend in force, and each one a reload brings in, on
+    /// `tasks` until `stop`: connects, renews, falls back and recovers
+    /// (see [`Global::run`]).
+    pub fn start_backend(&self, tasks: &TaskTracker, stop: CancellationToken) {
+        *self.runner.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((tasks.clone(), stop.clone()));
+        if let Some(global) = self.global() {
+            tasks.spawn(global.run(Arc::clone(&self.limiter), stop));
+        }
     }
 
     pub fn limiter(&self) -> &Limiter {
@@ -152,39 +174,107 @@ impl Admission {
     /// whose limits did not change keep their state); an invalid one is
     /// refused, every problem logged with its line and column, and the old
     /// limits stay in force.
+    ///
+    /// A changed `backend` is applied too (see `Admission::switch_backend`);
+    /// a Redis backend whose password or CA file cannot be read refuses the
+    /// whole file, and the old backend stays.
     pub fn reload(&self) -> Result<(), AdmitError> {
         let Some(path) = &self.limits_file else {
             return Ok(());
         };
-        match ValidatedLimits::load(path) {
-            Ok(limits) => {
-                if limits.backend() != self.limiter.limits().backend() {
-                    tracing::warn!(file = %path.display(),
-                        "the limits backend changed; it takes effect on restart (the rules do now)");
-                }
-                let rules = limits.rules().len();
-                self.limiter.reload(limits);
-                metrics::counter!("breakwater_limits_reloads_total", "result" => "ok").increment(1);
-                self.set_file_state(|v| {
-                    v.generation += 1;
-                    v.last_reload = Some(ReloadOutcome::now(None));
-                });
-                self.publish_limits(false);
-                tracing::info!(file = %path.display(), rules, "limits reloaded");
-                Ok(())
-            }
-            Err(err) => {
-                metrics::counter!("breakwater_limits_reloads_total", "result" => "error")
-                    .increment(1);
-                let problems = Chain(&err).to_string();
-                self.set_file_state(|v| v.last_reload = Some(ReloadOutcome::now(Some(&problems))));
-                self.publish_limits(true);
-                for line in Chain(&err).to_string().lines() {
-                    tracing::error!(problem = %line, "limits file refused; the old limits stay in force");
-                }
-                Err(err.into())
+        let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let limits = match ValidatedLimits::load(path) {
+            Ok(limits) => limits,
+            Err(err) => return Err(self.refuse(err.into())),
+        };
+        let backend_changed = limits.backend() != self.limiter.limits().backend();
+        let next = match (backend_changed, limits.backend()) {
+            (true, breakwater_limits::Backend::Redis(cfg)) => match Global::new(cfg) {
+                Ok(g) => Some(g),
+                Err(err) => return Err(self.refuse(err.into())),
+            },
+            _ => None,
+        };
+        let rules = limits.rules().len();
+        if backend_changed {
+            self.switch_backend(limits, next);
+        } else {
+            self.limiter.reload(limits);
+        }
+        metrics::counter!("breakwater_limits_reloads_total", "result" => "ok").increment(1);
+        self.set_file_state(|v| {
+            v.generation += 1;
+            v.last_reload = Some(ReloadOutcome::now(None));
+        });
+        self.publish_limits(false);
+        tracing::info!(file = %path.display(), rules, "limits reloaded");
+        Ok(())
+    }
+
+    /// Records and logs a refused reload; the old limits stay in force.
+    fn refuse(&self, err: AdmitError) -> AdmitError {
+        metrics::counter!("breakwater_limits_reloads_total", "result" => "error").increment(1);
+        let problems = Chain(&err).to_string();
+        self.set_file_state(|v| v.last_reload = Some(ReloadOutcome::now(Some(&problems))));
+        self.publish_limits(true);
+        for line in problems.lines() {
+            tracing::error!(problem = %line, "limits file refused; the old limits stay in force");
+        }
+        err
+    }
+
+    /// Swaps in `limits` with another backend (`next`; `None`: local),
+    /// without losing or double counting a held slot:
+    ///
+    /// 1. The old Redis backend retires: the limiter enforces every limit
+    ///    locally, at this replica's share, from now on (fail static
+    ///    while the new backend connects); the old backend removes the
+    ///    slots it holds from its Redis and stops.
+    /// 2. The new rules swap in.
+    /// 3. The new backend takes over the slots held now (requests
+    ///    admitted before it, which keep running) and registers them
+    ///    when its Redis answers, within the caps, before it takes the
+    ///    aggregate limits from the limiter (as after an outage); it
+    ///    releases them as those requests end.
+    fn switch_backend(&self, limits: ValidatedLimits, next: Option<Global>) {
+        let from = backend_name(self.limiter.limits().backend());
+        let to = backend_name(limits.backend());
+        // Requests admitted from here until `next` is in place are decided
+        // locally and hold nothing in Redis: step 3 counts them.
+        match self.global.swap(None) {
+            Some(old) => old.retire(&self.limiter),
+            None => self.limiter.set_global(false),
+        }
+        self.limiter.reload(limits);
+        if let Some(next) = next {
+            self.global.store(Some(Arc::new(next.clone())));
+            next.adopt(&self.limiter.global_held());
+            let runner = self
+                .runner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some((tasks, stop)) = runner {
+                tasks.spawn(next.run(Arc::clone(&self.limiter), stop));
             }
         }
+        self.publish_backend();
+        tracing::warn!(from, to, "the limits backend changed");
+    }
+
+    /// `breakwater_limits_backend{backend}`: 1 for the backend in force.
+    fn publish_backend(&self) {
+        let redis = self.global.load().is_some();
+        metrics::gauge!("breakwater_limits_backend", "backend" => "redis").set(if redis {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!("breakwater_limits_backend", "backend" => "local").set(if redis {
+            0.0
+        } else {
+            1.0
+        });
     }
 
     /// Decides one request, before the watch hub may answer it: blocks,
@@ -201,9 +291,17 @@ impl Admission {
         let verb = info.verb.label();
         let mut decision = self.limiter.admit_client(&subject, &attrs, Instant::now());
         let mut again = false;
-        if let (Some(global), Decision::Admitted(permit)) = (&self.global, &mut decision)
-            && let Some(demand) = self.limiter.global_demand(permit, &attrs)
-        {
+        // The backend in force; cloned (one `Arc`) only for a request
+        // that asks it for something.
+        let global = match &decision {
+            Decision::Admitted(permit) => self
+                .global
+                .load()
+                .as_deref()
+                .and_then(|g| Some((g.clone(), self.limiter.global_demand(permit, &attrs)?))),
+            Decision::Rejected(_) => None,
+        };
+        if let (Some((global, demand)), Decision::Admitted(permit)) = (global, &mut decision) {
             let outcome = if global.is_up() {
                 global.acquire(&demand).await
             } else {
@@ -244,7 +342,7 @@ impl Admission {
             // the moment Redis fails.
             drop(decision);
             decision = self.limiter.admit_client(&subject, &attrs, Instant::now());
-            if let (Some(global), Decision::Admitted(permit)) = (&self.global, &mut decision)
+            if let (Some(global), Decision::Admitted(permit)) = (self.global(), &mut decision)
                 && let Some(demand) = self.limiter.global_demand(permit, &attrs)
                 && let Some(hold) = global.hold_unregistered(&demand)
             {
@@ -287,12 +385,67 @@ impl Admission {
         if !permit.charge_pending() {
             return Ok(());
         }
-        let verb = info.verb.label();
         let shadowed = permit.shadow_rejection().is_some();
-        match self
-            .limiter
-            .charge_upstream(permit, &attrs(info), Instant::now())
+        let res = self.try_charge(permit, info);
+        self.charged(res, shadowed, permit, identity, info)
+    }
+
+    /// [`Admission::charge_upstream`] where waiting is allowed (a request
+    /// about to be forwarded, outside the watch hub): when the local quota
+    /// of a global limit is empty, fills it from Redis (one round trip)
+    /// and tries once more, rather than refusing a request the fleet has
+    /// room for.
+    pub async fn charge_upstream_or_fill(
+        &self,
+        permit: &mut Permit,
+        identity: &Identity,
+        info: &RequestInfo,
+    ) -> Result<(), Box<Response<Body>>> {
+        if !permit.charge_pending() {
+            return Ok(());
+        }
+        let shadowed = permit.shadow_rejection().is_some();
+        let mut res = self.try_charge(permit, info);
+        if let Err(rej) = &res
+            && self.limiter.global_active()
+            && matches!(
+                rej.reason,
+                RejectReason::AggregateRate
+                    | RejectReason::AggregateInflight
+                    | RejectReason::AggregateWatchOpens
+            )
+            && let Some(global) = self.global()
+            && global.is_up()
         {
+            match global.fill(&self.limiter, Some(&rej.rule)).await {
+                Ok(()) => res = self.try_charge(permit, info),
+                Err(err) => {
+                    metrics::counter!("breakwater_global_limits_errors_total", "op" => "quota")
+                        .increment(1);
+                    tracing::debug!(error = %Chain(&err), "filling a local quota failed");
+                }
+            }
+        }
+        self.charged(res, shadowed, permit, identity, info)
+    }
+
+    fn try_charge(&self, permit: &mut Permit, info: &RequestInfo) -> Result<(), Rejection> {
+        self.limiter
+            .charge_upstream(permit, &attrs(info), Instant::now())
+    }
+
+    /// Counts and answers the second step's outcome (`shadowed`: the first
+    /// step had recorded a would-be rejection already).
+    fn charged(
+        &self,
+        res: Result<(), Rejection>,
+        shadowed: bool,
+        permit: &mut Permit,
+        identity: &Identity,
+        info: &RequestInfo,
+    ) -> Result<(), Box<Response<Body>>> {
+        let verb = info.verb.label();
+        match res {
             Ok(()) => {
                 if !shadowed && let Some(would) = permit.shadow_rejection() {
                     count_shadow(would, verb, identity);
@@ -530,6 +683,13 @@ pub async fn maintenance(
             _ = stop.cancelled() => break,
             _ = tick.tick() => admission.maintain(),
         }
+    }
+}
+
+fn backend_name(b: &breakwater_limits::Backend) -> &'static str {
+    match b {
+        breakwater_limits::Backend::Local => "local",
+        breakwater_limits::Backend::Redis(_) => "redis",
     }
 }
 

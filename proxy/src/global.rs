@@ -16,7 +16,9 @@
 //!   expiry. Every replica renews the slots it holds every third of the
 //!   lease and removes them when the request ends; the script drops
 //!   expired members before counting, so a dead replica's slots free
-//!   within one lease.
+//!   within one lease. A replica stalled past its lease finds some of its
+//!   slots gone: it takes them back only where the cap has room
+//!   (`RENEW_SCRIPT`) and counts the rest until they end.
 //! - **Fail static.** A Redis error or a call slower than `timeoutMillis`
 //!   hands the limits back to the local limiter at once
 //!   ([`Limiter::set_global`]`(false)`): this replica then enforces its
@@ -24,15 +26,29 @@
 //!   them), never more, and the request that saw the failure is decided
 //!   that way. Exempt rules never reach Redis. A probe reconnects every
 //!   250 ms; on success the replica first registers every slot it holds
-//!   again (a restarted Redis has forgotten them), then takes global
+//!   again (a restarted Redis has forgotten them; the same script, within
+//!   the caps), then takes global
 //!   enforcement back. `breakwater_global_limits_up` says which mode is in
 //!   force.
 //!
+//! - **Backends change on reload.** A reload that changes `backend`
+//!   retires this backend ([`Global::retire`]: its slots leave its Redis)
+//!   and the next one adopts the slots held then ([`Global::adopt`]),
+//!   releasing them as their requests end (see
+//!   `Admission::switch_backend`).
+//!
+//! - **Local quotas for the second step.** `charges: upstream` rules take
+//!   their `rate`, `inflight` and `watchOpens` only when a request goes
+//!   upstream, often inside the watch hub, which cannot wait for Redis.
+//!   They spend local quotas ([`breakwater_limits::quota`]) that
+//!   [`Global::fill`] keeps topped up from Redis off the request path: a
+//!   batch of tokens from the same GCRA bucket (`TOKENS_SCRIPT`), a block
+//!   of in-flight leases (`SLOTS_SCRIPT`), spares past a block returned.
+//!   Nothing is spent that Redis did not grant first; the slack is what
+//!   replicas hold unspent.
+//!
 //! What stays local even with Redis up: per-identity limits (an identity's
-//! connection lands on one replica), the upstream seat cap, and the
-//! second admission step of `charges: upstream` rules (it runs inside the
-//! watch hub, which cannot wait for Redis), which enforces the replica's
-//! share of the rule's `rate`, `inflight` and `watchOpens`.
+//! connection lands on one replica) and the upstream seat cap.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,59 +57,21 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use breakwater_limits::{
-    CONCURRENCY_RETRY_AFTER, GlobalDemand, Limiter, RateLimit, RedisBackend, RejectReason,
+    CONCURRENCY_RETRY_AFTER, GlobalDemand, GlobalHeld, Limiter, RateLimit, RedisBackend,
+    RejectReason, Unit,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Chain;
 
-/// Checks and takes a request's slot and tokens, all or nothing.
-///
-/// KEYS: 1 watch slots, 2 in-flight slots (sorted sets: member = lease,
-/// score = expiry in µs), 3 rate TAT, 4 watch-open TAT (strings, µs).
-/// ARGV: 1 lease member, 2 lease µs, 3 watch cap, 4 in-flight cap (-1: not
-/// taken), 5/6 rate emission/tolerance µs, 7/8 the same for watch opens
-/// (tolerance -1: not taken). Returns {0, 0} granted, or {reason, wait µs}
-/// with reason 1 watches, 2 in-flight, 3 rate, 4 watch opens.
-///
-/// Numbers leave Lua through `string.format('%.0f')`: Redis would format
-/// them with 14 significant digits, losing microseconds.
-const SCRIPT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local lease = tonumber(ARGV[2])
-local function full(key, cap)
-  if cap < 0 then return false end
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', now))
-  return redis.call('ZCARD', key) >= cap
-end
-local wcap = tonumber(ARGV[3])
-if full(KEYS[1], wcap) then return {1, 0} end
-local icap = tonumber(ARGV[4])
-if full(KEYS[2], icap) then return {2, 0} end
-local function gcra(key, emission, tolerance)
-  if tolerance < 0 then return 0, nil end
-  local tat = tonumber(redis.call('GET', key) or '0')
-  local new = math.max(tat, now) + emission
-  if new - now > tolerance then return new - now - tolerance, nil end
-  return 0, new
-end
-local rwait, rnew = gcra(KEYS[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
-if rwait > 0 then return {3, rwait} end
-local wwait, wnew = gcra(KEYS[4], tonumber(ARGV[7]), tonumber(ARGV[8]))
-if wwait > 0 then return {4, wwait} end
-local expiry = string.format('%.0f', now + lease)
-if wcap >= 0 then redis.call('ZADD', KEYS[1], expiry, ARGV[1]) end
-if icap >= 0 then redis.call('ZADD', KEYS[2], expiry, ARGV[1]) end
-if rnew then
-  redis.call('SET', KEYS[3], string.format('%.0f', rnew), 'PX', math.ceil((rnew - now) / 1000) + 1000)
-end
-if wnew then
-  redis.call('SET', KEYS[4], string.format('%.0f', wnew), 'PX', math.ceil((wnew - now) / 1000) + 1000)
-end
-return {0, 0}
-"#;
+mod quota;
+mod renew;
+mod scripts;
+mod switch;
+
+use quota::QuotaBook;
+use scripts::{REFUND_SCRIPT, RENEW_SCRIPT, SCRIPT, SLOTS_SCRIPT, TOKENS_SCRIPT, gcra};
 
 /// How often a replica without Redis tries again.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -121,6 +99,34 @@ pub enum GlobalError {
     Client(#[source] redis::RedisError),
     #[error("no connection to Redis yet")]
     NotConnected,
+    #[error("connecting to Redis at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// Redis said no to the username and password (never printed).
+    #[error(
+        "Redis at {addr} refused the credentials of user `{user}` (password from {password_file})"
+    )]
+    Auth {
+        addr: String,
+        user: String,
+        password_file: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// The TLS handshake failed: most often a `caFile` that did not sign
+    /// the server's certificate, or a host name the certificate lacks.
+    #[error(
+        "TLS with Redis at {addr} failed (does {ca} hold the CA that signed its certificate, for this address?)"
+    )]
+    Tls {
+        addr: String,
+        ca: String,
+        #[source]
+        source: redis::RedisError,
+    },
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("Redis call failed")]
@@ -143,9 +149,17 @@ pub enum Outcome {
 struct Lease {
     key: Arc<str>,
     member: Arc<str>,
+    /// The cap of the slot's set (the rule's limit for all replicas when
+    /// the slot was taken): a renewal takes back a lapsed slot only below
+    /// it.
+    cap: u64,
     /// Redis has it (taken there, or registered by a renewal); a slot taken
-    /// locally while Redis was away has not.
+    /// locally while Redis was away has not, nor one that lapsed in Redis
+    /// and found no room to be taken back.
     registered: bool,
+    /// Stands for a request admitted before this backend took over (see
+    /// [`Global::adopt`]), not for one request of its own.
+    adopted: bool,
 }
 
 /// The Redis backend of one replica. Cheap to share.
@@ -159,6 +173,19 @@ struct Inner {
     client: redis::Client,
     conn: ArcSwapOption<ConnectionManager>,
     script: redis::Script,
+    renew_script: redis::Script,
+    tokens_script: redis::Script,
+    refund_script: redis::Script,
+    slots_script: redis::Script,
+    /// Local quotas (see [`breakwater_limits::quota`]): the lease ids of
+    /// each in-flight slot set's pooled slots, and when each bucket may be
+    /// asked again (it was empty). One filler at a time.
+    quotas: Mutex<QuotaBook>,
+    filling: tokio::sync::Mutex<()>,
+    /// Wakes the quota filler (a quota ran out).
+    quota_wake: Arc<tokio::sync::Notify>,
+    /// Held slots Redis did not count at the last renewal.
+    unregistered: AtomicU64,
     /// This process, in lease members (random: a restarted replica must
     /// not renew its predecessor's slots).
     replica: String,
@@ -168,8 +195,18 @@ struct Inner {
     releases: tokio::sync::mpsc::Sender<Lease>,
     release_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Lease>>>,
     up: AtomicBool,
+    /// The last failure logged at WARN: the next identical one goes to
+    /// DEBUG (a probe fails every 250 ms while Redis is away).
+    last_error: Mutex<Option<String>>,
     /// Neither renew nor release any more, as if the process had died.
     abandoned: AtomicBool,
+    /// Replaced by another backend (a reload changed `backend`): it never
+    /// hands the limits to the limiter again. The lock orders that against
+    /// this backend's own [`Limiter::set_global`] calls.
+    retired: Mutex<bool>,
+    /// Ends this backend's tasks (a child of the proxy's shutdown token,
+    /// once [`Global::run`] started).
+    stop: Mutex<Option<CancellationToken>>,
 }
 
 impl std::fmt::Debug for Global {
@@ -260,20 +297,30 @@ impl Global {
         .map_err(GlobalError::Client)?;
         let (tx, rx) = tokio::sync::mpsc::channel(RELEASE_QUEUE);
         let replica = format!("{:016x}", rand::random::<u64>());
-        metrics::gauge!("breakwater_global_limits_up").set(0.0);
         Ok(Global {
             inner: Arc::new(Inner {
                 cfg: cfg.clone(),
                 client,
                 conn: ArcSwapOption::empty(),
                 script: redis::Script::new(SCRIPT),
+                renew_script: redis::Script::new(RENEW_SCRIPT),
+                tokens_script: redis::Script::new(TOKENS_SCRIPT),
+                refund_script: redis::Script::new(REFUND_SCRIPT),
+                slots_script: redis::Script::new(SLOTS_SCRIPT),
+                quotas: Mutex::new(QuotaBook::default()),
+                filling: tokio::sync::Mutex::new(()),
+                quota_wake: Arc::new(tokio::sync::Notify::new()),
+                unregistered: AtomicU64::new(0),
                 replica,
                 next: AtomicU64::new(0),
                 held: Mutex::new(HashMap::new()),
                 releases: tx,
                 release_rx: Mutex::new(Some(rx)),
                 up: AtomicBool::new(false),
+                last_error: Mutex::new(None),
                 abandoned: AtomicBool::new(false),
+                retired: Mutex::new(false),
+                stop: Mutex::new(None),
             }),
         })
     }
@@ -320,17 +367,7 @@ impl Global {
         );
         let cap = |c: Option<u64>| c.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
         let us = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        let bucket = |r: Option<RateLimit>| {
-            r.map_or((0, -1), |r| {
-                // Whole µs, rounded up like the local bucket's ns.
-                let emission = us(r.emission_interval()).max(1)
-                    + i64::from(r.emission_interval().subsec_nanos() % 1000 != 0);
-                (
-                    emission,
-                    emission.saturating_mul(i64::try_from(r.burst).unwrap_or(i64::MAX)),
-                )
-            })
-        };
+        let bucket = |r: Option<RateLimit>| r.map_or((0, -1), |r| gcra(&r));
         let (re, rt) = bucket(demand.rate);
         let (we, wt) = bucket(demand.watch_opens);
         let mut call = self.inner.script.key(&watches);
@@ -353,9 +390,9 @@ impl Global {
         let wait = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
         match answer.as_slice() {
             [0, _] => {
-                let key = match (demand.watches, demand.inflight) {
-                    (Some(_), _) => watches,
-                    (None, Some(_)) => inflight,
+                let (key, cap) = match (demand.watches, demand.inflight) {
+                    (Some(c), _) => (watches, c),
+                    (None, Some(c)) => (inflight, c),
                     (None, None) => return Ok(Outcome::Granted(None)),
                 };
                 self.inner
@@ -367,7 +404,9 @@ impl Global {
                         Lease {
                             key: Arc::from(key),
                             member,
+                            cap,
                             registered: true,
+                            adopted: false,
                         },
                     );
                 Ok(Outcome::Granted(Some(Hold {
@@ -396,16 +435,18 @@ impl Global {
     /// and renewed like any other, so that it is registered when Redis
     /// returns (before global enforcement resumes) and counts there.
     pub fn hold_unregistered(&self, demand: &GlobalDemand) -> Option<Hold> {
-        let what = match (demand.watches, demand.inflight) {
-            (Some(_), _) => "watches",
-            (None, Some(_)) => "inflight",
+        let (what, cap) = match (demand.watches, demand.inflight) {
+            (Some(c), _) => ("watches", c),
+            (None, Some(c)) => ("inflight", c),
             (None, None) => return None,
         };
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let lease = Lease {
             key: Arc::from(self.key(&demand.rule, what)),
             member: Arc::from(format!("{}:{id}", self.inner.replica)),
+            cap,
             registered: false,
+            adopted: false,
         };
         self.inner
             .held
@@ -421,35 +462,126 @@ impl Global {
     /// Hands the limits back to the local limiter (fail static), once per
     /// outage.
     pub fn fall_back(&self, limiter: &Limiter, err: &GlobalError) {
-        limiter.set_global(false);
-        self.mark_down(err);
+        if self.hand_over(limiter, false) {
+            self.drop_quotas(limiter, false, false);
+            self.mark_down(err);
+        }
+    }
+
+    /// Hands the aggregate limits to this backend or takes them back,
+    /// unless it was retired: then a newer backend (or the local limiter)
+    /// owns that switch.
+    /// Returns whether it did.
+    fn hand_over(&self, limiter: &Limiter, on: bool) -> bool {
+        let retired = self
+            .inner
+            .retired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !*retired {
+            limiter.set_global(on);
+        }
+        !*retired
     }
 
     fn mark_down(&self, err: &GlobalError) {
         if self.inner.up.swap(false, Ordering::Relaxed) {
             metrics::gauge!("breakwater_global_limits_up").set(0.0);
             metrics::counter!("breakwater_global_limits_fallbacks_total").increment(1);
-            tracing::warn!(error = %Chain(err),
-                "Redis unavailable: enforcing this replica's share of the aggregate limits until it returns");
+            self.log_failure(err);
         }
     }
 
-    /// Keeps the backend going until `stop`: connects, renews held slots
-    /// while up, probes while down, and removes released slots.
-    /// `set_global` hands the aggregate limits to the backend (`true`) or
-    /// back to the local limiter ([`Limiter::set_global`]).
-    pub async fn run(
-        self,
-        set_global: impl Fn(bool) + Send + Sync + 'static,
-        stop: CancellationToken,
-    ) {
+    /// Logs why Redis is not in charge: at WARN when the reason is new
+    /// (an outage begins, the replica starts without Redis, or the cause
+    /// changes, e.g. from "refused" to "wrong password"), else at DEBUG.
+    fn log_failure(&self, err: &GlobalError) {
+        let text = Chain(err).to_string();
+        let mut last = self
+            .inner
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if last.as_deref() == Some(text.as_str()) {
+            tracing::debug!(error = %text, "Redis still unavailable");
+        } else {
+            tracing::warn!(error = %text,
+                "Redis unavailable: enforcing this replica's share of the aggregate limits until it returns");
+            *last = Some(text);
+        }
+    }
+
+    /// What went wrong connecting, in the operator's terms: the
+    /// credentials, TLS, or the connection itself.
+    fn connect_error(&self, source: redis::RedisError) -> GlobalError {
+        let cfg = &self.inner.cfg;
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        if source.kind() == redis::ErrorKind::AuthenticationFailed
+            || source
+                .code()
+                .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH")
+        {
+            return GlobalError::Auth {
+                addr,
+                user: cfg
+                    .username
+                    .clone()
+                    .unwrap_or_else(|| "default".to_string()),
+                password_file: cfg.password_file.as_ref().map_or_else(
+                    || "nowhere: no passwordFile".to_string(),
+                    |p| p.display().to_string(),
+                ),
+                source,
+            };
+        }
+        if cfg.tls.is_some() && is_tls_failure(&source) {
+            return GlobalError::Tls {
+                addr,
+                ca: match &cfg.tls {
+                    Some(Some(ca)) => ca.display().to_string(),
+                    _ => "the system's roots".to_string(),
+                },
+                source,
+            };
+        }
+        GlobalError::Connect { addr, source }
+    }
+
+    /// Keeps the backend going until `stop` (or [`Global::retire`]):
+    /// connects, renews held slots while up, probes while down, and removes
+    /// released slots. It hands `limiter`'s aggregate limits to Redis when
+    /// Redis answers and back when it fails ([`Limiter::set_global`]),
+    /// never once retired.
+    pub async fn run(self, limiter: Arc<Limiter>, stop: CancellationToken) {
+        let stop = stop.child_token();
+        {
+            let retired = self
+                .inner
+                .retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if *retired {
+                return;
+            }
+            *self
+                .inner
+                .stop
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(stop.clone());
+        }
+        metrics::gauge!("breakwater_global_limits_up").set(0.0);
         let releases = self
             .inner
             .release_rx
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let drain = releases.map(|rx| tokio::spawn(self.clone().release_loop(rx, stop.clone())));
+        // The release loop outlives the others: what they release on the
+        // way out still goes.
+        let release_stop = CancellationToken::new();
+        let drain =
+            releases.map(|rx| tokio::spawn(self.clone().release_loop(rx, release_stop.clone())));
+        let quotas = tokio::spawn(self.clone().quota_loop(Arc::clone(&limiter), stop.clone()));
         let renew_every = self.inner.cfg.lease / 3;
         loop {
             let wait = if self.is_up() {
@@ -464,18 +596,34 @@ impl Global {
             if self.inner.abandoned.load(Ordering::Relaxed) {
                 continue;
             }
+            self.reconcile(&limiter);
             if self.is_up() {
-                if let Err(err) = self.renew(true).await {
+                if let Err(err) = self.renew().await {
                     metrics::counter!("breakwater_global_limits_errors_total", "op" => "renew")
                         .increment(1);
-                    set_global(false);
-                    self.mark_down(&err);
+                    if self.hand_over(&limiter, false) {
+                        self.drop_quotas(&limiter, false, false);
+                        self.mark_down(&err);
+                    }
                 }
             } else if let Err(err) = self.recover().await {
-                tracing::debug!(error = %Chain(&err), "Redis still unavailable");
+                self.log_failure(&err);
             } else {
+                *self
+                    .inner
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
+                // Quotas first, so the second step finds them filled.
+                if let Err(err) = self.fill(&limiter, None).await {
+                    tracing::debug!(error = %Chain(&err), "filling the local quotas failed");
+                }
                 self.inner.up.store(true, Ordering::Relaxed);
-                set_global(true);
+                if !self.hand_over(&limiter, true) {
+                    // Retired meanwhile: the next backend is in charge.
+                    self.inner.up.store(false, Ordering::Relaxed);
+                    break;
+                }
                 metrics::gauge!("breakwater_global_limits_up").set(1.0);
                 tracing::info!(
                     host = %self.inner.cfg.host,
@@ -484,6 +632,17 @@ impl Global {
                 );
             }
         }
+        let _ = quotas.await;
+        // Shutting down (a retired backend did this already, and the
+        // quotas are its successor's now): requests still draining are
+        // decided at the share, the unspent tokens go back to their
+        // buckets and the spare slots to Redis.
+        if self.is_up() && self.hand_over(&limiter, false) {
+            self.inner.up.store(false, Ordering::Relaxed);
+            self.drop_quotas(&limiter, true, true);
+        }
+        self.refund_tokens().await;
+        release_stop.cancel();
         if let Some(drain) = drain {
             let _ = drain.await;
         }
@@ -507,71 +666,10 @@ impl Global {
             )
             .await
             .map_err(|_| GlobalError::Timeout(Duration::from_secs(2)))?
-            .map_err(GlobalError::Redis)?;
+            .map_err(|e| self.connect_error(e))?;
             self.inner.conn.store(Some(Arc::new(conn)));
         }
-        self.renew(false).await
-    }
-
-    /// Extends every held slot's lease in one pipeline. `existing_only`:
-    /// registered slots only where Redis still has them (`ZADD XX`), so a
-    /// renewal racing a release never brings a released slot back; slots
-    /// taken while Redis was away are added. Otherwise add them all.
-    async fn renew(&self, existing_only: bool) -> Result<(), GlobalError> {
-        let conn = self
-            .inner
-            .conn
-            .load_full()
-            .ok_or(GlobalError::NotConnected)?;
-        let mut conn = (*conn).clone();
-        let leases: Vec<(u64, Lease)> = self
-            .inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(id, l)| (*id, l.clone()))
-            .collect();
-        metrics::gauge!("breakwater_global_limits_leases").set(leases.len() as f64);
-        let (secs, micros): (u64, u64) = tokio::time::timeout(
-            self.inner.cfg.timeout,
-            redis::cmd("TIME").query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| GlobalError::Timeout(self.inner.cfg.timeout))?
-        .map_err(GlobalError::Redis)?;
-        let expiry = secs
-            .saturating_mul(1_000_000)
-            .saturating_add(micros)
-            .saturating_add(u64::try_from(self.inner.cfg.lease.as_micros()).unwrap_or(u64::MAX));
-        for chunk in leases.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for (_, l) in chunk {
-                let mut cmd = redis::cmd("ZADD");
-                cmd.arg(&*l.key);
-                if existing_only && l.registered {
-                    cmd.arg("XX");
-                }
-                cmd.arg(expiry).arg(&*l.member);
-                pipe.add_command(cmd).ignore();
-            }
-            let renew_timeout = self.inner.cfg.timeout.max(Duration::from_millis(500));
-            tokio::time::timeout(renew_timeout, pipe.query_async::<()>(&mut conn))
-                .await
-                .map_err(|_| GlobalError::Timeout(renew_timeout))?
-                .map_err(GlobalError::Redis)?;
-        }
-        let mut held = self
-            .inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (id, _) in &leases {
-            if let Some(l) = held.get_mut(id) {
-                l.registered = true;
-            }
-        }
-        Ok(())
+        self.renew().await
     }
 
     /// Removes released slots, a batch per round trip; errors are left to
@@ -626,4 +724,35 @@ impl Global {
             }
         }
     }
+}
+
+/// Did `err` come from rustls (a handshake or certificate failure)?
+/// redis-rs keeps the I/O error behind an `Arc<dyn Error>`, and
+/// `io::Error::source` skips the error it wraps, so both are opened here.
+fn is_tls_failure(err: &redis::RedisError) -> bool {
+    type Shared = Arc<dyn std::error::Error + Send + Sync>;
+    fn rustls(e: &(dyn std::error::Error + 'static)) -> bool {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(shared) = e.downcast_ref::<Shared>() {
+            let inner: &(dyn std::error::Error + 'static) = &**shared;
+            return rustls(inner);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+        {
+            let inner: &(dyn std::error::Error + 'static) = inner;
+            return rustls(inner);
+        }
+        false
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if rustls(e) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }

@@ -181,9 +181,12 @@ pub async fn handle(
 
     // Charge: the request goes upstream, so limits that charge only such
     // requests take their part now (a no-op if nothing is pending).
+    // Outside the hub a request may wait one Redis round trip for an
+    // empty local quota of a global limit to be filled.
     if let Err(resp) = shared
         .admission
-        .charge_upstream(&mut permit, &identity, &info)
+        .charge_upstream_or_fill(&mut permit, &identity, &info)
+        .await
     {
         return log.finish_with(*resp);
     }

@@ -259,13 +259,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     }
     // Global limits: connects to Redis, renews this replica's slots, falls
     // back to the local share while Redis is away.
-    if let Some(global) = admission.global().cloned() {
-        let admission = admission.clone();
-        tasks.spawn(global.run(
-            move |on| admission.limiter().set_global(on),
-            shutdown.clone(),
-        ));
-    }
+    admission.start_backend(&tasks, shutdown.clone());
     tasks.spawn(admit::maintenance(
         admission.clone(),
         Duration::from_secs(5),
