@@ -351,14 +351,19 @@ impl Global {
         format!("{}{{{rule}}}:{what}", self.inner.cfg.key_prefix)
     }
 
-    /// Takes what `demand` asks for, in one round trip.
-    pub async fn acquire(&self, demand: &GlobalDemand) -> Result<Outcome, GlobalError> {
+    /// A handle on the Redis connection (cheap: the manager is shared).
+    fn connection(&self) -> Result<ConnectionManager, GlobalError> {
         let conn = self
             .inner
             .conn
             .load_full()
             .ok_or(GlobalError::NotConnected)?;
-        let mut conn = (*conn).clone();
+        Ok((*conn).clone())
+    }
+
+    /// Takes what `demand` asks for, in one round trip.
+    pub async fn acquire(&self, demand: &GlobalDemand) -> Result<Outcome, GlobalError> {
+        let mut conn = self.connection()?;
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let member: Arc<str> = Arc::from(format!("{}:{id}", self.inner.replica));
         let (watches, inflight) = (

@@ -98,12 +98,7 @@ impl Global {
     /// time.
     pub async fn fill(&self, limiter: &Limiter, only: Option<&str>) -> Result<(), GlobalError> {
         let _one = self.inner.filling.lock().await;
-        let conn = self
-            .inner
-            .conn
-            .load_full()
-            .ok_or(GlobalError::NotConnected)?;
-        let mut conn = (*conn).clone();
+        let mut conn = self.connection()?;
         let replicas = limiter.limits().replicas();
         let timeout = self.inner.cfg.timeout;
         let forced = only.is_some();

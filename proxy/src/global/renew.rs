@@ -33,12 +33,7 @@ impl Global {
     /// back: Redis only renews what it still has, and a slot taken again
     /// by a renewal that raced its release is released again.
     pub(super) async fn renew(&self) -> Result<(), GlobalError> {
-        let conn = self
-            .inner
-            .conn
-            .load_full()
-            .ok_or(GlobalError::NotConnected)?;
-        let mut conn = (*conn).clone();
+        let mut conn = self.connection()?;
         let leases: Vec<(u64, Lease)> = self
             .inner
             .held
