@@ -148,6 +148,29 @@ pub struct Rejection {
     pub block_id: Option<Arc<str>>,
 }
 
+impl Rejection {
+    /// A 429 for `rule`: `limit` reached (nothing remaining), wait
+    /// `retry_after`; `window` for rates, zero otherwise.
+    fn limited(
+        rule: Arc<str>,
+        reason: RejectReason,
+        limit: u64,
+        retry_after: Duration,
+        window: Duration,
+    ) -> Rejection {
+        Rejection {
+            rule,
+            reason,
+            retry_after,
+            limit,
+            remaining: 0,
+            window,
+            status: 429,
+            block_id: None,
+        }
+    }
+}
+
 /// The identity's request-rate quota after an admission (for `RateLimit`
 /// headers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -875,16 +898,13 @@ impl Limiter {
     }
 
     fn seat_rejection(&self, rule: Arc<str>, limit: u64) -> Rejection {
-        Rejection {
+        Rejection::limited(
             rule,
-            reason: RejectReason::UpstreamSeats,
-            retry_after: CONCURRENCY_RETRY_AFTER,
+            RejectReason::UpstreamSeats,
             limit,
-            remaining: 0,
-            window: Duration::ZERO,
-            status: 429,
-            block_id: None,
-        }
+            CONCURRENCY_RETRY_AFTER,
+            Duration::ZERO,
+        )
     }
 
     fn check_blocks(
@@ -1223,16 +1243,7 @@ impl GlobalDemand {
                 .map_or((0, Duration::ZERO), |r| (r.burst, r.window())),
             _ => (0, Duration::ZERO),
         };
-        Rejection {
-            rule: Arc::clone(&self.rule),
-            reason,
-            retry_after,
-            limit,
-            remaining: 0,
-            window,
-            status: 429,
-            block_id: None,
-        }
+        Rejection::limited(Arc::clone(&self.rule), reason, limit, retry_after, window)
     }
 }
 
@@ -1316,16 +1327,7 @@ fn take_rule(
                 local_aggregate: how.local_aggregate,
             };
             undo(rule, rs, identity, held, req, again, stripe);
-            Rejection {
-                rule: Arc::clone(&rule.name),
-                reason,
-                retry_after,
-                limit,
-                remaining: 0,
-                window,
-                status: 429,
-                block_id: None,
-            }
+            Rejection::limited(Arc::clone(&rule.name), reason, limit, retry_after, window)
         };
     let counter_fail = |held, reason, limit: Option<u64>| {
         fail(
@@ -1489,16 +1491,13 @@ fn take_quota(
                 Duration::ZERO,
             ),
         };
-        return Err(Rejection {
-            rule: Arc::clone(&rule.name),
+        return Err(Rejection::limited(
+            Arc::clone(&rule.name),
             reason,
-            retry_after,
             limit,
-            remaining: 0,
+            retry_after,
             window,
-            status: 429,
-            block_id: None,
-        });
+        ));
     }
     Ok(units)
 }

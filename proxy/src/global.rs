@@ -209,6 +209,18 @@ struct Inner {
     stop: Mutex<Option<CancellationToken>>,
 }
 
+impl Inner {
+    /// The slots this replica holds (poison-tolerant).
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Lease>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The local quotas' book (poison-tolerant).
+    fn quotas(&self) -> std::sync::MutexGuard<'_, QuotaBook> {
+        self.quotas.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 impl std::fmt::Debug for Global {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the password.
@@ -234,12 +246,7 @@ impl std::fmt::Debug for Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        let lease = self
-            .inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
+        let lease = self.inner.held().remove(&self.id);
         if let Some(lease) = lease
             && !self.inner.abandoned.load(Ordering::Relaxed)
             && self.inner.releases.try_send(lease).is_err()
@@ -332,11 +339,7 @@ impl Global {
 
     /// Slots this replica holds in Redis.
     pub fn leases(&self) -> usize {
-        self.inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.inner.held().len()
     }
 
     /// Stops renewing and releasing this replica's slots, as if the process
@@ -400,20 +403,16 @@ impl Global {
                     (None, Some(c)) => (inflight, c),
                     (None, None) => return Ok(Outcome::Granted(None)),
                 };
-                self.inner
-                    .held
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(
-                        id,
-                        Lease {
-                            key: Arc::from(key),
-                            member,
-                            cap,
-                            registered: true,
-                            adopted: false,
-                        },
-                    );
+                self.inner.held().insert(
+                    id,
+                    Lease {
+                        key: Arc::from(key),
+                        member,
+                        cap,
+                        registered: true,
+                        adopted: false,
+                    },
+                );
                 Ok(Outcome::Granted(Some(Hold {
                     inner: Arc::clone(&self.inner),
                     id,
@@ -453,11 +452,7 @@ impl Global {
             registered: false,
             adopted: false,
         };
-        self.inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, lease);
+        self.inner.held().insert(id, lease);
         Some(Hold {
             inner: Arc::clone(&self.inner),
             id,

@@ -63,14 +63,7 @@ impl Global {
     /// Gives the unspent tokens [`Global::drop_quotas`] set aside back to
     /// their buckets (the backend is ending: retired, or shutting down).
     pub(super) async fn refund_tokens(&self) {
-        let refunds = std::mem::take(
-            &mut self
-                .inner
-                .quotas
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .refunds,
-        );
+        let refunds = std::mem::take(&mut self.inner.quotas().refunds);
         if refunds.is_empty() {
             return;
         }
@@ -116,14 +109,7 @@ impl Global {
                 }
                 let key: Arc<str> = Arc::from(self.key(&q.rule, what));
                 let now = tokio::time::Instant::now();
-                let not_before = self
-                    .inner
-                    .quotas
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .retry_at
-                    .get(&key)
-                    .copied();
+                let not_before = self.inner.quotas().retry_at.get(&key).copied();
                 if not_before.is_some_and(|t| t > now) {
                     continue;
                 }
@@ -149,21 +135,11 @@ impl Global {
                             q.quota.grant(unit, u64::try_from(*k).unwrap_or(0));
                         }
                         drop(retired);
-                        self.inner
-                            .quotas
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .retry_at
-                            .remove(&key);
+                        self.inner.quotas().retry_at.remove(&key);
                     }
                     [_, wait] => {
                         let wait = Duration::from_micros(u64::try_from(*wait).unwrap_or(0));
-                        self.inner
-                            .quotas
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .retry_at
-                            .insert(key, now + wait);
+                        self.inner.quotas().retry_at.insert(key, now + wait);
                     }
                     _ => return Err(GlobalError::Answer(answer)),
                 }
@@ -198,16 +174,8 @@ impl Global {
                         .unwrap_or_else(PoisonError::into_inner);
                     // Retired meanwhile: the leases lapse in the old Redis.
                     if added > 0 && !*retired {
-                        let mut held = self
-                            .inner
-                            .held
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner);
-                        let mut book = self
-                            .inner
-                            .quotas
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner);
+                        let mut held = self.inner.held();
+                        let mut book = self.inner.quotas();
                         for (id, member) in ids.iter().zip(members).take(added) {
                             held.insert(
                                 *id,
@@ -226,16 +194,8 @@ impl Global {
                 } else if free > block {
                     let n = q.quota.take_back(Unit::Inflight, free - block);
                     let gone: Vec<Lease> = {
-                        let mut held = self
-                            .inner
-                            .held
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner);
-                        let mut book = self
-                            .inner
-                            .quotas
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner);
+                        let mut held = self.inner.held();
+                        let mut book = self.inner.quotas();
                         let pool = book.pool.entry(Arc::clone(&key)).or_default();
                         let keep = pool.len().saturating_sub(usize::try_from(n).unwrap_or(0));
                         pool.split_off(keep)
@@ -273,11 +233,7 @@ impl Global {
             }
         }
         let pool: Vec<u64> = {
-            let mut book = self
-                .inner
-                .quotas
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut book = self.inner.quotas();
             if refund {
                 book.refunds.extend(refunds);
             }
@@ -285,11 +241,7 @@ impl Global {
             book.pool.drain().flat_map(|(_, ids)| ids).collect()
         };
         let gone: Vec<Lease> = {
-            let mut held = self
-                .inner
-                .held
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut held = self.inner.held();
             pool.iter().filter_map(|id| held.remove(id)).collect()
         };
         if release {

@@ -36,9 +36,7 @@ impl Global {
         let mut conn = self.connection()?;
         let leases: Vec<(u64, Lease)> = self
             .inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .held()
             .iter()
             .map(|(id, l)| (*id, l.clone()))
             .collect();
@@ -82,11 +80,7 @@ impl Global {
     fn settle(&self, chunk: &[(u64, Lease)], codes: &[i64], found: &mut Found) {
         let mut again = Vec::new();
         {
-            let mut held = self
-                .inner
-                .held
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut held = self.inner.held();
             for ((id, lease), &code) in chunk.iter().zip(codes) {
                 if lease.registered && code != RENEWED {
                     found.lapsed += 1;

@@ -14,11 +14,7 @@ impl Global {
     /// compares the leases with the counts again, `Global::reconcile`).
     pub fn adopt(&self, held: &[GlobalHeld]) {
         let counts = self.counts(held);
-        let mut map = self
-            .inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.inner.held();
         let mut tracked: HashMap<&str, u64> = HashMap::new();
         for l in map.values() {
             *tracked.entry(&*l.key).or_default() += 1;
@@ -63,11 +59,7 @@ impl Global {
         let counts = self.counts(&limiter.global_held());
         let mut gone = Vec::new();
         {
-            let mut map = self
-                .inner
-                .held
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut map = self.inner.held();
             if !map.values().any(|l| l.adopted) {
                 return;
             }
@@ -148,9 +140,7 @@ impl Global {
         self.drop_quotas(limiter, true, true);
         let leases: Vec<Lease> = self
             .inner
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .held()
             .drain()
             .map(|(_, l)| l)
             .filter(|l| l.registered)
