@@ -135,7 +135,7 @@ pub struct Gate {
     handshakes: Arc<Semaphore>,
     /// The threads handshakes run on (`None`: they could not be started,
     /// and handshakes run on the serving runtime).
-    threads: Option<handshakes::Handshakes>,
+    threads: Option<threads::SideRuntime>,
     open_gauge: metrics::Gauge,
 }
 
@@ -154,7 +154,7 @@ impl Gate {
                 .accept_rate_per_source
                 .map(|r| pacing::keyed(r.per_second, r.burst)),
             handshakes: Arc::new(Semaphore::new(limits.max_handshakes.get())),
-            threads: match handshakes::Handshakes::new(limits.max_handshakes) {
+            threads: match threads::SideRuntime::handshakes(limits.max_handshakes) {
                 Ok(threads) => Some(threads),
                 Err(err) => {
                     tracing::warn!(error = %crate::error::Chain(&err), "no handshake threads; handshakes share the serving runtime");
@@ -211,7 +211,7 @@ impl Gate {
     }
 
     /// Runs a TLS handshake on the handshake threads (see
-    /// [`handshakes`]); `None` if it could not be run there (no threads,
+    /// [`threads`]); `None` if it could not be run there (no threads,
     /// or they are shutting down).
     pub async fn handshake<F>(&self, fut: F) -> Option<F::Output>
     where
@@ -335,6 +335,19 @@ impl SlotIo {
         self.gating = None;
     }
 
+    /// Moves the socket to the I/O driver of the runtime this is called on
+    /// (from the one it was accepted on), so that its readiness wakes that
+    /// runtime alone. On an error the socket stays where it was, and still
+    /// works from here (a wake then crosses runtimes).
+    pub fn rehome(&mut self) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        // A second descriptor of the same socket, registered here; dropping
+        // the first deregisters it from the old driver and closes it.
+        let fd = self.tcp.as_fd().try_clone_to_owned()?;
+        self.tcp = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+        Ok(())
+    }
+
     /// Whether this stream currently holds a handshake slot.
     pub fn holds_slot(&self) -> bool {
         self.gating.as_ref().is_some_and(|g| g.slot.is_some())
@@ -432,6 +445,6 @@ pub async fn upkeep(
     }
 }
 
-pub mod handshakes;
 #[cfg(test)]
 mod tests;
+pub mod threads;

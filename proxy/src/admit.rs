@@ -165,6 +165,18 @@ impl Admission {
         &self.limiter
     }
 
+    /// Whether some exempt rule of the limits in force names `identity`
+    /// (by user, group or ServiceAccount; verbs and resources aside): its
+    /// connections are served beside the storm (`server::serve_connection`).
+    pub fn is_privileged(&self, identity: &Identity) -> bool {
+        let subject = subject(identity);
+        self.limiter
+            .limits()
+            .rules()
+            .iter()
+            .any(|r| r.is_exempt() && r.matcher().subject_matches(&subject))
+    }
+
     /// The limits file, for the file watcher.
     pub fn limits_file(&self) -> Option<&Path> {
         self.limits_file.as_deref()

@@ -59,6 +59,9 @@ pub struct Shared {
     pub top: Arc<crate::top::Top>,
     /// The long-running requests open, for blocks that end them.
     pub open: Arc<OpenStreams>,
+    /// Where connections of privileged identities are served (see
+    /// `accept::threads`); `None`: on the serving runtime like the rest.
+    pub privileged: Option<tokio::runtime::Handle>,
 }
 
 /// Handles one request from a client. Infallible: every outcome is a response.

@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::threads::SideRuntime;
 use crate::accept::{self, Admitted, Gate, SlotIo};
 use crate::admin::{self, AdminState};
 use crate::admit::{self, Admission, AdmitError};
@@ -186,7 +187,18 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     admin::prometheus();
     // Every task of the proxy, awaited at shutdown (crate::tasks).
     let tasks = TaskTracker::new();
-    let upstream = Upstream::new(&cfg.upstream, tasks.clone())?;
+    // Connections of privileged identities, and the exempt lane's upstream
+    // connections, run on a thread of their own (accept::threads). Owned
+    // by the shutdown task below, dropped once every task has ended.
+    let privileged = match SideRuntime::privileged() {
+        Ok(rt) => Some(rt),
+        Err(err) => {
+            tracing::warn!(error = %Chain(&err), "no thread for privileged connections; they share the serving runtime");
+            None
+        }
+    };
+    let privileged_handle = privileged.as_ref().and_then(SideRuntime::handle);
+    let upstream = Upstream::new(&cfg.upstream, tasks.clone(), privileged_handle.clone())?;
     let handle_upstream = upstream.clone();
     let reviewer: Arc<dyn TokenReviewer> = Arc::new(upstream.clone());
     let key_files = cfg.auth.service_account_key_files.clone();
@@ -239,6 +251,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         streams,
         tasks: tasks.clone(),
         open: open.clone(),
+        privileged: privileged_handle,
     });
     let hub = shared.hub.clone();
     let mut watched = server_tls.files();
@@ -357,6 +370,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
             } else {
                 tracing::info!("shut down");
             }
+            drop(privileged);
             Stopped {
                 tasks_left: tasks.len(),
             }
@@ -539,6 +553,26 @@ async fn serve_connection(
         },
     };
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    // A privileged identity's connection (an exempt rule names it) is
+    // served on the privileged thread, its socket moved to that runtime's
+    // I/O driver: its requests never queue behind the storm's. This task
+    // stays, holding the connection's place in the caps and the tracker.
+    if let Some(home) = &shared.privileged
+        && cert
+            .as_deref()
+            .is_some_and(|id| shared.admission.is_privileged(id))
+    {
+        let home = home.clone();
+        let served = home.spawn(async move {
+            if let Err(err) = tls.get_mut().0.rehome() {
+                tracing::debug!(%peer, error = %Chain(&err), "privileged connection stays on the serving runtime's driver");
+            }
+            serve_http(TokioIo::new(tls), peer, alpn, cert, shared, stop).await;
+        });
+        // Err: the runtime is shutting down, and the connection with it.
+        let _ = served.await;
+        return;
+    }
     serve_http(TokioIo::new(tls), peer, alpn, cert, shared, stop).await;
 }
 

@@ -174,3 +174,163 @@ async fn measure_requests_during_a_handshake_storm() {
     );
     proxy.shutdown().await;
 }
+
+/// One HTTP/1.1 connection to `addr` over TLS, presenting `cert`/`key`
+/// when given (the demo's admin: system:masters).
+async fn h1_connection(
+    env: &common::Env,
+    addr: std::net::SocketAddr,
+    client_cert: Option<(&str, &str)>,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let dir = env.dir.path();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(dir.join("proxy-ca.crt")).expect("ca") {
+        roots.add(cert.expect("ca cert")).expect("add ca");
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match client_cert {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(dir.join(cert))
+                    .expect("cert")
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("cert"),
+                PrivateKeyDer::from_pem_file(dir.join(key)).expect("key"),
+            )
+            .expect("client auth"),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").expect("name"), tcp)
+        .await
+        .expect("TLS");
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("HTTP/1.1");
+    tokio::spawn(conn);
+    sender
+}
+
+/// GET `path` on `sender` (with `token` when given): the status.
+async fn get_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+    token: Option<&str>,
+) -> u16 {
+    use http_body_util::BodyExt;
+    sender.ready().await.expect("ready");
+    let mut req = http::Request::get(path).header("host", "127.0.0.1");
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let resp = sender
+        .send_request(req.body(http_body_util::Empty::new()).expect("request"))
+        .await
+        .expect("response");
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.expect("body");
+    status
+}
+
+/// The admin's connection is served beside the storm: with every worker of
+/// the serving runtime busy (here: its one worker blocked), a request on a
+/// connection whose certificate names an identity with an exempt rule is
+/// still answered at once, upstream included (the exempt lane lives on the
+/// privileged thread too), while a ServiceAccount's waits for the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exempt_identity_is_answered_while_the_serving_runtime_is_busy() {
+    use breakwater::config::LimitsConfig;
+    use breakwater::tls::UpstreamTls;
+    use breakwater::upstream::{AuthMode, DEFAULT_PROXY_USER, Timeouts, UpstreamConfig};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let env = demo_env().await;
+    let dir = env.dir.path();
+    let limits = dir.join("limits-admins.yaml");
+    std::fs::write(
+        &limits,
+        "apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: admins\n    match:\n      groups: [\"system:masters\"]\n    exempt: true\n",
+    )
+    .expect("write limits");
+    let mut cfg = passthrough_config(&env, env.demo.sim.url(), Duration::from_secs(1));
+    cfg.client_ca = Some(dir.join("client-ca.crt"));
+    cfg.upstream = UpstreamConfig {
+        url: env.demo.sim.url(),
+        tls: UpstreamTls {
+            ca: Some(dir.join("kube-sim-ca.crt")),
+            client_cert: Some((
+                dir.join("front-proxy-client.crt"),
+                dir.join("front-proxy-client.key"),
+            )),
+        },
+        token_file: None,
+        mode: AuthMode::FrontProxy,
+        proxy_user: DEFAULT_PROXY_USER.to_string(),
+        timeouts: Timeouts::default(),
+        lanes: Default::default(),
+    };
+    cfg.limits = LimitsConfig {
+        file: Some(limits),
+        ..LimitsConfig::default()
+    };
+    // The proxy's serving runtime: one worker, apart from the test's and
+    // kube-sim's.
+    let serving = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let proxy = serving
+        .spawn(breakwater::server::start(cfg))
+        .await
+        .expect("task")
+        .expect("proxy starts");
+
+    let mut admin = h1_connection(&env, proxy.addr(), Some(("admin.crt", "admin.key"))).await;
+    let mut agent = h1_connection(&env, proxy.addr(), None).await;
+    let ns = "/api/v1/namespaces/default";
+    assert_eq!(get_on(&mut admin, ns, None).await, 200);
+    assert_eq!(get_on(&mut agent, ns, Some(&env.demo.token)).await, 200);
+
+    // The serving worker is taken (as by thousands of ready tasks).
+    let done = Arc::new(AtomicBool::new(false));
+    let (taken_tx, taken) = tokio::sync::oneshot::channel();
+    serving.spawn({
+        let done = done.clone();
+        async move {
+            let _ = taken_tx.send(());
+            std::thread::sleep(Duration::from_secs(3));
+            done.store(true, Ordering::SeqCst);
+        }
+    });
+    taken.await.expect("the worker is taken");
+    let agent_get = tokio::spawn({
+        let token = env.demo.token.clone();
+        let done = done.clone();
+        async move {
+            let status = get_on(&mut agent, ns, Some(&token)).await;
+            (status, done.load(Ordering::SeqCst))
+        }
+    });
+    for _ in 0..5 {
+        assert_eq!(get_on(&mut admin, ns, None).await, 200);
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the admin's GET waited for the serving runtime"
+        );
+    }
+    // The premise: requests of other callers did wait for the worker.
+    let (status, after) = agent_get.await.expect("agent");
+    assert_eq!(status, 200);
+    assert!(after, "the agent's GET did not need the serving runtime");
+
+    serving
+        .spawn(proxy.shutdown())
+        .await
+        .expect("shutdown task");
+    serving.shutdown_background();
+}

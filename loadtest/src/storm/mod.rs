@@ -1048,7 +1048,12 @@ async fn start_proxies(
                 } else {
                     StderrMode::Capture
                 },
-                envs: vec![("BREAKWATER_LOG".into(), "warn".into())],
+                // BREAKWATER_LOG in the lab's environment reaches the
+                // proxies (with --show-proxy-logs, e.g. the access log).
+                envs: vec![(
+                    "BREAKWATER_LOG".into(),
+                    std::env::var_os("BREAKWATER_LOG").unwrap_or_else(|| "warn".into()),
+                )],
                 ..StartOptions::default()
             },
         )

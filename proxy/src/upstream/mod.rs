@@ -388,7 +388,11 @@ impl TokenFile {
 impl Upstream {
     /// The client for `cfg`; its connections' tasks are spawned on `tasks`
     /// (the proxy's tracker, awaited at shutdown after [`Upstream::close`]).
-    pub fn new(cfg: &UpstreamConfig, tasks: TaskTracker) -> Result<Upstream, UpstreamConfigError> {
+    pub fn new(
+        cfg: &UpstreamConfig,
+        tasks: TaskTracker,
+        exempt_home: Option<tokio::runtime::Handle>,
+    ) -> Result<Upstream, UpstreamConfigError> {
         let url = &cfg.url;
         let uri: Uri = url
             .parse()
@@ -433,6 +437,11 @@ impl Upstream {
         let target: Uri = format!("{scheme}://{authority}")
             .parse()
             .map_err(|_| UpstreamConfigError::BadUrl(url.to_string()))?;
+        // Every lane's connections live on the runtime the upstream was made
+        // on (the serving one), whichever runtime's request opened them,
+        // except the exempt lane's, on `exempt_home` when given.
+        let serving = tokio::runtime::Handle::try_current().ok();
+        let exempt_home = exempt_home.or_else(|| serving.clone());
         let forward = |cert: Option<Arc<ClientCert>>| -> Result<Forward, TlsError> {
             let connector = tls::upstream_connector(ca, cert.clone(), true)?;
             let pool = |lane, limits| {
@@ -444,11 +453,12 @@ impl Upstream {
                     h2,
                     tasks.clone(),
                 )
+                .with_home(serving.clone())
             };
             Ok(Forward {
                 unary: pool(Lane::Unary, cfg.lanes.unary),
                 long_running: pool(Lane::LongRunning, cfg.lanes.long_running),
-                exempt: pool(Lane::Exempt, cfg.lanes.exempt),
+                exempt: pool(Lane::Exempt, cfg.lanes.exempt).with_home(exempt_home.clone()),
                 hub: pool(Lane::Hub, HUB_LANE),
                 upgrades: tls::upstream_connector(ca, cert, false)?,
             })
@@ -464,7 +474,8 @@ impl Upstream {
             OWN_LANE,
             h2,
             tasks.clone(),
-        );
+        )
+        .with_home(serving.clone());
         let forward = forward(forward_cert)?;
         Ok(Upstream {
             tasks,
@@ -835,7 +846,7 @@ mod tests {
                 mode,
                 ..UpstreamConfig::passthrough("https://127.0.0.1:6443", None)
             };
-            let err = Upstream::new(&cfg, TaskTracker::new())
+            let err = Upstream::new(&cfg, TaskTracker::new(), None)
                 .err()
                 .expect("refused without a client certificate");
             let msg = err.to_string();

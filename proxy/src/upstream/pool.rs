@@ -174,6 +174,9 @@ struct Inner {
     h2: H2Settings,
     /// The proxy's tasks: connection drivers and connects run there.
     tasks: TaskTracker,
+    /// The runtime the lane's connections live on (connect, I/O driver,
+    /// h2 driver task); `None`: the caller's.
+    home: Option<tokio::runtime::Handle>,
     state: Mutex<State>,
     /// Signalled when a stream frees, a connection lands or a connect fails.
     changed: Notify,
@@ -293,6 +296,7 @@ impl Pool {
                 limits,
                 h2,
                 tasks,
+                home: None,
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
                 metrics: LaneMetrics::new(lane),
@@ -301,6 +305,15 @@ impl Pool {
     }
 
     /// Connections and streams in use right now.
+    /// The lane's connections live on `home` (see `Inner::home`). Only
+    /// before the pool is shared.
+    pub fn with_home(mut self, home: Option<tokio::runtime::Handle>) -> Pool {
+        Arc::get_mut(&mut self.inner)
+            .expect("a pool is homed before it is shared")
+            .home = home;
+        self
+    }
+
     pub fn stats(&self) -> LaneStats {
         let st = self.inner.lock();
         LaneStats {
@@ -488,10 +501,16 @@ impl Inner {
     /// lane from connecting again, nor wastes the connection: waiters use it.
     async fn connect(self: &Arc<Self>) -> Result<(), PoolError> {
         let pool = Arc::clone(self);
-        let task = self.tasks.spawn(async move {
+        let connect = async move {
             let result = tokio::time::timeout(CONNECT_TIMEOUT, pool.open()).await;
             pool.landed(result)
-        });
+        };
+        // On the lane's home, the socket registers with its I/O driver and
+        // the driver task (spawned by `open`) runs there.
+        let task = match &self.home {
+            Some(home) => self.tasks.spawn_on(connect, home),
+            None => self.tasks.spawn(connect),
+        };
         match task.await {
             Ok(result) => result,
             Err(e) => Err(PoolError::Connect(e.into())),

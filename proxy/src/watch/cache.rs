@@ -9,13 +9,13 @@
 //! [`Cache::apply`] returns; everything that decides what a client gets is
 //! here, and tested without a network.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
 use crate::watch::codec::{Codec, EventType};
-use crate::watch::filter::{Meta, Selector, Transition};
+use crate::watch::filter::{FieldRef, Meta, Selector, Transition};
 use crate::watch::object::TypeMeta;
 
 /// An object in the cache: its bytes and what was parsed of it.
@@ -168,6 +168,9 @@ pub struct Cache {
     /// (`/registry/pods/a-b/x` sorts before `/registry/pods/a/x`), which is
     /// the order of its consistent LISTs.
     objects: BTreeMap<String, Arc<Obj>>,
+    /// The same objects by the value of one selectable field (see
+    /// [`crate::watch::filter::indexed_field`]), each in storage-key order.
+    index: Option<Index>,
     bytes: usize,
     ring: VecDeque<Arc<Change>>,
     /// Every change after this RV is in the ring: replays from an RV below
@@ -191,12 +194,23 @@ impl Cache {
             api_version: String::new(),
             item_type_meta: None,
             objects: BTreeMap::new(),
+            index: None,
             bytes: 0,
             ring: VecDeque::new(),
             ring_floor: 0,
             expired_below: 0,
             nonempty_gap: None,
         }
+    }
+
+    /// Indexes the objects by the selectable field at `field` (a position
+    /// in [`Meta::fields`]), if any.
+    pub fn indexed(mut self, field: Option<usize>) -> Cache {
+        self.index = field.map(|field| Index {
+            field,
+            by_value: HashMap::new(),
+        });
+        self
     }
 
     /// (objects, bytes): this cache's share of the hub's totals.
@@ -213,11 +227,18 @@ impl Cache {
     /// Replaces everything with a fresh LIST; the ring restarts at its RV.
     pub fn install(&mut self, listed: Listed) {
         self.objects.clear();
+        if let Some(index) = &mut self.index {
+            index.by_value.clear();
+        }
         self.bytes = 0;
         for (meta, bytes) in listed.items {
             self.bytes += bytes.len();
-            self.objects
-                .insert(object_key(&meta), Arc::new(Obj::new(bytes, meta)));
+            let key = object_key(&meta);
+            let obj = Arc::new(Obj::new(bytes, meta));
+            if let Some(index) = &mut self.index {
+                index.insert(&key, &obj);
+            }
+            self.objects.insert(key, obj);
         }
         self.codec = listed.codec;
         self.rv = listed.rv;
@@ -263,8 +284,16 @@ impl Cache {
         let cached = if deleted {
             self.objects.remove(&key)
         } else {
-            self.objects.insert(key, obj.clone())
+            self.objects.insert(key.clone(), obj.clone())
         };
+        if let Some(index) = &mut self.index {
+            if let Some(old) = &cached {
+                index.remove(&key, old);
+            }
+            if !deleted {
+                index.insert(&key, &obj);
+            }
+        }
         let removed = cached.as_ref().map_or(0, |o| o.bytes.len());
         let added = if deleted { 0 } else { obj.bytes.len() };
         self.bytes = (self.bytes + added).saturating_sub(removed);
@@ -337,9 +366,21 @@ impl Cache {
         }
     }
 
-    /// The objects `sel` selects, in storage-key order.
+    /// The objects `sel` selects, in storage-key order: from the index
+    /// when `sel` requires one value of the indexed field, else a scan.
     pub fn snapshot<'a>(&'a self, sel: &'a Selector) -> impl Iterator<Item = &'a Arc<Obj>> {
-        self.objects.values().filter(|o| sel.matches(&o.meta))
+        let indexed = match (&self.index, sel.index_key()) {
+            (Some(index), Some((FieldRef::At(i), value))) if i == index.field => {
+                Some(index.by_value.get(value))
+            }
+            _ => None,
+        };
+        let candidates: Box<dyn Iterator<Item = &'a Arc<Obj>> + 'a> = match indexed {
+            Some(Some(objects)) => Box::new(objects.values()),
+            Some(None) => Box::new(std::iter::empty()),
+            None => Box::new(self.objects.values()),
+        };
+        candidates.filter(|o| sel.matches(&o.meta))
     }
 
     /// The ADDED frames of [`Cache::snapshot`].
@@ -366,8 +407,47 @@ impl Cache {
     /// Drops everything (the stream ended).
     pub fn clear(&mut self) {
         self.objects.clear();
+        if let Some(index) = &mut self.index {
+            index.by_value.clear();
+        }
         self.ring.clear();
         self.bytes = 0;
+    }
+}
+
+/// The cache's objects by the value of one selectable field.
+struct Index {
+    /// The position of the field in [`Meta::fields`].
+    field: usize,
+    by_value: HashMap<String, BTreeMap<String, Arc<Obj>>>,
+}
+
+impl Index {
+    fn value<'a>(&self, obj: &'a Obj) -> &'a str {
+        obj.meta.field(FieldRef::At(self.field))
+    }
+
+    fn insert(&mut self, key: &str, obj: &Arc<Obj>) {
+        let value = self.value(obj);
+        match self.by_value.get_mut(value) {
+            Some(objects) => {
+                objects.insert(key.to_string(), obj.clone());
+            }
+            None => {
+                let objects = BTreeMap::from([(key.to_string(), obj.clone())]);
+                self.by_value.insert(value.to_string(), objects);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str, obj: &Obj) {
+        let value = self.value(obj);
+        if let Some(objects) = self.by_value.get_mut(value) {
+            objects.remove(key);
+            if objects.is_empty() {
+                self.by_value.remove(value);
+            }
+        }
     }
 }
 

@@ -57,6 +57,17 @@ pub fn selectable_fields(group: &str, resource: &str) -> &'static [&'static str]
     }
 }
 
+/// The selectable field a stream's cache indexes, as a position in
+/// [`selectable_fields`]: a pod's `spec.nodeName`, the field the v1.24
+/// cacher indexes too. A node's agent LISTs its few pods out of every pod
+/// of the cluster; with the index that costs its few pods, not a scan.
+pub fn indexed_field(group: &str, resource: &str) -> Option<usize> {
+    let fields = selectable_fields(group, resource);
+    (resource == "pods")
+        .then(|| fields.iter().position(|f| *f == "spec.nodeName"))
+        .flatten()
+}
+
 /// What the hub keeps parsed of each object: its key, resourceVersion,
 /// labels and the values of the type's selectable fields (aligned with
 /// [`selectable_fields`]), as [`object::read`](crate::watch::object::read)

@@ -102,6 +102,8 @@ struct HubShared {
     cancel: CancellationToken,
     /// Every task of the hub (streams, metrics export), awaited at shutdown.
     tasks: TaskTracker,
+    /// The runtime the hub was made on, where its streams run.
+    home: Option<tokio::runtime::Handle>,
     /// Broad keys the apiserver refused recently: go straight to exact keys.
     /// Bounded: cleared when it reaches [`MAX_REFUSED`].
     refused: Mutex<HashMap<StreamKey, Instant>>,
@@ -210,6 +212,7 @@ impl Hub {
                 streams: Mutex::new(HashMap::new()),
                 cancel,
                 tasks,
+                home: tokio::runtime::Handle::try_current().ok(),
                 refused: Mutex::new(HashMap::new()),
                 lists: list::Coalescer::default(),
                 share,
@@ -505,12 +508,18 @@ impl Hub {
         drop(map);
         let hub: Weak<HubShared> = Arc::downgrade(&self.shared);
         let run = stream.clone();
-        self.shared.tasks.spawn(async move {
+        let run = async move {
             run.clone().run().await;
             if let Some(hub) = hub.upgrade() {
                 hub.forget(&run);
             }
-        });
+        };
+        // On the serving runtime even when a privileged client (served on
+        // a thread of its own) starts the stream: the fleet joins it.
+        match &self.shared.home {
+            Some(home) => self.shared.tasks.spawn_on(run, home),
+            None => self.shared.tasks.spawn(run),
+        };
         Ok(Some(stream))
     }
 }

@@ -30,7 +30,7 @@ use crate::watch::codec::{Codec, EventType};
 use crate::watch::context::Ctx;
 use crate::watch::error::{Failure, FetchError};
 use crate::watch::fanout::{SendError, Subscription};
-use crate::watch::filter::{Selector, selectable_fields};
+use crate::watch::filter::{Selector, indexed_field, selectable_fields};
 use crate::watch::key::StreamKey;
 use crate::watch::subs::{Sub, Subs};
 
@@ -114,6 +114,7 @@ impl Stream {
     ) -> Arc<Stream> {
         let codec = key.codec;
         let fields = selectable_fields(&key.target.group, &key.target.resource);
+        let index = indexed_field(&key.target.group, &key.target.resource);
         ctx.stats.streams.fetch_add(1, Ordering::Relaxed);
         ctx.stats.publish();
         Arc::new(Stream {
@@ -127,7 +128,7 @@ impl Stream {
                 shut: false,
                 failed: None,
                 unreachable: false,
-                cache: Cache::new(codec, ctx.cfg.ring),
+                cache: Cache::new(codec, ctx.cfg.ring).indexed(index),
                 subs: Subs::default(),
                 idle_since: None,
             }),

@@ -294,3 +294,82 @@ fn a_gap_that_contains_a_changed_one_is_known_to_hold_changes() {
     assert!(!c.gap_known_nonempty(6, 10));
     assert!(!c.gap_known_nonempty(5, 9));
 }
+
+#[test]
+fn the_node_index_answers_like_a_scan() {
+    // Pods on three nodes, in two namespaces; then moves between nodes,
+    // deletions (of cached and never-cached pods) and a relist: after each
+    // step, every node's indexed snapshot is the scan's, in the same order.
+    let on = |ns: &str, name: &str, rv: u64, node: &str, app: &str| {
+        let mut p = pod_in(ns, name, rv, app);
+        p["spec"]["nodeName"] = json!(node);
+        p
+    };
+    let items: Vec<Value> = (0..30)
+        .map(|i| {
+            let ns = if i % 2 == 0 { "a" } else { "a-b" };
+            on(ns, &format!("p{i}"), 1, &format!("n{}", i % 3), "web")
+        })
+        .collect();
+    let install = |c: &mut Cache, rv: u64, objs: &[Value]| {
+        c.install(Listed {
+            codec: Codec::Json,
+            rv,
+            kind: "Pod".into(),
+            api_version: "v1".into(),
+            items: objs.iter().map(read).collect(),
+            type_meta: TypeMetaSeen::Uniform(false),
+        })
+    };
+    let fields = selectable_fields(PODS.0, PODS.1);
+    let index = crate::watch::filter::indexed_field(PODS.0, PODS.1);
+    assert_eq!(index, Some(0), "pods are indexed by spec.nodeName");
+    let mut indexed = Cache::new(Codec::Json, 64).indexed(index);
+    let mut scanned = Cache::new(Codec::Json, 64);
+    let check = |indexed: &Cache, scanned: &Cache, step: &str| {
+        for node in ["n0", "n1", "n2", "n3", ""] {
+            for label in [None, Some("app=web"), Some("app=db")] {
+                let s = Selector::parse(label, Some(&format!("spec.nodeName={node}")), fields)
+                    .expect("a selector");
+                let names = |c: &Cache| {
+                    c.snapshot(&s)
+                        .map(|o| format!("{}/{}", o.meta.namespace, o.meta.name))
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    names(indexed),
+                    names(scanned),
+                    "{step}: node {node:?} {label:?}"
+                );
+            }
+        }
+    };
+    for c in [&mut indexed, &mut scanned] {
+        install(c, 1, &items);
+    }
+    check(&indexed, &scanned, "installed");
+    assert_eq!(
+        indexed
+            .snapshot(&Selector::parse(None, Some("spec.nodeName=n1"), fields).expect("sel"))
+            .count(),
+        10
+    );
+    let steps: Vec<(EventType, Value)> = vec![
+        (EventType::Modified, on("a", "p0", 2, "n1", "web")),
+        (EventType::Modified, on("a", "p0", 3, "n1", "db")),
+        (EventType::Deleted, on("a-b", "p1", 4, "n1", "web")),
+        (EventType::Added, on("a", "new", 5, "n3", "web")),
+        (EventType::Deleted, on("a", "never", 6, "n2", "web")),
+        (EventType::Modified, on("a", "new", 7, "", "web")),
+    ];
+    for (i, (ty, obj)) in steps.iter().enumerate() {
+        for c in [&mut indexed, &mut scanned] {
+            apply(c, *ty, obj);
+        }
+        check(&indexed, &scanned, &format!("step {i}"));
+    }
+    for c in [&mut indexed, &mut scanned] {
+        install(c, 9, &items[..7]);
+    }
+    check(&indexed, &scanned, "relisted");
+}
