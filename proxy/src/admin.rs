@@ -43,10 +43,11 @@ use crate::admit::Admission;
 use crate::error::Chain;
 use crate::upstream::Upstream;
 
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
 /// The process-wide Prometheus recorder. The first proxy in a process
 /// installs it; later ones (tests run several) share it.
 pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         // The SLO histograms get the apiserver's own buckets, so the same
         // queries and thresholds apply on both sides of the proxy; other
@@ -72,6 +73,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("another metrics recorder is installed; /metrics will be empty");
         }
+        crate::slo::RECORDER_INSTALLED.store(true, std::sync::atomic::Ordering::Relaxed);
         handle
     })
 }

@@ -14,7 +14,9 @@ use serde::Deserialize;
 use crate::accept::{AcceptRate, ConnectionLimits};
 use crate::identity::AuthConfig;
 use crate::tls::UpstreamTls;
-use crate::upstream::{AuthMode, DEFAULT_PROXY_USER, LaneLimits, Lanes, Timeouts, UpstreamConfig};
+use crate::upstream::{
+    AuthMode, DEFAULT_PROXY_USER, LaneLimits, Lanes, Timeouts, UnaryProtocol, UpstreamConfig,
+};
 
 /// Flags of `breakwater run`, and the fields of its `--config` file.
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
@@ -131,10 +133,15 @@ pub struct RunOptions {
     /// Response-header timeout for requests that are not long-running [default: 60s].
     #[arg(long)]
     pub upstream_timeout: Option<String>,
-    /// Upstream connections for unary requests; each carries as many streams as the
-    /// apiserver allows (250) [default: 8].
+    /// Upstream connections for unary requests, in HTTP/2 terms: each carries as many
+    /// streams as the apiserver allows (250); over HTTP/1.1, 250 connections each [default: 8].
     #[arg(long)]
     pub upstream_max_connections_unary: Option<usize>,
+    /// How unary requests reach the apiserver: http1 (keep-alive connections, one
+    /// request at a time each; up to 250 per --upstream-max-connections-unary) or http2
+    /// (multiplexed) [default: http1].
+    #[arg(long, value_enum)]
+    pub upstream_unary_protocol: Option<UnaryProtocol>,
     /// Upstream connections for long-running requests (forwarded watches, logs -f,
     /// proxy) [default: 64].
     #[arg(long)]
@@ -285,6 +292,9 @@ impl RunOptions {
             upstream_max_connections_unary: self
                 .upstream_max_connections_unary
                 .or(file.upstream_max_connections_unary),
+            upstream_unary_protocol: self
+                .upstream_unary_protocol
+                .or(file.upstream_unary_protocol),
             upstream_max_connections_long_running: self
                 .upstream_max_connections_long_running
                 .or(file.upstream_max_connections_long_running),
@@ -388,6 +398,7 @@ impl RunOptions {
                             self.upstream_max_connections_exempt,
                             d.exempt,
                         )?,
+                        unary_protocol: self.upstream_unary_protocol.unwrap_or_default(),
                     }
                 },
             },

@@ -67,12 +67,13 @@ pub struct Shared {
 /// Handles one request from a client. Infallible: every outcome is a response.
 ///
 /// `cert` is the identity of the connection's verified client certificate,
-/// computed once per connection.
+/// computed once per connection; `memo` the connection's last bearer token.
 pub async fn handle(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
     cert: Option<Arc<Identity>>,
+    memo: Arc<crate::identity::TokenMemo>,
 ) -> Response<Body> {
     // Classify first: the access log, the timeouts and the limits all key on
     // the apiserver's own view of the request.
@@ -87,21 +88,25 @@ pub async fn handle(
 
     // Authenticate before anything is forwarded: limits and watch sharing
     // key on this identity, and a bad credential must never fall through.
-    let identity = match shared.auth.authenticate(cert.as_ref(), req.headers()).await {
+    let identity = match shared
+        .auth
+        .authenticate_on(&memo, cert.as_ref(), req.headers())
+        .await
+    {
         Ok(identity) => identity,
         Err(err) => {
             // Refusals over the TokenReview caps come in floods: they are
             // counted (breakwater_token_reviews_refused_total), not logged
             // one by one at info.
             if err.status_code() == 429 {
-                tracing::debug!(reason = %Chain(&err), path = %log.path, "authentication throttled");
+                tracing::debug!(reason = %Chain(&err), path = log.path(), "authentication throttled");
             } else {
-                tracing::info!(reason = %Chain(&err), path = %log.path, "authentication failed");
+                tracing::info!(reason = %Chain(&err), path = log.path(), "authentication failed");
             }
             return log.finish_with(auth_status(&err));
         }
     };
-    log.user = identity.username.clone();
+    log.identity = Some(identity.clone());
     // Count: the identity's load shows in /debug/top from now until the
     // response ends, refused or not (the access log ends the ticket).
     log.top = Some(shared.top.arrive(&identity, info.is_watch()));
@@ -220,7 +225,7 @@ pub async fn handle(
         }
         Err(err) => {
             let status = upstream_status(&err);
-            tracing::warn!(error = %Chain(&err), path = %log.path, "upstream request failed");
+            tracing::warn!(error = %Chain(&err), path = log.path(), "upstream request failed");
             return log.finish_with(
                 status
                     .into_response::<bytes::Bytes>()
@@ -355,7 +360,7 @@ async fn splice(
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(err) => {
-            tracing::warn!(error = %Chain(&err), path = %log.path, "upgrade failed");
+            tracing::warn!(error = %Chain(&err), path = log.path(), "upgrade failed");
             return;
         }
     };
@@ -364,7 +369,7 @@ async fn splice(
     tokio::select! {
         res = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
             if let Err(err) = res {
-                tracing::debug!(error = %Chain(&err), path = %log.path, "upgraded stream ended with an error");
+                tracing::debug!(error = %Chain(&err), path = log.path(), "upgraded stream ended with an error");
             }
         }
         _ = end.cancelled() => {
@@ -665,15 +670,18 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
 /// One access-log line per request, written when the response (or stream)
 /// ends, however it ends. Never the query string (it may carry tokens in
 /// exec or proxy URLs) and never headers.
+///
+/// It holds what the line needs by reference (the request's URI and
+/// classification, the caller's identity) and formats nothing until the
+/// line is written: with the access log filtered out, a request pays no
+/// allocation for it.
 pub struct AccessLog {
     start: Instant,
     method: http::Method,
-    path: String,
-    verb: &'static str,
-    resource: String,
-    namespace: String,
+    uri: http::Uri,
+    info: Arc<RequestInfo>,
     peer: SocketAddr,
-    user: String,
+    identity: Option<Arc<Identity>>,
     status: Option<StatusCode>,
     outcome: &'static str,
     bytes: u64,
@@ -682,26 +690,24 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    fn new<B>(req: &Request<B>, info: &RequestInfo, peer: SocketAddr) -> AccessLog {
-        let resource = if info.subresource.is_empty() {
-            info.resource.clone()
-        } else {
-            format!("{}/{}", info.resource, info.subresource)
-        };
+    fn new<B>(req: &Request<B>, info: &Arc<RequestInfo>, peer: SocketAddr) -> AccessLog {
         AccessLog {
             start: Instant::now(),
             method: req.method().clone(),
-            path: req.uri().path().to_string(),
-            verb: info.verb.label(),
-            resource,
-            namespace: info.namespace.clone(),
+            uri: req.uri().clone(),
+            info: info.clone(),
             peer,
-            user: String::new(),
+            identity: None,
             status: None,
             outcome: "client-gone",
             bytes: 0,
             top: None,
         }
+    }
+
+    /// The request's path (never its query).
+    fn path(&self) -> &str {
+        self.uri.path()
     }
 
     /// The governing rule, for /debug/top.
@@ -723,6 +729,19 @@ impl AccessLog {
     }
 }
 
+/// `resource` or `resource/subresource`, as the access log shows it.
+struct ResourceLabel<'a>(&'a RequestInfo);
+
+impl std::fmt::Display for ResourceLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.resource)?;
+        if !self.0.subresource.is_empty() {
+            write!(f, "/{}", self.0.subresource)?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for AccessLog {
     fn drop(&mut self) {
         let status = self.status.map(|s| s.as_u16()).unwrap_or(0);
@@ -730,25 +749,22 @@ impl Drop for AccessLog {
             top.end(status);
         }
         let elapsed = self.start.elapsed();
+        let verb = self.info.verb.label();
         tracing::info!(
             target: "breakwater::access",
             method = %self.method,
-            path = %self.path,
-            verb = self.verb,
-            resource = %self.resource,
-            namespace = %self.namespace,
-            user = %self.user,
+            path = self.uri.path(),
+            verb,
+            resource = %ResourceLabel(&self.info),
+            namespace = self.info.namespace.as_str(),
+            user = self.identity.as_ref().map_or("", |i| i.username.as_str()),
             status,
             outcome = self.outcome,
             bytes = self.bytes,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             peer = %self.peer,
         );
-        let code = status.to_string();
-        metrics::counter!("breakwater_requests_total", "verb" => self.verb, "code" => code)
-            .increment(1);
-        metrics::histogram!("breakwater_request_duration_seconds", "verb" => self.verb)
-            .record(elapsed.as_secs_f64());
+        crate::slo::count_request(verb, status, elapsed);
     }
 }
 

@@ -590,12 +590,15 @@ async fn serve_http<I>(
 {
     // HTTP/2 streams run on tasks of their own, on the proxy's tracker.
     let exec = TrackedExecutor::new(shared.tasks.clone());
+    // The connection's last bearer token (crate::identity::TokenMemo).
+    let memo = Arc::new(crate::identity::TokenMemo::default());
     let svc = service_fn(move |req| {
         LazyHandler::Waiting(Some(Box::new(Call {
             shared: shared.clone(),
             req,
             peer,
             cert: cert.clone(),
+            memo: memo.clone(),
         })))
     });
     // ALPN already chose the protocol: serve it directly. The auto
@@ -653,6 +656,7 @@ struct Call {
     req: hyper::Request<hyper::body::Incoming>,
     peer: SocketAddr,
     cert: Option<Arc<crate::identity::Identity>>,
+    memo: Arc<crate::identity::TokenMemo>,
 }
 
 type Handler = Pin<Box<dyn Future<Output = hyper::Response<crate::upstream::Body>> + Send>>;
@@ -691,8 +695,9 @@ impl Future for LazyHandler {
                 req,
                 peer,
                 cert,
+                memo,
             } = *call;
-            *this = LazyHandler::Running(Box::pin(proxy::handle(shared, req, peer, cert)));
+            *this = LazyHandler::Running(Box::pin(proxy::handle(shared, req, peer, cert, memo)));
         }
         match this {
             LazyHandler::Running(h) => h.as_mut().poll(cx).map(Ok),

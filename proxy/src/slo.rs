@@ -303,6 +303,44 @@ pub fn quantile(q: f64, counts: &Counts) -> Option<f64> {
     Some(APISERVER_BUCKETS[APISERVER_BUCKETS.len() - 1])
 }
 
+/// Set by [`crate::admin::prometheus`] once the proxy's recorder is
+/// installed: metric handles made from then on are bound to it.
+pub static RECORDER_INSTALLED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// `breakwater_requests_total{verb,code}` and
+/// `breakwater_request_duration_seconds{verb}` for one ended request.
+///
+/// Once the proxy's recorder is installed ([`crate::admin::prometheus`]),
+/// through handles each thread registers once per (verb, code): a request
+/// then formats no label and looks nothing up in the recorder's registry.
+/// Before (a unit test's request), through the macros, so that no handle
+/// bound to no recorder is ever kept.
+pub fn count_request(verb: &'static str, status: u16, elapsed: Duration) {
+    type Handles = (metrics::Counter, metrics::Histogram);
+    thread_local! {
+        static HANDLES: std::cell::RefCell<std::collections::HashMap<(&'static str, u16), Handles>> =
+            std::cell::RefCell::default();
+    }
+    let register = || -> Handles {
+        (
+            metrics::counter!("breakwater_requests_total", "verb" => verb, "code" => status.to_string()),
+            metrics::histogram!("breakwater_request_duration_seconds", "verb" => verb),
+        )
+    };
+    let record = |(count, duration): &Handles| {
+        count.increment(1);
+        duration.record(elapsed.as_secs_f64());
+    };
+    if !RECORDER_INSTALLED.load(Ordering::Relaxed) {
+        return record(&register());
+    }
+    HANDLES.with(|handles| match handles.try_borrow_mut() {
+        Ok(mut handles) => record(handles.entry((verb, status)).or_insert_with(register)),
+        Err(_) => record(&register()),
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,7 @@
 //! errors, logs or `Debug` output.
 
 mod jwt;
+mod memo;
 mod review;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+
+pub use memo::TokenMemo;
 
 use crate::error::Chain;
 
@@ -273,6 +276,9 @@ pub struct Authenticator {
     reviews: review::ReviewCache,
     reviewer: Option<Arc<dyn TokenReviewer>>,
     anonymous: Arc<Identity>,
+    /// Bumped when the keys reload: every connection's [`TokenMemo`] is
+    /// stale from then on.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -323,6 +329,7 @@ impl Authenticator {
             audiences,
             reviewer,
             anonymous: Arc::new(Identity::anonymous()),
+            generation: Default::default(),
             cfg,
         })
     }
@@ -338,6 +345,8 @@ impl Authenticator {
         // A key may have been withdrawn: tokens it signed must stop working
         // now, not when their cache entry expires.
         self.verified.clear();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -354,6 +363,32 @@ impl Authenticator {
     /// itself).
     pub fn is_unverified(&self, identity: &Arc<Identity>) -> bool {
         Arc::ptr_eq(identity, &self.anonymous)
+    }
+
+    /// [`Authenticator::authenticate`] for a request of the connection whose
+    /// memo is `memo`: a bearer token that connection presented under a
+    /// second ago names the same identity without hashing or a cache lookup.
+    pub async fn authenticate_on(
+        &self,
+        memo: &TokenMemo,
+        cert: Option<&Arc<Identity>>,
+        headers: &http::HeaderMap,
+    ) -> Result<Arc<Identity>, AuthError> {
+        let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+        let header = match (cert, values.next(), values.next()) {
+            (None, Some(header), None) => header,
+            _ => return self.authenticate(cert, headers).await,
+        };
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        let now = std::time::Instant::now();
+        if let Some(identity) = memo.get(header, generation, now) {
+            return Ok(identity);
+        }
+        let identity = self.authenticate(None, headers).await?;
+        if !self.is_unverified(&identity) {
+            memo.set(header, &identity, generation, now);
+        }
+        Ok(identity)
     }
 
     /// The caller's identity: the connection's certificate identity if any,

@@ -28,6 +28,7 @@
 //! without one. HTTP/2 keepalive pings keep quiet upstream connections (a
 //! watch with no events) alive through middleboxes.
 
+mod lanes;
 pub mod pool;
 
 use std::time::Duration;
@@ -50,6 +51,8 @@ use http::HeaderValue;
 use crate::error::Chain;
 use crate::tasks::TaskTracker;
 use crate::tls::{self, ClientCert, TlsError, UpstreamTls};
+use lanes::{HUB_LANE, OWN_LANE};
+pub use lanes::{Lanes, UnaryProtocol};
 use pool::Pool;
 pub use pool::{H2Settings, Lane, LaneLimits, LaneStats, PoolError, ResponseBody};
 
@@ -127,52 +130,6 @@ impl Route {
         }
     }
 }
-
-/// The caps of the forwarding lanes (`--upstream-max-connections-*`,
-/// `--upstream-stream-wait`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lanes {
-    pub unary: LaneLimits,
-    pub long_running: LaneLimits,
-    pub exempt: LaneLimits,
-}
-
-impl Default for Lanes {
-    fn default() -> Self {
-        let wait = Duration::from_secs(1);
-        Lanes {
-            // 8 × 250 concurrent unary requests: more than an apiserver's
-            // --max-requests-inflight plus --max-mutating-requests-inflight.
-            unary: LaneLimits {
-                max_connections: 8,
-                wait,
-            },
-            // 64 × 250 = 16,000 forwarded watches and follows.
-            long_running: LaneLimits {
-                max_connections: 64,
-                wait,
-            },
-            exempt: LaneLimits {
-                max_connections: 8,
-                wait,
-            },
-        }
-    }
-}
-
-/// The hub's lane: its shared streams are O(collections watched), never
-/// O(clients), so 4 × 250 streams is far more than it opens; having them
-/// to itself, it never waits behind forwarded watches.
-const HUB_LANE: LaneLimits = LaneLimits {
-    max_connections: 4,
-    wait: Duration::from_secs(5),
-};
-
-/// The proxy's own lane: TokenReviews, SubjectAccessReviews, probes.
-const OWN_LANE: LaneLimits = LaneLimits {
-    max_connections: 4,
-    wait: Duration::from_secs(5),
-};
 
 /// Timeouts for upstream requests.
 #[derive(Debug, Clone, Copy)]
@@ -455,8 +412,26 @@ impl Upstream {
                 )
                 .with_home(serving.clone())
             };
+            // Unary requests over HTTP/1.1 (the default): one request per
+            // connection at a time, as nginx and haproxy pool them. Measured
+            // (docs/benchmarks.md §1b): a third less proxy CPU per request
+            // than multiplexing them over h2, and Go's HTTP/1.1 server costs
+            // the apiserver less per request than its h2 server too.
+            let unary_connector = match cfg.lanes.unary_protocol {
+                UnaryProtocol::Http1 => tls::upstream_connector(ca, cert.clone(), false)?,
+                UnaryProtocol::Http2 => connector.clone(),
+            };
+            let unary = Pool::new(
+                Lane::Unary,
+                unary_connector,
+                target.clone(),
+                cfg.lanes.unary,
+                h2,
+                tasks.clone(),
+            )
+            .with_home(serving.clone());
             Ok(Forward {
-                unary: pool(Lane::Unary, cfg.lanes.unary),
+                unary,
                 long_running: pool(Lane::LongRunning, cfg.lanes.long_running),
                 exempt: pool(Lane::Exempt, cfg.lanes.exempt).with_home(exempt_home.clone()),
                 hub: pool(Lane::Hub, HUB_LANE),

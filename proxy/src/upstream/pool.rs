@@ -119,6 +119,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// last one (a storm's connections do not linger for ever).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// How often a lane looks for idle connections to close.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
 /// The receive window of one upstream stream: 256 KiB, ample on the
 /// loopback or LAN path to a co-located apiserver.
 const STREAM_WINDOW: u32 = 256 * 1024;
@@ -193,6 +196,8 @@ struct State {
     next_id: u64,
     /// Shut down: no new streams, no new connections.
     closed: bool,
+    /// When `reap` may next look for idle connections.
+    next_reap: Option<Instant>,
 }
 
 struct Conn {
@@ -208,7 +213,59 @@ struct Conn {
 enum Tx {
     H2(http2::SendRequest<Body>),
     /// `None` while a request uses the connection.
-    H1(Option<http1::SendRequest<Body>>),
+    H1(Option<H1>),
+}
+
+/// An HTTP/1.1 connection: its sender and the connection itself, which no
+/// task of its own drives. The request that holds it drives it, while it
+/// waits for its response and while its body is read ([`driving`],
+/// [`ResponseBody`]), so a unary request's upstream exchange runs in the
+/// task of the request: no hand-off to a connection task and back, which
+/// cost a wake-up each way. An idle connection in the pool is not polled
+/// (nothing happens on an idle HTTP/1.1 connection but its close, which the
+/// next request finds: [`Pool::send`] then takes another, nothing sent).
+struct H1 {
+    tx: http1::SendRequest<Body>,
+    conn: H1Driver,
+}
+
+/// An HTTP/1.1 connection future; `None` once it has ended. A lock only to
+/// make the response body `Sync`: one request holds it, uncontended.
+type H1Driver = Mutex<Option<Pin<Box<H1Conn>>>>;
+type H1Conn = http1::Connection<Io, Body>;
+
+impl H1 {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+            || self
+                .conn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+    }
+}
+
+/// Polls the connection (it reads and writes what it can).
+fn drive(conn: &H1Driver, cx: &mut Context<'_>) {
+    let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = conn.as_mut()
+        && let Poll::Ready(res) = c.as_mut().poll(cx)
+    {
+        if let Err(e) = res {
+            tracing::debug!(error = %Chain(&e), "upstream HTTP/1.1 connection ended with an error");
+        }
+        *conn = None;
+    }
+}
+
+/// Polls `fut`, and beside it the connection whose sender it uses.
+async fn driving<F: Future>(conn: &H1Driver, fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        drive(conn, cx);
+        fut.as_mut().poll(cx)
+    })
+    .await
 }
 
 impl Conn {
@@ -222,7 +279,7 @@ impl Conn {
     fn is_open(&self) -> bool {
         match &self.tx {
             Tx::H2(tx) => !tx.is_closed(),
-            Tx::H1(Some(tx)) => !tx.is_closed(),
+            Tx::H1(Some(h1)) => !h1.is_closed(),
             Tx::H1(None) => true,
         }
     }
@@ -260,12 +317,15 @@ pub struct LaneStats {
 struct Slot {
     pool: Arc<Inner>,
     conn: u64,
-    h1: Option<http1::SendRequest<Body>>,
+    h1: Option<H1>,
+    /// The response was read to its end: an HTTP/1.1 connection may carry
+    /// the next request.
+    ended: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.pool.release(self.conn, self.h1.take());
+        self.pool.release(self.conn, self.h1.take(), self.ended);
     }
 }
 
@@ -355,8 +415,21 @@ impl Pool {
                 }
                 Sender::H1 => {
                     origin_form(&mut req, &self.inner.authority);
-                    let tx = slot.h1.as_mut().expect("an HTTP/1.1 slot holds its sender");
-                    tx.try_send_request(req).await
+                    let h1 = slot
+                        .h1
+                        .as_mut()
+                        .expect("an HTTP/1.1 slot holds its connection");
+                    let H1 { tx, conn } = h1;
+                    // A connection returns to the pool as soon as its last
+                    // response ended, before hyper has seen the end: it is
+                    // ready once driven (at once, usually). Closed
+                    // meanwhile: nothing was sent, take another.
+                    let ready = driving(conn, tx.ready()).await;
+                    if ready.is_err() {
+                        self.inner.discard(slot.conn);
+                        continue;
+                    }
+                    driving(conn, tx.try_send_request(req)).await
                 }
             };
             match result {
@@ -473,7 +546,16 @@ impl Inner {
     /// Closes connections that have carried nothing for a while (dropping
     /// the last `SendRequest` ends an h2 connection gracefully), and forgets
     /// closed ones.
+    ///
+    /// At most once a second: it runs on every request, and over HTTP/1.1
+    /// the lane may hold hundreds of connections (a closed one is never
+    /// taken meanwhile: `take` checks).
     fn reap(&self, st: &mut State) {
+        let now = Instant::now();
+        if st.next_reap.is_some_and(|next| now < next) {
+            return;
+        }
+        st.next_reap = Some(now + REAP_EVERY);
         let before = st.conns.len();
         let mut kept_idle = false;
         st.conns.retain(|c| {
@@ -481,7 +563,7 @@ impl Inner {
                 return false;
             }
             match c.idle_since {
-                Some(t) if t.elapsed() >= IDLE_TIMEOUT && kept_idle => false,
+                Some(t) if now.saturating_duration_since(t) >= IDLE_TIMEOUT && kept_idle => false,
                 Some(_) => {
                     kept_idle = true;
                     true
@@ -552,13 +634,14 @@ impl Inner {
         self.metrics.streams.increment(1.0);
         let (h1, sender) = match &mut conn.tx {
             Tx::H2(tx) => (None, Sender::H2(tx.clone())),
-            Tx::H1(tx) => (tx.take(), Sender::H1),
+            Tx::H1(h1) => (h1.take(), Sender::H1),
         };
         (
             Slot {
                 pool: Arc::clone(self),
                 conn: conn.id,
                 h1,
+                ended: false,
             },
             sender,
         )
@@ -613,19 +696,13 @@ impl Inner {
                 .handshake(io)
                 .await
                 .map_err(|e| PoolError::Connect(e.into()))?;
-            let pool = Arc::downgrade(self);
-            // Ends when the connection closes: the apiserver closed it, or
-            // the pool dropped its sender (idle, or closed at shutdown).
-            self.tasks.spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %Chain(&e), "upstream HTTP/1.1 connection ended with an error");
-                }
-                if let Some(pool) = pool.upgrade() {
-                    pool.discard(id);
-                }
-            });
+            // Driven by the requests that use it (see [`H1`]); dropped (and
+            // closed) with the pool's entry.
             max.store(1, Ordering::Relaxed);
-            Tx::H1(Some(tx))
+            Tx::H1(Some(H1 {
+                tx,
+                conn: Mutex::new(Some(Box::pin(conn))),
+            }))
         };
         Ok(Conn {
             id,
@@ -636,36 +713,20 @@ impl Inner {
         })
     }
 
-    /// Gives a stream back. An HTTP/1.1 connection returns to the pool once
-    /// hyper says it can take the next request.
-    fn release(self: &Arc<Self>, id: u64, h1: Option<http1::SendRequest<Body>>) {
-        match h1 {
-            None => self.put_back(id, None),
-            Some(tx) if tx.is_ready() => self.put_back(id, Some(tx)),
-            Some(mut tx) => {
-                // The response's end may still be on its way to hyper's
-                // dispatcher: wait for it off this thread, or drop the
-                // connection if it cannot be reused.
-                let pool = Arc::clone(self);
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        self.tasks.spawn_on(
-                            async move {
-                                match std::future::poll_fn(|cx| tx.poll_ready(cx)).await {
-                                    Ok(()) => pool.put_back(id, Some(tx)),
-                                    Err(_) => pool.discard(id),
-                                }
-                            },
-                            &rt,
-                        );
-                    }
-                    Err(_) => self.discard(id),
-                }
-            }
+    /// Gives a stream back. An HTTP/1.1 connection whose response was read
+    /// to its end goes back at once (the next request drives it the rest
+    /// of the way, [`Pool::send`]); one whose response was dropped half-read
+    /// (the client went away), or that closed, is dropped, which closes it.
+    fn release(self: &Arc<Self>, id: u64, h1: Option<H1>, ended: bool) {
+        if h1.as_ref().is_some_and(|h1| !ended || h1.is_closed()) {
+            // Half-read (the client went away) or closed: not reusable.
+            self.discard(id);
+            return;
         }
+        self.put_back(id, h1);
     }
 
-    fn put_back(&self, id: u64, h1: Option<http1::SendRequest<Body>>) {
+    fn put_back(&self, id: u64, h1: Option<H1>) {
         let mut st = self.lock();
         if let Some(conn) = st.conns.iter_mut().find(|c| c.id == id) {
             conn.in_use = conn.in_use.saturating_sub(1);
@@ -744,6 +805,18 @@ pub struct ResponseBody {
     slot: Option<Slot>,
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A body hyper never polls because it has nothing (HEAD, 204, an
+        // empty Content-Length) ended all the same.
+        if let Some(slot) = self.slot.as_mut()
+            && http_body::Body::is_end_stream(&self.inner)
+        {
+            slot.ended = true;
+        }
+    }
+}
+
 impl ResponseBody {
     fn new(inner: Incoming, slot: Slot) -> ResponseBody {
         ResponseBody {
@@ -766,11 +839,21 @@ impl http_body::Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // An HTTP/1.1 connection is driven by its request (see [`H1`]).
+        if let Some(h1) = self.slot.as_ref().and_then(|s| s.h1.as_ref()) {
+            drive(&h1.conn, cx);
+        }
         let res = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(res, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            // The stream is over: its slot is free for the next request now,
-            // not when the body is dropped.
-            self.slot = None;
+        match &res {
+            Poll::Ready(None) => {
+                // The stream is over: its slot is free for the next request
+                // now, not when the body is dropped.
+                if let Some(mut slot) = self.slot.take() {
+                    slot.ended = true;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.slot = None,
+            _ => {}
         }
         res
     }

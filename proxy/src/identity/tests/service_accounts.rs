@@ -436,3 +436,45 @@ fn debug_output_names_no_key_material() {
     assert!(debug.contains("keys: 1"), "{debug}");
     assert!(!debug.contains("MII"), "{debug}");
 }
+
+#[tokio::test]
+async fn a_connection_memo_answers_its_last_token_until_the_keys_reload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, old_pub) = Signer::ec();
+    let (_, new_pub) = Signer::ec();
+    let reviewer = FakeReviewer::new(Ok(Some(fixture_identity())), false);
+    let auth = reviewed(
+        sa_config(vec![write(dir.path(), "sa.pub", &old_pub)]),
+        &reviewer,
+    );
+    let memo = TokenMemo::default();
+    let token = old.sign(&fixture_claims());
+    let first = auth
+        .authenticate_on(&memo, None, &bearer(&token))
+        .await
+        .expect("valid token");
+    let again = auth
+        .authenticate_on(&memo, None, &bearer(&token))
+        .await
+        .expect("memo");
+    assert!(
+        Arc::ptr_eq(&first, &again),
+        "the memo answers with the same identity"
+    );
+    // Another token on the same connection is verified on its own.
+    let other = old.sign(&pod_claims());
+    let got = auth
+        .authenticate_on(&memo, None, &bearer(&other))
+        .await
+        .expect("valid token");
+    assert_ne!(*got, *first);
+    // A withdrawn key stops the memo's answer at once, as it does the cache's.
+    auth.authenticate_on(&memo, None, &bearer(&token))
+        .await
+        .expect("valid token");
+    write(dir.path(), "sa.pub", &new_pub);
+    auth.reload_keys().expect("reload");
+    let reason = invalid_reason(auth.authenticate_on(&memo, None, &bearer(&token)).await);
+    assert!(reason.contains("signature"), "{reason}");
+    assert_eq!(reviewer.calls(), 0, "local tokens never reach TokenReview");
+}

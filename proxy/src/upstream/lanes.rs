@@ -1,0 +1,69 @@
+//! The forwarding lanes' caps and the unary lane's protocol, as configured,
+//! and the fixed caps of the hub's and the proxy's own lanes.
+
+use std::time::Duration;
+
+use super::LaneLimits;
+
+/// The caps of the forwarding lanes (`--upstream-max-connections-*`,
+/// `--upstream-stream-wait`), and the unary lane's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lanes {
+    pub unary: LaneLimits,
+    pub long_running: LaneLimits,
+    pub exempt: LaneLimits,
+    /// `--upstream-unary-protocol`.
+    pub unary_protocol: UnaryProtocol,
+}
+
+/// How unary requests (neither long-running nor exempt) reach the
+/// apiserver (`--upstream-unary-protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnaryProtocol {
+    /// HTTP/1.1 keep-alive connections, one request on each at a time (up
+    /// to 250 connections per `--upstream-max-connections-unary`).
+    #[default]
+    Http1,
+    /// Multiplexed over HTTP/2 connections (250 streams each), like the
+    /// other lanes.
+    Http2,
+}
+
+impl Default for Lanes {
+    fn default() -> Self {
+        let wait = Duration::from_secs(1);
+        Lanes {
+            // 8 × 250 concurrent unary requests: more than an apiserver's
+            // --max-requests-inflight plus --max-mutating-requests-inflight.
+            unary: LaneLimits {
+                max_connections: 8,
+                wait,
+            },
+            // 64 × 250 = 16,000 forwarded watches and follows.
+            long_running: LaneLimits {
+                max_connections: 64,
+                wait,
+            },
+            exempt: LaneLimits {
+                max_connections: 8,
+                wait,
+            },
+            unary_protocol: UnaryProtocol::default(),
+        }
+    }
+}
+
+/// The hub's lane: its shared streams are O(collections watched), never
+/// O(clients), so 4 × 250 streams is far more than it opens; having them
+/// to itself, it never waits behind forwarded watches.
+pub(super) const HUB_LANE: LaneLimits = LaneLimits {
+    max_connections: 4,
+    wait: Duration::from_secs(5),
+};
+
+/// The proxy's own lane: TokenReviews, SubjectAccessReviews, probes.
+pub(super) const OWN_LANE: LaneLimits = LaneLimits {
+    max_connections: 4,
+    wait: Duration::from_secs(5),
+};
