@@ -163,7 +163,7 @@ pub async fn handle(
     // it sends anything upstream for this request (it starts a stream, or
     // LISTs through its coalescer): the gate charges what admission
     // deferred, and a refusal is the answer.
-    if !anonymous {
+    if !anonymous && shared.hub.may_serve(&info) {
         let mut charge = Charge {
             admission: &shared.admission,
             permit: &mut permit,
@@ -171,12 +171,16 @@ pub async fn handle(
             info: &info,
             refused: false,
         };
-        let served = shared
-            .hub
-            .serve(&info, req.uri(), req.headers(), &identity, &mut || {
-                charge.run()
-            })
-            .await;
+        // Boxed: the hub's future is large, and every request's handler
+        // would otherwise carry (and move) room for it.
+        let served = Box::pin(shared.hub.serve(
+            &info,
+            req.uri(),
+            req.headers(),
+            &identity,
+            &mut || charge.run(),
+        ))
+        .await;
         let refused = charge.refused;
         if let Some(resp) = served {
             if refused {
@@ -321,12 +325,7 @@ fn respond(
     strip_hop_by_hop(&mut parts.headers, false);
     let status = parts.status;
     let stop = stop(stream.registration, stream.is_watch, &parts.headers);
-    let body = Observed::new(
-        body.map_err(BoxError::from).boxed(),
-        log.with_status(status),
-        stop,
-        permit,
-    );
+    let body = Observed::new(body, log.with_status(status), stop, permit);
     Response::from_parts(parts, body.boxed())
 }
 

@@ -374,17 +374,22 @@ impl Authenticator {
         cert: Option<&Arc<Identity>>,
         headers: &http::HeaderMap,
     ) -> Result<Arc<Identity>, AuthError> {
+        if let Some(cert) = cert {
+            return Ok(cert.clone());
+        }
         let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
-        let header = match (cert, values.next(), values.next()) {
-            (None, Some(header), None) => header,
-            _ => return self.authenticate(cert, headers).await,
+        let header = match (values.next(), values.next()) {
+            (Some(header), None) => header,
+            // Boxed here and below: the full path's future is large, and
+            // every request's handler would carry room for it.
+            _ => return Box::pin(self.authenticate(None, headers)).await,
         };
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
         let now = std::time::Instant::now();
         if let Some(identity) = memo.get(header, generation, now) {
             return Ok(identity);
         }
-        let identity = self.authenticate(None, headers).await?;
+        let identity = Box::pin(self.authenticate(None, headers)).await?;
         if !self.is_unverified(&identity) {
             memo.set(header, &identity, generation, now);
         }

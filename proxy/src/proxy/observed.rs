@@ -23,8 +23,10 @@ pub struct Stop {
     pub framing: Framing,
 }
 
-pub struct Observed {
-    inner: Body,
+/// Generic over the inner body so that a forwarded response is boxed once
+/// (here), not twice.
+pub struct Observed<B: http_body::Body = Body> {
+    inner: B,
     log: Option<AccessLog>,
     end: Option<Ender>,
     bytes: u64,
@@ -42,8 +44,8 @@ struct Ender {
     registration: Registration,
 }
 
-impl Observed {
-    pub fn new(inner: Body, log: AccessLog, stop: Option<Stop>, permit: Permit) -> Observed {
+impl<B: http_body::Body> Observed<B> {
+    pub fn new(inner: B, log: AccessLog, stop: Option<Stop>, permit: Permit) -> Observed<B> {
         Observed {
             inner,
             log: Some(log),
@@ -64,14 +66,18 @@ impl Observed {
             log.bytes = self.bytes;
         }
     }
-
-    /// Why the stream was told to end.
-    fn stop_outcome(shutdown: bool) -> &'static str {
-        if shutdown { "shutdown" } else { "terminated" }
-    }
 }
 
-impl http_body::Body for Observed {
+/// Why the stream was told to end.
+fn stop_outcome(shutdown: bool) -> &'static str {
+    if shutdown { "shutdown" } else { "terminated" }
+}
+
+impl<B> http_body::Body for Observed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -80,18 +86,23 @@ impl http_body::Body for Observed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        let poll_inner = |inner: &mut B, cx: &mut Context<'_>| {
+            Pin::new(inner)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into)))
+        };
         if let Some(end) = this.end.as_mut()
             && (end.ending || end.fired.as_mut().poll(cx).is_ready())
         {
             end.ending = true;
             if end.at.can_end_now() {
-                let outcome = Observed::stop_outcome(end.registration.is_shutdown());
+                let outcome = stop_outcome(end.registration.is_shutdown());
                 this.end(outcome);
                 return Poll::Ready(None);
             }
             // Mid-event: finish the event, then end; past the deadline,
             // break the stream rather than end it on half an event.
-            return match Pin::new(&mut this.inner).poll_frame(cx) {
+            return match poll_inner(&mut this.inner, cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         let data = end.at.cut(data);
@@ -120,7 +131,7 @@ impl http_body::Body for Observed {
                 }
             };
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        match poll_inner(&mut this.inner, cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
@@ -152,7 +163,7 @@ impl http_body::Body for Observed {
     }
 }
 
-impl Drop for Observed {
+impl<B: http_body::Body> Drop for Observed<B> {
     fn drop(&mut self) {
         // hyper stops polling a body that reports its own end (a known
         // length, fully sent), so the end may only show here.

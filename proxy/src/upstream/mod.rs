@@ -538,12 +538,12 @@ impl Upstream {
             _ => &self.forward,
         };
         if route.upgrade {
-            return self
-                .with_timeout(
-                    Self::send_upgrade(forward.upgrades.clone(), req, &self.authority, &self.tasks),
-                    false,
-                )
-                .await;
+            // Boxed: rare, and every other request would carry room for it.
+            return Box::pin(self.with_timeout(
+                Self::send_upgrade(forward.upgrades.clone(), req, &self.authority, &self.tasks),
+                false,
+            ))
+            .await;
         }
         let pool = forward.pool(route.lane);
         let start = std::time::Instant::now();

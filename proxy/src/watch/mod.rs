@@ -237,6 +237,16 @@ impl Hub {
     /// the proxy should forward the request as usual. `headers` already
     /// carry the upstream identity (after `identify_upstream`). `gate` is
     /// asked before anything goes upstream for this request (see [`Gate`]).
+    /// Whether [`Hub::serve`] could answer this request at all (a LIST or
+    /// a WATCH, with the hub on): the proxy skips the hub for the rest.
+    pub fn may_serve(&self, info: &RequestInfo) -> bool {
+        self.shared.ctx.cfg.enabled
+            && matches!(
+                info.verb,
+                crate::classify::Verb::List | crate::classify::Verb::Watch
+            )
+    }
+
     pub async fn serve(
         &self,
         info: &RequestInfo,
