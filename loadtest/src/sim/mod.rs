@@ -16,6 +16,7 @@
 //! [`metrics`] counts requests like the apiserver does, and the
 //! discovery/openapi/table/exec modules shape the rest of the surface.
 
+pub mod apf;
 pub mod auth;
 mod binding;
 pub mod capacity;

@@ -396,9 +396,13 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
     // modeled CPU work below is done.
     let _seat = match &state.capacity {
         Some(cap) => match cap
-            .admit_width(
+            .admit_flow(
                 user.groups.iter().any(|g| g == "system:masters"),
+                // APF's `ByUser` flows: one per user.
+                &user.username,
                 seats(cap.config(), &state.store, &info),
+                // A watch has no deadline (a long-running request).
+                info.verb == Verb::Watch,
             )
             .await
         {
@@ -419,11 +423,18 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
         _ => dispatch(state, &info, &user, &neg, req).await,
     };
     // Incident lab: the rest of the CPU this request cost (its base was
-    // served before admission), on the modeled CPU, holding the seat.
+    // served before admission), on the modeled CPU, holding the seat. A
+    // request that goes to etcd first waits for etcd's CPU (its gRPC call
+    // arrives from the network at the back of etcd's run queue); etcd's
+    // answer then goes straight to the waiting handler (the gRPC reader
+    // goroutine readies it: Go's `runnext`), which decodes it.
     if let Some(cap) = &state.capacity {
-        let cost =
+        let work =
             super::capacity::request_cost(cap.cost(), &state.store, &info_cost(&info), &resp);
-        cap.serve_next(cost.saturating_sub(cap.cost().request_base))
+        if let Some(etcd) = work.etcd {
+            cap.serve_etcd(etcd).await;
+        }
+        cap.serve_next(work.apiserver.saturating_sub(cap.cost().request_base))
             .await;
     }
     state.metrics.record(labels, resp.status().as_u16());
@@ -474,7 +485,13 @@ fn info_cost(info: &ReqInfo) -> super::capacity::RequestKind {
         Verb::Create | Verb::Update | Verb::Patch | Verb::Delete | Verb::DeleteCollection => {
             RequestKind::Write
         }
-        _ => RequestKind::Read,
+        // A GET without resourceVersion is a quorum read from etcd.
+        Verb::Get => RequestKind::Read {
+            consistent: ListOptions::from_query(info.rt, &info.list_query)
+                .ok()
+                .is_none_or(|o| o.resource_version.as_deref().is_none_or(str::is_empty)),
+        },
+        _ => RequestKind::Read { consistent: false },
     }
 }
 
