@@ -27,6 +27,12 @@ fn read(obj: &Value) -> (Meta, Bytes) {
 
 fn cache(ring: usize, rv: u64, objs: &[Value]) -> Cache {
     let mut c = Cache::new(Codec::Json, ring);
+    install(&mut c, rv, objs);
+    c
+}
+
+/// A LIST of `objs` at `rv` replaces what `c` holds.
+fn install(c: &mut Cache, rv: u64, objs: &[Value]) {
     c.install(Listed {
         codec: Codec::Json,
         rv,
@@ -35,7 +41,6 @@ fn cache(ring: usize, rv: u64, objs: &[Value]) -> Cache {
         items: objs.iter().map(read).collect(),
         type_meta: TypeMetaSeen::Uniform(false),
     });
-    c
 }
 
 fn apply(c: &mut Cache, ty: EventType, obj: &Value) -> Option<Arc<Change>> {
@@ -311,16 +316,6 @@ fn the_node_index_answers_like_a_scan() {
             on(ns, &format!("p{i}"), 1, &format!("n{}", i % 3), "web")
         })
         .collect();
-    let install = |c: &mut Cache, rv: u64, objs: &[Value]| {
-        c.install(Listed {
-            codec: Codec::Json,
-            rv,
-            kind: "Pod".into(),
-            api_version: "v1".into(),
-            items: objs.iter().map(read).collect(),
-            type_meta: TypeMetaSeen::Uniform(false),
-        })
-    };
     let fields = selectable_fields(PODS.0, PODS.1);
     let index = crate::watch::filter::indexed_field(PODS.0, PODS.1);
     assert_eq!(index, Some(0), "pods are indexed by spec.nodeName");
