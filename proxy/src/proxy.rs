@@ -88,9 +88,12 @@ pub async fn handle(
 
     // Authenticate before anything is forwarded: limits and watch sharing
     // key on this identity, and a bad credential must never fall through.
+    // Long-running requests skip the connection's token memo: it would
+    // keep a copy of the token for as long as a watch's connection lives.
+    let memo = (!long_running).then_some(&*memo);
     let identity = match shared
         .auth
-        .authenticate_on(&memo, cert.as_ref(), req.headers())
+        .authenticate_on(memo, cert.as_ref(), req.headers())
         .await
     {
         Ok(identity) => identity,
@@ -677,7 +680,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
 pub struct AccessLog {
     start: Instant,
     method: http::Method,
-    uri: http::Uri,
+    path: LoggedPath,
     info: Arc<RequestInfo>,
     peer: SocketAddr,
     identity: Option<Arc<Identity>>,
@@ -688,12 +691,27 @@ pub struct AccessLog {
     top: Option<crate::top::Ticket>,
 }
 
+/// The request's path, for the log line.
+enum LoggedPath {
+    /// The request's URI (a reference count): for requests that end soon.
+    Uri(http::Uri),
+    /// A copy: a long-running request's log lives as long as its stream,
+    /// and the URI would keep the connection's whole read buffer alive
+    /// with it (hyper's parsed URI shares it), for every idle watch.
+    Copied(Box<str>),
+}
+
 impl AccessLog {
     fn new<B>(req: &Request<B>, info: &Arc<RequestInfo>, peer: SocketAddr) -> AccessLog {
+        let path = if info.is_long_running() {
+            LoggedPath::Copied(req.uri().path().into())
+        } else {
+            LoggedPath::Uri(req.uri().clone())
+        };
         AccessLog {
             start: Instant::now(),
             method: req.method().clone(),
-            uri: req.uri().clone(),
+            path,
             info: info.clone(),
             peer,
             identity: None,
@@ -706,7 +724,10 @@ impl AccessLog {
 
     /// The request's path (never its query).
     fn path(&self) -> &str {
-        self.uri.path()
+        match &self.path {
+            LoggedPath::Uri(uri) => uri.path(),
+            LoggedPath::Copied(path) => path,
+        }
     }
 
     /// The governing rule, for /debug/top.
@@ -752,7 +773,7 @@ impl Drop for AccessLog {
         tracing::info!(
             target: "breakwater::access",
             method = %self.method,
-            path = self.uri.path(),
+            path = self.path(),
             verb,
             resource = %ResourceLabel(&self.info),
             namespace = self.info.namespace.as_str(),

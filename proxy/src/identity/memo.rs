@@ -23,7 +23,9 @@ pub const MEMO_TTL: Duration = Duration::from_secs(1);
 pub struct TokenMemo(Mutex<Option<Memo>>);
 
 struct Memo {
-    header: HeaderValue,
+    /// A copy: the request's own header value shares the connection's read
+    /// buffer, which it would keep alive.
+    header: Box<[u8]>,
     identity: Arc<Identity>,
     until: Instant,
     generation: u64,
@@ -40,7 +42,7 @@ impl TokenMemo {
     ) -> Option<Arc<Identity>> {
         let memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let m = memo.as_ref()?;
-        (now < m.until && m.generation == generation && m.header.as_bytes() == header.as_bytes())
+        (now < m.until && m.generation == generation && *m.header == *header.as_bytes())
             .then(|| m.identity.clone())
     }
 
@@ -53,7 +55,7 @@ impl TokenMemo {
         now: Instant,
     ) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Memo {
-            header: header.clone(),
+            header: header.as_bytes().into(),
             identity: identity.clone(),
             until: now + MEMO_TTL,
             generation,

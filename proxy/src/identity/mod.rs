@@ -370,13 +370,16 @@ impl Authenticator {
     /// second ago names the same identity without hashing or a cache lookup.
     pub async fn authenticate_on(
         &self,
-        memo: &TokenMemo,
+        memo: Option<&TokenMemo>,
         cert: Option<&Arc<Identity>>,
         headers: &http::HeaderMap,
     ) -> Result<Arc<Identity>, AuthError> {
         if let Some(cert) = cert {
             return Ok(cert.clone());
         }
+        let Some(memo) = memo else {
+            return Box::pin(self.authenticate(None, headers)).await;
+        };
         let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
         let header = match (values.next(), values.next()) {
             (Some(header), None) => header,

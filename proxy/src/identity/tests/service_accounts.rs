@@ -450,11 +450,11 @@ async fn a_connection_memo_answers_its_last_token_until_the_keys_reload() {
     let memo = TokenMemo::default();
     let token = old.sign(&fixture_claims());
     let first = auth
-        .authenticate_on(&memo, None, &bearer(&token))
+        .authenticate_on(Some(&memo), None, &bearer(&token))
         .await
         .expect("valid token");
     let again = auth
-        .authenticate_on(&memo, None, &bearer(&token))
+        .authenticate_on(Some(&memo), None, &bearer(&token))
         .await
         .expect("memo");
     assert!(
@@ -464,17 +464,20 @@ async fn a_connection_memo_answers_its_last_token_until_the_keys_reload() {
     // Another token on the same connection is verified on its own.
     let other = old.sign(&pod_claims());
     let got = auth
-        .authenticate_on(&memo, None, &bearer(&other))
+        .authenticate_on(Some(&memo), None, &bearer(&other))
         .await
         .expect("valid token");
     assert_ne!(*got, *first);
     // A withdrawn key stops the memo's answer at once, as it does the cache's.
-    auth.authenticate_on(&memo, None, &bearer(&token))
+    auth.authenticate_on(Some(&memo), None, &bearer(&token))
         .await
         .expect("valid token");
     write(dir.path(), "sa.pub", &new_pub);
     auth.reload_keys().expect("reload");
-    let reason = invalid_reason(auth.authenticate_on(&memo, None, &bearer(&token)).await);
+    let reason = invalid_reason(
+        auth.authenticate_on(Some(&memo), None, &bearer(&token))
+            .await,
+    );
     assert!(reason.contains("signature"), "{reason}");
     assert_eq!(reviewer.calls(), 0, "local tokens never reach TokenReview");
 }
