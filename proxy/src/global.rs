@@ -219,6 +219,12 @@ impl Inner {
     fn quotas(&self) -> std::sync::MutexGuard<'_, QuotaBook> {
         self.quotas.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Whether a newer backend replaced this one (poison-tolerant; held
+    /// while acting on the answer, so retiring waits for it).
+    fn retired(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.retired.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for Global {
@@ -473,11 +479,7 @@ impl Global {
     /// owns that switch.
     /// Returns whether it did.
     fn hand_over(&self, limiter: &Limiter, on: bool) -> bool {
-        let retired = self
-            .inner
-            .retired
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let retired = self.inner.retired();
         if !*retired {
             limiter.set_global(on);
         }
@@ -555,11 +557,7 @@ impl Global {
     pub async fn run(self, limiter: Arc<Limiter>, stop: CancellationToken) {
         let stop = stop.child_token();
         {
-            let retired = self
-                .inner
-                .retired
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let retired = self.inner.retired();
             if *retired {
                 return;
             }

@@ -126,11 +126,7 @@ impl Global {
                     [k, _] if *k > 0 => {
                         // Not into the quotas of the backend that replaced
                         // this one (they lapse with the bucket instead).
-                        let retired = self
-                            .inner
-                            .retired
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner);
+                        let retired = self.inner.retired();
                         if !*retired {
                             q.quota.grant(unit, u64::try_from(*k).unwrap_or(0));
                         }
@@ -167,11 +163,7 @@ impl Global {
                         .map_err(|_| GlobalError::Timeout(timeout))?
                         .map_err(GlobalError::Redis)?;
                     let added = usize::try_from(added).unwrap_or(0).min(ids.len());
-                    let retired = self
-                        .inner
-                        .retired
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
+                    let retired = self.inner.retired();
                     // Retired meanwhile: the leases lapse in the old Redis.
                     if added > 0 && !*retired {
                         let mut held = self.inner.held();

@@ -400,42 +400,40 @@ impl Upstream {
         let serving = tokio::runtime::Handle::try_current().ok();
         let exempt_home = exempt_home.or_else(|| serving.clone());
         let forward = |cert: Option<Arc<ClientCert>>| -> Result<Forward, TlsError> {
-            let connector = tls::upstream_connector(ca, cert.clone(), true)?;
-            let pool = |lane, limits| {
-                Pool::new(
-                    lane,
-                    connector.clone(),
-                    target.clone(),
-                    limits,
-                    h2,
-                    tasks.clone(),
-                )
-                .with_home(serving.clone())
-            };
-            // Unary requests over HTTP/1.1 (the default): one request per
-            // connection at a time, as nginx and haproxy pool them. Measured
-            // (docs/benchmarks.md §1b): a third less proxy CPU per request
-            // than multiplexing them over h2, and Go's HTTP/1.1 server costs
-            // the apiserver less per request than its h2 server too.
+            let h2_first = tls::upstream_connector(ca, cert.clone(), true)?;
+            // HTTP/1.1 only: upgrades, and unary requests by default (one
+            // request per connection at a time, as nginx and haproxy pool
+            // them; docs/benchmarks.md §1c: a third less proxy CPU per
+            // request than multiplexing them over h2, and Go's HTTP/1.1
+            // server costs the apiserver less per request than its h2 one).
+            let h1_only = tls::upstream_connector(ca, cert, false)?;
+            let pool =
+                |lane, connector: &Connector, limits, home: &Option<tokio::runtime::Handle>| {
+                    Pool::new(
+                        lane,
+                        connector.clone(),
+                        target.clone(),
+                        limits,
+                        h2,
+                        tasks.clone(),
+                    )
+                    .with_home(home.clone())
+                };
             let unary_connector = match cfg.lanes.unary_protocol {
-                UnaryProtocol::Http1 => tls::upstream_connector(ca, cert.clone(), false)?,
-                UnaryProtocol::Http2 => connector.clone(),
+                UnaryProtocol::Http1 => &h1_only,
+                UnaryProtocol::Http2 => &h2_first,
             };
-            let unary = Pool::new(
-                Lane::Unary,
-                unary_connector,
-                target.clone(),
-                cfg.lanes.unary,
-                h2,
-                tasks.clone(),
-            )
-            .with_home(serving.clone());
             Ok(Forward {
-                unary,
-                long_running: pool(Lane::LongRunning, cfg.lanes.long_running),
-                exempt: pool(Lane::Exempt, cfg.lanes.exempt).with_home(exempt_home.clone()),
-                hub: pool(Lane::Hub, HUB_LANE),
-                upgrades: tls::upstream_connector(ca, cert, false)?,
+                unary: pool(Lane::Unary, unary_connector, cfg.lanes.unary, &serving),
+                long_running: pool(
+                    Lane::LongRunning,
+                    &h2_first,
+                    cfg.lanes.long_running,
+                    &serving,
+                ),
+                exempt: pool(Lane::Exempt, &h2_first, cfg.lanes.exempt, &exempt_home),
+                hub: pool(Lane::Hub, &h2_first, HUB_LANE, &serving),
+                upgrades: h1_only,
             })
         };
         let plain = match forward_cert {
