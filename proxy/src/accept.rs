@@ -445,6 +445,7 @@ pub async fn upkeep(
     }
 }
 
+pub mod peek;
 #[cfg(test)]
 mod tests;
 pub mod threads;

@@ -177,6 +177,13 @@ impl Admission {
             .any(|r| r.is_exempt() && r.matcher().subject_matches(&subject))
     }
 
+    /// Whether some exempt rule is in force, so that a bearer token could
+    /// name a privileged identity: only then is a connection's first request
+    /// read before hyper to find its token (`accept::peek`).
+    pub fn may_privilege_tokens(&self) -> bool {
+        self.limiter.limits().rules().iter().any(|r| r.is_exempt())
+    }
+
     /// The limits file, for the file watcher.
     pub fn limits_file(&self) -> Option<&Path> {
         self.limits_file.as_deref()

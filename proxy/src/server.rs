@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::peek::{self, FirstRequest, Protocol, Replay};
 use crate::accept::threads::SideRuntime;
 use crate::accept::{self, Admitted, Gate, SlotIo};
 use crate::admin::{self, AdminState};
@@ -495,7 +496,8 @@ async fn accept_loop(
                 conns.spawn(async move {
                     // Counted as open until the connection ends.
                     let _admitted = admitted;
-                    serve_http(io, peer, None, None, shared, stop).await;
+                    let memo = Arc::default();
+                    serve_http(io, peer, None, None, memo, shared, stop).await;
                 });
             }
         }
@@ -506,7 +508,7 @@ async fn accept_loop(
 /// The TLS handshake and the HTTP connection, which finishes gracefully
 /// once `stop` is cancelled. `admitted` keeps the connection counted
 /// against the caps until it ends; the gate runs the handshake on its
-/// threads (see [`accept::handshakes`]).
+/// threads (see [`accept::threads`]).
 async fn serve_connection(
     io: SlotIo,
     peer: SocketAddr,
@@ -516,30 +518,93 @@ async fn serve_connection(
     stop: CancellationToken,
 ) {
     let _admitted = admitted;
-    // A client that never finishes its handshake must not hold a task; the
-    // time waiting for handshake slots counts too (SlotIo). The handshake
-    // is a task of its own on the handshake threads, so its state is freed
-    // when it is done instead of sizing this task for the connection's
-    // whole life.
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io));
-    let Some(outcome) = gate.handshake(handshake).await else {
-        // The handshake threads are gone: the proxy is shutting down.
+    // The handshake (and, when a token could be privileged, the first
+    // request's header block) is a task of its own on the handshake
+    // threads, so its state is freed when it is done instead of sizing this
+    // task for the connection's whole life, and a slow client's bytes never
+    // wake the serving runtime's queue.
+    let Some(Some(established)) = gate
+        .handshake(establish(io, peer, acceptor, shared.clone()))
+        .await
+    else {
+        // The handshake failed, or the handshake threads are gone (the
+        // proxy is shutting down).
         return;
     };
-    let mut tls = match outcome {
+    let Established {
+        tls,
+        cert,
+        alpn,
+        peeked,
+        first,
+    } = established;
+    // The connection's last bearer token (crate::identity::TokenMemo); the
+    // peek's authentication fills it, so the first request reuses it.
+    let memo = Arc::new(crate::identity::TokenMemo::default());
+    let privileged = shared.privileged.is_some()
+        && match (&cert, first) {
+            (Some(id), _) => shared.admission.is_privileged(id),
+            (None, Some(first)) => token_is_privileged(&shared, &memo, first, peer).await,
+            (None, None) => false,
+        };
+    // Whatever the peek read is read again by hyper first: nothing is lost.
+    let mut io = Replay::new(peeked, tls);
+    // A privileged identity's connection (an exempt rule names it) is
+    // served on the privileged thread, its socket moved to that runtime's
+    // I/O driver: its requests never queue behind the storm's. This task
+    // stays, holding the connection's place in the caps and the tracker.
+    if privileged && let Some(home) = &shared.privileged {
+        let home = home.clone();
+        let served = home.spawn(async move {
+            if let Err(err) = io.get_mut().get_mut().0.rehome() {
+                tracing::debug!(%peer, error = %Chain(&err), "privileged connection stays on the serving runtime's driver");
+            }
+            serve_http(TokioIo::new(io), peer, alpn, cert, memo, shared, stop).await;
+        });
+        // Err: the runtime is shutting down, and the connection with it.
+        let _ = served.await;
+        return;
+    }
+    serve_http(TokioIo::new(io), peer, alpn, cert, memo, shared, stop).await;
+}
+
+/// A TLS connection, handshake done.
+struct Established {
+    tls: tokio_rustls::server::TlsStream<SlotIo>,
+    /// The identity of its verified client certificate.
+    cert: Option<Arc<crate::identity::Identity>>,
+    alpn: Option<Vec<u8>>,
+    /// What [`peek::first_request`] read, to be replayed to hyper.
+    peeked: Vec<u8>,
+    /// The first request, when it carries a bearer token.
+    first: Option<FirstRequest>,
+}
+
+/// The handshake, under [`HANDSHAKE_TIMEOUT`] (waiting for handshake slots
+/// included, see [`SlotIo`]); then, for a connection without a
+/// certificate while some exempt rule could make a bearer token
+/// privileged, its first header block ([`peek`]). `None` if the handshake
+/// failed.
+async fn establish(
+    io: SlotIo,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+) -> Option<Established> {
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             tracing::debug!(%peer, error = %Chain(&err), "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             metrics::counter!("breakwater_connections_refused_total", "reason" => "handshake_timeout")
                 .increment(1);
             tracing::debug!(%peer, "TLS handshake timed out");
-            return;
+            return None;
         }
     };
-    // Requests never take a handshake slot.
+    // Requests (and the peek) never take a handshake slot.
     tls.get_mut().0.handshake_done();
     // x509 identity: once per connection, from the verified chain's leaf.
     let cert = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
@@ -553,27 +618,56 @@ async fn serve_connection(
         },
     };
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    // A privileged identity's connection (an exempt rule names it) is
-    // served on the privileged thread, its socket moved to that runtime's
-    // I/O driver: its requests never queue behind the storm's. This task
-    // stays, holding the connection's place in the caps and the tracker.
-    if let Some(home) = &shared.privileged
-        && cert
-            .as_deref()
-            .is_some_and(|id| shared.admission.is_privileged(id))
-    {
-        let home = home.clone();
-        let served = home.spawn(async move {
-            if let Err(err) = tls.get_mut().0.rehome() {
-                tracing::debug!(%peer, error = %Chain(&err), "privileged connection stays on the serving runtime's driver");
+    // A certificate wins over any token (as in the apiserver), and without
+    // an exempt rule no token is privileged: then nothing is read here.
+    let (peeked, first) =
+        if cert.is_none() && shared.privileged.is_some() && shared.admission.may_privilege_tokens()
+        {
+            peek::first_request(&mut tls, Protocol::from_alpn(alpn.as_deref())).await
+        } else {
+            (Vec::new(), None)
+        };
+    Some(Established {
+        tls,
+        cert,
+        alpn,
+        peeked,
+        first,
+    })
+}
+
+/// Whether the bearer token of a connection's first request names a
+/// privileged identity. Authenticated as that request will be, through the
+/// connection's memo (skipped for a long-running request, as the request
+/// path skips it): the request then finds the answer in the memo or the
+/// caches, so the token is verified once, and a TokenReview it needs is the
+/// one the request would have made (coalesced with it, cached for both). A
+/// refusal is not acted on here: the request meets it again and answers it.
+async fn token_is_privileged(
+    shared: &Shared,
+    memo: &crate::identity::TokenMemo,
+    first: FirstRequest,
+    peer: SocketAddr,
+) -> bool {
+    let (path, query) = match first.target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (first.target.as_str(), None),
+    };
+    let long_running = crate::classify::classify(&first.method, path, query).is_long_running();
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::AUTHORIZATION, first.authorization);
+    let memo = (!long_running).then_some(memo);
+    match shared.auth.authenticate_on(memo, None, &headers).await {
+        Ok(identity) => {
+            let privileged =
+                !shared.auth.is_unverified(&identity) && shared.admission.is_privileged(&identity);
+            if privileged {
+                tracing::debug!(%peer, user = %identity.username, "bearer token names a privileged identity; connection served on the privileged thread");
             }
-            serve_http(TokioIo::new(tls), peer, alpn, cert, shared, stop).await;
-        });
-        // Err: the runtime is shutting down, and the connection with it.
-        let _ = served.await;
-        return;
+            privileged
+        }
+        Err(_) => false,
     }
-    serve_http(TokioIo::new(tls), peer, alpn, cert, shared, stop).await;
 }
 
 /// HTTP/1.1 or HTTP/2 on an established connection (TLS, or plain on
@@ -583,6 +677,7 @@ async fn serve_http<I>(
     peer: SocketAddr,
     alpn: Option<Vec<u8>>,
     cert: Option<Arc<crate::identity::Identity>>,
+    memo: Arc<crate::identity::TokenMemo>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) where
@@ -590,8 +685,6 @@ async fn serve_http<I>(
 {
     // HTTP/2 streams run on tasks of their own, on the proxy's tracker.
     let exec = TrackedExecutor::new(shared.tasks.clone());
-    // The connection's last bearer token (crate::identity::TokenMemo).
-    let memo = Arc::new(crate::identity::TokenMemo::default());
     let svc = service_fn(move |req| {
         LazyHandler::Waiting(Some(Box::new(Call {
             shared: shared.clone(),

@@ -175,13 +175,14 @@ async fn measure_requests_during_a_handshake_storm() {
     proxy.shutdown().await;
 }
 
-/// One HTTP/1.1 connection to `addr` over TLS, presenting `cert`/`key`
-/// when given (the demo's admin: system:masters).
-async fn h1_connection(
+/// A TLS connection to `addr`, presenting `cert`/`key` when given (the
+/// demo's admin: system:masters) and offering `alpn` (none when empty).
+async fn tls_connection(
     env: &common::Env,
     addr: std::net::SocketAddr,
     client_cert: Option<(&str, &str)>,
-) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let dir = env.dir.path();
@@ -190,7 +191,7 @@ async fn h1_connection(
         roots.add(cert.expect("ca cert")).expect("add ca");
     }
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-    let config = match client_cert {
+    let mut config = match client_cert {
         Some((cert, key)) => builder
             .with_client_auth_cert(
                 CertificateDer::pem_file_iter(dir.join(cert))
@@ -202,11 +203,22 @@ async fn h1_connection(
             .expect("client auth"),
         None => builder.with_no_client_auth(),
     };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
         .connect(ServerName::try_from("127.0.0.1").expect("name"), tcp)
         .await
-        .expect("TLS");
+        .expect("TLS")
+}
+
+/// One HTTP/1.1 connection to `addr` over TLS (no ALPN), presenting
+/// `cert`/`key` when given.
+async fn h1_connection(
+    env: &common::Env,
+    addr: std::net::SocketAddr,
+    client_cert: Option<(&str, &str)>,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tls = tls_connection(env, addr, client_cert, &[]).await;
     let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .expect("HTTP/1.1");
@@ -327,6 +339,181 @@ async fn an_exempt_identity_is_answered_while_the_serving_runtime_is_busy() {
     let (status, after) = agent_get.await.expect("agent");
     assert_eq!(status, 200);
     assert!(after, "the agent's GET did not need the serving runtime");
+
+    serving
+        .spawn(proxy.shutdown())
+        .await
+        .expect("shutdown task");
+    serving.shutdown_background();
+}
+
+/// A proxy on a serving runtime of its own with one worker (apart from the
+/// test's and kube-sim's), verifying the demo's ServiceAccount tokens
+/// locally, with an exempt rule for ServiceAccount
+/// kube-system/breakwater-demo-admin (the demo's token).
+async fn proxy_on_one_worker(
+    env: &common::Env,
+) -> (tokio::runtime::Runtime, breakwater::server::ProxyHandle) {
+    let limits = env.dir.path().join("limits-admin-sa.yaml");
+    std::fs::write(
+        &limits,
+        "apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: admins\n    match:\n      serviceAccounts: [\"kube-system/breakwater-demo-admin\"]\n    exempt: true\n",
+    )
+    .expect("write limits");
+    let mut cfg = passthrough_config(env, env.demo.sim.url(), Duration::from_secs(1));
+    cfg.limits = breakwater::config::LimitsConfig {
+        file: Some(limits),
+        ..Default::default()
+    };
+    let serving = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let proxy = serving
+        .spawn(breakwater::server::start(cfg))
+        .await
+        .expect("task")
+        .expect("proxy starts");
+    (serving, proxy)
+}
+
+/// Takes the serving runtime's one worker for 3 s (as thousands of ready
+/// tasks would); the flag is set when it is given back.
+async fn block_the_worker(
+    serving: &tokio::runtime::Runtime,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (taken_tx, taken) = tokio::sync::oneshot::channel();
+    serving.spawn({
+        let done = done.clone();
+        async move {
+            let _ = taken_tx.send(());
+            std::thread::sleep(Duration::from_secs(3));
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    taken.await.expect("the worker is taken");
+    done
+}
+
+/// GET `path` with `token` on an HTTP/2 connection: the status.
+async fn h2_get_on(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+    token: &str,
+) -> u16 {
+    use http_body_util::BodyExt;
+    sender.ready().await.expect("ready");
+    let req = http::Request::get(format!("https://127.0.0.1{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.expect("body");
+    status
+}
+
+/// A bearer-token admin is served beside the storm too: the first request
+/// of a connection without a certificate is read before hyper, its token
+/// authenticated, and a connection whose token names an identity with an
+/// exempt rule goes to the privileged thread. Over HTTP/1.1 (no ALPN) and
+/// HTTP/2 (ALPN h2, HPACK as hyper's client encodes it), the admin's GETs
+/// are answered while the serving runtime's one worker is blocked; another
+/// ServiceAccount's token waits for the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exempt_token_identity_is_answered_while_the_serving_runtime_is_busy() {
+    use std::sync::atomic::Ordering;
+    let env = demo_env().await;
+    let (serving, proxy) = proxy_on_one_worker(&env).await;
+    let admin_token = env.demo.token.clone();
+    let viewer = common::viewer_token(&env);
+    let ns = "/api/v1/namespaces/default";
+    // What the viewer may read.
+    let pods = "/api/v1/namespaces/demo/pods";
+
+    // Each connection's first request follows its handshake at once, as
+    // kubectl's does (the peek waits 100 ms for it).
+    let mut admin_h1 = h1_connection(&env, proxy.addr(), None).await;
+    assert_eq!(get_on(&mut admin_h1, ns, Some(&admin_token)).await, 200);
+    let tls = tls_connection(&env, proxy.addr(), None, &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut admin_h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("HTTP/2");
+    tokio::spawn(conn);
+    assert_eq!(h2_get_on(&mut admin_h2, ns, &admin_token).await, 200);
+    let mut agent = h1_connection(&env, proxy.addr(), None).await;
+    assert_eq!(get_on(&mut agent, pods, Some(&viewer)).await, 200);
+
+    let done = block_the_worker(&serving).await;
+    let agent_get = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let status = get_on(&mut agent, pods, Some(&viewer)).await;
+            (status, done.load(Ordering::SeqCst))
+        }
+    });
+    for _ in 0..3 {
+        assert_eq!(get_on(&mut admin_h1, ns, Some(&admin_token)).await, 200);
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the admin's GET (HTTP/1.1) waited for the serving runtime"
+        );
+        assert_eq!(h2_get_on(&mut admin_h2, ns, &admin_token).await, 200);
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the admin's GET (HTTP/2) waited for the serving runtime"
+        );
+    }
+    // The premise: a token that names no exempt identity did wait.
+    let (status, after) = agent_get.await.expect("agent");
+    assert_eq!(status, 200);
+    assert!(
+        after,
+        "the other ServiceAccount's GET did not need the serving runtime"
+    );
+
+    serving
+        .spawn(proxy.shutdown())
+        .await
+        .expect("shutdown task");
+    serving.shutdown_background();
+}
+
+/// The bytes read to find the token are replayed to hyper: a request body
+/// sent with the headers, and a request pipelined behind it in the same
+/// write, both arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peeked_bytes_reach_hyper_unchanged() {
+    use tokio::io::AsyncWriteExt;
+    let env = demo_env().await;
+    let (serving, proxy) = proxy_on_one_worker(&env).await;
+    let token = env.demo.token.clone();
+    let body = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"peeked"},"data":{"k":"replayed"}}"#;
+    let path = "/api/v1/namespaces/default/configmaps";
+    let sent = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}\
+         GET {path}/peeked HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut tls = tls_connection(&env, proxy.addr(), None, &[b"http/1.1"]).await;
+    tls.write_all(sent.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer))
+        .await
+        .expect("both answers within 10 s")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let second = answer
+        .find("HTTP/1.1 200")
+        .expect("the pipelined GET's answer");
+    assert!(answer[second..].contains("\"k\":\"replayed\""), "{answer}");
 
     serving
         .spawn(proxy.shutdown())

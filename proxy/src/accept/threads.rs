@@ -29,10 +29,11 @@
 //! queue holds the storm's own requests: thousands of LISTs answered from
 //! the hub's cache and watches being set up. A request of the admin that
 //! becomes ready waits behind all of them, and so does the upstream
-//! connection that carries it. A connection whose client certificate names
-//! an identity with an exempt rule is therefore served on a runtime of its
-//! own (one thread, its own I/O driver and timers: see
-//! `server::serve_connection`), and the upstream lane of exempt requests
+//! connection that carries it. A connection whose client certificate, or
+//! whose first request's bearer token ([`super::peek`]), names an identity
+//! with an exempt rule is therefore served on a runtime of its own (one
+//! thread, its own I/O driver and timers: see `server::serve_connection`),
+//! and the upstream lane of exempt requests
 //! opens its connections there. Measured in docs/architecture.md, "The
 //! admin under a handshake storm".
 

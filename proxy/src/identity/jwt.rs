@@ -50,6 +50,9 @@ pub(crate) const NODE_UID_KEY: &str = "authentication.kubernetes.io/node-uid";
 use super::x509::CREDENTIAL_ID_KEY;
 
 const RSA_ALGS: &[Algorithm] = &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512];
+/// ring verifies RSA signatures of 2,048 to 8,192 bits only; an apiserver
+/// built with Go 1.23 or older accepts 1,024-bit ServiceAccount keys.
+const MIN_RSA_BITS: usize = 2048;
 const P256_ALGS: &[Algorithm] = &[Algorithm::ES256];
 const P384_ALGS: &[Algorithm] = &[Algorithm::ES384];
 
@@ -107,6 +110,16 @@ impl PublicKey {
         }
     }
 
+    /// The size of an RSA key's modulus in bits; `None` for EC keys (and
+    /// for DER ring could not read either).
+    fn rsa_bits(&self) -> Option<usize> {
+        match self {
+            PublicKey::RsaParts { n, .. } => Some(unsigned_bits(n)),
+            PublicKey::RsaDer(der) => pkcs1_modulus(der).map(unsigned_bits),
+            PublicKey::Ec(_) => None,
+        }
+    }
+
     /// The key of a JWK (RSA or EC; the caller checked the type).
     fn from_jwk(jwk: &AlgorithmParameters) -> Result<PublicKey, String> {
         let b64 = |field: &str, v: &str| {
@@ -147,33 +160,53 @@ impl PublicKey {
 #[derive(Default)]
 pub(crate) struct KeySet {
     keys: Vec<VerifyKey>,
+    /// RSA keys under [`MIN_RSA_BITS`], which ring cannot verify with: the
+    /// `kid` of each (`None` for PKCS#1, which has none). A token one of
+    /// them may have signed is asked about upstream ([`JwtError::ShortKey`]).
+    short: Vec<Option<String>>,
 }
 
 impl KeySet {
     /// Reads every file; one bad file fails the whole load, so a half-written
     /// rotation never silently drops keys.
     pub(crate) fn load(paths: &[PathBuf]) -> Result<KeySet, IdentityError> {
-        let mut keys = Vec::new();
+        let (mut keys, mut short) = (Vec::new(), Vec::new());
         for path in paths {
             let bytes = std::fs::read(path).map_err(|source| IdentityError::ReadKeyFile {
                 path: path.clone(),
                 source,
             })?;
-            let before = keys.len();
             let parse = |reason: String| IdentityError::ParseKeyFile {
                 path: path.clone(),
                 reason,
             };
+            let mut loaded = Vec::new();
             if bytes.trim_ascii_start().starts_with(b"{") {
-                load_jwks(&bytes, &mut keys).map_err(parse)?;
+                load_jwks(&bytes, &mut loaded).map_err(parse)?;
             } else {
-                load_pem(path, &bytes, &mut keys)?;
+                load_pem(path, &bytes, &mut loaded)?;
             }
-            if keys.len() == before {
+            if loaded.is_empty() {
                 return Err(parse("no usable public keys".into()));
             }
+            for key in loaded {
+                match key.key.rsa_bits() {
+                    Some(bits) if bits < MIN_RSA_BITS => {
+                        tracing::warn!(
+                            path = %path.display(),
+                            bits,
+                            kid = key.kid.as_deref().unwrap_or("-"),
+                            "service account key: RSA under 2048 bits, which local verification (ring) refuses; \
+                             not used here: tokens it may have signed are checked with a TokenReview upstream \
+                             (rotate to a key of 2048 bits or more to verify them locally)"
+                        );
+                        short.push(key.kid);
+                    }
+                    _ => keys.push(key),
+                }
+            }
         }
-        Ok(KeySet { keys })
+        Ok(KeySet { keys, short })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -192,6 +225,54 @@ impl KeySet {
             .iter()
             .filter(move |k| k.algs.contains(&alg) && (!by_kid || k.kid.as_deref() == kid))
     }
+
+    /// Whether a token no usable key verified may have been signed by a
+    /// key too short for ring: an RSA token, some short key loaded, and no
+    /// usable key named by its `kid` (that one would have been the signer,
+    /// and it said no).
+    fn short_key_may_have_signed(&self, kid: Option<&str>, alg: Algorithm) -> bool {
+        RSA_ALGS.contains(&alg)
+            && !self.short.is_empty()
+            && !kid.is_some_and(|kid| self.keys.iter().any(|k| k.kid.as_deref() == Some(kid)))
+    }
+}
+
+/// The bits of a big-endian unsigned integer.
+fn unsigned_bits(n: &[u8]) -> usize {
+    let skip = n.iter().take_while(|b| **b == 0).count();
+    match n.get(skip) {
+        Some(first) => (n.len() - skip) * 8 - first.leading_zeros() as usize,
+        None => 0,
+    }
+}
+
+/// The modulus of a PKCS#1 `RSAPublicKey` (`SEQUENCE { INTEGER n, INTEGER
+/// e }`, DER).
+fn pkcs1_modulus(der: &[u8]) -> Option<&[u8]> {
+    /// A DER element's tag and content, and what follows it.
+    fn element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = der.split_first()?;
+        let (&first, mut rest) = rest.split_first()?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let octets = usize::from(first & 0x7f);
+            if octets > 4 || rest.len() < octets {
+                return None;
+            }
+            let (len, tail) = rest.split_at(octets);
+            rest = tail;
+            len.iter().fold(0, |acc, b| acc << 8 | usize::from(*b))
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+    let (0x30, seq, _) = element(der)? else {
+        return None;
+    };
+    let (0x02, n, _) = element(seq)? else {
+        return None;
+    };
+    Some(n)
 }
 
 fn load_jwks(bytes: &[u8], keys: &mut Vec<VerifyKey>) -> Result<(), String> {
@@ -372,6 +453,10 @@ pub(crate) enum JwtError {
     Algorithm(Algorithm),
     #[error("signature verification failed (no configured key verifies it)")]
     Signature,
+    /// Not verified here: possibly signed by an RSA key under 2,048 bits,
+    /// which ring refuses; the token goes to TokenReview instead.
+    #[error("possibly signed by an RSA key under 2048 bits, which cannot be verified locally")]
+    ShortKey,
     #[error("no exp claim")]
     NoExpiry,
     #[error("service account token has expired")]
@@ -425,6 +510,9 @@ pub(crate) fn verify(
         .candidates(header.kid.as_deref(), alg)
         .any(|k| k.key.verifies(alg, message.as_bytes(), &signature));
     if !ok {
+        if keys.short_key_may_have_signed(header.kid.as_deref(), alg) {
+            return Err(JwtError::ShortKey);
+        }
         return Err(JwtError::Signature);
     }
 

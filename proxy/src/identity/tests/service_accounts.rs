@@ -3,6 +3,44 @@
 
 use super::*;
 
+/// A 1,024-bit RSA key (`openssl genrsa -traditional 1024`): what an apiserver on Go 1.23 or older accepts and ring refuses.
+const SHORT_RSA_PRIVATE_PEM: &str = "\
+-----BEGIN RSA PRIVATE KEY-----\n\
+MIICXAIBAAKBgQC5R+ABHvpoF8JEu62eOG75/62x6wCiOyhARJFCm211lWCQ+XWX\n\
+PK/RSa3N4KYzl6ziYITBvf85sAnsXWVBFSgL+mvaMcBR26xisOtzdRYwu5IxOtMA\n\
+ZbF4zCbQ/kAGPDA9c+Z4ETlrjd97l87JytRT2ZQ52G3CK79nfdQlPBxYewIDAQAB\n\
+AoGAVGo12ezmQ7THcw9bG+I0Vbyyw4QBZuiy/wz+ba1o4pCrTYIKnFwu8piyEkHP\n\
+F2R8hStacPcCqKLW8pTexBdCheO10hP2PbnOXKouwQezkcWZ0qCb41fmFX7kVD15\n\
+a/NRMGV2llnoiEvdawiljgDVu2GMBSwte9iaGxehrnGf8zkCQQDoRTJN/cdf1EGF\n\
+10giBiB8SR5H5s81H4UMiZ6lswtJxSg5B0PrtZEV3d4xM74lNHZHLsq82W8T6VY4\n\
+IkHhQ2ldAkEAzDW2gnR/dSomQZ+0Bu6uqSOSLYk+imsIdmwnhONJj5AqlM809yH5\n\
+nzdJYPEnSPaEcCHvrRpAx3NEgH6o90CztwJACYbNCWXfR47tIRAzZTHbIz3cgBZ3\n\
+aTZhvqHmX+V4EQ6FF9G0d3Z6/Oqcsmfs5JnCQCkrJ5PDeo2Xe7Xr/dFGAQJBAKfv\n\
+5FAUjl1EdIGzXNH2qBzg6+4W2B/tNeBtwXI/mNc/sEUAwoYaoraVOPtIVw5h7Thq\n\
+MDkjRfLAkK07fKkZxLECQDOBZsXqwtw58QjDUXvyrHMx1Xuv9zjFUIRszNh67zr8\n\
+/3fBizaWD6gTadLEh7VLtjCP+9dSe3MWGM7wNRBnGe4=\n\
+-----END RSA PRIVATE KEY-----\n\
+";
+
+/// Its public key, SPKI (`openssl rsa -pubout`).
+const SHORT_RSA_PUBLIC_PEM: &str = "\
+-----BEGIN PUBLIC KEY-----\n\
+MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC5R+ABHvpoF8JEu62eOG75/62x\n\
+6wCiOyhARJFCm211lWCQ+XWXPK/RSa3N4KYzl6ziYITBvf85sAnsXWVBFSgL+mva\n\
+McBR26xisOtzdRYwu5IxOtMAZbF4zCbQ/kAGPDA9c+Z4ETlrjd97l87JytRT2ZQ5\n\
+2G3CK79nfdQlPBxYewIDAQAB\n\
+-----END PUBLIC KEY-----\n\
+";
+
+/// Its public key, PKCS#1 (`openssl rsa -RSAPublicKey_out`): no kid.
+const SHORT_RSA_PKCS1_PEM: &str = "\
+-----BEGIN RSA PUBLIC KEY-----\n\
+MIGJAoGBALlH4AEe+mgXwkS7rZ44bvn/rbHrAKI7KEBEkUKbbXWVYJD5dZc8r9FJ\n\
+rc3gpjOXrOJghMG9/zmwCexdZUEVKAv6a9oxwFHbrGKw63N1FjC7kjE60wBlsXjM\n\
+JtD+QAY8MD1z5ngROWuN33uXzsnK1FPZlDnYbcIrv2d91CU8HFh7AgMBAAE=\n\
+-----END RSA PUBLIC KEY-----\n\
+";
+
 #[tokio::test]
 async fn fixture_shaped_token_gives_the_tokenreview_identity() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -480,4 +518,90 @@ async fn a_connection_memo_answers_its_last_token_until_the_keys_reload() {
     );
     assert!(reason.contains("signature"), "{reason}");
     assert_eq!(reviewer.calls(), 0, "local tokens never reach TokenReview");
+}
+
+fn short_rsa_signer(kid: Option<String>) -> Signer {
+    Signer {
+        key: EncodingKey::from_rsa_pem(SHORT_RSA_PRIVATE_PEM.as_bytes()).expect("rsa pem"),
+        alg: Algorithm::RS256,
+        kid,
+    }
+}
+
+/// An apiserver on Go 1.23 or older accepts 1,024-bit ServiceAccount keys,
+/// which ring cannot verify with: such a key loads (with a warning) but is
+/// not used here, and a token it may have signed is asked about upstream,
+/// once per TTL like any reviewed token.
+#[tokio::test]
+async fn a_token_of_an_rsa_key_under_2048_bits_goes_to_token_review() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, pem) in [
+        ("short.pub", SHORT_RSA_PUBLIC_PEM),
+        ("short-pkcs1.pub", SHORT_RSA_PKCS1_PEM),
+    ] {
+        let reviewer = FakeReviewer::new(Ok(Some(fixture_identity())), false);
+        let (_, ec_public) = Signer::ec();
+        let files = vec![
+            write(dir.path(), name, pem),
+            write(dir.path(), "ec.pub", &ec_public),
+        ];
+        let auth = reviewed(sa_config(files), &reviewer);
+        let token = short_rsa_signer(None).sign(&fixture_claims());
+        for _ in 0..2 {
+            let got = auth
+                .authenticate(None, &bearer(&token))
+                .await
+                .expect("reviewed");
+            assert_eq!(*got, fixture_identity(), "{name}");
+        }
+        assert_eq!(reviewer.calls(), 1, "{name}: one review, then its cache");
+    }
+}
+
+/// Without TokenReview there is nothing to ask: the token is refused, and
+/// the reason names the key size.
+#[tokio::test]
+async fn without_token_review_a_token_of_a_short_rsa_key_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = Authenticator::new(
+        sa_config(vec![write(dir.path(), "short.pub", SHORT_RSA_PKCS1_PEM)]),
+        None,
+    )
+    .expect("a file of short keys only still loads");
+    let token = short_rsa_signer(None).sign(&fixture_claims());
+    let reason = invalid_reason(auth.authenticate(None, &bearer(&token)).await);
+    assert!(reason.contains("under 2048 bits"), "{reason}");
+}
+
+/// A token whose kid names a usable key was that key's to verify: if it
+/// fails, it is refused as before, never reviewed.
+#[tokio::test]
+async fn a_token_whose_kid_names_a_usable_key_that_refuses_it_is_not_reviewed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reviewer = FakeReviewer::new(Ok(Some(fixture_identity())), false);
+    let files = vec![
+        write(dir.path(), "rsa.pub", RSA_PUBLIC_PEM),
+        write(dir.path(), "short.pub", SHORT_RSA_PUBLIC_PEM),
+    ];
+    let auth = reviewed(sa_config(files), &reviewer);
+    let (_, spki) = x509_parser::pem::parse_x509_pem(RSA_PUBLIC_PEM.as_bytes()).expect("pem");
+    let kid = {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(sha2::Sha256::digest(&spki.contents))
+    };
+    let token = short_rsa_signer(Some(kid)).sign(&fixture_claims());
+    let reason = invalid_reason(auth.authenticate(None, &bearer(&token)).await);
+    assert!(reason.contains("signature verification failed"), "{reason}");
+    assert_eq!(reviewer.calls(), 0);
+    // The 2,048-bit key is still used locally.
+    let good = Signer::rsa(Algorithm::RS256).sign(&fixture_claims());
+    assert_eq!(
+        *auth
+            .authenticate(None, &bearer(&good))
+            .await
+            .expect("valid"),
+        fixture_identity()
+    );
 }
