@@ -471,6 +471,12 @@ impl Matcher {
         self.mismatch(subject, req).is_none()
     }
 
+    /// Whether the rule lists users, groups or ServiceAccounts (a rule
+    /// without any matches every subject).
+    pub fn names_subjects(&self) -> bool {
+        !(self.users.is_empty() && self.groups.is_empty() && self.service_accounts.is_empty())
+    }
+
     /// Subject part only: any users/groups/serviceAccounts entry (OR), or
     /// none listed.
     pub fn subject_matches(&self, subject: &Subject<'_>) -> bool {

@@ -168,20 +168,25 @@ impl Admission {
     /// Whether some exempt rule of the limits in force names `identity`
     /// (by user, group or ServiceAccount; verbs and resources aside): its
     /// connections are served beside the storm (`server::serve_connection`).
+    /// An exempt rule that names no subject exempts requests (say, every
+    /// caller's `/healthz`), not identities: it makes nobody privileged,
+    /// or every connection would crowd onto the one privileged thread.
     pub fn is_privileged(&self, identity: &Identity) -> bool {
         let subject = subject(identity);
+        self.limiter.limits().rules().iter().any(|r| {
+            r.is_exempt() && r.matcher().names_subjects() && r.matcher().subject_matches(&subject)
+        })
+    }
+
+    /// Whether some exempt rule names subjects, so that a bearer token could
+    /// name a privileged identity: only then is a connection's first request
+    /// read before hyper to find its token (`accept::peek`).
+    pub fn may_privilege_tokens(&self) -> bool {
         self.limiter
             .limits()
             .rules()
             .iter()
-            .any(|r| r.is_exempt() && r.matcher().subject_matches(&subject))
-    }
-
-    /// Whether some exempt rule is in force, so that a bearer token could
-    /// name a privileged identity: only then is a connection's first request
-    /// read before hyper to find its token (`accept::peek`).
-    pub fn may_privilege_tokens(&self) -> bool {
-        self.limiter.limits().rules().iter().any(|r| r.is_exempt())
+            .any(|r| r.is_exempt() && r.matcher().names_subjects())
     }
 
     /// The limits file, for the file watcher.

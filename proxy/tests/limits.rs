@@ -797,3 +797,46 @@ async fn agents_on_one_node_share_its_cap_and_a_token_without_a_node_is_refused(
         "{status}"
     );
 }
+
+/// Only an exempt rule that names subjects makes an identity privileged
+/// (its connections served on the privileged thread, its first request's
+/// token read before hyper): one that names none exempts requests of every
+/// caller, and would otherwise put every connection on that one thread.
+#[test]
+fn only_an_exempt_rule_that_names_subjects_makes_identities_privileged() {
+    use breakwater::admit::Admission;
+    use breakwater::identity::Identity;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = Identity {
+        username: "system:serviceaccount:monitoring:agent".to_string(),
+        uid: String::new(),
+        groups: vec!["system:serviceaccounts".to_string()],
+        extra: Default::default(),
+    };
+    let admin = Identity {
+        username: "kubernetes-admin".to_string(),
+        uid: String::new(),
+        groups: vec!["system:masters".to_string()],
+        extra: Default::default(),
+    };
+    let load = |name: &str, rules: &str| {
+        let file = dir.path().join(name);
+        let text = format!("apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n{rules}");
+        std::fs::write(&file, text).expect("write");
+        Admission::new(Some(&file), None, false).expect("admission")
+    };
+    let reads = load(
+        "reads.yaml",
+        "  - name: reads\n    match: {verbs: [get]}\n    exempt: true\n",
+    );
+    assert!(!reads.is_privileged(&agent));
+    assert!(!reads.is_privileged(&admin));
+    assert!(!reads.may_privilege_tokens());
+    let admins = load(
+        "admins.yaml",
+        "  - name: reads\n    match: {verbs: [get]}\n    exempt: true\n  - name: admins\n    match: {groups: [\"system:masters\"]}\n    exempt: true\n",
+    );
+    assert!(!admins.is_privileged(&agent));
+    assert!(admins.is_privileged(&admin));
+    assert!(admins.may_privilege_tokens());
+}

@@ -196,3 +196,79 @@ async fn no_more_than_max_peek_bytes_are_read() {
     assert!(first.is_none());
     assert!(read.len() <= MAX_PEEK, "{}", read.len());
 }
+
+/// What a real HTTP/2 client sends first (hyper's client: h2's HPACK
+/// encoder, Huffman where shorter, its own SETTINGS and WINDOW_UPDATE),
+/// read until [`scan`] decides.
+fn from_real_client(path: &str, token: &str, extra: &[(String, String)]) -> Scan {
+    use tokio::io::AsyncReadExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (client, mut server) = tokio::io::duplex(256 * 1024);
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(client),
+        )
+        .await
+        .expect("handshake");
+        tokio::spawn(conn);
+        let mut req =
+            http::Request::get(format!("https://proxy{path}")).header("authorization", token);
+        for (name, value) in extra {
+            req = req.header(name.as_str(), value.as_str());
+        }
+        let req = req
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let _response = tokio::spawn(send.send_request(req));
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n =
+                tokio::time::timeout(std::time::Duration::from_secs(5), server.read(&mut chunk))
+                    .await
+                    .expect("the client sends its request")
+                    .expect("read");
+            assert!(n > 0, "the client closed before its request was scanned");
+            buf.extend_from_slice(&chunk[..n]);
+            match scan(Protocol::Http2, &buf) {
+                Scan::More => continue,
+                decided => return decided,
+            }
+        }
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Differential: whatever path, token and other headers a real client
+    /// sends, the peek reads its path and token exactly.
+    #[test]
+    fn the_peek_reads_what_a_real_http2_client_sends(
+        path in "/api/v1/[a-z0-9/-]{0,60}(\\?[a-z]{1,8}=[a-z0-9]{0,12})?",
+        token in "[A-Za-z0-9._-]{1,1500}",
+        extra in proptest::collection::vec(("x-[a-z0-9-]{1,20}", "[!-~]([ -~]{0,80}[!-~])?"), 0..8),
+    ) {
+        let authorization = format!("Bearer {token}");
+        let first = found(from_real_client(&path, &authorization, &extra));
+        proptest::prop_assert_eq!(first.method, http::Method::GET);
+        proptest::prop_assert_eq!(first.target, path);
+        proptest::prop_assert_eq!(first.authorization.as_bytes(), authorization.as_bytes());
+    }
+
+    /// Whatever bytes arrive, the peek answers without panicking.
+    #[test]
+    fn the_peek_takes_any_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+        for protocol in [Protocol::Http1, Protocol::Http2, Protocol::Either] {
+            let _ = scan(protocol, &bytes);
+        }
+        let mut h2 = PREFACE.to_vec();
+        h2.extend_from_slice(&bytes);
+        let _ = scan(Protocol::Http2, &h2);
+        let _ = hpack::Decoder::default().decode(&bytes, |_, _| {});
+    }
+}
