@@ -32,9 +32,9 @@
 //!    steals a little CPU all the time (its goroutines, timers and buffers)
 //!    and holds `watch_memory_bytes` of memory. The CPU is scheduled like
 //!    Go's runtime schedules goroutines: `cores` cores take runnable jobs
-//!    from one FIFO run queue, and a job that runs longer than `quantum`
-//!    (Go preempts after 10 ms) goes to the back of the queue. So short jobs
-//!    finish in arrival order and long ones share the cores round-robin; a
+//!    from one FIFO run queue, and a job that runs longer than its time
+//!    slice (Go preempts after 10–20 ms, see below) goes to the back of the
+//!    queue. So short jobs finish in arrival order and long ones share the cores round-robin; a
 //!    request that arrives behind thousands of queued handshakes waits for
 //!    them — an admin GET that costs a third of a millisecond takes seconds
 //!    in a handshake storm. Exempt requests skip the seats but not the CPU,
@@ -43,6 +43,30 @@
 //!    on the same cores (the kernel shares them between the two processes'
 //!    threads): a consistent read or a write costs etcd its part there
 //!    first ([`Work`]).
+//!
+//! **A request's passes through the run queue.** What puts a goroutine at
+//! the back of a busy Go process's run queue is being woken by the network
+//! or being preempted: a busy process polls the network only from `sysmon`
+//! (its `P`s always find work in the run queues first), and `sysmon` puts
+//! what it finds on the global run queue, where preempted goroutines go
+//! too (`goschedImpl`). A goroutine woken by another over a channel runs
+//! next instead (`runnext`). So a request waits a round of the queue once
+//! per network wake-up on its path, a round being as long as the jobs
+//! ahead take to use their time slices:
+//!
+//! - the apiserver: the request arrives (the connection's reader;
+//!   [`Capacity::serve`] of the base cost before APF; the first request of
+//!   a connection arrives with the client's TLS Finished and goes on from
+//!   the handshake, [`Capacity::serve_next`]); for a request that reads or
+//!   writes etcd, etcd's answer arrives ([`Capacity::serve_from_etcd`]: the
+//!   gRPC client's reader, which hands the answer to the handler);
+//! - etcd: the gRPC call arrives ([`Capacity::serve_etcd`]); the
+//!   linearizable read's ReadIndex round and the handler's wake-up after
+//!   it are channel hand-offs within etcd (`runnext`).
+//!
+//! A time slice is 10–20 ms, not 10 ([`CapacityConfig::sysmon_period`]):
+//! Go preempts a goroutine only when `sysmon` sees it has run 10 ms, and a
+//! busy process's `sysmon` wakes every 10 ms.
 //!
 //! The constants of the `small-cluster` preset and why they were chosen are in
 //! docs/incident-lab.md.
@@ -116,6 +140,10 @@ pub struct CapacityConfig {
     /// How long a job runs before it goes to the back of the run queue
     /// (Go's scheduler preempts a goroutine after 10 ms).
     pub quantum: Duration,
+    /// How often Go's `sysmon` looks for goroutines to preempt once it has
+    /// nothing else to do (its sleep grows to 10 ms): a goroutine runs
+    /// `quantum` plus up to this long before it is preempted (see [`Cpu`]).
+    pub sysmon_period: Duration,
     /// Seats: concurrent non-exempt requests being served.
     pub max_inflight: usize,
     /// The priority level's queues (APF `queues`), of which each flow (one
@@ -152,6 +180,7 @@ impl CapacityConfig {
             objects_per_seat: 100,
             max_list_seats: 10,
             quantum: Duration::from_millis(10),
+            sysmon_period: Duration::from_millis(10),
             max_inflight: 245,
             queues: 128,
             hand_size: 6,
@@ -441,8 +470,8 @@ impl Capacity {
             peak_inflight: AtomicUsize::new(0),
             peak_queued: AtomicUsize::new(0),
             rejected: AtomicU64::new(0),
-            cpu: Cpu::new(cfg.quantum),
-            etcd: Cpu::new(cfg.quantum),
+            cpu: Cpu::new(cfg.quantum, cfg.sysmon_period),
+            etcd: Cpu::new(cfg.quantum, cfg.sysmon_period),
             cfg,
         });
         tokio::spawn(scheduler(Arc::downgrade(&cap), cancel));
@@ -555,6 +584,21 @@ impl Capacity {
         let _ = rx.await;
     }
 
+    /// A request's call to etcd and what the apiserver does with the
+    /// answer: `etcd` on etcd's CPU (the call arrives from the network at
+    /// the back of etcd's run queue), then `then` at the back of the
+    /// apiserver's run queue. etcd's answer wakes the gRPC client's reader
+    /// goroutine through the netpoller, and a busy Go process polls the
+    /// network only from `sysmon`, which puts what it finds on the global
+    /// run queue, behind the goroutines preempted before it (see
+    /// docs/incident-lab.md, "A request's passes through the run queue").
+    /// The reader then hands the message to the waiting handler, which
+    /// runs next (`runnext`): both are one job here.
+    pub async fn serve_from_etcd(&self, etcd: Duration, then: Duration) {
+        self.serve_etcd(etcd).await;
+        self.run_job(then, false).await;
+    }
+
     /// Like [`Capacity::serve`], for work that continues what just ran (the
     /// same goroutine going on after taking its seat): it runs next, at the
     /// head of the run queue, as Go's `runnext` does.
@@ -643,12 +687,27 @@ pub fn too_many_requests(retry_after_secs: u64, why: &str) -> Response<ResBody> 
 }
 
 /// A CPU scheduled like Go's runtime: one FIFO run queue of jobs, each with
-/// CPU seconds left; a job that used up its quantum goes to the back.
+/// CPU seconds left; a job that used up its time slice goes to the back.
+///
+/// The time slice: Go preempts a goroutine that has run 10 ms
+/// (`forcePreemptNS`), but only `sysmon` notices, and it measures from the
+/// first of its wake-ups that saw the goroutine running
+/// (`retake`: `pd.schedwhen` is set when sysmon first sees a new
+/// `schedtick`). In a busy process sysmon has nothing else to do (no
+/// long syscalls to retake) and sleeps its longest, 10 ms; a goroutine is
+/// then first seen 0–10 ms after it started and preempted 10 ms after
+/// that: it runs 10–20 ms, 15 ms on average. Each slice here is `quantum`
+/// plus a fraction of `sysmon_period` drawn from an evenly spread
+/// sequence (deterministic, no random source).
 #[derive(Debug)]
 struct Cpu {
     jobs: std::sync::Mutex<VecDeque<Job>>,
-    /// Seconds a job runs before it is preempted.
+    /// Seconds a job runs at least before it is preempted.
     quantum: f64,
+    /// sysmon's period in seconds: a slice is up to this much longer.
+    sysmon: f64,
+    /// Slices handed out so far (the index into the spread sequence).
+    slices: AtomicU64,
     wake: Arc<Notify>,
     runnable: AtomicUsize,
     /// CPU seconds consumed, as f64 bits.
@@ -664,10 +723,12 @@ struct Job {
 }
 
 impl Cpu {
-    fn new(quantum: Duration) -> Cpu {
+    fn new(quantum: Duration, sysmon: Duration) -> Cpu {
         Cpu {
             jobs: std::sync::Mutex::new(VecDeque::new()),
             quantum: quantum.as_secs_f64().max(1e-6),
+            sysmon: sysmon.as_secs_f64(),
+            slices: AtomicU64::new(0),
             wake: Arc::new(Notify::new()),
             runnable: AtomicUsize::new(0),
             consumed: AtomicU64::new(0),
@@ -679,7 +740,7 @@ impl Cpu {
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let job = Job {
             left: secs,
-            slice: self.quantum,
+            slice: self.slice(),
             done,
         };
         if next {
@@ -690,6 +751,16 @@ impl Cpu {
         self.runnable.store(jobs.len(), Ordering::Relaxed);
         drop(jobs);
         self.wake.notify_one();
+    }
+
+    /// A fresh time slice: `quantum` plus where in sysmon's period the
+    /// goroutine was first seen, spread evenly over [0, 1) by the golden
+    /// ratio's fractional part (a Weyl sequence).
+    fn slice(&self) -> f64 {
+        const GOLDEN_FRACTION: f64 = 0.618_033_988_749_894_9;
+        let n = self.slices.fetch_add(1, Ordering::Relaxed);
+        let seen = (n as f64 * GOLDEN_FRACTION).fract();
+        self.quantum + self.sysmon * seen
     }
 
     fn runnable(&self) -> usize {
@@ -727,7 +798,7 @@ impl Cpu {
             if job.left <= 1e-12 {
                 let _ = job.done.send(());
             } else if job.slice <= 1e-12 {
-                job.slice = self.quantum;
+                job.slice = self.slice();
                 preempted.push(job);
             } else {
                 kept.push(job);
@@ -875,7 +946,7 @@ mod tests {
 
     #[test]
     fn short_jobs_finish_in_arrival_order() {
-        let cpu = Cpu::new(Duration::from_millis(10));
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::ZERO);
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
         cpu.submit(0.003, false, a);
@@ -894,8 +965,40 @@ mod tests {
     }
 
     #[test]
+    fn a_slice_is_the_quantum_and_up_to_one_sysmon_period() {
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::from_millis(10));
+        let slices: Vec<f64> = (0..1000).map(|_| cpu.slice()).collect();
+        assert!(slices.iter().all(|&s| (0.010..0.020).contains(&s)));
+        // Spread evenly: 15 ms on average, short and long ones alike.
+        let mean = slices.iter().sum::<f64>() / slices.len() as f64;
+        assert!((mean - 0.015).abs() < 2e-4, "{mean}");
+        assert!(slices.iter().any(|&s| s < 0.011) && slices.iter().any(|&s| s > 0.019));
+        // Without sysmon's delay a slice is the quantum.
+        let plain = Cpu::new(Duration::from_millis(10), Duration::ZERO);
+        assert!((0..10).all(|_| (plain.slice() - 0.010).abs() < 1e-12));
+    }
+
+    #[test]
+    fn a_job_runs_its_whole_slice_before_it_is_preempted() {
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::from_millis(10));
+        // The second slice drawn is 16.2 ms (0.618 of sysmon's period).
+        let _ = cpu.slice();
+        let (a, _ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        cpu.submit(0.100, false, a);
+        cpu.submit(0.001, false, b);
+        for _ in 0..16 {
+            assert!(cpu.run(0.001, 1.0));
+        }
+        assert!(rb.try_recv().is_err(), "a keeps the core for 16.2 ms");
+        cpu.run(0.001, 1.0);
+        cpu.run(0.001, 1.0);
+        assert!(rb.try_recv().is_ok(), "then b runs");
+    }
+
+    #[test]
     fn a_continuation_runs_next() {
-        let cpu = Cpu::new(Duration::from_millis(10));
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::ZERO);
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
         cpu.submit(0.001, false, a);
@@ -906,7 +1009,7 @@ mod tests {
 
     #[test]
     fn a_long_job_is_preempted_after_its_quantum() {
-        let cpu = Cpu::new(Duration::from_millis(10));
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::ZERO);
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
         cpu.submit(0.030, false, a);
@@ -922,7 +1025,7 @@ mod tests {
 
     #[test]
     fn each_core_runs_one_job_at_a_time() {
-        let cpu = Cpu::new(Duration::from_millis(10));
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::ZERO);
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
         let (c, mut rc) = oneshot::channel();
@@ -1004,6 +1107,33 @@ mod tests {
             Err(StatusCode::TOO_MANY_REQUESTS)
         );
         next.abort();
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn etcds_answer_waits_behind_the_apiservers_run_queue() {
+        let cancel = CancellationToken::new();
+        let cfg = CapacityConfig {
+            cores: 1.0,
+            sysmon_period: Duration::ZERO,
+            ..CapacityConfig::small_cluster()
+        };
+        let cap = Capacity::start(cfg, cancel.clone());
+        // Three LISTs decoding on the apiserver (100 ms each, 10 ms slices).
+        for _ in 0..3 {
+            let cap = Arc::clone(&cap);
+            tokio::spawn(async move { cap.serve(Duration::from_millis(100)).await });
+        }
+        tokio::task::yield_now().await;
+        // A consistent GET: 1 ms of etcd, then 1 ms of the apiserver. Its
+        // answer arrives from the network and waits for a slice of each
+        // LIST before it (about 30 ms of CPU on one core), where
+        // a hand-off (`runnext`) would wait for the running slice only.
+        let start = tokio::time::Instant::now();
+        cap.serve_from_etcd(Duration::from_millis(1), Duration::from_millis(1))
+            .await;
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(25), "{took:?}");
         cancel.cancel();
     }
 
