@@ -34,15 +34,15 @@
 //!    Go's runtime schedules goroutines: `cores` cores take runnable jobs
 //!    from one FIFO run queue, and a job that runs longer than its time
 //!    slice (Go preempts after 10–20 ms, see below) goes to the back of the
-//!    queue. So short jobs finish in arrival order and long ones share the cores round-robin; a
-//!    request that arrives behind thousands of queued handshakes waits for
-//!    them — an admin GET that costs a third of a millisecond takes seconds
-//!    in a handshake storm. Exempt requests skip the seats but not the CPU,
-//!    which is why a real saturated apiserver is slow even for
-//!    `system:masters`. etcd is a second Go process with its own run queue
-//!    on the same cores (the kernel shares them between the two processes'
-//!    threads): a consistent read or a write costs etcd its part there
-//!    first ([`Work`]).
+//!    queue. So short jobs finish in arrival order and long ones share the
+//!    cores round-robin; a request that arrives behind thousands of queued
+//!    handshakes waits for them — an admin GET that costs a third of a
+//!    millisecond takes seconds in a handshake storm. Exempt requests skip
+//!    the seats but not the CPU, which is why a real saturated apiserver is
+//!    slow even for `system:masters`. etcd is a second Go process with its
+//!    own run queue on the same cores (the kernel shares them between the
+//!    two processes' threads): a consistent read or a write costs etcd its
+//!    part there first ([`Work`]).
 //!
 //! **A request's passes through the run queue.** What puts a goroutine at
 //! the back of a busy Go process's run queue is being woken by the network
