@@ -435,7 +435,10 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
             super::capacity::request_cost(cap.cost(), &state.store, &info_cost(&info), &resp);
         let rest = work.apiserver.saturating_sub(cap.cost().request_base);
         match work.etcd {
-            Some(etcd) => cap.serve_from_etcd(etcd, rest).await,
+            Some(etcd) => {
+                cap.serve_from_etcd(etcd, rest, info.verb == Verb::List)
+                    .await
+            }
             None => cap.serve_next(rest).await,
         }
     }
