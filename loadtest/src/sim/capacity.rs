@@ -68,6 +68,17 @@
 //! Go preempts a goroutine only when `sysmon` sees it has run 10 ms, and a
 //! busy process's `sysmon` wakes every 10 ms.
 //!
+//! **The garbage collector.** A consistent LIST of pods decodes every pod
+//! etcd sends and keeps a node's few: tens of megabytes of garbage each, a
+//! dozen a second. At GOGC=100 the apiserver's GC then starts a cycle about
+//! as soon as it ends one, and while it marks, its background workers take
+//! 25% of the process's CPU (`gcBackgroundUtilization`) before the run
+//! queue's goroutines run. So while a consistent LIST's answer is being
+//! decoded, [`CapacityConfig::gc_mark_share`] of the apiserver's cores go
+//! to the GC (`gc_marking`); `decode_per_object` is lowered to match, so
+//! a LIST costs the apiserver the same CPU and the storm's throughput holds,
+//! but each round of the run queue is a third longer.
+//!
 //! The constants of the `small-cluster` preset and why they were chosen are in
 //! docs/incident-lab.md.
 
@@ -142,7 +153,7 @@ pub struct CapacityConfig {
     pub quantum: Duration,
     /// How often Go's `sysmon` looks for goroutines to preempt once it has
     /// nothing else to do (its sleep grows to 10 ms): a goroutine runs
-    /// `quantum` plus up to this long before it is preempted (see [`Cpu`]).
+    /// `quantum` plus up to this long before it is preempted (see `Cpu`).
     pub sysmon_period: Duration,
     /// The apiserver's CPU its garbage collector's background mark workers
     /// take while it marks (Go's `gcBackgroundUtilization`, 25%). It marks
