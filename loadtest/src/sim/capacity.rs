@@ -32,17 +32,52 @@
 //!    steals a little CPU all the time (its goroutines, timers and buffers)
 //!    and holds `watch_memory_bytes` of memory. The CPU is scheduled like
 //!    Go's runtime schedules goroutines: `cores` cores take runnable jobs
-//!    from one FIFO run queue, and a job that runs longer than `quantum`
-//!    (Go preempts after 10 ms) goes to the back of the queue. So short jobs
-//!    finish in arrival order and long ones share the cores round-robin; a
-//!    request that arrives behind thousands of queued handshakes waits for
-//!    them — an admin GET that costs a third of a millisecond takes seconds
-//!    in a handshake storm. Exempt requests skip the seats but not the CPU,
-//!    which is why a real saturated apiserver is slow even for
-//!    `system:masters`. etcd is a second Go process with its own run queue
-//!    on the same cores (the kernel shares them between the two processes'
-//!    threads): a consistent read or a write costs etcd its part there
-//!    first ([`Work`]).
+//!    from one FIFO run queue, and a job that runs longer than its time
+//!    slice (Go preempts after 10–20 ms, see below) goes to the back of the
+//!    queue. So short jobs finish in arrival order and long ones share the
+//!    cores round-robin; a request that arrives behind thousands of queued
+//!    handshakes waits for them — an admin GET that costs a third of a
+//!    millisecond takes seconds in a handshake storm. Exempt requests skip
+//!    the seats but not the CPU, which is why a real saturated apiserver is
+//!    slow even for `system:masters`. etcd is a second Go process with its
+//!    own run queue on the same cores (the kernel shares them between the
+//!    two processes' threads): a consistent read or a write costs etcd its
+//!    part there first ([`Work`]).
+//!
+//! **A request's passes through the run queue.** What puts a goroutine at
+//! the back of a busy Go process's run queue is being woken by the network
+//! or being preempted: a busy process polls the network only from `sysmon`
+//! (its `P`s always find work in the run queues first), and `sysmon` puts
+//! what it finds on the global run queue, where preempted goroutines go
+//! too (`goschedImpl`). A goroutine woken by another over a channel runs
+//! next instead (`runnext`). So a request waits a round of the queue once
+//! per network wake-up on its path, a round being as long as the jobs
+//! ahead take to use their time slices:
+//!
+//! - the apiserver: the request arrives (the connection's reader;
+//!   [`Capacity::serve`] of the base cost before APF; the first request of
+//!   a connection arrives with the client's TLS Finished and goes on from
+//!   the handshake, [`Capacity::serve_next`]); for a request that reads or
+//!   writes etcd, etcd's answer arrives ([`Capacity::serve_from_etcd`]: the
+//!   gRPC client's reader, which hands the answer to the handler);
+//! - etcd: the gRPC call arrives ([`Capacity::serve_etcd`]); the
+//!   linearizable read's ReadIndex round and the handler's wake-up after
+//!   it are channel hand-offs within etcd (`runnext`).
+//!
+//! A time slice is 10–20 ms, not 10 ([`CapacityConfig::sysmon_period`]):
+//! Go preempts a goroutine only when `sysmon` sees it has run 10 ms, and a
+//! busy process's `sysmon` wakes every 10 ms.
+//!
+//! **The garbage collector.** A consistent LIST of pods decodes every pod
+//! etcd sends and keeps a node's few: tens of megabytes of garbage each, a
+//! dozen a second. At GOGC=100 the apiserver's GC then starts a cycle about
+//! as soon as it ends one, and while it marks, its background workers take
+//! 25% of the process's CPU (`gcBackgroundUtilization`) before the run
+//! queue's goroutines run. So while a consistent LIST's answer is being
+//! decoded, [`CapacityConfig::gc_mark_share`] of the apiserver's cores go
+//! to the GC (`gc_marking`); `decode_per_object` is lowered to match, so
+//! a LIST costs the apiserver the same CPU and the storm's throughput holds,
+//! but each round of the run queue is a third longer.
 //!
 //! The constants of the `small-cluster` preset and why they were chosen are in
 //! docs/incident-lab.md.
@@ -116,6 +151,15 @@ pub struct CapacityConfig {
     /// How long a job runs before it goes to the back of the run queue
     /// (Go's scheduler preempts a goroutine after 10 ms).
     pub quantum: Duration,
+    /// How often Go's `sysmon` looks for goroutines to preempt once it has
+    /// nothing else to do (its sleep grows to 10 ms): a goroutine runs
+    /// `quantum` plus up to this long before it is preempted (see `Cpu`).
+    pub sysmon_period: Duration,
+    /// The apiserver's CPU its garbage collector's background mark workers
+    /// take while it marks (Go's `gcBackgroundUtilization`, 25%). It marks
+    /// without rest while it decodes consistent LISTs (see [`Capacity`]'s
+    /// scheduler); the jobs in its run queue share the rest.
+    pub gc_mark_share: f64,
     /// Seats: concurrent non-exempt requests being served.
     pub max_inflight: usize,
     /// The priority level's queues (APF `queues`), of which each flow (one
@@ -152,6 +196,8 @@ impl CapacityConfig {
             objects_per_seat: 100,
             max_list_seats: 10,
             quantum: Duration::from_millis(10),
+            sysmon_period: Duration::from_millis(10),
+            gc_mark_share: 0.25,
             max_inflight: 245,
             queues: 128,
             hand_size: 6,
@@ -163,7 +209,7 @@ impl CapacityConfig {
                 request_base: Duration::from_micros(300),
                 etcd_request: Duration::from_micros(100),
                 etcd_per_object: Duration::from_micros(5),
-                decode_per_object: Duration::from_micros(10),
+                decode_per_object: Duration::from_nanos(7_500),
                 cache_per_object: Duration::from_nanos(500),
                 serialize_per_byte: Duration::from_nanos(10),
                 tls_handshake: Duration::from_micros(2500),
@@ -441,8 +487,8 @@ impl Capacity {
             peak_inflight: AtomicUsize::new(0),
             peak_queued: AtomicUsize::new(0),
             rejected: AtomicU64::new(0),
-            cpu: Cpu::new(cfg.quantum),
-            etcd: Cpu::new(cfg.quantum),
+            cpu: Cpu::new(cfg.quantum, cfg.sysmon_period),
+            etcd: Cpu::new(cfg.quantum, cfg.sysmon_period),
             cfg,
         });
         tokio::spawn(scheduler(Arc::downgrade(&cap), cancel));
@@ -555,6 +601,30 @@ impl Capacity {
         let _ = rx.await;
     }
 
+    /// A request's call to etcd and what the apiserver does with the
+    /// answer: `etcd` on etcd's CPU (the call arrives from the network at
+    /// the back of etcd's run queue), then `then` at the back of the
+    /// apiserver's run queue. etcd's answer wakes the gRPC client's reader
+    /// goroutine through the netpoller, and a busy Go process polls the
+    /// network only from `sysmon`, which puts what it finds on the global
+    /// run queue, behind the goroutines preempted before it (see
+    /// docs/incident-lab.md, "A request's passes through the run queue").
+    /// The reader then hands the message to the waiting handler, which
+    /// runs next (`runnext`): both are one job here. A LIST's answer is
+    /// every object of its range (`decodes_list`): decoding it keeps the
+    /// garbage collector marking while it is runnable
+    /// ([`CapacityConfig::gc_mark_share`]).
+    pub async fn serve_from_etcd(&self, etcd: Duration, then: Duration, decodes_list: bool) {
+        self.serve_etcd(etcd).await;
+        if then.is_zero() {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.cpu
+            .submit_job(then.as_secs_f64(), false, decodes_list, tx);
+        let _ = rx.await;
+    }
+
     /// Like [`Capacity::serve`], for work that continues what just ran (the
     /// same goroutine going on after taking its seat): it runs next, at the
     /// head of the run queue, as Go's `runnext` does.
@@ -643,12 +713,29 @@ pub fn too_many_requests(retry_after_secs: u64, why: &str) -> Response<ResBody> 
 }
 
 /// A CPU scheduled like Go's runtime: one FIFO run queue of jobs, each with
-/// CPU seconds left; a job that used up its quantum goes to the back.
+/// CPU seconds left; a job that used up its time slice goes to the back.
+///
+/// The time slice: Go preempts a goroutine that has run 10 ms
+/// (`forcePreemptNS`), but only `sysmon` notices, and it measures from the
+/// first of its wake-ups that saw the goroutine running
+/// (`retake`: `pd.schedwhen` is set when sysmon first sees a new
+/// `schedtick`). In a busy process sysmon has nothing else to do (no
+/// long syscalls to retake) and sleeps its longest, 10 ms; a goroutine is
+/// then first seen 0–10 ms after it started and preempted 10 ms after
+/// that: it runs 10–20 ms, 15 ms on average. Each slice here is `quantum`
+/// plus a fraction of `sysmon_period` drawn from an evenly spread
+/// sequence (deterministic, no random source).
 #[derive(Debug)]
 struct Cpu {
     jobs: std::sync::Mutex<VecDeque<Job>>,
-    /// Seconds a job runs before it is preempted.
+    /// Seconds a job runs at least before it is preempted.
     quantum: f64,
+    /// sysmon's period in seconds: a slice is up to this much longer.
+    sysmon: f64,
+    /// Slices handed out so far (the index into the spread sequence).
+    slices: AtomicU64,
+    /// Runnable jobs that decode a LIST's answer from etcd (allocating).
+    allocating: AtomicUsize,
     wake: Arc<Notify>,
     runnable: AtomicUsize,
     /// CPU seconds consumed, as f64 bits.
@@ -660,14 +747,19 @@ struct Job {
     left: f64,
     /// What is left of its current quantum.
     slice: f64,
+    /// It decodes a LIST's answer from etcd (see [`Cpu::allocating`]).
+    allocating: bool,
     done: oneshot::Sender<()>,
 }
 
 impl Cpu {
-    fn new(quantum: Duration) -> Cpu {
+    fn new(quantum: Duration, sysmon: Duration) -> Cpu {
         Cpu {
             jobs: std::sync::Mutex::new(VecDeque::new()),
             quantum: quantum.as_secs_f64().max(1e-6),
+            sysmon: sysmon.as_secs_f64(),
+            slices: AtomicU64::new(0),
+            allocating: AtomicUsize::new(0),
             wake: Arc::new(Notify::new()),
             runnable: AtomicUsize::new(0),
             consumed: AtomicU64::new(0),
@@ -676,12 +768,22 @@ impl Cpu {
 
     /// Queues a job at the back, or at the head when it runs `next`.
     fn submit(&self, secs: f64, next: bool, done: oneshot::Sender<()>) {
+        self.submit_job(secs, next, false, done);
+    }
+
+    /// Like [`Cpu::submit`], for a job that decodes a LIST's answer from
+    /// etcd when `allocating`.
+    fn submit_job(&self, secs: f64, next: bool, allocating: bool, done: oneshot::Sender<()>) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let job = Job {
             left: secs,
-            slice: self.quantum,
+            slice: self.slice(),
+            allocating,
             done,
         };
+        if allocating {
+            self.allocating.fetch_add(1, Ordering::Relaxed);
+        }
         if next {
             jobs.push_front(job);
         } else {
@@ -692,8 +794,30 @@ impl Cpu {
         self.wake.notify_one();
     }
 
+    /// A fresh time slice: `quantum` plus where in sysmon's period the
+    /// goroutine was first seen, spread evenly over [0, 1) by the golden
+    /// ratio's fractional part (a Weyl sequence).
+    fn slice(&self) -> f64 {
+        const GOLDEN_FRACTION: f64 = 0.618_033_988_749_894_9;
+        let n = self.slices.fetch_add(1, Ordering::Relaxed);
+        let seen = (n as f64 * GOLDEN_FRACTION).fract();
+        self.quantum + self.sysmon * seen
+    }
+
     fn runnable(&self) -> usize {
         self.runnable.load(Ordering::Relaxed)
+    }
+
+    /// Runnable jobs decoding a LIST's answer from etcd.
+    fn allocating(&self) -> usize {
+        self.allocating.load(Ordering::Relaxed)
+    }
+
+    /// Counts `secs` of CPU used outside the run queue (the GC's workers).
+    fn burn(&self, secs: f64) {
+        let _jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let total = self.consumed() + secs.max(0.0);
+        self.consumed.store(total.to_bits(), Ordering::Relaxed);
     }
 
     fn consumed(&self) -> f64 {
@@ -725,9 +849,12 @@ impl Cpu {
             budget -= given;
             used += given;
             if job.left <= 1e-12 {
+                if job.allocating {
+                    self.allocating.fetch_sub(1, Ordering::Relaxed);
+                }
                 let _ = job.done.send(());
             } else if job.slice <= 1e-12 {
-                job.slice = self.quantum;
+                job.slice = self.slice();
                 preempted.push(job);
             } else {
                 kept.push(job);
@@ -787,9 +914,26 @@ async fn scheduler(cap: std::sync::Weak<Capacity>, cancel: CancellationToken) {
             c.cpu.runnable(),
             c.etcd.runnable(),
         );
+        // While the apiserver decodes consistent LISTs its GC marks without
+        // rest, and its background workers take their share of its CPU
+        // before the run queue gets any.
+        let (apiserver, gc) = gc_marking(apiserver, c.cpu.allocating(), c.cfg.gc_mark_share);
+        c.cpu.burn(gc * dt);
         c.cpu.run(dt, apiserver);
         c.etcd.run(dt, etcd);
     }
+}
+
+/// The apiserver's `cores` split between its run queue and its GC's
+/// background mark workers: while `allocating` jobs (decodes of consistent
+/// LISTs) are runnable the GC marks without rest and takes `mark_share`
+/// (Go's 25%) first. Returns (run queue, GC).
+fn gc_marking(cores: f64, allocating: usize, mark_share: f64) -> (f64, f64) {
+    if allocating == 0 {
+        return (cores, 0.0);
+    }
+    let gc = cores * mark_share.clamp(0.0, 1.0);
+    (cores - gc, gc)
 }
 
 /// How the kernel shares `cores` between the apiserver and etcd, two Go
@@ -825,24 +969,31 @@ mod tests {
 
     #[test]
     fn consistent_reads_and_writes_cost_etcd_its_share() {
-        let m = CapacityConfig::small_cluster().cost;
-        // A consistent LIST of 10,000 pods: 150 ms in all, a third of it
-        // etcd's range, two thirds the apiserver's decoding.
+        let cfg = CapacityConfig::small_cluster();
+        let m = cfg.cost.clone();
+        // A consistent LIST of 10,000 pods: 50 ms of etcd's range and 75 ms
+        // of the apiserver's decoding, during which its GC's background
+        // marking takes a quarter of the apiserver's CPU: 100 ms of it, and
+        // 150 ms in all, a third of it etcd's.
         let list = m.list(ListSource::Etcd, 10_000, 0);
-        let etcd = list.etcd.expect("etcd");
-        assert!(
-            (list.total().as_secs_f64() - 0.1504).abs() < 1e-3,
-            "{list:?}"
-        );
-        assert!(
-            etcd * 2 < list.apiserver && etcd * 3 > list.apiserver,
-            "{list:?}"
-        );
+        let etcd = list.etcd.expect("etcd").as_secs_f64();
+        let apiserver = list.apiserver.as_secs_f64() / (1.0 - cfg.gc_mark_share);
+        assert!((etcd + apiserver - 0.1504).abs() < 1e-3, "{list:?}");
+        assert!(apiserver > etcd * 1.9 && apiserver < etcd * 2.1, "{list:?}");
         // The watch cache and a GET with resourceVersion stay in the apiserver.
         assert_eq!(m.list(ListSource::Cache, 10_000, 0).etcd, None);
         assert_eq!(m.read(false, 500).etcd, None);
         assert!(m.read(true, 500).etcd.is_some());
         assert!(m.write(500).etcd.expect("etcd") >= m.write);
+    }
+
+    #[test]
+    fn the_gc_marks_while_consistent_lists_decode() {
+        // Nothing allocating: the run queue has the cores.
+        assert_eq!(gc_marking(2.0, 0, 0.25), (2.0, 0.0));
+        // A LIST's answer decoding: the mark workers take a quarter first.
+        assert_eq!(gc_marking(2.0, 3, 0.25), (1.5, 0.5));
+        assert_eq!(gc_marking(1.0, 1, 0.25), (0.75, 0.25));
     }
 
     #[test]
@@ -875,7 +1026,7 @@ mod tests {
 
     #[test]
     fn short_jobs_finish_in_arrival_order() {
-        let cpu = Cpu::new(Duration::from_millis(10));
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::ZERO);
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
         cpu.submit(0.003, false, a);
@@ -894,8 +1045,40 @@ mod tests {
     }
 
     #[test]
+    fn a_slice_is_the_quantum_and_up_to_one_sysmon_period() {
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::from_millis(10));
+        let slices: Vec<f64> = (0..1000).map(|_| cpu.slice()).collect();
+        assert!(slices.iter().all(|&s| (0.010..0.020).contains(&s)));
+        // Spread evenly: 15 ms on average, short and long ones alike.
+        let mean = slices.iter().sum::<f64>() / slices.len() as f64;
+        assert!((mean - 0.015).abs() < 2e-4, "{mean}");
+        assert!(slices.iter().any(|&s| s < 0.011) && slices.iter().any(|&s| s > 0.019));
+        // Without sysmon's delay a slice is the quantum.
+        let plain = Cpu::new(Duration::from_millis(10), Duration::ZERO);
+        assert!((0..10).all(|_| (plain.slice() - 0.010).abs() < 1e-12));
+    }
+
+    #[test]
+    fn a_job_runs_its_whole_slice_before_it_is_preempted() {
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::from_millis(10));
+        // The second slice drawn is 16.2 ms (0.618 of sysmon's period).
+        let _ = cpu.slice();
+        let (a, _ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        cpu.submit(0.100, false, a);
+        cpu.submit(0.001, false, b);
+        for _ in 0..16 {
+            assert!(cpu.run(0.001, 1.0));
+        }
+        assert!(rb.try_recv().is_err(), "a keeps the core for 16.2 ms");
+        cpu.run(0.001, 1.0);
+        cpu.run(0.001, 1.0);
+        assert!(rb.try_recv().is_ok(), "then b runs");
+    }
+
+    #[test]
     fn a_continuation_runs_next() {
-        let cpu = Cpu::new(Duration::from_millis(10));
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::ZERO);
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
         cpu.submit(0.001, false, a);
@@ -906,7 +1089,7 @@ mod tests {
 
     #[test]
     fn a_long_job_is_preempted_after_its_quantum() {
-        let cpu = Cpu::new(Duration::from_millis(10));
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::ZERO);
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
         cpu.submit(0.030, false, a);
@@ -922,7 +1105,7 @@ mod tests {
 
     #[test]
     fn each_core_runs_one_job_at_a_time() {
-        let cpu = Cpu::new(Duration::from_millis(10));
+        let cpu = Cpu::new(Duration::from_millis(10), Duration::ZERO);
         let (a, mut ra) = oneshot::channel();
         let (b, mut rb) = oneshot::channel();
         let (c, mut rc) = oneshot::channel();
@@ -1004,6 +1187,33 @@ mod tests {
             Err(StatusCode::TOO_MANY_REQUESTS)
         );
         next.abort();
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn etcds_answer_waits_behind_the_apiservers_run_queue() {
+        let cancel = CancellationToken::new();
+        let cfg = CapacityConfig {
+            cores: 1.0,
+            sysmon_period: Duration::ZERO,
+            ..CapacityConfig::small_cluster()
+        };
+        let cap = Capacity::start(cfg, cancel.clone());
+        // Three LISTs decoding on the apiserver (100 ms each, 10 ms slices).
+        for _ in 0..3 {
+            let cap = Arc::clone(&cap);
+            tokio::spawn(async move { cap.serve(Duration::from_millis(100)).await });
+        }
+        tokio::task::yield_now().await;
+        // A consistent GET: 1 ms of etcd, then 1 ms of the apiserver. Its
+        // answer arrives from the network and waits for a slice of each
+        // LIST before it (about 30 ms of CPU on one core), where
+        // a hand-off (`runnext`) would wait for the running slice only.
+        let start = tokio::time::Instant::now();
+        cap.serve_from_etcd(Duration::from_millis(1), Duration::from_millis(1), false)
+            .await;
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(25), "{took:?}");
         cancel.cancel();
     }
 

@@ -426,16 +426,21 @@ async fn route(state: &Arc<State>, conn: &ConnInfo, req: Request<Incoming>) -> R
     // served before admission), on the modeled CPU, holding the seat. A
     // request that goes to etcd first waits for etcd's CPU (its gRPC call
     // arrives from the network at the back of etcd's run queue); etcd's
-    // answer then goes straight to the waiting handler (the gRPC reader
-    // goroutine readies it: Go's `runnext`), which decodes it.
+    // answer arrives from the network too, so the apiserver's gRPC reader
+    // rejoins the back of the apiserver's run queue before it hands the
+    // message to the handler, which decodes it (`serve_from_etcd`). A
+    // request answered without etcd goes straight on (`runnext`).
     if let Some(cap) = &state.capacity {
         let work =
             super::capacity::request_cost(cap.cost(), &state.store, &info_cost(&info), &resp);
-        if let Some(etcd) = work.etcd {
-            cap.serve_etcd(etcd).await;
+        let rest = work.apiserver.saturating_sub(cap.cost().request_base);
+        match work.etcd {
+            Some(etcd) => {
+                cap.serve_from_etcd(etcd, rest, info.verb == Verb::List)
+                    .await
+            }
+            None => cap.serve_next(rest).await,
         }
-        cap.serve_next(work.apiserver.saturating_sub(cap.cost().request_base))
-            .await;
     }
     state.metrics.record(labels, resp.status().as_u16());
     resp
