@@ -98,6 +98,10 @@ struct StormArgs {
     /// Show breakwater's logs (stderr).
     #[arg(long)]
     show_proxy_logs: bool,
+    /// The admin probe opens a new connection (a TLS handshake) for every
+    /// GET, as a `kubectl` command does, instead of re-using one.
+    #[arg(long)]
+    probe_new_connections: bool,
 }
 
 #[derive(Args)]
@@ -647,6 +651,7 @@ async fn storm(a: StormArgs) -> anyhow::Result<()> {
         breakwater: a.breakwater,
         progress: true,
         show_proxy_logs: a.show_proxy_logs,
+        probe_new_connections: a.probe_new_connections,
     };
     let started = std::time::Instant::now();
     if a.compare {

@@ -95,6 +95,9 @@ pub struct StormOpts {
     pub progress: bool,
     /// Pass the proxy's logs through to stderr.
     pub show_proxy_logs: bool,
+    /// A new connection (and TLS handshake) for every admin probe, as
+    /// kubectl makes one per command; else the probe re-uses its connection.
+    pub probe_new_connections: bool,
 }
 
 impl Default for StormOpts {
@@ -116,6 +119,7 @@ impl Default for StormOpts {
             breakwater: None,
             progress: true,
             show_proxy_logs: false,
+            probe_new_connections: false,
         }
     }
 }
@@ -445,6 +449,7 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
         admin_tls.clone(),
         t0,
         Arc::clone(&probes),
+        opts.probe_new_connections,
         stop_side.clone(),
     )?;
     let stop_churn = CancellationToken::new();
@@ -884,6 +889,7 @@ fn spawn_probe_thread(
     tls: tokio_rustls::TlsConnector,
     t0: Instant,
     out: Arc<Mutex<Vec<Probe>>>,
+    new_connections: bool,
     cancel: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -894,7 +900,7 @@ fn spawn_probe_thread(
         .name("storm-admin-probe".into())
         .spawn(move || {
             raise_thread_priority();
-            rt.block_on(admin_probe(target, tls, t0, out, cancel));
+            rt.block_on(admin_probe(target, tls, t0, out, new_connections, cancel));
         })
         .context("start the admin probe's thread")
 }
@@ -927,6 +933,7 @@ async fn admin_probe(
     tls: tokio_rustls::TlsConnector,
     t0: Instant,
     out: Arc<Mutex<Vec<Probe>>>,
+    new_connections: bool,
     cancel: CancellationToken,
 ) {
     let mut conn = None;
@@ -936,6 +943,9 @@ async fn admin_probe(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        if new_connections {
+            conn = None;
         }
         let started = Instant::now();
         let r = tokio::select! {
