@@ -232,16 +232,26 @@ async fn get_on(
     path: &str,
     token: Option<&str>,
 ) -> u16 {
-    use http_body_util::BodyExt;
     sender.ready().await.expect("ready");
-    let mut req = http::Request::get(path).header("host", "127.0.0.1");
-    if let Some(token) = token {
-        req = req.header("authorization", format!("Bearer {token}"));
-    }
-    let resp = sender
-        .send_request(req.body(http_body_util::Empty::new()).expect("request"))
-        .await
-        .expect("response");
+    let req = get_request(http::Request::get(path).header("host", "127.0.0.1"), token);
+    status_of(sender.send_request(req).await.expect("response")).await
+}
+
+/// The GET `req` with `token` as its bearer credential when given.
+fn get_request(
+    req: http::request::Builder,
+    token: Option<&str>,
+) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let req = match token {
+        Some(token) => req.header("authorization", format!("Bearer {token}")),
+        None => req,
+    };
+    req.body(http_body_util::Empty::new()).expect("request")
+}
+
+/// A response's status, its body read to the end.
+async fn status_of(resp: http::Response<hyper::body::Incoming>) -> u16 {
+    use http_body_util::BodyExt;
     let status = resp.status().as_u16();
     resp.into_body().collect().await.expect("body");
     status
@@ -403,16 +413,12 @@ async fn h2_get_on(
     path: &str,
     token: &str,
 ) -> u16 {
-    use http_body_util::BodyExt;
     sender.ready().await.expect("ready");
-    let req = http::Request::get(format!("https://127.0.0.1{path}"))
-        .header("authorization", format!("Bearer {token}"))
-        .body(http_body_util::Empty::new())
-        .expect("request");
-    let resp = sender.send_request(req).await.expect("response");
-    let status = resp.status().as_u16();
-    resp.into_body().collect().await.expect("body");
-    status
+    let req = get_request(
+        http::Request::get(format!("https://127.0.0.1{path}")),
+        Some(token),
+    );
+    status_of(sender.send_request(req).await.expect("response")).await
 }
 
 /// A bearer-token admin is served beside the storm too: the first request

@@ -161,15 +161,11 @@ pub fn scan(protocol: Protocol, buf: &[u8]) -> Scan {
     let h2 = match protocol {
         Protocol::Http1 => false,
         Protocol::Http2 => true,
+        // What hyper's auto builder sniffs; a partial preface reads on
+        // (scan_h2 says More).
         Protocol::Either => {
             let n = buf.len().min(PREFACE.len());
-            if buf[..n] != PREFACE[..n] {
-                false
-            } else if n < PREFACE.len() {
-                return Scan::More;
-            } else {
-                true
-            }
+            buf[..n] == PREFACE[..n]
         }
     };
     if h2 { scan_h2(buf) } else { scan_h1(buf) }
@@ -223,9 +219,7 @@ fn scan_h2(buf: &[u8]) -> Scan {
     let mut stream = None;
     loop {
         // A frame that could not fit in the peek is never waited for.
-        if let Some(h) = rest.get(..3)
-            && (usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2])) > MAX_PEEK
-        {
+        if rest.get(..3).is_some_and(|h| frame_len(h) > MAX_PEEK) {
             return Scan::Stop;
         }
         let Some((
@@ -277,7 +271,7 @@ struct Frame<'a> {
 /// incomplete.
 fn frame(buf: &[u8]) -> Option<(Frame<'_>, &[u8])> {
     let header = buf.get(..9)?;
-    let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    let len = frame_len(header);
     let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
     let payload = buf.get(9..9 + len)?;
     let frame = Frame {
@@ -287,6 +281,11 @@ fn frame(buf: &[u8]) -> Option<(Frame<'_>, &[u8])> {
         payload,
     };
     Some((frame, &buf[9 + len..]))
+}
+
+/// A frame's payload length: the 24 bits its header starts with.
+fn frame_len(header: &[u8]) -> usize {
+    usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2])
 }
 
 /// A HEADERS frame's block fragment, without padding and priority.

@@ -115,7 +115,9 @@ impl PublicKey {
     fn rsa_bits(&self) -> Option<usize> {
         match self {
             PublicKey::RsaParts { n, .. } => Some(unsigned_bits(n)),
-            PublicKey::RsaDer(der) => pkcs1_modulus(der).map(unsigned_bits),
+            PublicKey::RsaDer(der) => x509_parser::public_key::RSAPublicKey::from_der(der)
+                .ok()
+                .map(|(_, key)| unsigned_bits(key.modulus)),
             PublicKey::Ec(_) => None,
         }
     }
@@ -244,35 +246,6 @@ fn unsigned_bits(n: &[u8]) -> usize {
         Some(first) => (n.len() - skip) * 8 - first.leading_zeros() as usize,
         None => 0,
     }
-}
-
-/// The modulus of a PKCS#1 `RSAPublicKey` (`SEQUENCE { INTEGER n, INTEGER
-/// e }`, DER).
-fn pkcs1_modulus(der: &[u8]) -> Option<&[u8]> {
-    /// A DER element's tag and content, and what follows it.
-    fn element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = der.split_first()?;
-        let (&first, mut rest) = rest.split_first()?;
-        let len = if first < 0x80 {
-            usize::from(first)
-        } else {
-            let octets = usize::from(first & 0x7f);
-            if octets > 4 || rest.len() < octets {
-                return None;
-            }
-            let (len, tail) = rest.split_at(octets);
-            rest = tail;
-            len.iter().fold(0, |acc, b| acc << 8 | usize::from(*b))
-        };
-        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-    }
-    let (0x30, seq, _) = element(der)? else {
-        return None;
-    };
-    let (0x02, n, _) = element(seq)? else {
-        return None;
-    };
-    Some(n)
 }
 
 fn load_jwks(bytes: &[u8], keys: &mut Vec<VerifyKey>) -> Result<(), String> {
