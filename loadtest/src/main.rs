@@ -102,6 +102,11 @@ struct StormArgs {
     /// GET, as a `kubectl` command does, instead of re-using one.
     #[arg(long)]
     probe_new_connections: bool,
+    /// Through Breakwater, the admin (probe and rollback) connects to a
+    /// `--privileged-listen` listener of its own, as an operator would
+    /// point admins' kubeconfigs at it.
+    #[arg(long)]
+    admin_listener: bool,
 }
 
 #[derive(Args)]
@@ -652,6 +657,7 @@ async fn storm(a: StormArgs) -> anyhow::Result<()> {
         progress: true,
         show_proxy_logs: a.show_proxy_logs,
         probe_new_connections: a.probe_new_connections,
+        admin_listener: a.admin_listener,
     };
     let started = std::time::Instant::now();
     if a.compare {

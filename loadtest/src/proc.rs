@@ -34,6 +34,9 @@ const LISTEN_PREFIX: &str = "breakwater: listening on https://";
 /// Prefix of the (optional) line carrying the plain loopback listener's
 /// address; printed before the two readiness lines.
 const PLAIN_PREFIX: &str = "breakwater: plain HTTP on http://";
+/// Prefix of the (optional) line carrying the privileged TLS listener's
+/// address; printed before the two readiness lines.
+const PRIVILEGED_PREFIX: &str = "breakwater: privileged TLS on https://";
 /// Prefix of the readiness line carrying the admin listener's address.
 const ADMIN_PREFIX: &str = "breakwater: admin on http://";
 
@@ -201,6 +204,7 @@ pub struct BreakwaterProcess {
     listen: SocketAddr,
     admin: SocketAddr,
     plain: Option<SocketAddr>,
+    privileged: Option<SocketAddr>,
     tail: Tail,
 }
 
@@ -257,6 +261,7 @@ impl BreakwaterProcess {
             let mut listen = None;
             let mut admin = None;
             let mut plain = None;
+            let mut privileged = None;
             while listen.is_none() || admin.is_none() {
                 let Some(line) = lines.next_line().await? else {
                     return Ok(None); // stdout closed: the child is exiting
@@ -269,13 +274,15 @@ impl BreakwaterProcess {
                     admin = Some(parse_addr(rest, &line)?);
                 } else if let Some(rest) = trimmed.strip_prefix(PLAIN_PREFIX) {
                     plain = Some(parse_addr(rest, &line)?);
+                } else if let Some(rest) = trimmed.strip_prefix(PRIVILEGED_PREFIX) {
+                    privileged = Some(parse_addr(rest, &line)?);
                 }
             }
-            Ok::<_, ProcError>(listen.zip(admin).map(|(l, a)| (l, a, plain)))
+            Ok::<_, ProcError>(listen.zip(admin).map(|(l, a)| (l, a, plain, privileged)))
         })
         .await;
 
-        let (listen, admin, plain) = match waited {
+        let (listen, admin, plain, privileged) = match waited {
             Ok(Ok(Some(addrs))) => addrs,
             Ok(Ok(None)) => {
                 let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
@@ -315,6 +322,7 @@ impl BreakwaterProcess {
             listen,
             admin,
             plain,
+            privileged,
             tail,
         })
     }
@@ -322,6 +330,11 @@ impl BreakwaterProcess {
     /// The plain-HTTP loopback listener, when started with `--plain-listen`.
     pub fn plain_addr(&self) -> Option<SocketAddr> {
         self.plain
+    }
+
+    /// The privileged TLS listener, when started with `--privileged-listen`.
+    pub fn privileged_addr(&self) -> Option<SocketAddr> {
+        self.privileged
     }
 
     /// The proxy's TLS listen address.

@@ -104,6 +104,13 @@ pub struct RunOptions {
     /// callers authenticate with bearer tokens only. Refused unless the address is loopback.
     #[arg(long)]
     pub plain_listen: Option<SocketAddr>,
+    /// Also serve TLS on this address for privileged callers (identities an exempt rule
+    /// names): its connections are accepted, handshaken and served on the privileged
+    /// thread, so an admin's kubectl, which dials anew for every command, never queues
+    /// behind a storm's handshakes. Point admins' kubeconfigs at it; any other caller
+    /// that connects there is served as on --listen.
+    #[arg(long)]
+    pub privileged_listen: Option<SocketAddr>,
     /// Most open client connections, both listeners together; past it a new connection is
     /// closed at once [default: 20000].
     #[arg(long)]
@@ -172,6 +179,9 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// Plain HTTP on loopback (`--plain-listen`).
     pub plain_listen: Option<SocketAddr>,
+    /// TLS for privileged callers, on the privileged thread
+    /// (`--privileged-listen`).
+    pub privileged_listen: Option<SocketAddr>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub client_ca: Option<PathBuf>,
@@ -249,6 +259,7 @@ impl RunOptions {
             config: self.config,
             listen: self.listen.or(file.listen),
             plain_listen: self.plain_listen.or(file.plain_listen),
+            privileged_listen: self.privileged_listen.or(file.privileged_listen),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             client_ca: self.client_ca.or(file.client_ca),
@@ -337,6 +348,7 @@ impl RunOptions {
         }
         Ok(ProxyConfig {
             plain_listen: self.plain_listen,
+            privileged_listen: self.privileged_listen,
             listen: self
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 6443))),
@@ -522,7 +534,7 @@ mod tests {
     #[test]
     fn flags_override_the_file_and_defaults_fill_the_rest() {
         let file: RunOptions = serde_yaml_ng::from_str(
-            "upstream: https://10.0.0.1:6443\ntlsCert: /f/cert\ntlsKey: /f/key\nshutdownGrace: 5s\n",
+            "upstream: https://10.0.0.1:6443\ntlsCert: /f/cert\ntlsKey: /f/key\nshutdownGrace: 5s\nprivilegedListen: 10.0.0.2:6444\n",
         )
         .expect("parse");
         let flags = RunOptions {
@@ -537,6 +549,10 @@ mod tests {
         assert!(cfg.auth.anonymous);
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(5));
         assert_eq!(cfg.listen, "127.0.0.1:6443".parse().expect("addr"));
+        assert_eq!(
+            cfg.privileged_listen,
+            Some("10.0.0.2:6444".parse().expect("addr"))
+        );
     }
 
     #[test]

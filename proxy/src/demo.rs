@@ -159,6 +159,7 @@ impl Demo {
         // headers over its front-proxy certificate.
         let proxy = server::start(ProxyConfig {
             plain_listen: None,
+            privileged_listen: None,
             listen: SocketAddr::new(loopback, opts.port),
             tls_cert: dir.join("proxy.crt"),
             tls_key: dir.join("proxy.key"),

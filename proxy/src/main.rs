@@ -210,6 +210,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(plain) = handle.plain_addr() {
                 println!("breakwater: plain HTTP on http://{plain}");
             }
+            if let Some(privileged) = handle.privileged_addr() {
+                println!("breakwater: privileged TLS on https://{privileged}");
+            }
             println!("breakwater: listening on https://{}", handle.addr());
             println!("breakwater: admin on http://{}", handle.admin_addr());
             // SIGHUP is served on this task, beside the wait for SIGTERM:

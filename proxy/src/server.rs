@@ -24,15 +24,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::accept::peek::{self, FirstRequest, Protocol, Replay};
 use crate::accept::threads::SideRuntime;
-use crate::accept::{self, Admitted, Gate, SlotIo};
+use crate::accept::{self, Gate};
 use crate::admin::{self, AdminState};
 use crate::admit::{self, Admission, AdmitError};
 use crate::config::ProxyConfig;
@@ -43,6 +42,9 @@ use crate::reload;
 use crate::tasks::TrackedExecutor;
 use crate::tls::{ServerTls, TlsError};
 use crate::upstream::{BoxError, Upstream, UpstreamConfigError};
+
+mod connection;
+use connection::{Door, accept_loop};
 
 /// HTTP/2 streams per client connection.
 const MAX_STREAMS: u32 = 1000;
@@ -78,6 +80,7 @@ pub struct ProxyHandle {
     addr: SocketAddr,
     admin_addr: SocketAddr,
     plain_addr: Option<SocketAddr>,
+    privileged_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<Stopped>,
     admission: Arc<Admission>,
@@ -102,6 +105,11 @@ impl ProxyHandle {
     /// The admin listener.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The privileged TLS listener, when configured (`--privileged-listen`).
+    pub fn privileged_addr(&self) -> Option<SocketAddr> {
+        self.privileged_addr
     }
 
     /// The plain-HTTP loopback listener, when configured (`--plain-listen`).
@@ -159,7 +167,9 @@ pub struct Stopped {
 /// took 16.8 s to be all watching, its last 52 agents 8 s of it).
 pub const LISTEN_BACKLOG: u32 = 65_535;
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+/// Binds `addr`, registering the listener with the current runtime's I/O
+/// driver (or the one entered).
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     let listen = || -> std::io::Result<TcpListener> {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -204,12 +214,28 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     let reviewer: Arc<dyn TokenReviewer> = Arc::new(upstream.clone());
     let key_files = cfg.auth.service_account_key_files.clone();
     let auth = Authenticator::new(cfg.auth.clone(), Some(reviewer))?;
-    let listener = bind(cfg.listen).await?;
-    let admin_listener = bind(cfg.admin_listen).await?;
+    let listener = bind(cfg.listen)?;
+    let admin_listener = bind(cfg.admin_listen)?;
     let plain_listener = match cfg.plain_listen {
-        Some(a) => Some(bind(a).await?),
+        Some(a) => Some(bind(a)?),
         None => None,
     };
+    // The privileged listener is registered with the privileged thread's
+    // I/O driver, and accepts there (`Door::Privileged`).
+    let privileged_listener = match cfg.privileged_listen {
+        Some(a) => {
+            let _there = privileged_handle
+                .as_ref()
+                .map(tokio::runtime::Handle::enter);
+            let l = bind(a)?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr: a, source })?;
+            Some((l, bound))
+        }
+        None => None,
+    };
+    let privileged_addr = privileged_listener.as_ref().map(|(_, a)| *a);
     let plain_addr = match &plain_listener {
         Some(l) => Some(l.local_addr().map_err(|source| StartError::Bind {
             addr: cfg.plain_listen.unwrap_or(cfg.listen),
@@ -321,27 +347,52 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
                 tasks: tasks.clone(),
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
+                serving: tokio::runtime::Handle::current(),
             };
             {
-                let plain = plain_listener.map(|l| {
-                    let (shared, conns, shutdown) = (shared.clone(), &conns, shutdown.clone());
-                    let gate = gate.clone();
-                    async move { accept_loop(l, None, gate, shared, conns, shutdown).await }
-                });
+                let plain = async {
+                    if let Some(l) = plain_listener {
+                        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+                        accept_loop(
+                            l,
+                            Door::Plain,
+                            gate.clone(),
+                            shared,
+                            conns.clone(),
+                            shutdown,
+                        )
+                        .await;
+                    }
+                };
+                let privileged_door = async {
+                    let Some((l, _)) = privileged_listener else {
+                        return;
+                    };
+                    let door = Door::Privileged(server_tls.clone());
+                    let run = accept_loop(
+                        l,
+                        door,
+                        gate.clone(),
+                        shared.clone(),
+                        conns.clone(),
+                        shutdown.clone(),
+                    );
+                    match &shared.privileged {
+                        // Err: that runtime is gone, and the loop with it.
+                        Some(there) => drop(there.spawn(run).await),
+                        // No privileged thread: a listener like --listen.
+                        None => run.await,
+                    }
+                };
                 let tls = accept_loop(
                     listener,
-                    Some(server_tls),
-                    gate,
+                    Door::Main(server_tls.clone()),
+                    gate.clone(),
                     shared.clone(),
-                    &conns,
-                    shutdown,
+                    conns.clone(),
+                    shutdown.clone(),
                 );
-                match plain {
-                    Some(plain) => {
-                        tokio::join!(tls, plain);
-                    }
-                    None => tls.await,
-                }
+                tokio::join!(tls, plain, privileged_door);
             }
             // Step 1 is done (listener closed); fail readiness too.
             admin_state.ready.store(false, Ordering::Release);
@@ -380,6 +431,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
     tracing::info!(
         %addr,
         %admin_addr,
+        privileged = %privileged_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         plain = %plain_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         upstream = %cfg.upstream.url,
         mode = cfg.upstream.mode.as_str(),
@@ -389,6 +441,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         addr,
         admin_addr,
         plain_addr,
+        privileged_addr,
         shutdown,
         done,
         admission,
@@ -401,12 +454,15 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
 
 /// The client connections: their tasks (from accept to close, TLS handshake
 /// included) and the signal that tells each to finish gracefully.
+#[derive(Clone)]
 struct Connections {
     /// The proxy's tracker: connection tasks are spawned there.
     tasks: TaskTracker,
     /// The connections alone, so that step 2 can wait for them.
     tracker: TaskTracker,
     stop: CancellationToken,
+    /// The runtime that serves the connections of unprivileged callers.
+    serving: tokio::runtime::Handle,
 }
 
 impl Connections {
@@ -434,239 +490,6 @@ async fn drain(conns: Connections, shared: &Shared, grace: Duration) {
         .is_err()
     {
         tracing::warn!("connections still open after ending streams; closing anyway");
-    }
-}
-
-/// Accepts on `listener` until shutdown: TLS connections when `tls` is
-/// given, plain ones (the loopback listener) otherwise. A connection over
-/// the caps of `gate` is closed at once, before a byte is read.
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<Arc<ServerTls>>,
-    gate: Arc<Gate>,
-    shared: Arc<Shared>,
-    conns: &Connections,
-    shutdown: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            res = listener.accept() => match res {
-                Ok(pair) => {
-                    backoff = Duration::from_millis(5);
-                    pair
-                }
-                Err(err) => {
-                    // EMFILE/ENFILE and aborted handshakes: the listener
-                    // itself is fine; wait a little and go on.
-                    tracing::warn!(error = %Chain(&err), "accept failed; backing off");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
-        // Over a cap: close now, neither a task nor a handshake spent
-        // (counted in breakwater_connections_refused_total by the gate).
-        let admitted = match gate.admit(peer.ip()) {
-            Ok(admitted) => admitted,
-            Err(reason) => {
-                tracing::debug!(%peer, reason = reason.as_str(), "connection refused");
-                drop(tcp);
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let (shared, stop) = (shared.clone(), conns.stop.clone());
-        match &tls {
-            Some(tls) => {
-                let io = SlotIo::new(tcp, gate.handshake_slots());
-                conns.spawn(serve_connection(
-                    io,
-                    peer,
-                    tls.acceptor(),
-                    (admitted, gate.clone()),
-                    shared,
-                    stop,
-                ));
-            }
-            None => {
-                let io = TokioIo::new(tcp);
-                conns.spawn(async move {
-                    // Counted as open until the connection ends.
-                    let _admitted = admitted;
-                    let memo = Arc::default();
-                    serve_http(io, peer, None, None, memo, shared, stop).await;
-                });
-            }
-        }
-    }
-    drop(listener);
-}
-
-/// The TLS handshake and the HTTP connection, which finishes gracefully
-/// once `stop` is cancelled. `admitted` keeps the connection counted
-/// against the caps until it ends; the gate runs the handshake on its
-/// threads (see [`accept::threads`]).
-async fn serve_connection(
-    io: SlotIo,
-    peer: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
-    (admitted, gate): (Admitted, Arc<Gate>),
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-) {
-    let _admitted = admitted;
-    // The handshake (and, when a token could be privileged, the first
-    // request's header block) is a task of its own on the handshake
-    // threads, so its state is freed when it is done instead of sizing this
-    // task for the connection's whole life, and a slow client's bytes never
-    // wake the serving runtime's queue.
-    let Some(Some(established)) = gate
-        .handshake(establish(io, peer, acceptor, shared.clone()))
-        .await
-    else {
-        // The handshake failed, or the handshake threads are gone (the
-        // proxy is shutting down).
-        return;
-    };
-    let Established {
-        tls,
-        cert,
-        alpn,
-        peeked,
-        first,
-    } = established;
-    // The connection's last bearer token (crate::identity::TokenMemo); the
-    // peek's authentication fills it, so the first request reuses it.
-    let memo = Arc::new(crate::identity::TokenMemo::default());
-    let privileged = shared.privileged.is_some()
-        && match (&cert, first) {
-            (Some(id), _) => shared.admission.is_privileged(id),
-            (None, Some(first)) => token_is_privileged(&shared, &memo, first, peer).await,
-            (None, None) => false,
-        };
-    // Whatever the peek read is read again by hyper first: nothing is lost.
-    let mut io = Replay::new(peeked, tls);
-    // A privileged identity's connection (an exempt rule names it) is
-    // served on the privileged thread, its socket moved to that runtime's
-    // I/O driver: its requests never queue behind the storm's. This task
-    // stays, holding the connection's place in the caps and the tracker.
-    if privileged && let Some(home) = &shared.privileged {
-        let home = home.clone();
-        let served = home.spawn(async move {
-            if let Err(err) = io.get_mut().get_mut().0.rehome() {
-                tracing::debug!(%peer, error = %Chain(&err), "privileged connection stays on the serving runtime's driver");
-            }
-            serve_http(TokioIo::new(io), peer, alpn, cert, memo, shared, stop).await;
-        });
-        // Err: the runtime is shutting down, and the connection with it.
-        let _ = served.await;
-        return;
-    }
-    serve_http(TokioIo::new(io), peer, alpn, cert, memo, shared, stop).await;
-}
-
-/// A TLS connection, handshake done.
-struct Established {
-    tls: tokio_rustls::server::TlsStream<SlotIo>,
-    /// The identity of its verified client certificate.
-    cert: Option<Arc<crate::identity::Identity>>,
-    alpn: Option<Vec<u8>>,
-    /// What [`peek::first_request`] read, to be replayed to hyper.
-    peeked: Vec<u8>,
-    /// The first request, when it carries a bearer token.
-    first: Option<FirstRequest>,
-}
-
-/// The handshake, under [`HANDSHAKE_TIMEOUT`] (waiting for handshake slots
-/// included, see [`SlotIo`]); then, for a connection without a
-/// certificate while some exempt rule could make a bearer token
-/// privileged, its first header block ([`peek`]). `None` if the handshake
-/// failed.
-async fn establish(
-    io: SlotIo,
-    peer: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
-    shared: Arc<Shared>,
-) -> Option<Established> {
-    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(err)) => {
-            tracing::debug!(%peer, error = %Chain(&err), "TLS handshake failed");
-            return None;
-        }
-        Err(_) => {
-            metrics::counter!("breakwater_connections_refused_total", "reason" => "handshake_timeout")
-                .increment(1);
-            tracing::debug!(%peer, "TLS handshake timed out");
-            return None;
-        }
-    };
-    // Requests (and the peek) never take a handshake slot.
-    tls.get_mut().0.handshake_done();
-    // x509 identity: once per connection, from the verified chain's leaf.
-    let cert = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-        None => None,
-        Some(leaf) => match Authenticator::from_certificate(leaf) {
-            Ok(identity) => Some(Arc::new(identity)),
-            Err(err) => {
-                tracing::info!(%peer, error = %Chain(&err), "client certificate carries no usable identity");
-                None
-            }
-        },
-    };
-    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    // A certificate wins over any token (as in the apiserver), and without
-    // an exempt rule no token is privileged: then nothing is read here.
-    let (peeked, first) =
-        if cert.is_none() && shared.privileged.is_some() && shared.admission.may_privilege_tokens()
-        {
-            peek::first_request(&mut tls, Protocol::from_alpn(alpn.as_deref())).await
-        } else {
-            (Vec::new(), None)
-        };
-    Some(Established {
-        tls,
-        cert,
-        alpn,
-        peeked,
-        first,
-    })
-}
-
-/// Whether the bearer token of a connection's first request names a
-/// privileged identity. Authenticated as that request will be, through the
-/// connection's memo (skipped for a long-running request, as the request
-/// path skips it): the request then finds the answer in the memo or the
-/// caches, so the token is verified once, and a TokenReview it needs is the
-/// one the request would have made (coalesced with it, cached for both). A
-/// refusal is not acted on here: the request meets it again and answers it.
-async fn token_is_privileged(
-    shared: &Shared,
-    memo: &crate::identity::TokenMemo,
-    first: FirstRequest,
-    peer: SocketAddr,
-) -> bool {
-    let (path, query) = match first.target.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
-        None => (first.target.as_str(), None),
-    };
-    let long_running = crate::classify::classify(&first.method, path, query).is_long_running();
-    let mut headers = http::HeaderMap::new();
-    headers.insert(http::header::AUTHORIZATION, first.authorization);
-    let memo = (!long_running).then_some(memo);
-    match shared.auth.authenticate_on(memo, None, &headers).await {
-        Ok(identity) => {
-            let privileged =
-                !shared.auth.is_unverified(&identity) && shared.admission.is_privileged(&identity);
-            if privileged {
-                tracing::debug!(%peer, user = %identity.username, "bearer token names a privileged identity; connection served on the privileged thread");
-            }
-            privileged
-        }
-        Err(_) => false,
     }
 }
 

@@ -264,72 +264,16 @@ async fn status_of(resp: http::Response<hyper::body::Incoming>) -> u16 {
 /// privileged thread too), while a ServiceAccount's waits for the worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exempt_identity_is_answered_while_the_serving_runtime_is_busy() {
-    use breakwater::config::LimitsConfig;
-    use breakwater::tls::UpstreamTls;
-    use breakwater::upstream::{AuthMode, DEFAULT_PROXY_USER, Timeouts, UpstreamConfig};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
+    use std::sync::atomic::Ordering;
     let env = demo_env().await;
-    let dir = env.dir.path();
-    let limits = dir.join("limits-admins.yaml");
-    std::fs::write(
-        &limits,
-        "apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: admins\n    match:\n      groups: [\"system:masters\"]\n    exempt: true\n",
-    )
-    .expect("write limits");
-    let mut cfg = passthrough_config(&env, env.demo.sim.url(), Duration::from_secs(1));
-    cfg.client_ca = Some(dir.join("client-ca.crt"));
-    cfg.upstream = UpstreamConfig {
-        url: env.demo.sim.url(),
-        tls: UpstreamTls {
-            ca: Some(dir.join("kube-sim-ca.crt")),
-            client_cert: Some((
-                dir.join("front-proxy-client.crt"),
-                dir.join("front-proxy-client.key"),
-            )),
-        },
-        token_file: None,
-        mode: AuthMode::FrontProxy,
-        proxy_user: DEFAULT_PROXY_USER.to_string(),
-        timeouts: Timeouts::default(),
-        lanes: Default::default(),
-    };
-    cfg.limits = LimitsConfig {
-        file: Some(limits),
-        ..LimitsConfig::default()
-    };
-    // The proxy's serving runtime: one worker, apart from the test's and
-    // kube-sim's.
-    let serving = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let proxy = serving
-        .spawn(breakwater::server::start(cfg))
-        .await
-        .expect("task")
-        .expect("proxy starts");
-
+    let (serving, proxy) = cert_admins_proxy(&env, false).await;
     let mut admin = h1_connection(&env, proxy.addr(), Some(("admin.crt", "admin.key"))).await;
     let mut agent = h1_connection(&env, proxy.addr(), None).await;
     let ns = "/api/v1/namespaces/default";
     assert_eq!(get_on(&mut admin, ns, None).await, 200);
     assert_eq!(get_on(&mut agent, ns, Some(&env.demo.token)).await, 200);
 
-    // The serving worker is taken (as by thousands of ready tasks).
-    let done = Arc::new(AtomicBool::new(false));
-    let (taken_tx, taken) = tokio::sync::oneshot::channel();
-    serving.spawn({
-        let done = done.clone();
-        async move {
-            let _ = taken_tx.send(());
-            std::thread::sleep(Duration::from_secs(3));
-            done.store(true, Ordering::SeqCst);
-        }
-    });
-    taken.await.expect("the worker is taken");
+    let done = block_the_worker(&serving).await;
     let agent_get = tokio::spawn({
         let token = env.demo.token.clone();
         let done = done.clone();
@@ -355,6 +299,108 @@ async fn an_exempt_identity_is_answered_while_the_serving_runtime_is_busy() {
         .await
         .expect("shutdown task");
     serving.shutdown_background();
+}
+
+/// An admin's kubectl dials anew for every command. On the privileged
+/// listener a new connection is accepted and handshaken on the privileged
+/// thread: it is answered while the serving runtime is taken, where a new
+/// connection to `--listen` waits for it (that listener accepts there). A
+/// caller that is not privileged may connect there too, and is served on
+/// the serving runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_on_the_privileged_listener_skips_the_busy_runtime() {
+    use std::sync::atomic::Ordering;
+    let env = demo_env().await;
+    let (serving, proxy) = cert_admins_proxy(&env, true).await;
+    let privileged = proxy.privileged_addr().expect("a privileged listener");
+    let ns = "/api/v1/namespaces/default";
+    let mut agent = h1_connection(&env, privileged, None).await;
+    assert_eq!(get_on(&mut agent, ns, Some(&env.demo.token)).await, 200);
+
+    let done = block_the_worker(&serving).await;
+    let on_main_listener = async {
+        let mut admin = h1_connection(&env, proxy.addr(), Some(("admin.crt", "admin.key"))).await;
+        assert_eq!(get_on(&mut admin, ns, None).await, 200);
+        done.load(Ordering::SeqCst)
+    };
+    let on_privileged_listener = async {
+        for _ in 0..3 {
+            let mut admin = h1_connection(&env, privileged, Some(("admin.crt", "admin.key"))).await;
+            assert_eq!(get_on(&mut admin, ns, None).await, 200);
+            assert!(
+                !done.load(Ordering::SeqCst),
+                "the admin's new connection waited for the serving runtime"
+            );
+        }
+    };
+    let (after, ()) = tokio::join!(on_main_listener, on_privileged_listener);
+    // The premise: a new connection to --listen did wait for the worker.
+    assert!(
+        after,
+        "a new connection on --listen did not need the serving runtime"
+    );
+    // The unprivileged caller's connection still works, on the serving runtime.
+    assert_eq!(get_on(&mut agent, ns, Some(&env.demo.token)).await, 200);
+
+    serving
+        .spawn(proxy.shutdown())
+        .await
+        .expect("shutdown task");
+    serving.shutdown_background();
+}
+
+/// A proxy on a serving runtime of its own with one worker (apart from the
+/// test's and kube-sim's), in front-proxy mode with client certificates,
+/// and an exempt rule for the group system:masters (the demo's admin
+/// certificate); with a privileged listener when `privileged_listen`.
+async fn cert_admins_proxy(
+    env: &common::Env,
+    privileged_listen: bool,
+) -> (tokio::runtime::Runtime, breakwater::server::ProxyHandle) {
+    use breakwater::config::LimitsConfig;
+    use breakwater::tls::UpstreamTls;
+    use breakwater::upstream::{AuthMode, DEFAULT_PROXY_USER, Timeouts, UpstreamConfig};
+
+    let dir = env.dir.path();
+    let limits = dir.join("limits-admins.yaml");
+    std::fs::write(
+        &limits,
+        "apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: admins\n    match:\n      groups: [\"system:masters\"]\n    exempt: true\n",
+    )
+    .expect("write limits");
+    let mut cfg = passthrough_config(env, env.demo.sim.url(), Duration::from_secs(1));
+    cfg.client_ca = Some(dir.join("client-ca.crt"));
+    cfg.privileged_listen = privileged_listen.then(|| "127.0.0.1:0".parse().expect("addr"));
+    cfg.upstream = UpstreamConfig {
+        url: env.demo.sim.url(),
+        tls: UpstreamTls {
+            ca: Some(dir.join("kube-sim-ca.crt")),
+            client_cert: Some((
+                dir.join("front-proxy-client.crt"),
+                dir.join("front-proxy-client.key"),
+            )),
+        },
+        token_file: None,
+        mode: AuthMode::FrontProxy,
+        proxy_user: DEFAULT_PROXY_USER.to_string(),
+        timeouts: Timeouts::default(),
+        lanes: Default::default(),
+    };
+    cfg.limits = LimitsConfig {
+        file: Some(limits),
+        ..LimitsConfig::default()
+    };
+    let serving = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let proxy = serving
+        .spawn(breakwater::server::start(cfg))
+        .await
+        .expect("task")
+        .expect("proxy starts");
+    (serving, proxy)
 }
 
 /// A proxy on a serving runtime of its own with one worker (apart from the

@@ -69,6 +69,7 @@ async fn start_with_auth(
     breakwater::server::start(ProxyConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         plain_listen: None,
+        privileged_listen: None,
         tls_cert: dir.join("proxy.crt"),
         tls_key: dir.join("proxy.key"),
         client_ca: Some(dir.join("client-ca.crt")),

@@ -98,6 +98,9 @@ pub struct StormOpts {
     /// A new connection (and TLS handshake) for every admin probe, as
     /// kubectl makes one per command; else the probe re-uses its connection.
     pub probe_new_connections: bool,
+    /// Through Breakwater, the admin (probe and rollback) connects to a
+    /// `--privileged-listen` listener of its own instead of `--listen`.
+    pub admin_listener: bool,
 }
 
 impl Default for StormOpts {
@@ -120,6 +123,7 @@ impl Default for StormOpts {
             progress: true,
             show_proxy_logs: false,
             probe_new_connections: false,
+            admin_listener: false,
         }
     }
 }
@@ -352,14 +356,15 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
     // Through Breakwater: start the proxies, point agents and admin at them.
     let mut proxies = Vec::new();
     let mut _files = None;
-    let targets: Vec<std::net::SocketAddr> = match mode {
-        Mode::Direct => vec![sim.addr()],
+    let (targets, admin_target): (Vec<std::net::SocketAddr>, _) = match mode {
+        Mode::Direct => (vec![sim.addr()], sim.addr()),
         Mode::Breakwater => {
             let (files, procs) = start_proxies(opts, &sim, &issuer).await?;
             _files = Some(files);
-            let addrs = procs.iter().map(BreakwaterProcess::listen_addr).collect();
+            let addrs: Vec<_> = procs.iter().map(BreakwaterProcess::listen_addr).collect();
+            let admin = procs[0].privileged_addr().unwrap_or(addrs[0]);
             proxies = procs;
-            addrs
+            (addrs, admin)
         }
     };
 
@@ -445,7 +450,7 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
     // Side tasks: the admin probe, churn, the sampler.
     let probes = Arc::new(Mutex::new(Vec::<Probe>::new()));
     let probe_task = spawn_probe_thread(
-        targets[0],
+        admin_target,
         admin_tls.clone(),
         t0,
         Arc::clone(&probes),
@@ -474,7 +479,7 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
     // The rollback.
     let deadline = t0 + opts.max_duration;
     tokio::time::sleep_until((t0 + opts.rollback_after.min(opts.max_duration)).into()).await;
-    let (rollback_ms, rollback_attempts) = rollback(targets[0], &admin_tls, deadline).await;
+    let (rollback_ms, rollback_attempts) = rollback(admin_target, &admin_tls, deadline).await;
     let line = format!(
         "{}: rollback {} after {} attempt(s)",
         mode.name(),
@@ -1044,7 +1049,15 @@ async fn start_proxies(
             // DaemonSet's come from one address per node.
             "--max-connections-per-source".into(),
             "0".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            opts.admin_listener
+                .then(|| ["--privileged-listen".into(), "127.0.0.1:0".into()])
+                .into_iter()
+                .flatten(),
+        )
+        .collect(),
         ..RunArgs::default()
     };
     let mut procs = Vec::new();

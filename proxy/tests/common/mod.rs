@@ -88,6 +88,7 @@ pub fn passthrough_config(env: &Env, upstream: String, grace: Duration) -> Proxy
         listen: "127.0.0.1:0".parse().expect("addr"),
         // Tests may also reach the proxy over plain HTTP on loopback.
         plain_listen: Some("127.0.0.1:0".parse().expect("addr")),
+        privileged_listen: None,
         tls_cert: dir.join("proxy.crt"),
         tls_key: dir.join("proxy.key"),
         client_ca: None,

@@ -1,0 +1,293 @@
+//! A client connection from accept to established: the caps, the TLS
+//! handshake (on the handshake threads, or inline on the privileged thread
+//! for the privileged listener), the peek of a token's first request, and
+//! the choice of the runtime that serves it (`super::serve_http`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::accept::peek::{self, FirstRequest, Protocol, Replay};
+use crate::accept::{Admitted, Gate, SlotIo};
+use crate::error::Chain;
+use crate::identity::Authenticator;
+use crate::proxy::Shared;
+use crate::tls::ServerTls;
+
+use super::{Connections, HANDSHAKE_TIMEOUT, serve_http};
+
+/// The listener a connection came in on.
+#[derive(Clone)]
+pub(super) enum Door {
+    /// `--listen`: TLS, handshakes on the handshake threads.
+    Main(Arc<ServerTls>),
+    /// `--privileged-listen`: TLS, accepted and handshaken on the
+    /// privileged thread (its accept loop runs there).
+    Privileged(Arc<ServerTls>),
+    /// `--plain-listen`: plain HTTP on loopback.
+    Plain,
+}
+
+/// Accepts on `listener` until shutdown, as `door` says (TLS, or plain on
+/// the loopback listener), on the runtime it runs on (the privileged door's
+/// runs on the privileged thread). A connection over the caps of `gate` is
+/// closed at once, before a byte is read.
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    door: Door,
+    gate: Arc<Gate>,
+    shared: Arc<Shared>,
+    conns: Connections,
+    shutdown: CancellationToken,
+) {
+    // The privileged door's handshakes run on the one privileged thread, one
+    // at a time, under slots of their own: a storm's handshakes never stand
+    // before them.
+    let slots = match door {
+        Door::Privileged(_) => Arc::new(tokio::sync::Semaphore::new(1)),
+        _ => gate.handshake_slots(),
+    };
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            res = listener.accept() => match res {
+                Ok(pair) => {
+                    backoff = Duration::from_millis(5);
+                    pair
+                }
+                Err(err) => {
+                    // EMFILE/ENFILE and aborted handshakes: the listener
+                    // itself is fine; wait a little and go on.
+                    tracing::warn!(error = %Chain(&err), "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        // Over a cap: close now, neither a task nor a handshake spent
+        // (counted in breakwater_connections_refused_total by the gate).
+        let admitted = match gate.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                tracing::debug!(%peer, reason = reason.as_str(), "connection refused");
+                drop(tcp);
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (shared, stop) = (shared.clone(), conns.stop.clone());
+        match &door {
+            Door::Main(tls) | Door::Privileged(tls) => {
+                let io = SlotIo::new(tcp, slots.clone());
+                let privileged_door = matches!(door, Door::Privileged(_));
+                conns.spawn(serve_connection(
+                    io,
+                    peer,
+                    tls.acceptor(),
+                    (admitted, gate.clone(), privileged_door),
+                    shared,
+                    conns.clone(),
+                ));
+            }
+            Door::Plain => {
+                let io = TokioIo::new(tcp);
+                conns.spawn(async move {
+                    // Counted as open until the connection ends.
+                    let _admitted = admitted;
+                    let memo = Arc::default();
+                    serve_http(io, peer, None, None, memo, shared, stop).await;
+                });
+            }
+        }
+    }
+    drop(listener);
+}
+
+/// The TLS handshake and the HTTP connection, which finishes gracefully
+/// once the connections' `stop` is cancelled. `admitted` keeps the
+/// connection counted against the caps until it ends; the gate runs the
+/// handshake on its threads (see [`crate::accept::threads`]), or, for the
+/// privileged door, it runs here on the privileged thread.
+async fn serve_connection(
+    io: SlotIo,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    (admitted, gate, privileged_door): (Admitted, Arc<Gate>, bool),
+    shared: Arc<Shared>,
+    conns: Connections,
+) {
+    let _admitted = admitted;
+    // The handshake (and, when a token could be privileged, the first
+    // request's header block) is a task of its own on the handshake
+    // threads, so its state is freed when it is done instead of sizing this
+    // task for the connection's whole life, and a slow client's bytes never
+    // wake the serving runtime's queue. On the privileged door it runs
+    // here, on the privileged thread.
+    let established = if privileged_door && shared.privileged.is_some() {
+        Some(establish(io, peer, acceptor, shared.clone()).await)
+    } else {
+        gate.handshake(establish(io, peer, acceptor, shared.clone()))
+            .await
+    };
+    let Some(Some(established)) = established else {
+        // The handshake failed, or the handshake threads are gone (the
+        // proxy is shutting down).
+        return;
+    };
+    let Established {
+        tls,
+        cert,
+        alpn,
+        peeked,
+        first,
+    } = established;
+    // The connection's last bearer token (crate::identity::TokenMemo); the
+    // peek's authentication fills it, so the first request reuses it.
+    let memo = Arc::new(crate::identity::TokenMemo::default());
+    let privileged = shared.privileged.is_some()
+        && match (&cert, first) {
+            (Some(id), _) => shared.admission.is_privileged(id),
+            (None, Some(first)) => token_is_privileged(&shared, &memo, first, peer).await,
+            (None, None) => false,
+        };
+    // Whatever the peek read is read again by hyper first: nothing is lost.
+    let mut io = Replay::new(peeked, tls);
+    let stop = conns.stop.clone();
+    // A privileged identity's connection (an exempt rule names it) is
+    // served on the privileged thread: its requests never queue behind the
+    // storm's. Any other caller's on the serving runtime, even when it came
+    // in through the privileged door.
+    let on_privileged_thread = privileged_door && shared.privileged.is_some();
+    let home = match (privileged, &shared.privileged) {
+        (true, Some(_)) if on_privileged_thread => None,
+        (true, Some(there)) => Some(there.clone()),
+        _ if on_privileged_thread => {
+            metrics::counter!("breakwater_privileged_listener_unprivileged_total").increment(1);
+            tracing::debug!(%peer, "an unprivileged caller on the privileged listener; served on the serving runtime");
+            Some(conns.serving.clone())
+        }
+        _ => None,
+    };
+    let Some(home) = home else {
+        serve_http(TokioIo::new(io), peer, alpn, cert, memo, shared, stop).await;
+        return;
+    };
+    // The socket moves to that runtime's I/O driver. This task stays,
+    // holding the connection's place in the caps and the tracker.
+    let served = home.spawn(async move {
+        if let Err(err) = io.get_mut().get_mut().0.rehome() {
+            tracing::debug!(%peer, error = %Chain(&err), "connection stays on its first runtime's I/O driver");
+        }
+        serve_http(TokioIo::new(io), peer, alpn, cert, memo, shared, stop).await;
+    });
+    // Err: the runtime is shutting down, and the connection with it.
+    let _ = served.await;
+}
+
+/// A TLS connection, handshake done.
+struct Established {
+    tls: tokio_rustls::server::TlsStream<SlotIo>,
+    /// The identity of its verified client certificate.
+    cert: Option<Arc<crate::identity::Identity>>,
+    alpn: Option<Vec<u8>>,
+    /// What [`peek::first_request`] read, to be replayed to hyper.
+    peeked: Vec<u8>,
+    /// The first request, when it carries a bearer token.
+    first: Option<FirstRequest>,
+}
+
+/// The handshake, under [`HANDSHAKE_TIMEOUT`] (waiting for handshake slots
+/// included, see [`SlotIo`]); then, for a connection without a
+/// certificate while some exempt rule could make a bearer token
+/// privileged, its first header block ([`peek`]). `None` if the handshake
+/// failed.
+async fn establish(
+    io: SlotIo,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+) -> Option<Established> {
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, error = %Chain(&err), "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            metrics::counter!("breakwater_connections_refused_total", "reason" => "handshake_timeout")
+                .increment(1);
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return None;
+        }
+    };
+    // Requests (and the peek) never take a handshake slot.
+    tls.get_mut().0.handshake_done();
+    // x509 identity: once per connection, from the verified chain's leaf.
+    let cert = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        None => None,
+        Some(leaf) => match Authenticator::from_certificate(leaf) {
+            Ok(identity) => Some(Arc::new(identity)),
+            Err(err) => {
+                tracing::info!(%peer, error = %Chain(&err), "client certificate carries no usable identity");
+                None
+            }
+        },
+    };
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    // A certificate wins over any token (as in the apiserver), and without
+    // an exempt rule no token is privileged: then nothing is read here.
+    let (peeked, first) =
+        if cert.is_none() && shared.privileged.is_some() && shared.admission.may_privilege_tokens()
+        {
+            peek::first_request(&mut tls, Protocol::from_alpn(alpn.as_deref())).await
+        } else {
+            (Vec::new(), None)
+        };
+    Some(Established {
+        tls,
+        cert,
+        alpn,
+        peeked,
+        first,
+    })
+}
+
+/// Whether the bearer token of a connection's first request names a
+/// privileged identity. Authenticated as that request will be, through the
+/// connection's memo (skipped for a long-running request, as the request
+/// path skips it): the request then finds the answer in the memo or the
+/// caches, so the token is verified once, and a TokenReview it needs is the
+/// one the request would have made (coalesced with it, cached for both). A
+/// refusal is not acted on here: the request meets it again and answers it.
+async fn token_is_privileged(
+    shared: &Shared,
+    memo: &crate::identity::TokenMemo,
+    first: FirstRequest,
+    peer: SocketAddr,
+) -> bool {
+    let (path, query) = match first.target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (first.target.as_str(), None),
+    };
+    let long_running = crate::classify::classify(&first.method, path, query).is_long_running();
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::AUTHORIZATION, first.authorization);
+    let memo = (!long_running).then_some(memo);
+    match shared.auth.authenticate_on(memo, None, &headers).await {
+        Ok(identity) => {
+            let privileged =
+                !shared.auth.is_unverified(&identity) && shared.admission.is_privileged(&identity);
+            if privileged {
+                tracing::debug!(%peer, user = %identity.username, "bearer token names a privileged identity; connection served on the privileged thread");
+            }
+            privileged
+        }
+        Err(_) => false,
+    }
+}
