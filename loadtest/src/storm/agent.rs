@@ -36,6 +36,8 @@ pub struct FleetCounters {
     pub watching: AtomicUsize,
     /// 429 responses agents received.
     pub rejected_429: AtomicU64,
+    /// Of those, the answers to watch requests (the rest answered LISTs).
+    pub rejected_429_watch: AtomicU64,
     /// Other failures (transport errors, 5xx) agents saw.
     pub errors: AtomicU64,
     /// LISTs that succeeded.
@@ -176,6 +178,9 @@ pub async fn run(
             }
             Err(Failure::TooMany(after)) => {
                 counters.rejected_429.fetch_add(1, Ordering::Relaxed);
+                if rv.is_some() {
+                    counters.rejected_429_watch.fetch_add(1, Ordering::Relaxed);
+                }
                 conn = Some(sender);
                 if sleep_or_cancel(jitter(after), &cancel).await {
                     return;

@@ -180,6 +180,8 @@ pub struct RunMetrics {
     pub list_p50_ms: f64,
     pub list_p99_ms: f64,
     pub agent_429s: u64,
+    /// Of `agent_429s`, those that answered watch requests.
+    pub agent_429s_watch: u64,
     pub agent_errors: u64,
     pub relists_410: u64,
     /// Successful LISTs and watches the agents got in protobuf (the rest
@@ -565,6 +567,7 @@ pub async fn run_storm(opts: &StormOpts, mode: Mode) -> anyhow::Result<RunResult
         list_p50_ms: percentile(&mut list_lat, 0.50),
         list_p99_ms: percentile(&mut list_lat, 0.99),
         agent_429s: counters.rejected_429.load(Ordering::Relaxed),
+        agent_429s_watch: counters.rejected_429_watch.load(Ordering::Relaxed),
         agent_errors: counters.errors.load(Ordering::Relaxed),
         relists_410: counters.relists_410.load(Ordering::Relaxed),
         protobuf_answers: counters.protobuf_answers.load(Ordering::Relaxed),
