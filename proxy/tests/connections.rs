@@ -294,11 +294,7 @@ async fn an_exempt_identity_is_answered_while_the_serving_runtime_is_busy() {
     assert_eq!(status, 200);
     assert!(after, "the agent's GET did not need the serving runtime");
 
-    serving
-        .spawn(proxy.shutdown())
-        .await
-        .expect("shutdown task");
-    serving.shutdown_background();
+    stop_on(serving, proxy).await;
 }
 
 /// An admin's kubectl dials anew for every command. On the privileged
@@ -342,11 +338,7 @@ async fn a_new_connection_on_the_privileged_listener_skips_the_busy_runtime() {
     // The unprivileged caller's connection still works, on the serving runtime.
     assert_eq!(get_on(&mut agent, ns, Some(&env.demo.token)).await, 200);
 
-    serving
-        .spawn(proxy.shutdown())
-        .await
-        .expect("shutdown task");
-    serving.shutdown_background();
+    stop_on(serving, proxy).await;
 }
 
 /// A proxy on a serving runtime of its own with one worker (apart from the
@@ -432,6 +424,15 @@ async fn proxy_on_one_worker(
         .expect("task")
         .expect("proxy starts");
     (serving, proxy)
+}
+
+/// Shuts the proxy down on its serving runtime, then that runtime.
+async fn stop_on(serving: tokio::runtime::Runtime, proxy: breakwater::server::ProxyHandle) {
+    serving
+        .spawn(proxy.shutdown())
+        .await
+        .expect("shutdown task");
+    serving.shutdown_background();
 }
 
 /// Takes the serving runtime's one worker for 3 s (as thousands of ready
@@ -530,11 +531,7 @@ async fn an_exempt_token_identity_is_answered_while_the_serving_runtime_is_busy(
         "the other ServiceAccount's GET did not need the serving runtime"
     );
 
-    serving
-        .spawn(proxy.shutdown())
-        .await
-        .expect("shutdown task");
-    serving.shutdown_background();
+    stop_on(serving, proxy).await;
 }
 
 /// The bytes read to find the token are replayed to hyper: a request body
@@ -567,9 +564,5 @@ async fn the_peeked_bytes_reach_hyper_unchanged() {
         .expect("the pipelined GET's answer");
     assert!(answer[second..].contains("\"k\":\"replayed\""), "{answer}");
 
-    serving
-        .spawn(proxy.shutdown())
-        .await
-        .expect("shutdown task");
-    serving.shutdown_background();
+    stop_on(serving, proxy).await;
 }
