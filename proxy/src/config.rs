@@ -111,7 +111,7 @@ pub struct RunOptions {
     /// that connects there is served as on --listen.
     #[arg(long)]
     pub privileged_listen: Option<SocketAddr>,
-    /// Most open client connections, both listeners together; past it a new connection is
+    /// Most open client connections, all listeners together; past it a new connection is
     /// closed at once [default: 20000].
     #[arg(long)]
     pub max_connections: Option<usize>,
