@@ -350,49 +350,23 @@ async fn cert_admins_proxy(
     privileged_listen: bool,
 ) -> (tokio::runtime::Runtime, breakwater::server::ProxyHandle) {
     use breakwater::config::LimitsConfig;
-    use breakwater::tls::UpstreamTls;
-    use breakwater::upstream::{AuthMode, DEFAULT_PROXY_USER, Timeouts, UpstreamConfig};
+    use breakwater::upstream::AuthMode;
 
     let dir = env.dir.path();
-    let limits = dir.join("limits-admins.yaml");
-    std::fs::write(
-        &limits,
-        "apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: admins\n    match:\n      groups: [\"system:masters\"]\n    exempt: true\n",
-    )
-    .expect("write limits");
+    let limits = exempt_limits(env, "groups: [\"system:masters\"]");
     let mut cfg = passthrough_config(env, env.demo.sim.url(), Duration::from_secs(1));
     cfg.client_ca = Some(dir.join("client-ca.crt"));
     cfg.privileged_listen = privileged_listen.then(|| "127.0.0.1:0".parse().expect("addr"));
-    cfg.upstream = UpstreamConfig {
-        url: env.demo.sim.url(),
-        tls: UpstreamTls {
-            ca: Some(dir.join("kube-sim-ca.crt")),
-            client_cert: Some((
-                dir.join("front-proxy-client.crt"),
-                dir.join("front-proxy-client.key"),
-            )),
-        },
-        token_file: None,
-        mode: AuthMode::FrontProxy,
-        proxy_user: DEFAULT_PROXY_USER.to_string(),
-        timeouts: Timeouts::default(),
-        lanes: Default::default(),
-    };
+    cfg.upstream.mode = AuthMode::FrontProxy;
+    cfg.upstream.tls.client_cert = Some((
+        dir.join("front-proxy-client.crt"),
+        dir.join("front-proxy-client.key"),
+    ));
     cfg.limits = LimitsConfig {
         file: Some(limits),
         ..LimitsConfig::default()
     };
-    let serving = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let proxy = serving
-        .spawn(breakwater::server::start(cfg))
-        .await
-        .expect("task")
-        .expect("proxy starts");
-    (serving, proxy)
+    start_on_one_worker(cfg).await
 }
 
 /// A proxy on a serving runtime of its own with one worker (apart from the
@@ -402,17 +376,34 @@ async fn cert_admins_proxy(
 async fn proxy_on_one_worker(
     env: &common::Env,
 ) -> (tokio::runtime::Runtime, breakwater::server::ProxyHandle) {
-    let limits = env.dir.path().join("limits-admin-sa.yaml");
-    std::fs::write(
-        &limits,
-        "apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: admins\n    match:\n      serviceAccounts: [\"kube-system/breakwater-demo-admin\"]\n    exempt: true\n",
-    )
-    .expect("write limits");
+    let limits = exempt_limits(
+        env,
+        "serviceAccounts: [\"kube-system/breakwater-demo-admin\"]",
+    );
     let mut cfg = passthrough_config(env, env.demo.sim.url(), Duration::from_secs(1));
     cfg.limits = breakwater::config::LimitsConfig {
         file: Some(limits),
         ..Default::default()
     };
+    start_on_one_worker(cfg).await
+}
+
+/// A limits file in the test's directory with one exempt rule whose match
+/// is `subjects` (one line of YAML under `match:`).
+fn exempt_limits(env: &common::Env, subjects: &str) -> std::path::PathBuf {
+    let path = env.dir.path().join("limits-exempt.yaml");
+    let text = format!(
+        "apiVersion: breakwater/v1alpha1\nkind: Limits\nrules:\n  - name: admins\n    match:\n      {subjects}\n    exempt: true\n"
+    );
+    std::fs::write(&path, text).expect("write limits");
+    path
+}
+
+/// Starts the proxy on a serving runtime of its own with one worker (apart
+/// from the test's and kube-sim's).
+async fn start_on_one_worker(
+    cfg: breakwater::config::ProxyConfig,
+) -> (tokio::runtime::Runtime, breakwater::server::ProxyHandle) {
     let serving = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -1030,7 +1030,7 @@ async fn start_proxies(
         Ok(p)
     };
     let limits = set_replicas(&opts.limits, opts.replicas);
-    let args = RunArgs {
+    let mut args = RunArgs {
         tls_cert: w("tls.crt", &serving.cert_pem)?,
         tls_key: w("tls.key", &serving.key_pem)?,
         client_ca: Some(w("client-ca.crt", pki.client_ca.cert_pem())?),
@@ -1052,17 +1052,13 @@ async fn start_proxies(
             // DaemonSet's come from one address per node.
             "--max-connections-per-source".into(),
             "0".into(),
-        ]
-        .into_iter()
-        .chain(
-            opts.admin_listener
-                .then(|| ["--privileged-listen".into(), "127.0.0.1:0".into()])
-                .into_iter()
-                .flatten(),
-        )
-        .collect(),
+        ],
         ..RunArgs::default()
     };
+    if opts.admin_listener {
+        args.extra
+            .extend(["--privileged-listen".into(), "127.0.0.1:0".into()]);
+    }
     let mut procs = Vec::new();
     for _ in 0..opts.replicas {
         let p = BreakwaterProcess::start(

@@ -129,7 +129,8 @@ async fn serve_connection(
     // task for the connection's whole life, and a slow client's bytes never
     // wake the serving runtime's queue. On the privileged door it runs
     // here, on the privileged thread.
-    let established = if privileged_door && shared.privileged.is_some() {
+    let on_privileged_thread = privileged_door && shared.privileged.is_some();
+    let established = if on_privileged_thread {
         Some(establish(io, peer, acceptor, shared.clone()).await)
     } else {
         gate.handshake(establish(io, peer, acceptor, shared.clone()))
@@ -163,16 +164,16 @@ async fn serve_connection(
     // served on the privileged thread: its requests never queue behind the
     // storm's. Any other caller's on the serving runtime, even when it came
     // in through the privileged door.
-    let on_privileged_thread = privileged_door && shared.privileged.is_some();
-    let home = match (privileged, &shared.privileged) {
-        (true, Some(_)) if on_privileged_thread => None,
-        (true, Some(there)) => Some(there.clone()),
-        _ if on_privileged_thread => {
+    let home = match (privileged, on_privileged_thread) {
+        // Already where it belongs.
+        (true, true) | (false, false) => None,
+        // `privileged` implies a privileged runtime.
+        (true, false) => shared.privileged.clone(),
+        (false, true) => {
             metrics::counter!("breakwater_privileged_listener_unprivileged_total").increment(1);
             tracing::debug!(%peer, "an unprivileged caller on the privileged listener; served on the serving runtime");
             Some(conns.serving.clone())
         }
-        _ => None,
     };
     let Some(home) = home else {
         serve_http(TokioIo::new(io), peer, alpn, cert, memo, shared, stop).await;
