@@ -236,14 +236,14 @@ struct FanoutArgs {
 
 #[derive(Args)]
 struct MemoryArgs {
-    /// CI's quick run: only the h1 watch and h2 stream cases, 400 watches
-    /// each, 200 per h2 connection, a shorter settle (a few seconds a case).
+    /// CI's quick run: only the h1 watch and h2 stream cases, 1,200 watches
+    /// each, 400 per h2 connection, a shorter settle (about two seconds).
     #[arg(long)]
     quick: bool,
-    /// Idle watches (or connections) per case [default: 2000, --quick: 400].
+    /// Idle watches (or connections) per case [default: 2000, --quick: 1200].
     #[arg(long)]
     watches: Option<usize>,
-    /// HTTP/2: watches per connection [default: 500, --quick: 200].
+    /// HTTP/2: watches per connection [default: 500, --quick: 400].
     #[arg(long)]
     streams_per_connection: Option<usize>,
     /// Exit non-zero if a TLS HTTP/1.1 watch costs more KiB than this.
