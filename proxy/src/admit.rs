@@ -19,7 +19,7 @@ use breakwater_limits::{
     ActiveBlock, Block, BlockError, BlockStatus, Decision, Limiter, LimitsError, Permit,
     RejectReason, Rejection, RequestAttrs, Subject, ValidatedLimits,
 };
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::classify::RequestInfo;
 use crate::error::Chain;
@@ -33,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Response header naming the rule that governed a request.
 pub const RULE_HEADER: &str = "x-breakwater-rule";
+/// [`RULE_HEADER`] as a name: inserting by `&str` copies the name each time.
+static RULE_HEADER_NAME: HeaderName = HeaderName::from_static(RULE_HEADER);
 
 /// Limits, blocks and their files.
 pub struct Admission {
@@ -501,7 +503,7 @@ impl Admission {
     pub fn decorate(&self, permit: &Permit, headers: &mut HeaderMap) {
         let Some(rule) = permit.rule() else { return };
         if let Ok(v) = HeaderValue::from_str(rule) {
-            headers.insert(RULE_HEADER, v);
+            headers.insert(RULE_HEADER_NAME.clone(), v);
         }
         if self.rate_limit_headers
             && let Some(q) = permit.quota()
@@ -580,7 +582,7 @@ impl Admission {
             .into_response::<bytes::Bytes>()
             .map(crate::upstream::full);
         if let Ok(v) = HeaderValue::from_str(&rej.rule) {
-            resp.headers_mut().insert(RULE_HEADER, v);
+            resp.headers_mut().insert(RULE_HEADER_NAME.clone(), v);
         }
         if self.rate_limit_headers && rej.reason.is_rate() {
             let w = rej.window.as_secs().max(1);
@@ -749,10 +751,42 @@ pub fn attrs(info: &RequestInfo) -> RequestAttrs<'_> {
     }
 }
 
+/// `breakwater_admitted_total{rule,verb}`, once per admitted request:
+/// through handles each thread keeps per (rule, verb) once the recorder is
+/// installed, as [`crate::slo::count_request`] does (the macro formats the
+/// rule's label and copies the key on every call). Rules come and go with
+/// reloads, so a thread forgets its handles once it holds more than
+/// [`ADMITTED_HANDLES_MAX`].
 fn count_admitted(permit: &Permit, verb: &'static str) {
-    let rule = permit.rule().unwrap_or("-").to_string();
-    metrics::counter!("breakwater_admitted_total", "rule" => rule, "verb" => verb).increment(1);
+    type Key = (Option<Arc<str>>, &'static str);
+    thread_local! {
+        static HANDLES: std::cell::RefCell<std::collections::HashMap<Key, metrics::Counter>> =
+            std::cell::RefCell::default();
+    }
+    let register = |rule: &Option<Arc<str>>| {
+        let rule = rule.as_deref().unwrap_or("-").to_string();
+        metrics::counter!("breakwater_admitted_total", "rule" => rule, "verb" => verb)
+    };
+    let key = (permit.rule_arc(), verb);
+    if !crate::slo::RECORDER_INSTALLED.load(std::sync::atomic::Ordering::Relaxed) {
+        return register(&key.0).increment(1);
+    }
+    HANDLES.with(|handles| match handles.try_borrow_mut() {
+        Ok(mut handles) => {
+            if handles.len() >= ADMITTED_HANDLES_MAX && !handles.contains_key(&key) {
+                handles.clear();
+            }
+            let counter = handles
+                .entry(key)
+                .or_insert_with_key(|(rule, _)| register(rule));
+            counter.increment(1);
+        }
+        Err(_) => register(&key.0).increment(1),
+    });
 }
+
+/// How many (rule, verb) counter handles a thread keeps at most.
+const ADMITTED_HANDLES_MAX: usize = 4096;
 
 fn count_rejected(rej: &Rejection, verb: &'static str) {
     metrics::counter!("breakwater_rejected_total",

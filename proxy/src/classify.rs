@@ -45,7 +45,7 @@ pub struct RequestInfo {
     /// The kube verb; for non-resource requests the lower-cased HTTP method.
     pub verb: Verb,
     /// `api` or `apis`; empty for non-resource requests.
-    pub api_prefix: String,
+    pub api_prefix: &'static str,
     /// The API group; empty for the core group.
     pub api_group: String,
     pub api_version: String,
@@ -57,8 +57,12 @@ pub struct RequestInfo {
     pub subresource: String,
     /// From the path, or from `fieldSelector=metadata.name=X` on a list or watch.
     pub name: String,
-    /// Path segments starting at the resource: `{resource}/{name}/{subresource}/...`.
-    pub parts: Vec<String>,
+    /// Where [`RequestInfo::parts`] starts: the index of the resource's
+    /// segment in the trimmed `path`, or 0 when there are none (a resource
+    /// request's start at 2 or later, after the prefix and version). An
+    /// index, not copies: a request would otherwise pay an allocation per
+    /// segment.
+    parts_from: usize,
     /// The raw `fieldSelector` for list, watch and deletecollection (not for the
     /// legacy `/watch/` path form); empty otherwise.
     pub field_selector: String,
@@ -179,19 +183,30 @@ impl RequestInfo {
         !self.is_resource_request && self.path.starts_with("/debug/pprof/")
     }
 
+    /// Path segments starting at the resource: `{resource}/{name}/{subresource}/...`
+    /// (empty for a non-resource request).
+    pub fn parts(&self) -> impl Iterator<Item = &str> {
+        let segments = if self.parts_from == 0 {
+            None
+        } else {
+            Some(self.path.trim_matches('/').split('/').skip(self.parts_from))
+        };
+        segments.into_iter().flatten()
+    }
+
     fn non_resource(method: &http::Method, path: String) -> RequestInfo {
         RequestInfo {
             is_resource_request: false,
             path,
             verb: Verb::lower_method(method),
-            api_prefix: String::new(),
+            api_prefix: "",
             api_group: String::new(),
             api_version: String::new(),
             namespace: String::new(),
             resource: String::new(),
             subresource: String::new(),
             name: String::new(),
-            parts: Vec::new(),
+            parts_from: 0,
             field_selector: String::new(),
             label_selector: String::new(),
             error: None,
@@ -261,17 +276,39 @@ pub fn classify(method: &http::Method, path: &str, query: Option<&str>) -> Reque
 
     // Go's splitPath: trim every leading/trailing '/', then split on each '/'.
     let trimmed = decoded.trim_matches('/');
-    let segments: Vec<&str> = if trimmed.is_empty() {
-        Vec::new()
+    // On the stack: every path the apiserver serves has a handful of
+    // segments (a proxy subresource's own path may have more).
+    let mut stack: [&str; 16] = [""; 16];
+    let heap: Vec<&str>;
+    let segments: &[&str] = if trimmed.is_empty() {
+        &[]
     } else {
-        trimmed.split('/').collect()
+        let mut n = 0;
+        for segment in trimmed.split('/') {
+            if n == stack.len() {
+                n = usize::MAX;
+                break;
+            }
+            stack[n] = segment;
+            n += 1;
+        }
+        if n == usize::MAX {
+            heap = trimmed.split('/').collect();
+            &heap
+        } else {
+            &stack[..n]
+        }
     };
 
-    let mut parts: &[&str] = &segments;
+    let mut parts: &[&str] = segments;
     if parts.len() < 3 || !is_api_prefix(parts[0]) {
         return RequestInfo::non_resource(method, decoded.into_owned());
     }
-    let api_prefix = parts[0];
+    let api_prefix = if is_groupless_prefix(parts[0]) {
+        "api"
+    } else {
+        "apis"
+    };
     parts = &parts[1..];
 
     let mut api_group = "";
@@ -286,7 +323,7 @@ pub fn classify(method: &http::Method, path: &str, query: Option<&str>) -> Reque
 
     let mut info = RequestInfo::non_resource(method, String::new());
     info.is_resource_request = true;
-    info.api_prefix = api_prefix.to_owned();
+    info.api_prefix = api_prefix;
     info.api_group = api_group.to_owned();
     info.api_version = parts[0].to_owned();
     parts = &parts[1..];
@@ -339,7 +376,9 @@ pub fn classify(method: &http::Method, path: &str, query: Option<&str>) -> Reque
     if !parts.is_empty() {
         info.resource = parts[0].to_owned();
     }
-    info.parts = parts.iter().map(|part| (*part).to_owned()).collect();
+    if !parts.is_empty() {
+        info.parts_from = segments.len() - parts.len();
+    }
 
     let mut params = None;
     if info.name.is_empty() && info.verb == Verb::Get {

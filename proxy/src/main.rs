@@ -158,18 +158,21 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read once when it initialises. One arena instead of
-/// four per CPU, and thread caches only up to 1 KiB: an idle watch's few
-/// long-lived allocations then share pages with others instead of each
-/// arena keeping pages of its own (measured: RSS per idle HTTP/2 watch
-/// stream 4.5–5.4 KiB, against 5.9–6.9 with jemalloc's defaults and
-/// 4.5 with glibc). Operators can still override it with
-/// `_RJEM_MALLOC_CONF`.
+/// four per CPU: an idle watch's few long-lived allocations then share
+/// pages with others instead of each arena keeping pages of its own
+/// (measured: RSS per idle HTTP/2 watch stream 4.5–5.4 KiB, against
+/// 5.9–6.9 with jemalloc's defaults and 4.5 with glibc). Thread caches up
+/// to 16 KiB (jemalloc's default is 32): a request's TLS record and HTTP
+/// buffers of 1–16 KiB are then taken and freed without the arena's lock
+/// (5% fewer instructions per proxied request than with caches up to
+/// 1 KiB, at the same RSS per idle watch; docs/benchmarks.md, §1e).
+/// Operators can still override it with `_RJEM_MALLOC_CONF`.
 // Justification for `unsafe`: exporting a symbol is unsafe only because
 // two exports of one name would clash; jemalloc reads this NUL-terminated
 // static string, and nothing else in the program defines the symbol.
 #[allow(unsafe_code)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-static MALLOC_CONF: &[u8; 26] = b"narenas:1,tcache_max:1024\0";
+static MALLOC_CONF: &[u8; 27] = b"narenas:1,tcache_max:16384\0";
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

@@ -205,7 +205,6 @@ pub async fn handle(
     {
         return log.finish_with(*resp);
     }
-    req.extensions_mut().insert(identity);
 
     // Upgrades: take the client side of the connection before the request
     // is consumed; it resolves once we answer 101.
@@ -224,8 +223,11 @@ pub async fn handle(
             // (authentication, admission, the hub's look) and after its
             // headers came back; the apiserver's part is its own histogram.
             if !upgrade {
-                let upstream = sent.elapsed();
-                let added = log.start.elapsed().saturating_sub(upstream);
+                let now = Instant::now();
+                let upstream = now.saturating_duration_since(sent);
+                let added = now
+                    .saturating_duration_since(log.start)
+                    .saturating_sub(upstream);
                 shared.upstream.latency().observe_added(verb_class, added);
             }
             resp
@@ -326,6 +328,7 @@ fn respond(
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    unindexed_audit_id(&mut parts.headers);
     let status = parts.status;
     let stop = stop(stream.registration, stream.is_watch, &parts.headers);
     let body = Observed::new(body, log.with_status(status), stop, permit);
@@ -601,20 +604,35 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Header names that describe one hop, not the request (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+///
+/// Names, not strings: removing by `&str` parses the name on every call,
+/// twice per request (request and response) for each of the eight.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
 ];
 
 /// Removes hop-by-hop headers (and those the Connection header names). An
 /// upgrade keeps `Connection: Upgrade` and `Upgrade`, which it needs.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most requests and responses carry none of them (HTTP/2 forbids them):
+    // one look at each name present is cheaper than hashing and removing
+    // nine names that are absent.
+    let any = headers
+        .keys()
+        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    if !any {
+        if upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        }
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -626,8 +644,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        if upgrade && name == "connection" {
+    for name in &HOP_BY_HOP {
+        if upgrade && name == header::CONNECTION {
             continue;
         }
         headers.remove(name);
@@ -636,6 +654,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     } else {
         headers.remove(header::UPGRADE);
+    }
+}
+
+/// Marks the apiserver's `Audit-Id` (a new UUID in every response) so that
+/// HTTP/2 sends it as a literal the client never indexes. Indexed, each
+/// response would add a value no later response repeats to both ends' HPACK
+/// tables, evicting entries that do repeat, and h2's encoder would first
+/// compare it with every `audit-id` value already in its table. HTTP/1.1
+/// ignores the mark.
+fn unindexed_audit_id(headers: &mut HeaderMap) {
+    static AUDIT_ID: HeaderName = HeaderName::from_static("audit-id");
+    if let Some(value) = headers.get_mut(&AUDIT_ID) {
+        value.set_sensitive(true);
     }
 }
 
@@ -659,13 +690,25 @@ fn sanitize_request(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+    use std::io::Write as _;
+    static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    // The common case (no header yet) formats the address on the stack: an
+    // IPv6 address is at most 45 bytes.
+    let mut ip = [0u8; 64];
+    let len = {
+        let mut cursor = std::io::Cursor::new(&mut ip[..]);
+        if write!(cursor, "{}", peer.ip()).is_err() {
+            return;
+        }
+        cursor.position() as usize
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+    let ip = &ip[..len];
+    let value = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prev) => HeaderValue::from_bytes(&[prev, b", ", ip].concat()),
+        None => HeaderValue::from_bytes(ip),
+    };
+    if let Ok(value) = value {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
     }
 }
 

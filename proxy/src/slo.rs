@@ -224,15 +224,21 @@ impl Latency {
     pub fn observe_upstream(&self, class: Class, took: Duration) {
         let secs = took.as_secs_f64();
         self.classes[class.verb.index()].observe(secs);
-        metrics::histogram!(UPSTREAM_METRIC,
-            "verb_class" => class.verb.as_str(), "resource_class" => class.resource.as_str())
-        .record(secs);
+        let (verb, resource) = (class.verb, class.resource);
+        UPSTREAM_HANDLES.record(verb.index() * 4 + resource as usize, secs, || {
+            metrics::histogram!(UPSTREAM_METRIC,
+                "verb_class" => verb.as_str(), "resource_class" => resource.as_str())
+        });
     }
 
     /// The time the proxy added to a forwarded request: everything from its
     /// arrival to its response headers except the apiserver's part.
     pub fn observe_added(&self, verb: VerbClass, took: Duration) {
-        metrics::histogram!(ADDED_METRIC, "verb_class" => verb.as_str()).record(took.as_secs_f64());
+        ADDED_HANDLES.record(
+            verb.index(),
+            took.as_secs_f64(),
+            || metrics::histogram!(ADDED_METRIC, "verb_class" => verb.as_str()),
+        );
     }
 
     /// Copies the counters into the window's ring (call once a second).
@@ -307,6 +313,32 @@ pub fn quantile(q: f64, counts: &Counts) -> Option<f64> {
 /// installed: metric handles made from then on are bound to it.
 pub static RECORDER_INSTALLED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
+
+/// Histogram handles by label index, each registered on its first use once
+/// the recorder is installed: a request then formats no label and looks
+/// nothing up in the recorder's registry (which copies the key's labels into
+/// a new allocation on every lookup). Before, through the macro each time, as
+/// in [`count_request`].
+struct HistogramHandles<const N: usize>([std::sync::OnceLock<metrics::Histogram>; N]);
+
+impl<const N: usize> HistogramHandles<N> {
+    const fn new() -> Self {
+        HistogramHandles([const { std::sync::OnceLock::new() }; N])
+    }
+
+    fn record(&self, index: usize, value: f64, register: impl FnOnce() -> metrics::Histogram) {
+        if !RECORDER_INSTALLED.load(Ordering::Relaxed) {
+            return register().record(value);
+        }
+        self.0[index].get_or_init(register).record(value);
+    }
+}
+
+/// [`UPSTREAM_METRIC`] by verb class × resource class (index `verb * 4 +
+/// resource`).
+static UPSTREAM_HANDLES: HistogramHandles<20> = HistogramHandles::new();
+/// [`ADDED_METRIC`] by verb class.
+static ADDED_HANDLES: HistogramHandles<5> = HistogramHandles::new();
 
 /// `breakwater_requests_total{verb,code}` and
 /// `breakwater_request_duration_seconds{verb}` for one ended request.

@@ -335,6 +335,56 @@ async fn bad_tokens_are_401_never_anonymous() {
     assert_ne!(code, 401);
 }
 
+/// The vendored h2 keeps the last long Huffman-coded header value a
+/// connection sent without indexing (vendor/README.md): a client that never
+/// indexes `authorization` (h2's own client, h2load) has its token decoded
+/// once per connection, not per request. Two tokens of one length that differ
+/// in one character, alternated on one HTTP/2 connection, must each be read
+/// as themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_alternated_on_one_http2_connection_are_each_read_as_sent() {
+    let env = demo_env().await;
+    let pki = env.demo.sim.pki();
+    let issuer = SimConfig::default().issuer;
+    let good = sign(&pki.sa_key_pem, &claims(&issuer, &issuer, 3600));
+    let forged = same_length_twin(&good);
+    assert_eq!(good.len(), forged.len());
+    assert_ne!(good, forged);
+    // One client, HTTP/2 only: its requests share one pooled connection.
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    let url = format!("{}/api/v1/namespaces/demo/pods", env.proxy_url());
+    for round in 0..3 {
+        let (code, body) = status_of(&client, &url, &good).await;
+        assert_ne!(code, 401, "round {round}, the signed token: {body}");
+        let (code, body) = status_of(&client, &url, &forged).await;
+        assert_eq!(code, 401, "round {round}, the altered token: {body}");
+    }
+}
+
+/// `token` with one signature character replaced by another whose HPACK
+/// Huffman code has the same length (RFC 7541 Appendix B): the coded values
+/// then differ in their bits only, not in their length.
+fn same_length_twin(token: &str) -> String {
+    const SAME_CODE_LENGTH: [&str; 3] = [
+        "012aceiost",
+        "-3456789A_bdfghlmnpru",
+        "BCDEFGHIJKLMNOPQRSTUVWYjkqvwxyz",
+    ];
+    let signature_at = token.rfind('.').expect("a JWT") + 1;
+    let mut chars: Vec<char> = token.chars().collect();
+    for c in chars.iter_mut().skip(signature_at) {
+        if let Some(class) = SAME_CODE_LENGTH.iter().find(|class| class.contains(*c)) {
+            let at = class.find(*c).expect("in class");
+            *c = class[(at + 1) % class.len()..]
+                .chars()
+                .next()
+                .expect("char");
+            return chars.into_iter().collect();
+        }
+    }
+    panic!("no replaceable character in the signature");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_sent_remote_headers_do_not_change_who_you_are() {
     let env = demo_env().await;

@@ -204,7 +204,7 @@ pub fn is_consistent_list(info: &RequestInfo, query: Option<&str>) -> bool {
         && info.error.is_none()
         && info.verb == Verb::List
         && info.subresource.is_empty()
-        && info.parts.len() == 1
+        && info.parts().count() == 1
         && classify::list_params(query).is_ok_and(|p| p.resource_version == ResourceVersion::Unset)
 }
 
@@ -218,7 +218,7 @@ pub fn eligible(
     if !info.is_resource_request
         || info.error.is_some()
         || !info.subresource.is_empty()
-        || info.parts.len() != 1
+        || info.parts().count() != 1
     {
         return None;
     }
@@ -264,7 +264,7 @@ pub fn eligible(
     )?;
     Some(Eligible {
         target: Target {
-            prefix: info.api_prefix.clone(),
+            prefix: info.api_prefix.to_owned(),
             group: info.api_group.clone(),
             version: info.api_version.clone(),
             resource: info.resource.clone(),
