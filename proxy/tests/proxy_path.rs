@@ -184,6 +184,53 @@ async fn an_unreachable_apiserver_is_a_503_status() {
     proxy.shutdown().await;
 }
 
+/// An apiserver that accepts connections and never answers: a request that
+/// is not long-running gets a 504 Status once the response timeout has run
+/// (connecting is part of it), not before, and not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_apiserver_is_a_504_status_after_the_response_timeout() {
+    let env = demo_env().await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut config = common::passthrough_config(
+        &env,
+        format!("https://127.0.0.1:{port}"),
+        Duration::from_secs(1),
+    );
+    config.upstream.timeouts.response = Duration::from_secs(1);
+    let proxy = breakwater::server::start(config).await.expect("start");
+    let client = https_client(&env.demo.proxy_ca_pem, false);
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(get(
+            &format!("https://{}/api/v1/namespaces/demo/pods/x", proxy.addr()),
+            &env.demo.token,
+        )),
+    )
+    .await
+    .expect("answered within 5 s")
+    .expect("response");
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 504);
+    assert!(took >= Duration::from_secs(1), "answered after {took:?}");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let v: Value = serde_json::from_slice(&body).expect("Status json");
+    assert_eq!(v["kind"], "Status");
+    assert_eq!(v["code"], 504);
+    assert_eq!(v["message"], "the apiserver did not answer within 1s");
+    proxy.shutdown().await;
+    holder.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_fails_readiness_then_ends_watches_cleanly() {
     let env = demo_env().await;

@@ -624,21 +624,31 @@ impl Upstream {
         }
     }
 
-    async fn with_timeout<F>(
+    /// `fut`, under the response timeout if `timeout`.
+    ///
+    /// Not an `async fn`: one would keep `fut` twice in its state (the
+    /// argument, and what it awaits), and every request's handler future
+    /// carries this one.
+    fn with_timeout<F>(
         &self,
         fut: F,
         timeout: bool,
-    ) -> Result<Response<ResponseBody>, UpstreamError>
+    ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, UpstreamError>> + use<F>
     where
         F: std::future::Future<Output = Result<Response<ResponseBody>, PoolError>>,
     {
-        if !timeout {
-            return Ok(fut.await?);
-        }
-        match tokio::time::timeout(self.timeouts.response, fut).await {
+        use futures_util::FutureExt as _;
+        use futures_util::future::Either;
+        let limit = self.timeouts.response;
+        let fut = if timeout {
+            Either::Left(tokio::time::timeout(limit, fut))
+        } else {
+            Either::Right(fut.map(Ok))
+        };
+        fut.map(move |res| match res {
             Ok(res) => Ok(res?),
-            Err(_) => Err(UpstreamError::Timeout(self.timeouts.response)),
-        }
+            Err(_) => Err(UpstreamError::Timeout(limit)),
+        })
     }
 
     /// An upgrade (exec, attach, port-forward) on a new HTTP/1.1 connection,
