@@ -285,15 +285,18 @@ impl Charge<'_> {
 }
 
 /// Sends the sanitized request upstream, in its lane.
-async fn forward(
-    upstream: &Upstream,
+///
+/// Not an `async fn`: it would keep the request once more beside the send's
+/// own state, in every request's handler future.
+fn forward<'a>(
+    upstream: &'a Upstream,
     req: Request<Incoming>,
     route: Route,
-) -> Result<Response<ResponseBody>, UpstreamError> {
+) -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> + 'a {
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream.uri_for(parts.uri.path_and_query());
     let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
-    upstream.send(req, route).await
+    upstream.send(req, route)
 }
 
 /// Streams the upstream response back to the client.
