@@ -284,15 +284,16 @@ pub fn classify(method: &http::Method, path: &str, query: Option<&str>) -> Reque
         &[]
     } else {
         let mut n = 0;
+        let mut overflow = false;
         for segment in trimmed.split('/') {
-            if n == stack.len() {
-                n = usize::MAX;
+            let Some(slot) = stack.get_mut(n) else {
+                overflow = true;
                 break;
-            }
-            stack[n] = segment;
+            };
+            *slot = segment;
             n += 1;
         }
-        if n == usize::MAX {
+        if overflow {
             heap = trimmed.split('/').collect();
             &heap
         } else {

@@ -272,3 +272,59 @@ async fn the_dashboard_and_the_alerts_name_only_metrics_a_live_proxy_exports() {
     }
     env.demo.shutdown().await;
 }
+
+/// The per-request metrics go through handles registered once per label set
+/// (proxy/src/slo.rs, admit.rs): each request must still count once, on the
+/// recorder the exporter reads, on whichever worker thread serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_forwarded_request_counts_once_in_the_per_request_metrics() {
+    let env = demo_env().await;
+    let admin = env.demo.proxy.admin_addr();
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    let url = format!(
+        "{}/api/v1/namespaces/demo/configmaps/absent",
+        env.proxy_url()
+    );
+    let figures = |text: &str| {
+        [
+            counter_sum(text, "breakwater_admitted_total", &["verb=\"get\""]),
+            counter_sum(
+                text,
+                "breakwater_upstream_request_duration_seconds_count",
+                &["verb_class=\"get\"", "resource_class=\"resource\""],
+            ),
+            counter_sum(
+                text,
+                "breakwater_proxy_added_seconds_count",
+                &["verb_class=\"get\""],
+            ),
+        ]
+    };
+    // One request first, so that every series exists before the baseline.
+    let resp = client
+        .request(get(&url, &env.demo.token))
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), 404);
+    let before = figures(&scrape(admin).await);
+    const REQUESTS: usize = 40;
+    let answers = futures_util::future::join_all(
+        (0..REQUESTS).map(|_| client.request(get(&url, &env.demo.token))),
+    )
+    .await;
+    for resp in answers {
+        assert_eq!(resp.expect("get").status(), 404);
+    }
+    let after = figures(&scrape(admin).await);
+    for (i, name) in ["admitted", "upstream duration count", "added count"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(
+            after[i] - before[i],
+            REQUESTS as f64,
+            "{name}: {before:?} -> {after:?}"
+        );
+    }
+    env.demo.shutdown().await;
+}
