@@ -755,42 +755,24 @@ pub fn attrs(info: &RequestInfo) -> RequestAttrs<'_> {
     }
 }
 
-/// `breakwater_admitted_total{rule,verb}`, once per admitted request:
-/// through handles each thread keeps per (rule, verb) once the recorder is
-/// installed, as [`crate::slo::count_request`] does (the macro formats the
-/// rule's label and copies the key on every call). Rules come and go with
-/// reloads, so a thread forgets its handles once it holds more than
-/// [`ADMITTED_HANDLES_MAX`].
+/// `breakwater_admitted_total{rule,verb}`, once per admitted request,
+/// through handles each thread keeps per (rule, verb)
+/// ([`crate::slo::with_handle`]).
 fn count_admitted(permit: &Permit, verb: &'static str) {
-    type Key = (Option<Arc<str>>, &'static str);
     thread_local! {
-        static HANDLES: std::cell::RefCell<std::collections::HashMap<Key, metrics::Counter>> =
-            std::cell::RefCell::default();
+        static HANDLES: crate::slo::Handles<(Option<Arc<str>>, &'static str), metrics::Counter> =
+            crate::slo::Handles::default();
     }
-    let register = |rule: &Option<Arc<str>>| {
-        let rule = rule.as_deref().unwrap_or("-").to_string();
-        metrics::counter!("breakwater_admitted_total", "rule" => rule, "verb" => verb)
-    };
-    let key = (permit.rule_arc(), verb);
-    if !crate::slo::RECORDER_INSTALLED.load(std::sync::atomic::Ordering::Relaxed) {
-        return register(&key.0).increment(1);
-    }
-    HANDLES.with(|handles| match handles.try_borrow_mut() {
-        Ok(mut handles) => {
-            if handles.len() >= ADMITTED_HANDLES_MAX && !handles.contains_key(&key) {
-                handles.clear();
-            }
-            let counter = handles
-                .entry(key)
-                .or_insert_with_key(|(rule, _)| register(rule));
-            counter.increment(1);
-        }
-        Err(_) => register(&key.0).increment(1),
-    });
+    crate::slo::with_handle(
+        &HANDLES,
+        (permit.rule_arc(), verb),
+        |(rule, _)| {
+            let rule = rule.as_deref().unwrap_or("-").to_string();
+            metrics::counter!("breakwater_admitted_total", "rule" => rule, "verb" => verb)
+        },
+        |counter| counter.increment(1),
+    );
 }
-
-/// How many (rule, verb) counter handles a thread keeps at most.
-const ADMITTED_HANDLES_MAX: usize = 4096;
 
 fn count_rejected(rej: &Rejection, verb: &'static str) {
     metrics::counter!("breakwater_rejected_total",

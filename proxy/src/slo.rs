@@ -111,6 +111,10 @@ impl ResourceClass {
         }
     }
 
+    fn index(self) -> usize {
+        self as usize
+    }
+
     /// From what the classifier found.
     pub fn of(is_resource_request: bool, name: &str, namespace: &str) -> ResourceClass {
         if !is_resource_request {
@@ -225,7 +229,7 @@ impl Latency {
         let secs = took.as_secs_f64();
         self.classes[class.verb.index()].observe(secs);
         let (verb, resource) = (class.verb, class.resource);
-        UPSTREAM_HANDLES.record(verb.index() * 4 + resource as usize, secs, || {
+        UPSTREAM_HANDLES.record(verb.index() * 4 + resource.index(), secs, || {
             metrics::histogram!(UPSTREAM_METRIC,
                 "verb_class" => verb.as_str(), "resource_class" => resource.as_str())
         });
@@ -340,37 +344,62 @@ static UPSTREAM_HANDLES: HistogramHandles<20> = HistogramHandles::new();
 /// [`ADDED_METRIC`] by verb class.
 static ADDED_HANDLES: HistogramHandles<5> = HistogramHandles::new();
 
-/// `breakwater_requests_total{verb,code}` and
-/// `breakwater_request_duration_seconds{verb}` for one ended request.
-///
-/// Once the proxy's recorder is installed ([`crate::admin::prometheus`]),
-/// through handles each thread registers once per (verb, code): a request
-/// then formats no label and looks nothing up in the recorder's registry.
-/// Before (a unit test's request), through the macros, so that no handle
-/// bound to no recorder is ever kept.
-pub fn count_request(verb: &'static str, status: u16, elapsed: Duration) {
-    type Handles = (metrics::Counter, metrics::Histogram);
-    thread_local! {
-        static HANDLES: std::cell::RefCell<std::collections::HashMap<(&'static str, u16), Handles>> =
-            std::cell::RefCell::default();
-    }
-    let register = || -> Handles {
-        (
-            metrics::counter!("breakwater_requests_total", "verb" => verb, "code" => status.to_string()),
-            metrics::histogram!("breakwater_request_duration_seconds", "verb" => verb),
-        )
-    };
-    let record = |(count, duration): &Handles| {
-        count.increment(1);
-        duration.record(elapsed.as_secs_f64());
-    };
+/// A thread's metric handles by label set, for [`with_handle`].
+pub(crate) type Handles<K, H> = std::cell::RefCell<std::collections::HashMap<K, H>>;
+
+/// How many handles one thread keeps per metric at most: label sets that
+/// come and go (rule names change with reloads) cannot grow it unbounded.
+const HANDLES_MAX: usize = 4096;
+
+/// Records through the handle `cache` keeps for `key`, registering it on
+/// first use. Once the proxy's recorder is installed
+/// ([`crate::admin::prometheus`]) a request then formats no label and looks
+/// nothing up in the recorder's registry (the `metrics` macros copy the
+/// key's labels into a new allocation on every call). Before (a unit test's
+/// request), through a fresh registration each time, so that no handle bound
+/// to no recorder is ever kept.
+pub(crate) fn with_handle<K: Eq + std::hash::Hash, H>(
+    cache: &'static std::thread::LocalKey<Handles<K, H>>,
+    key: K,
+    register: impl FnOnce(&K) -> H,
+    record: impl FnOnce(&H),
+) {
     if !RECORDER_INSTALLED.load(Ordering::Relaxed) {
-        return record(&register());
+        return record(&register(&key));
     }
-    HANDLES.with(|handles| match handles.try_borrow_mut() {
-        Ok(mut handles) => record(handles.entry((verb, status)).or_insert_with(register)),
-        Err(_) => record(&register()),
+    cache.with(|cache| match cache.try_borrow_mut() {
+        Ok(mut handles) => {
+            if handles.len() >= HANDLES_MAX && !handles.contains_key(&key) {
+                handles.clear();
+            }
+            record(handles.entry(key).or_insert_with_key(register));
+        }
+        Err(_) => record(&register(&key)),
     });
+}
+
+/// `breakwater_requests_total{verb,code}` and
+/// `breakwater_request_duration_seconds{verb}` for one ended request,
+/// through handles each thread keeps per (verb, code) ([`with_handle`]).
+pub fn count_request(verb: &'static str, status: u16, elapsed: Duration) {
+    type Pair = (metrics::Counter, metrics::Histogram);
+    thread_local! {
+        static HANDLES: Handles<(&'static str, u16), Pair> = Handles::default();
+    }
+    with_handle(
+        &HANDLES,
+        (verb, status),
+        |_| -> Pair {
+            (
+                metrics::counter!("breakwater_requests_total", "verb" => verb, "code" => status.to_string()),
+                metrics::histogram!("breakwater_request_duration_seconds", "verb" => verb),
+            )
+        },
+        |(count, duration)| {
+            count.increment(1);
+            duration.record(elapsed.as_secs_f64());
+        },
+    );
 }
 
 #[cfg(test)]
