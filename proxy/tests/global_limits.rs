@@ -674,9 +674,14 @@ async fn rate_across_replicas(rule: &str) {
         error <= 0.05,
         "admitted {total} in {elapsed:.2}s, expected {expected:.0} (±5%): {admitted:?}"
     );
+    // Static shares would give the busy replica a third of the rate (6.7/s);
+    // a fair global bucket gives it what the others leave, 20 - 10 - 2 = 8/s.
+    // The bound sits between (7.7/s): at 1.3 × the static share (8.7/s) it
+    // asked for more than the fair share and failed on runs that got exactly
+    // that (90 of a 90.1 bound, session 12's CI).
     assert!(
-        f64::from(admitted[0].0) > BURST / 3.0 + RATE / 3.0 * elapsed * 1.3,
-        "the busy replica got more than its static share: {admitted:?}"
+        f64::from(admitted[0].0) > BURST / 3.0 + RATE / 3.0 * elapsed * 1.15,
+        "the busy replica got no more than its static share: {admitted:?}"
     );
     for r in fleet.replicas {
         let _stopped = r.shutdown().await;
