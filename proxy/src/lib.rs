@@ -18,6 +18,7 @@ pub mod demo;
 pub mod error;
 pub mod global;
 pub mod identity;
+pub mod logsink;
 pub mod pacing;
 pub mod proxy;
 pub mod reload;

@@ -101,10 +101,13 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BREAKWATER_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,breakwater::access=info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // One buffered, ordered sink for every line; access lines batched.
+    let sink = breakwater::logsink::install(!ansi);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(sink)
+        .with_ansi(ansi)
         .init();
 }
 
@@ -174,8 +177,22 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &[u8; 27] = b"narenas:1,tcache_max:16384\0";
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("breakwater: starting the runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(async_main());
+    // Tasks end with the runtime; their access lines are written after.
+    drop(rt);
+    breakwater::logsink::flush();
+    code
+}
+
+async fn async_main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -183,6 +200,7 @@ async fn main() -> std::process::ExitCode {
             // The whole chain, on one line: "starting the proxy: serving
             // TLS: reading tls.crt: No such file or directory (os error 2)".
             let err: &(dyn std::error::Error + 'static) = err.as_ref();
+            breakwater::logsink::flush();
             eprintln!("breakwater: {}", breakwater::error::Chain(err));
             std::process::ExitCode::FAILURE
         }

@@ -816,6 +816,36 @@ impl Drop for AccessLog {
         }
         let elapsed = self.start.elapsed();
         let verb = self.info.verb.label();
+        if tracing::enabled!(target: "breakwater::access", tracing::Level::INFO) {
+            self.log_line(verb, status, elapsed);
+        }
+        crate::slo::count_request(verb, status, elapsed);
+    }
+}
+
+impl AccessLog {
+    /// The line itself: formatted by [`crate::logsink`] when it is
+    /// installed (the binary, colours off), else by `tracing`.
+    #[cold]
+    fn log_line(&self, verb: &str, status: u16, elapsed: std::time::Duration) {
+        let user = self.identity.as_ref().map_or("", |i| i.username.as_str());
+        let written = crate::logsink::access(&crate::logsink::AccessLine {
+            method: self.method.as_str(),
+            path: self.path(),
+            verb,
+            resource: &self.info.resource,
+            subresource: &self.info.subresource,
+            namespace: self.info.namespace.as_str(),
+            user,
+            status,
+            outcome: self.outcome,
+            bytes: self.bytes,
+            duration: elapsed,
+            peer: self.peer,
+        });
+        if written {
+            return;
+        }
         tracing::info!(
             target: "breakwater::access",
             method = %self.method,
@@ -823,14 +853,13 @@ impl Drop for AccessLog {
             verb,
             resource = %ResourceLabel(&self.info),
             namespace = self.info.namespace.as_str(),
-            user = self.identity.as_ref().map_or("", |i| i.username.as_str()),
+            user,
             status,
             outcome = self.outcome,
             bytes = self.bytes,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            duration_ms = format_args!("{}.{:03}", elapsed.as_micros() / 1000, elapsed.as_micros() % 1000),
             peer = %self.peer,
         );
-        crate::slo::count_request(verb, status, elapsed);
     }
 }
 

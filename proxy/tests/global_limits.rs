@@ -22,6 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use common::child::Child;
 use common::{Env, demo_env, passthrough_config};
 
 /// How a test's `redis-server` is reached.
@@ -384,151 +385,6 @@ async fn open_watch(client: &Plain, addr: SocketAddr, token: &str) -> Result<Inc
     }
 }
 
-/// A replica as its own process (`breakwater run`, the real binary): its
-/// metrics and logs are its own, and it can be paused with SIGSTOP.
-struct Child {
-    child: tokio::process::Child,
-    plain: SocketAddr,
-    admin: SocketAddr,
-    /// Everything it logged so far (stderr).
-    log: tokio::sync::watch::Receiver<String>,
-}
-
-impl Child {
-    /// Starts a replica in front of `env`'s kube-sim with the limits file
-    /// `limits`, logging at debug level (so a test sees whatever it could
-    /// leak).
-    async fn start(env: &Env, limits: &std::path::Path) -> Child {
-        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
-        let d = env.dir.path();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
-            .arg("run")
-            .args(["--listen", "127.0.0.1:0", "--plain-listen", "127.0.0.1:0"])
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .arg("--tls-cert")
-            .arg(d.join("proxy.crt"))
-            .arg("--tls-key")
-            .arg(d.join("proxy.key"))
-            .args(["--upstream", &env.demo.sim.url()])
-            .arg("--upstream-ca")
-            .arg(d.join("kube-sim-ca.crt"))
-            .arg("--service-account-key-file")
-            .arg(d.join("sa.pub"))
-            .args([
-                "--service-account-issuer",
-                &breakwater_loadtest::sim::SimConfig::default().issuer,
-            ])
-            .args(["--shutdown-grace", "1s"])
-            .arg("--limits")
-            .arg(limits)
-            .env("BREAKWATER_LOG", "info,breakwater=debug")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("breakwater runs");
-        let (tx, log) = tokio::sync::watch::channel(String::new());
-        let mut stderr = child.stderr.take().expect("stderr");
-        tokio::spawn(async move {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                tx.send_modify(|log| log.push_str(&text));
-            }
-        });
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let (mut plain, mut admin) = (None, None);
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while plain.is_none() || admin.is_none() {
-                let line = lines
-                    .next_line()
-                    .await
-                    .expect("read stdout")
-                    .unwrap_or_else(|| panic!("replica exited: {}", log.borrow().as_str()));
-                let addr = |p: &str| line.strip_prefix(p).map(|a| a.parse().expect("address"));
-                plain = plain.or_else(|| addr("breakwater: plain HTTP on http://"));
-                admin = admin.or_else(|| addr("breakwater: admin on http://"));
-            }
-        })
-        .await
-        .expect("the replica announced its listeners within 30 s");
-        // Keep draining stdout so the child never blocks on it.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Child {
-            child,
-            plain: plain.expect("plain listener"),
-            admin: admin.expect("admin listener"),
-            log,
-        }
-    }
-
-    /// Waits (bounded) until the log has a line containing every one of
-    /// `needles`; returns that line.
-    async fn until_logged(&mut self, needles: &[&str]) -> String {
-        let found = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                if let Some(line) = self
-                    .log
-                    .borrow_and_update()
-                    .lines()
-                    .find(|l| needles.iter().all(|n| l.contains(n)))
-                {
-                    return line.to_string();
-                }
-                self.log.changed().await.expect("the log reader ended");
-            }
-        })
-        .await;
-        found.unwrap_or_else(|_| {
-            panic!(
-                "no log line with {needles:?}:\n{}",
-                self.log.borrow().as_str()
-            )
-        })
-    }
-
-    /// The value of a metric without labels, from the replica's admin
-    /// listener.
-    async fn metric(&self, name: &str) -> Option<f64> {
-        let text = common::scrape(self.admin).await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-    }
-
-    /// Waits (bounded) until `name` reads `want`.
-    async fn until_metric(&self, name: &str, want: f64) {
-        let mut last = None;
-        for _ in 0..400 {
-            last = self.metric(name).await;
-            if last == Some(want) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("{name} stayed {last:?}, not {want}");
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id().expect("running")).expect("pid")
-    }
-
-    /// Sends `signal` (`STOP`, `CONT`, ...) with kill(1) and waits for it to
-    /// be sent.
-    async fn signal(&self, signal: &str) {
-        let status = tokio::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
-            .status()
-            .await
-            .expect("kill runs");
-        assert!(status.success(), "kill -{signal}");
-    }
-}
-
 fn count(open: &[Vec<Incoming>]) -> usize {
     open.iter().map(Vec::len).sum()
 }
@@ -883,7 +739,7 @@ async fn a_wrong_password_or_an_untrusted_ca_is_logged_and_the_replica_keeps_its
             .join(format!("limits-{}.yaml", case.replace(' ', "-")));
         let backend = redis_backend(&redis, "tls:", &creds, env.dir.path());
         std::fs::write(&file, limits_text(2, &backend, rule)).expect("write limits");
-        let mut replica = Child::start(&env, &file).await;
+        let mut replica = Child::start(&env, Some(&file)).await;
 
         let line = replica.until_logged(says).await;
         assert!(
@@ -943,8 +799,8 @@ async fn a_paused_replica_takes_back_its_lapsed_slots_only_where_the_limit_has_r
     )
     .expect("write");
     let key = "lapse:{fleet}:watches";
-    let mut a = Child::start(&env, &file).await;
-    let b = Child::start(&env, &file).await;
+    let mut a = Child::start(&env, Some(&file)).await;
+    let b = Child::start(&env, Some(&file)).await;
     a.until_metric("breakwater_global_limits_up", 1.0).await;
     b.until_metric("breakwater_global_limits_up", 1.0).await;
     let client: Plain = Client::builder(TokioExecutor::new()).build(HttpConnector::new());

@@ -328,3 +328,92 @@ async fn every_forwarded_request_counts_once_in_the_per_request_metrics() {
     }
     env.demo.shutdown().await;
 }
+
+/// The real binary's access log: one line per request in `tracing`'s
+/// default format, in the order the requests ended, written without more
+/// traffic (the sink's flusher: 40 lines never fill a batch) and at exit;
+/// `BREAKWATER_LOG` still turns it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_one_access_line_per_request_in_order() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    let env = demo_env().await;
+    let token = viewer_token(&env);
+    let client = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let fetch = |proxy: &common::child::Child, i: usize| {
+        let url = format!(
+            "http://{}/api/v1/namespaces/demo/pods/missing-{i}",
+            proxy.plain
+        );
+        let req = client.request(get(&url, &token));
+        async move {
+            let resp = req.await.expect("answered");
+            assert_eq!(resp.status(), 404);
+        }
+    };
+    let line_of = |i: usize| format!("path=\"/api/v1/namespaces/demo/pods/missing-{i}\"");
+
+    let mut proxy =
+        common::child::Child::start_logging(&env, None, "warn,breakwater::access=info").await;
+    for i in 0..40 {
+        fetch(&proxy, i).await;
+    }
+    proxy.until_logged(&[&line_of(39)]).await;
+    // One more, and the process told to stop at once: its line is written
+    // at exit at the latest.
+    fetch(&proxy, 40).await;
+    proxy.signal("TERM").await;
+    let status = proxy.child.wait().await.expect("exits");
+    assert!(status.success(), "{status:?}");
+    proxy.until_logged(&[&line_of(40)]).await;
+    let log = proxy.log.borrow().clone();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" breakwater::access: "))
+        .collect();
+    assert_eq!(lines.len(), 41, "one line per request:\n{log}");
+    for (i, line) in lines.iter().enumerate() {
+        let (at, fields) = line
+            .split_once("  INFO breakwater::access: ")
+            .unwrap_or_else(|| panic!("tracing's layout: {line}"));
+        // 2026-12-06T20:12:44.908537Z
+        let b = at.as_bytes();
+        assert!(
+            at.len() == 27
+                && b[4] == b'-'
+                && b[10] == b'T'
+                && b[19] == b'.'
+                && at.ends_with('Z')
+                && at.starts_with("20"),
+            "timestamp: {line}"
+        );
+        let want = format!(
+            "method=GET {} verb=\"get\" resource=pods namespace=\"demo\" \
+             user=\"system:serviceaccount:demo:viewer\" status=404 outcome=\"complete\" bytes=",
+            line_of(i)
+        );
+        assert!(fields.starts_with(&want), "in order, as sent: {line}");
+        let (_, duration) = fields
+            .split_once(" duration_ms=")
+            .unwrap_or_else(|| panic!("{line}"));
+        let (ms, peer) = duration.split_once(" peer=127.0.0.1:").expect(line);
+        let (whole, frac) = ms.split_once('.').expect(line);
+        assert!(
+            whole.parse::<u64>().is_ok() && frac.len() == 3 && frac.parse::<u32>().is_ok(),
+            "{line}"
+        );
+        assert!(peer.parse::<u16>().is_ok(), "{line}");
+    }
+
+    // Filtered out: no access line, even at exit.
+    let mut quiet =
+        common::child::Child::start_logging(&env, None, "info,breakwater::access=off").await;
+    fetch(&quiet, 0).await;
+    quiet.signal("TERM").await;
+    quiet.child.wait().await.expect("exits");
+    quiet.until_logged(&["shut down"]).await;
+    let log = quiet.log.borrow().clone();
+    assert!(!log.contains("breakwater::access"), "{log}");
+}

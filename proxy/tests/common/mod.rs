@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod child;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
