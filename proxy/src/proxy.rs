@@ -71,7 +71,7 @@ pub struct Shared {
 pub async fn handle(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
     cert: Option<Arc<Identity>>,
     memo: Arc<crate::identity::TokenMemo>,
 ) -> Response<Body> {
@@ -84,7 +84,7 @@ pub async fn handle(
     ));
     let long_running = info.is_long_running();
     let upgrade = is_upgrade(req.headers());
-    let mut log = AccessLog::new(&req, &info, peer);
+    let mut log = AccessLog::new(&req, &info, peer.addr);
 
     // Authenticate before anything is forwarded: limits and watch sharing
     // key on this identity, and a bad credential must never fall through.
@@ -146,7 +146,7 @@ pub async fn handle(
     // Sanitize before anything else reads the headers, then say who the
     // caller is in the way the apiserver is configured to trust.
     sanitize_request(req.headers_mut(), upgrade);
-    append_forwarded_for(req.headers_mut(), peer);
+    append_forwarded_for(req.headers_mut(), &peer);
     if let Err(resp) = identify_upstream(
         &shared.upstream,
         &identity,
@@ -692,23 +692,31 @@ fn sanitize_request(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove(header::HOST);
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    use std::io::Write as _;
-    static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-    // The common case (no header yet) formats the address on the stack: an
-    // IPv6 address is at most 45 bytes.
-    let mut ip = [0u8; 64];
-    let len = {
-        let mut cursor = std::io::Cursor::new(&mut ip[..]);
-        if write!(cursor, "{}", peer.ip()).is_err() {
-            return;
+/// The client's address, and its `X-Forwarded-For` entry, formatted once
+/// per connection (per request it cost a `fmt::write` and an allocation).
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    forwarded: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            forwarded: HeaderValue::try_from(addr.ip().to_string()).ok(),
         }
-        cursor.position() as usize
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
+    static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    let Some(ip) = peer.forwarded.as_ref() else {
+        return;
     };
-    let ip = &ip[..len];
     let value = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(prev) => HeaderValue::from_bytes(&[prev, b", ", ip].concat()),
-        None => HeaderValue::from_bytes(ip),
+        Some(prev) => HeaderValue::from_bytes(&[prev, b", ", ip.as_bytes()].concat()),
+        None => Ok(ip.clone()),
     };
     if let Ok(value) = value {
         headers.insert(X_FORWARDED_FOR.clone(), value);
@@ -905,7 +913,14 @@ mod tests {
     fn forwarded_for_appends_the_peer() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        append_forwarded_for(&mut h, "127.0.0.1:5000".parse().expect("addr"));
+        append_forwarded_for(&mut h, &Peer::new("127.0.0.1:5000".parse().expect("addr")));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        // Without one, the connection's own value, the same on every request.
+        let peer = Peer::new("[::1]:5000".parse().expect("addr"));
+        for _ in 0..2 {
+            let mut h = HeaderMap::new();
+            append_forwarded_for(&mut h, &peer);
+            assert_eq!(h["x-forwarded-for"], "::1");
+        }
     }
 }

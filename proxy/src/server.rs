@@ -508,11 +508,12 @@ async fn serve_http<I>(
 {
     // HTTP/2 streams run on tasks of their own, on the proxy's tracker.
     let exec = TrackedExecutor::new(shared.tasks.clone());
+    let client = proxy::Peer::new(peer);
     let svc = service_fn(move |req| {
         LazyHandler::Waiting(Some(Box::new(Call {
             shared: shared.clone(),
             req,
-            peer,
+            peer: client.clone(),
             cert: cert.clone(),
             memo: memo.clone(),
         })))
@@ -570,7 +571,7 @@ async fn serve_http<I>(
 struct Call {
     shared: Arc<Shared>,
     req: hyper::Request<hyper::body::Incoming>,
-    peer: SocketAddr,
+    peer: proxy::Peer,
     cert: Option<Arc<crate::identity::Identity>>,
     memo: Arc<crate::identity::TokenMemo>,
 }
