@@ -213,33 +213,33 @@ thread_local! {
 
 /// Formats `line` as `tracing`'s default formatter would (colours off).
 pub fn format_access(buf: &mut Vec<u8>, now: SystemTime, line: &AccessLine<'_>) {
+    fn text(buf: &mut Vec<u8>, name: &[u8], value: &str) {
+        buf.extend_from_slice(name);
+        quoted(buf, value);
+    }
+    fn number(buf: &mut Vec<u8>, name: &[u8], value: u64) {
+        buf.extend_from_slice(name);
+        decimal(buf, value);
+    }
     timestamp(buf, now);
     buf.extend_from_slice(b"  INFO breakwater::access: method=");
     buf.extend_from_slice(line.method.as_bytes());
-    buf.extend_from_slice(b" path=");
-    quoted(buf, line.path);
-    buf.extend_from_slice(b" verb=");
-    quoted(buf, line.verb);
+    text(buf, b" path=", line.path);
+    text(buf, b" verb=", line.verb);
     buf.extend_from_slice(b" resource=");
     buf.extend_from_slice(line.resource.as_bytes());
     if !line.subresource.is_empty() {
         buf.push(b'/');
         buf.extend_from_slice(line.subresource.as_bytes());
     }
-    buf.extend_from_slice(b" namespace=");
-    quoted(buf, line.namespace);
-    buf.extend_from_slice(b" user=");
-    quoted(buf, line.user);
-    buf.extend_from_slice(b" status=");
-    decimal(buf, u64::from(line.status));
-    buf.extend_from_slice(b" outcome=");
-    quoted(buf, line.outcome);
-    buf.extend_from_slice(b" bytes=");
-    decimal(buf, line.bytes);
+    text(buf, b" namespace=", line.namespace);
+    text(buf, b" user=", line.user);
+    number(buf, b" status=", u64::from(line.status));
+    text(buf, b" outcome=", line.outcome);
+    number(buf, b" bytes=", line.bytes);
     // Milliseconds with microseconds: `duration_ms=0.153`.
     let micros = line.duration.as_micros();
-    buf.extend_from_slice(b" duration_ms=");
-    decimal(buf, (micros / 1000) as u64);
+    number(buf, b" duration_ms=", (micros / 1000) as u64);
     buf.push(b'.');
     pad3(buf, (micros % 1000) as u32);
     buf.extend_from_slice(b" peer=");
@@ -318,29 +318,15 @@ fn timestamp(buf: &mut Vec<u8>, now: SystemTime) {
     buf.push(b'Z');
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` of a Unix time (the days-to-civil algorithm of
-/// H. Hinnant, "chrono-Compatible Low-Level Date Algorithms").
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix time.
 fn civil(secs: u64) -> [u8; 19] {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    // Once a second: `2026-12-06T20:12:44Z` without its `Z`.
+    let text =
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string();
     let mut out = [0u8; 19];
-    let mut cur = std::io::Cursor::new(&mut out[..]);
-    let _ = write!(
-        cur,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    );
+    if let Some(head) = text.as_bytes().get(..19) {
+        out.copy_from_slice(head);
+    }
     out
 }
 
