@@ -293,7 +293,8 @@ struct OverheadArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Log filter for the breakwater child (BREAKWATER_LOG); "info" includes
-    /// its per-request access log in what is measured.
+    /// its per-request access log in what is measured (and nginx, with
+    /// --with-nginx, then writes an access log too).
     #[arg(long, default_value = "warn")]
     proxy_log: String,
     /// Show breakwater's logs (stderr) instead of keeping them for errors.

@@ -20,8 +20,8 @@
 //! - the upstream's certificate verified (`proxy_ssl_verify on`) against
 //!   its CA, as breakwater verifies it;
 //! - the client's `Authorization` header forwarded as is (nginx's default),
-//!   like breakwater's `passthrough` upstream auth; no access log, as
-//!   breakwater's per-request log is filtered out in the benchmark.
+//!   like breakwater's `passthrough` upstream auth; an access log only when
+//!   breakwater writes its own (`--proxy-log info`), buffered like it.
 //!
 //! nginx has no readiness line on stdout; its master logs `start worker
 //! process` (notice level) once its listening socket is open and its
@@ -96,10 +96,14 @@ pub struct NginxConfig {
     pub workers: usize,
     /// Idle upstream connections each worker keeps (`keepalive`).
     pub upstream_keepalive: usize,
+    /// An access log line per request (`combined`, into the run's directory,
+    /// written in batches as breakwater's: `buffer=16k flush=100ms`), for a
+    /// run where breakwater logs its own; else `access_log off`.
+    pub access_log: bool,
 }
 
 /// The worker count that matches breakwater: tokio's multi-thread runtime
-/// (`#[tokio::main]`) runs one worker thread per core.
+/// (breakwater's, with the defaults) runs one worker thread per core.
 pub fn breakwater_worker_count() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
@@ -169,6 +173,11 @@ fn render_conf(cfg: &NginxConfig, dir: &Path, port: u16, http2_directive: bool) 
     } else {
         (" http2", "")
     };
+    let access_log = if cfg.access_log {
+        format!("{d}/access.log combined buffer=16k flush=100ms")
+    } else {
+        "off".to_string()
+    };
     format!(
         "# Written by breakwater's `loadtest bench overhead --with-nginx`.
 worker_processes {workers};
@@ -182,7 +191,7 @@ events {{
 }}
 
 http {{
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {d}/client_body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
@@ -472,6 +481,7 @@ mod tests {
             key_pem: String::new(),
             workers: 2,
             upstream_keepalive: 64,
+            access_log: false,
         }
     }
 
@@ -485,6 +495,20 @@ mod tests {
         assert!(
             new.contains("listen 127.0.0.1:8443 ssl;\n        http2 on;"),
             "{new}"
+        );
+        assert!(old.contains("access_log off;"), "{old}");
+        let logged = render_conf(
+            &NginxConfig {
+                access_log: true,
+                ..cfg()
+            },
+            dir,
+            8443,
+            true,
+        );
+        assert!(
+            logged.contains("access_log /tmp/bench-x/access.log combined buffer=16k flush=100ms;"),
+            "{logged}"
         );
         for conf in [old, new] {
             // Both sides of the proxy keep their connections for the run.

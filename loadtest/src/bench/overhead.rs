@@ -93,7 +93,7 @@ pub struct OverheadOpts {
     pub breakwater: Option<PathBuf>,
     /// Log filter for the proxy child (`BREAKWATER_LOG`). Default "warn": the
     /// per-request access log would otherwise be part of what is measured
-    /// (pass "info" to measure it).
+    /// (pass "info" to measure it; nginx then logs each request too).
     pub proxy_log: String,
     /// Show the proxy's logs instead of keeping them for error messages.
     pub proxy_stderr: StderrMode,
@@ -426,6 +426,8 @@ async fn with_sim(
             workers: nginx_workers,
             // Every client's request may be in flight upstream at once.
             upstream_keepalive: opts.clients.max(32),
+            // Like for like: nginx logs each request when breakwater does.
+            access_log: access_logged(&opts.proxy_log),
         })
         .await
         .context("start nginx")?;
@@ -905,6 +907,44 @@ async fn client(
     s
 }
 
+/// Whether the log filter `filter` (`BREAKWATER_LOG`, an `EnvFilter`)
+/// writes breakwater's access log: the most specific directive whose target
+/// is a prefix of `breakwater::access` (or the bare level) decides, and the
+/// access log is written at `info`.
+fn access_logged(filter: &str) -> bool {
+    const TARGET: &str = "breakwater::access";
+    let mut best: Option<(usize, &str)> = None;
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((target, level)) => (target, level),
+            None if is_level(directive) => ("", directive),
+            // A bare target means every level for it.
+            None => (directive, "trace"),
+        };
+        let applies = target.is_empty()
+            || TARGET == target
+            || TARGET
+                .strip_prefix(target)
+                .is_some_and(|rest| rest.starts_with("::"));
+        if applies && best.is_none_or(|(len, _)| target.len() >= len) {
+            best = Some((target.len(), level));
+        }
+    }
+    best.is_some_and(|(_, level)| {
+        matches!(
+            level.to_ascii_lowercase().as_str(),
+            "info" | "debug" | "trace"
+        )
+    })
+}
+
+fn is_level(s: &str) -> bool {
+    matches!(
+        s.to_ascii_lowercase().as_str(),
+        "off" | "error" | "warn" | "info" | "debug" | "trace"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use http::header::AUTHORIZATION;
@@ -983,6 +1023,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_access_log_is_on_where_the_filter_lets_breakwater_access_info_through() {
+        for (filter, on) in [
+            ("warn", false),
+            ("info", true),
+            ("debug", true),
+            ("info,breakwater::access=off", false),
+            ("warn,breakwater::access=info", true),
+            ("warn,breakwater=info", true),
+            ("info,breakwater=warn", false),
+            ("info,breakwater=warn,breakwater::access=info", true),
+            ("info,breakwater::accessor=off", true),
+            ("warn,breakwater::access", true),
+            ("", false),
+        ] {
+            assert_eq!(access_logged(filter), on, "{filter:?}");
+        }
+    }
     #[tokio::test]
     async fn a_phase_counts_successes_for_both_protocols() {
         let ca = Ca::new("test-ca").expect("ca");
@@ -1036,6 +1094,8 @@ mod tests {
             key_pem: cert.key_pem,
             workers: 2,
             upstream_keepalive: 8,
+            // Checks that nginx takes the directive.
+            access_log: true,
         })
         .await
         .unwrap_or_else(|e| panic!("{}", Chain(&e)));
