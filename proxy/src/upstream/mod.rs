@@ -30,6 +30,7 @@
 
 mod lanes;
 pub mod pool;
+mod redrive;
 
 use std::time::Duration;
 

@@ -45,6 +45,7 @@ use hyper_util::rt::TokioTimer;
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
+use super::redrive::Redrive;
 use super::{Body, BoxError};
 use crate::error::Chain;
 use crate::tasks::{TaskTracker, TrackedExecutor};
@@ -227,6 +228,8 @@ enum Tx {
 struct H1 {
     tx: http1::SendRequest<Body>,
     conn: H1Driver,
+    /// What the request polls of the connection, it polls through this.
+    redrive: Redrive,
 }
 
 /// An HTTP/1.1 connection future; `None` once it has ended. A lock only to
@@ -259,11 +262,13 @@ fn drive(conn: &H1Driver, cx: &mut Context<'_>) {
 }
 
 /// Polls `fut`, and beside it the connection whose sender it uses.
-async fn driving<F: Future>(conn: &H1Driver, fut: F) -> F::Output {
+async fn driving<F: Future>(conn: &H1Driver, redrive: &Redrive, fut: F) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     std::future::poll_fn(|cx| {
-        drive(conn, cx);
-        fut.as_mut().poll(cx)
+        redrive.poll(cx, |cx| {
+            drive(conn, cx);
+            fut.as_mut().poll(cx)
+        })
     })
     .await
 }
@@ -419,17 +424,17 @@ impl Pool {
                         .h1
                         .as_mut()
                         .expect("an HTTP/1.1 slot holds its connection");
-                    let H1 { tx, conn } = h1;
+                    let H1 { tx, conn, redrive } = h1;
                     // A connection returns to the pool as soon as its last
                     // response ended, before hyper has seen the end: it is
                     // ready once driven (at once, usually). Closed
                     // meanwhile: nothing was sent, take another.
-                    let ready = driving(conn, tx.ready()).await;
+                    let ready = driving(conn, redrive, tx.ready()).await;
                     if ready.is_err() {
                         self.inner.discard(slot.conn);
                         continue;
                     }
-                    driving(conn, tx.try_send_request(req)).await
+                    driving(conn, redrive, tx.try_send_request(req)).await
                 }
             };
             match result {
@@ -702,6 +707,7 @@ impl Inner {
             Tx::H1(Some(H1 {
                 tx,
                 conn: Mutex::new(Some(Box::pin(conn))),
+                redrive: Redrive::new(),
             }))
         };
         Ok(Conn {
@@ -836,23 +842,28 @@ impl http_body::Body for ResponseBody {
     type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let inner = &mut this.inner;
         // An HTTP/1.1 connection is driven by its request (see [`H1`]).
-        if let Some(h1) = self.slot.as_ref().and_then(|s| s.h1.as_ref()) {
-            drive(&h1.conn, cx);
-        }
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        let res = match this.slot.as_ref().and_then(|s| s.h1.as_ref()) {
+            Some(h1) => h1.redrive.poll(cx, |cx| {
+                drive(&h1.conn, cx);
+                Pin::new(&mut *inner).poll_frame(cx)
+            }),
+            None => Pin::new(inner).poll_frame(cx),
+        };
         match &res {
             Poll::Ready(None) => {
                 // The stream is over: its slot is free for the next request
                 // now, not when the body is dropped.
-                if let Some(mut slot) = self.slot.take() {
+                if let Some(mut slot) = this.slot.take() {
                     slot.ended = true;
                 }
             }
-            Poll::Ready(Some(Err(_))) => self.slot = None,
+            Poll::Ready(Some(Err(_))) => this.slot = None,
             _ => {}
         }
         res
