@@ -25,6 +25,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -72,7 +73,7 @@ impl Sink {
     }
 
     /// Adds a line (or several) to the buffer; written at once if
-    /// `urgent`, or when the buffer is full or old enough.
+    /// `urgent`, or when the buffer is full (the flusher writes it once old).
     pub fn append(&self, line: &[u8], urgent: bool) {
         let mut st = self.lock();
         if st.buf.is_empty() && !urgent {
@@ -80,9 +81,8 @@ impl Sink {
             self.pending.notify_one();
         }
         st.buf.extend_from_slice(line);
-        let due =
-            urgent || st.buf.len() >= BATCH || st.since.is_some_and(|t| t.elapsed() >= MAX_DELAY);
-        if due {
+        // The delay is the flusher's to keep: no clock read per line.
+        if urgent || st.buf.len() >= BATCH {
             self.write_out(&mut st);
         }
     }
@@ -132,7 +132,7 @@ impl Sink {
 /// writer for `tracing_subscriber::fmt().with_writer(..)`.
 pub fn install(plain: bool) -> &'static Sink {
     if plain {
-        FAST.get_or_init(|| ());
+        FAST.store(true, Ordering::Relaxed);
     }
     let mut first = false;
     let sink = SINK.get_or_init(|| {
@@ -164,7 +164,7 @@ pub fn install(plain: bool) -> &'static Sink {
 }
 
 /// Set when the installed sink takes fast access lines (colours off).
-static FAST: OnceLock<()> = OnceLock::new();
+static FAST: AtomicBool = AtomicBool::new(false);
 
 /// Writes out the buffered lines (at exit, before a panic's message).
 pub fn flush() {
@@ -193,7 +193,7 @@ pub struct AccessLine<'a> {
 /// that takes fast lines (tests, a terminal): the caller logs through
 /// `tracing` instead.
 pub fn access(line: &AccessLine<'_>) -> bool {
-    let Some(sink) = SINK.get().filter(|_| FAST.get().is_some()) else {
+    let Some(sink) = SINK.get().filter(|_| FAST.load(Ordering::Relaxed)) else {
         return false;
     };
     LINE.with_borrow_mut(|buf| {
