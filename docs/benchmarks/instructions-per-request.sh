@@ -5,6 +5,11 @@
 #
 # Usage: docs/benchmarks/instructions-per-request.sh [BREAKWATER] [bench overhead args...]
 #   e.g. docs/benchmarks/instructions-per-request.sh target/release/breakwater --http2
+#        docs/benchmarks/instructions-per-request.sh nginx --http2
+#
+# With `nginx` in place of the binary it counts nginx instead (the bench's
+# --with-nginx target; master and workers summed): the same requests through
+# the proxy an operator would compare us with.
 #
 # Runs `loadtest bench overhead` twice (2,000 and 6,000 requests, 8 clients,
 # one round, no warm-up) with breakwater under cachegrind, and prints the
@@ -18,6 +23,12 @@ cd "$(dirname "$0")/../.."
 
 bin=${1:-target/release/breakwater}
 [ $# -gt 0 ] && shift
+target=breakwater
+if [ "$bin" = nginx ]; then
+  target=nginx
+  bin=$(command -v nginx || echo /usr/sbin/nginx)
+  [ -x "$bin" ] || { echo "nginx not found: apt-get install nginx-light" >&2; exit 1; }
+fi
 bin=$(realpath "$bin")
 command -v valgrind >/dev/null || { echo "valgrind not found: apt-get install valgrind" >&2; exit 1; }
 loadtest=target/release/loadtest
@@ -25,7 +36,11 @@ loadtest=target/release/loadtest
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-# The bench starts breakwater itself: give it a wrapper that runs it under cachegrind.
+# nginx's workers drop root for `nobody`: they too must write their counts.
+chmod 777 "$work"
+# The bench starts breakwater (and nginx) itself: give it a wrapper that runs
+# the counted one under cachegrind (which follows nginx's forks: %p names
+# each process's file).
 cat > "$work/wrap" <<EOF
 #!/bin/sh
 exec valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=$work/cg.%p.out "$bin" "\$@"
@@ -34,10 +49,15 @@ chmod +x "$work/wrap"
 
 total() {
   rm -f "$work"/cg.*.out
+  if [ "$target" = nginx ]; then
+    set -- "$1" --with-nginx --nginx "$work/wrap" "${@:2}"
+  else
+    set -- "$1" --breakwater "$work/wrap" "${@:2}"
+  fi
   "$loadtest" bench overhead --rounds 1 --warmup 0s --duration 120s --clients 8 \
-    --max-requests "$1" --breakwater "$work/wrap" "${@:2}" > "$work/log" 2>&1 \
+    --max-requests "$@" > "$work/log" 2>&1 \
     || { tail -5 "$work/log" >&2; exit 1; }
-  grep '^summary:' "$work"/cg.*.out | awk '{ print $2 }'
+  grep -h '^summary:' "$work"/cg.*.out | awk '{ s += $2 } END { print s }'
 }
 
 small=$(total 2000 "$@")
