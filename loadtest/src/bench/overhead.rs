@@ -907,41 +907,17 @@ async fn client(
     s
 }
 
-/// Whether the log filter `filter` (`BREAKWATER_LOG`, an `EnvFilter`)
-/// writes breakwater's access log: the most specific directive whose target
-/// is a prefix of `breakwater::access` (or the bare level) decides, and the
-/// access log is written at `info`.
+/// Whether the log filter `filter` (`BREAKWATER_LOG`) writes breakwater's
+/// access log (target `breakwater::access`, level `info`): asked of the
+/// `EnvFilter` breakwater builds from it, with breakwater's default when it
+/// does not parse.
 fn access_logged(filter: &str) -> bool {
-    const TARGET: &str = "breakwater::access";
-    let mut best: Option<(usize, &str)> = None;
-    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let (target, level) = match directive.rsplit_once('=') {
-            Some((target, level)) => (target, level),
-            None if is_level(directive) => ("", directive),
-            // A bare target means every level for it.
-            None => (directive, "trace"),
-        };
-        let applies = target.is_empty()
-            || TARGET == target
-            || TARGET
-                .strip_prefix(target)
-                .is_some_and(|rest| rest.starts_with("::"));
-        if applies && best.is_none_or(|(len, _)| target.len() >= len) {
-            best = Some((target.len(), level));
-        }
-    }
-    best.is_some_and(|(_, level)| {
-        matches!(
-            level.to_ascii_lowercase().as_str(),
-            "info" | "debug" | "trace"
-        )
-    })
-}
-
-fn is_level(s: &str) -> bool {
-    matches!(
-        s.to_ascii_lowercase().as_str(),
-        "off" | "error" | "warn" | "info" | "debug" | "trace"
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,breakwater::access=info"));
+    tracing::subscriber::with_default(
+        tracing_subscriber::registry().with(filter),
+        || tracing::enabled!(target: "breakwater::access", tracing::Level::INFO),
     )
 }
 
