@@ -21,7 +21,8 @@ pub struct Decoder {
     table: Table,
     buffer: BytesMut,
     // Breakwater patch: the last long Huffman-coded value decoded from a
-    // literal without indexing (its coded bytes, then the decoded value).
+    // literal without indexing or never indexed (its coded bytes, then the
+    // decoded value).
     // Clients that follow RFC 7541 §7.1.3 send `authorization` that way on
     // every request, so the same token would be decoded again each time.
     last_literal: Option<(Bytes, Bytes)>,
@@ -244,7 +245,9 @@ impl Decoder {
                 LiteralNeverIndexed => {
                     tracing::trace!(rem = src.remaining(), kind = %"LiteralNeverIndexed");
                     can_resize = false;
-                    let entry = self.decode_literal(src, false)?;
+                    // Breakwater patch: nghttp2 (h2load, curl) sends
+                    // `authorization` in this form; same reuse as above.
+                    let entry = self.decode_literal_reusing(src)?;
                     consume(src);
 
                     // TODO: Track that this should never be indexed
@@ -321,7 +324,7 @@ impl Decoder {
     }
 
     // Breakwater patch: `decode_literal(src, false)` for a literal without
-    // indexing whose name is indexed, reusing the last long Huffman-coded
+    // indexing or never indexed (both prefix 4) whose name is indexed, reusing the last long Huffman-coded
     // value when its coded bytes are the same.
     fn decode_literal_reusing(
         &mut self,
