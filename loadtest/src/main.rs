@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use breakwater_loadtest::bench::Protocol;
+use breakwater_loadtest::bench::external::LoadGenerator;
 use breakwater_loadtest::bench::overhead::{OverheadOpts, UpstreamKind, run_overhead};
 use breakwater_loadtest::proc::StderrMode;
 use breakwater_loadtest::sim::{KubeSim, SimConfig, SimPki, seed_demo};
@@ -283,7 +284,8 @@ struct OverheadArgs {
     /// Rounds of (direct, breakwater); the best phase of each is reported.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
-    /// Upper bound on requests per phase, besides time.
+    /// Upper bound on requests per phase, besides time (the bench's own
+    /// clients only).
     #[arg(long, default_value_t = 20_000_000)]
     max_requests: u64,
     /// The breakwater binary (default: $BREAKWATER_BIN, else next to this executable).
@@ -316,6 +318,12 @@ struct OverheadArgs {
     /// the same ConfigMap (built with the local `go`; Debian: golang-go).
     #[arg(long, value_enum, default_value = "kube-sim")]
     upstream: UpstreamArg,
+    /// Who sends the requests: the bench's own clients (`loadtest`), `wrk`
+    /// (HTTP/1.1; Debian: wrk) or `h2load` (Debian: nghttp2-client), run
+    /// as a child per phase with --clients (and, over HTTP/2,
+    /// --h2-connections).
+    #[arg(long, value_enum, default_value = "loadtest")]
+    load_generator: LoadGenerator,
 }
 
 /// How kube-sim talks in the overhead bench.
@@ -513,6 +521,7 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
             (UpstreamArg::KubeSim, UpstreamTransport::GoLike) => UpstreamKind::KubeSim,
             (UpstreamArg::KubeSim, UpstreamTransport::Hyper) => UpstreamKind::KubeSimHyper,
         },
+        load_generator: a.load_generator,
     };
     let report = run_overhead(opts).await?;
     println!("{}", report.table());

@@ -12,6 +12,7 @@
 //! - [`overhead`]: unary GET latency and throughput through breakwater vs direct
 //!   (and vs nginx, [`nginx`], with `--with-nginx`).
 
+pub mod external;
 pub mod fanout;
 pub mod go_upstream;
 pub mod handshake;

@@ -19,6 +19,11 @@
 //! [`super::nginx`] as a TLS reverse proxy with upstream keepalive, is a
 //! third target in every round (direct, breakwater, nginx), under the same
 //! clients and phases; its CPU per request is its master's and workers'.
+//!
+//! With `--load-generator wrk|h2load` ([`OverheadOpts::load_generator`]) the
+//! requests come from wrk or h2load instead of the bench's own clients
+//! ([`super::external`]): the tools an operator, or a check against a real
+//! apiserver, would use.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +38,7 @@ use http_body_util::{BodyExt, Empty};
 use serde::Serialize;
 use serde_json::json;
 
+use super::external::{self, LoadGenerator};
 use super::go_upstream::{self, GoUpstream, GoUpstreamConfig};
 use super::nginx::{self, NginxConfig, NginxProcess};
 use super::{
@@ -87,7 +93,8 @@ pub struct OverheadOpts {
     pub h2_connections: usize,
     /// Rounds of (direct, proxy); the best phase of each target is reported.
     pub rounds: usize,
-    /// Upper bound on requests per phase (warm-up included), besides time.
+    /// Upper bound on requests per phase (warm-up included), besides time;
+    /// the bench's own clients only (wrk and h2load run for the duration).
     pub max_requests: u64,
     /// The breakwater binary; `None` = [`find_breakwater`]'s search.
     pub breakwater: Option<PathBuf>,
@@ -104,6 +111,8 @@ pub struct OverheadOpts {
     /// The upstream: kube-sim (Go-like or hyper transport) or the Go
     /// stand-in.
     pub upstream: UpstreamKind,
+    /// Who sends the requests: the bench's own clients, wrk or h2load.
+    pub load_generator: LoadGenerator,
 }
 
 impl Default for OverheadOpts {
@@ -122,6 +131,7 @@ impl Default for OverheadOpts {
             with_nginx: false,
             nginx: None,
             upstream: UpstreamKind::KubeSim,
+            load_generator: LoadGenerator::Loadtest,
         }
     }
 }
@@ -187,6 +197,9 @@ pub struct OverheadReport {
     pub duration_secs: f64,
     pub warmup_secs: f64,
     pub rounds: usize,
+    /// Who sent the requests: "loadtest" (the bench's own clients), "wrk"
+    /// or "h2load".
+    pub load_generator: LoadGenerator,
     /// Every phase in the order run: direct, breakwater (, nginx), direct, …
     pub phases: Vec<Figures>,
     /// The direct phase with the highest req/s.
@@ -235,9 +248,10 @@ impl OverheadReport {
     /// The human-readable table.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "breakwater overhead: {}, upstream {:?}, {} clients over {} connections, {:.0}s measured after {:.0}s warm-up, {} rounds\n\n",
+            "breakwater overhead: {}, upstream {:?}, requests from {:?}, {} clients over {} connections, {:.0}s measured after {:.0}s warm-up, {} rounds\n\n",
             self.protocol,
             self.upstream,
+            self.load_generator,
             self.clients,
             self.connections,
             self.duration_secs,
@@ -319,6 +333,9 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
         // Before anything starts: a missing nginx is one line, and the fix.
         nginx::find_nginx(opts.nginx.as_deref())?;
     }
+    // Before anything starts, too: a missing wrk or h2load, or wrk asked
+    // for HTTP/2.
+    opts.load_generator.find(opts.protocol)?;
     if opts.upstream == UpstreamKind::Go && go_upstream::find_go().is_none() {
         return Err(go_upstream::GoError::NotFound.into());
     }
@@ -461,14 +478,30 @@ async fn with_sim(
     if let (Some(n), Some(c)) = (&nginx, &via_nginx) {
         targets.push((NGINX, c, n.pid().map_or(ProxyCpu::None, ProxyCpu::Nginx)));
     }
+    let tool = opts.load_generator.find(opts.protocol)?;
     let mut phases = Vec::new();
     let mut connections = 0;
     for round in 1..=opts.rounds {
         for &(target, connector, cpu) in &targets {
             tracing::info!(round, target, "phase starts");
             let upstream_pid = go.as_ref().and_then(GoUpstream::pid);
-            let (figures, conns) =
-                run_phase(target, connector, &auth, opts, cpu, upstream_pid).await?;
+            let (figures, conns) = match &tool {
+                None => run_phase(target, connector, &auth, opts, cpu, upstream_pid).await?,
+                Some(program) => {
+                    let run = external::Run {
+                        generator: opts.load_generator,
+                        program,
+                        addr: connector.addr,
+                        path: BENCH_PATH,
+                        authorization: auth.to_str().context("token header")?,
+                        protocol: opts.protocol,
+                        clients: opts.clients,
+                        h2_connections: opts.h2_connections,
+                        duration: opts.duration,
+                    };
+                    run_tool_phase(&run, target, opts.warmup, cpu, upstream_pid).await?
+                }
+            };
             connections = conns;
             eprintln!(
                 "round {round} {target:<10}: {:.0} req/s, p50 {}, p99 {}, {} errors",
@@ -538,6 +571,7 @@ async fn with_sim(
         duration_secs: opts.duration.as_secs_f64(),
         warmup_secs: opts.warmup.as_secs_f64(),
         rounds: opts.rounds,
+        load_generator: opts.load_generator,
         phases,
         nginx_ratios: nginx_best.as_ref().map(|n| Ratios::of(n, &direct)),
         breakwater_vs_nginx: nginx_best.as_ref().map(|n| Ratios::of(&proxy, n)),
@@ -788,8 +822,7 @@ async fn run_phase(
     // decide per request whether it is inside; the few in flight at either
     // edge are noise well below one clock tick per phase).
     tokio::time::sleep_until(clock.measure_from.into()).await;
-    let upstream_cpu = || upstream_pid.and_then(|p| cpu_seconds(Some(p)));
-    let cpu_before = (cpu_seconds(None), proxy_cpu.read(), upstream_cpu());
+    let cpu_before = CpuSample::take(proxy_cpu, upstream_pid);
 
     let mut hist = latency_histogram();
     let (mut requests, mut errors) = (0u64, 0u64);
@@ -803,29 +836,76 @@ async fn run_phase(
             last_done = last_done.max(d);
         }
     }
-    let cpu_after = (cpu_seconds(None), proxy_cpu.read(), upstream_cpu());
+    let cpu_after = CpuSample::take(proxy_cpu, upstream_pid);
     let seconds = last_done.duration_since(clock.measure_from).as_secs_f64();
     let mut figures = Figures::new(target, &hist, requests, errors, seconds);
-    let per_request = |before: Option<f64>, after: Option<f64>| {
-        let (b, a) = before.zip(after)?;
-        (requests > 0).then(|| (a - b) * 1e6 / requests as f64)
-    };
-    if let Some(us) = per_request(cpu_before.0, cpu_after.0) {
-        figures
-            .cpu_us_per_request
-            .insert(LOADTEST_CPU.to_string(), us);
-    }
-    if let (Some((key, before)), Some((_, after))) = (cpu_before.1, cpu_after.1)
-        && let Some(us) = per_request(Some(before), Some(after))
-    {
-        figures.cpu_us_per_request.insert(key.to_string(), us);
-    }
-    if let Some(us) = per_request(cpu_before.2, cpu_after.2) {
-        figures
-            .cpu_us_per_request
-            .insert(UPSTREAM_CPU.to_string(), us);
-    }
+    cpu_before.per_request(&cpu_after, &mut figures);
     Ok((figures, connections))
+}
+
+/// One phase with wrk or h2load sending the requests: an unrecorded warm-up
+/// run, then the measured run, CPU read around it. The "loadtest" CPU
+/// figure is then kube-sim's alone (the tool is a process of its own).
+async fn run_tool_phase(
+    run: &external::Run<'_>,
+    target: &str,
+    warmup: Duration,
+    proxy_cpu: ProxyCpu,
+    upstream_pid: Option<u32>,
+) -> anyhow::Result<(Figures, usize)> {
+    if !warmup.is_zero() {
+        let warm = external::Run {
+            duration: warmup,
+            ..*run
+        };
+        warm.measure(target).await.context("warm-up")?;
+    }
+    let before = CpuSample::take(proxy_cpu, upstream_pid);
+    let measured = run.measure(target).await?;
+    let after = CpuSample::take(proxy_cpu, upstream_pid);
+    let mut figures = measured.figures;
+    before.per_request(&after, &mut figures);
+    Ok((figures, measured.connections))
+}
+
+/// CPU seconds used so far by this process, the proxy under test and the
+/// Go stand-in, each when known.
+struct CpuSample {
+    own: Option<f64>,
+    proxy: Option<(&'static str, f64)>,
+    upstream: Option<f64>,
+}
+
+impl CpuSample {
+    fn take(proxy_cpu: ProxyCpu, upstream_pid: Option<u32>) -> CpuSample {
+        CpuSample {
+            own: cpu_seconds(None),
+            proxy: proxy_cpu.read(),
+            upstream: upstream_pid.and_then(|p| cpu_seconds(Some(p))),
+        }
+    }
+
+    /// Adds each process's CPU per request between `self` and `after` to
+    /// `figures` (nothing when no request completed).
+    fn per_request(&self, after: &CpuSample, figures: &mut Figures) {
+        let requests = figures.requests;
+        let per_request = |before: Option<f64>, after: Option<f64>| {
+            let (b, a) = before.zip(after)?;
+            (requests > 0).then(|| (a - b) * 1e6 / requests as f64)
+        };
+        let cpu = &mut figures.cpu_us_per_request;
+        if let Some(us) = per_request(self.own, after.own) {
+            cpu.insert(LOADTEST_CPU.to_string(), us);
+        }
+        if let (Some((key, before)), Some((_, after))) = (self.proxy, after.proxy)
+            && let Some(us) = per_request(Some(before), Some(after))
+        {
+            cpu.insert(key.to_string(), us);
+        }
+        if let Some(us) = per_request(self.upstream, after.upstream) {
+            cpu.insert(UPSTREAM_CPU.to_string(), us);
+        }
+    }
 }
 
 async fn connect_all(connector: &Connector, n: usize) -> Result<Vec<Conn>, ClientError> {
@@ -1046,6 +1126,54 @@ mod tests {
         }
     }
 
+    /// wrk and h2load (required: CI installs wrk and nghttp2-client) as the
+    /// phase's load generator: their figures are read back, a refused
+    /// request counts as an error, and wrk is refused HTTP/2.
+    #[tokio::test]
+    async fn wrk_and_h2load_phases_count_successes_and_errors() {
+        let ca = Ca::new("test-ca").expect("ca");
+        let addr = fake_apiserver(&ca).await;
+        for (generator, protocol) in [
+            (LoadGenerator::Wrk, Protocol::Http1),
+            (LoadGenerator::H2load, Protocol::Http1),
+            (LoadGenerator::H2load, Protocol::Http2),
+        ] {
+            let program = generator
+                .find(protocol)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .expect("a tool");
+            for (token, good) in [("Bearer good", true), ("Bearer bad", false)] {
+                let run = external::Run {
+                    generator,
+                    program: &program,
+                    addr,
+                    path: BENCH_PATH,
+                    authorization: token,
+                    protocol,
+                    clients: 4,
+                    h2_connections: 2,
+                    duration: Duration::from_secs(1),
+                };
+                let what = format!("{generator:?} {protocol} {token}");
+                let (f, conns) =
+                    run_tool_phase(&run, "direct", Duration::ZERO, ProxyCpu::None, None)
+                        .await
+                        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                assert!(f.requests > 10, "{what}: {f:?}");
+                assert!(f.seconds > 0.5 && f.seconds < 5.0, "{what}: {f:?}");
+                if good {
+                    assert_eq!(f.errors, 0, "{what}: {f:?}");
+                    assert!(f.p50_us > 0 && f.p50_us <= f.max_us, "{what}: {f:?}");
+                } else {
+                    assert_eq!(f.errors, f.requests, "{what}: {f:?}");
+                }
+                assert!(f.cpu_us_per_request.contains_key(LOADTEST_CPU), "{f:?}");
+                let expected = if protocol == Protocol::Http2 { 2 } else { 4 };
+                assert_eq!(conns, expected, "{what}");
+            }
+        }
+    }
+
     /// nginx (required: CI installs nginx-light) in front of a real
     /// kube-sim, configured as the bench configures it: both protocols
     /// reach kube-sim through it with the client's own token, and the
@@ -1156,6 +1284,7 @@ mod tests {
             duration_secs: 0.3,
             warmup_secs: 0.05,
             rounds: 1,
+            load_generator: LoadGenerator::Loadtest,
             phases: vec![f.clone()],
             direct: f.clone(),
             proxy: f,
