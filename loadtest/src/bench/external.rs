@@ -186,6 +186,12 @@ impl Run<'_> {
             }
         }
         .with_context(|| format!("read {name}'s figures from:\n{stdout}{stderr}"))?;
+        // A target it could not reach at all leaves no request to count,
+        // and no error either: that is no measurement.
+        ensure!(
+            figures.requests > 0,
+            "{name} completed no request against {url}:\n{stdout}{stderr}"
+        );
         Ok(Measured {
             figures,
             connections,
@@ -321,6 +327,42 @@ mod tests {
         assert_eq!(parse_h2load_duration("10.00s"), Some(10.0));
         assert_eq!(parse_h2load_duration("812us"), Some(0.000812));
         assert_eq!(parse_h2load_duration("soon"), None);
+    }
+
+    /// Nothing listens at the address: neither tool may report that as a
+    /// measurement (wrk exits with an error; h2load exits 0 with every
+    /// request failed and none in its log).
+    #[tokio::test]
+    async fn a_target_that_cannot_be_reached_is_an_error() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        for (generator, protocol) in [
+            (LoadGenerator::Wrk, Protocol::Http1),
+            (LoadGenerator::H2load, Protocol::Http2),
+        ] {
+            let program = generator
+                .find(protocol)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .expect("a tool");
+            let run = Run {
+                generator,
+                program: &program,
+                addr,
+                path: "/",
+                authorization: "Bearer x",
+                protocol,
+                clients: 2,
+                h2_connections: 1,
+                duration: Duration::from_secs(1),
+            };
+            let err = run.measure("direct").await.expect_err("nothing to measure");
+            assert!(
+                format!("{err:#}").contains(&addr.to_string()),
+                "{generator:?}: {err:#}"
+            );
+        }
     }
 
     #[test]
