@@ -324,6 +324,10 @@ struct OverheadArgs {
     /// --h2-connections).
     #[arg(long, value_enum, default_value = "loadtest")]
     load_generator: LoadGenerator,
+    /// About how large the GET's answer is, in bytes; a pod is 3000-6000,
+    /// and past 2048 the Go-like upstreams answer HTTP/1.1 chunked.
+    #[arg(long, default_value_t = breakwater_loadtest::bench::overhead::DEFAULT_OBJECT_BYTES)]
+    object_bytes: usize,
 }
 
 /// How kube-sim talks in the overhead bench.
@@ -522,6 +526,7 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
             (UpstreamArg::KubeSim, UpstreamTransport::Hyper) => UpstreamKind::KubeSimHyper,
         },
         load_generator: a.load_generator,
+        object_bytes: a.object_bytes,
     };
     let report = run_overhead(opts).await?;
     println!("{}", report.table());

@@ -113,6 +113,12 @@ pub struct OverheadOpts {
     pub upstream: UpstreamKind,
     /// Who sends the requests: the bench's own clients, wrk or h2load.
     pub load_generator: LoadGenerator,
+    /// About how large the GET's answer is, in bytes (the ConfigMap's data
+    /// is padded to it). The default, ~1.4 KiB, is the size of all figures
+    /// before session 15; a pod, what the issue's real check GETs, is 3–6
+    /// KiB, and past 2 KiB Go's HTTP/1.1 server (so the apiserver, the Go
+    /// stand-in and kube-sim) answers chunked.
+    pub object_bytes: usize,
 }
 
 impl Default for OverheadOpts {
@@ -132,9 +138,13 @@ impl Default for OverheadOpts {
             nginx: None,
             upstream: UpstreamKind::KubeSim,
             load_generator: LoadGenerator::Loadtest,
+            object_bytes: DEFAULT_OBJECT_BYTES,
         }
     }
 }
+
+/// The bench ConfigMap's size before `--object-bytes` existed.
+pub const DEFAULT_OBJECT_BYTES: usize = 1400;
 
 /// One target's figure divided by another's (proxy / direct, or
 /// breakwater / nginx).
@@ -200,6 +210,8 @@ pub struct OverheadReport {
     /// Who sent the requests: "loadtest" (the bench's own clients), "wrk"
     /// or "h2load".
     pub load_generator: LoadGenerator,
+    /// `--object-bytes`: about how large each answer was.
+    pub object_bytes: usize,
     /// Every phase in the order run: direct, breakwater (, nginx), direct, …
     pub phases: Vec<Figures>,
     /// The direct phase with the highest req/s.
@@ -360,7 +372,7 @@ async fn with_sim(
     bin: &std::path::Path,
     opts: &OverheadOpts,
 ) -> anyhow::Result<OverheadReport> {
-    seed(sim).context("seed kube-sim")?;
+    seed(sim, opts.object_bytes).context("seed kube-sim")?;
     let token = sim.issue_token("default", "bench", Duration::from_secs(3600));
     let auth = HeaderValue::from_str(&format!("Bearer {token}")).context("token header")?;
     // With `--upstream go`, the Go stand-in serves what kube-sim would.
@@ -572,6 +584,7 @@ async fn with_sim(
         warmup_secs: opts.warmup.as_secs_f64(),
         rounds: opts.rounds,
         load_generator: opts.load_generator,
+        object_bytes: opts.object_bytes,
         phases,
         nginx_ratios: nginx_best.as_ref().map(|n| Ratios::of(n, &direct)),
         breakwater_vs_nginx: nginx_best.as_ref().map(|n| Ratios::of(&proxy, n)),
@@ -665,7 +678,7 @@ async fn go_gets(direct: &Connector, auth: &HeaderValue, go: &GoUpstream) -> any
 /// `default/bench` (the token's subject), a Role and RoleBinding letting it
 /// read configmaps, and ConfigMap `default/bench`, about 1 KiB like a typical
 /// small ConfigMap.
-fn seed(sim: &KubeSim) -> anyhow::Result<()> {
+fn seed(sim: &KubeSim, object_bytes: usize) -> anyhow::Result<()> {
     let find = |plural| {
         resources::find("", "v1", plural).with_context(|| format!("kube-sim serves no v1 {plural}"))
     };
@@ -710,11 +723,16 @@ fn seed(sim: &KubeSim) -> anyhow::Result<()> {
                                  "namespace": "default"}]}),
         ))?;
     }
+    // Sixteen keys of `"key-NN":"value-NN-xxx…",` (18 bytes each besides
+    // the padding) and ~500 bytes of the rest of the object.
+    let pad = (object_bytes.saturating_sub(500) / 16)
+        .saturating_sub(18)
+        .max(1);
     let data: serde_json::Map<String, serde_json::Value> = (0..16)
         .map(|i| {
             (
                 format!("key-{i:02}"),
-                json!(format!("value-{i:02}-{}", "x".repeat(40))),
+                json!(format!("value-{i:02}-{}", "x".repeat(pad))),
             )
         })
         .collect();
@@ -1184,7 +1202,7 @@ mod tests {
         let sim = KubeSim::start(SimConfig::default(), pki)
             .await
             .expect("kube-sim");
-        seed(&sim).expect("seed");
+        seed(&sim, DEFAULT_OBJECT_BYTES).expect("seed");
         let token = sim.issue_token("default", "bench", Duration::from_secs(600));
         let auth = HeaderValue::from_str(&format!("Bearer {token}")).expect("header");
         let ca = Ca::new("nginx-test-ca").expect("ca");
@@ -1285,6 +1303,7 @@ mod tests {
             warmup_secs: 0.05,
             rounds: 1,
             load_generator: LoadGenerator::Loadtest,
+            object_bytes: DEFAULT_OBJECT_BYTES,
             phases: vec![f.clone()],
             direct: f.clone(),
             proxy: f,

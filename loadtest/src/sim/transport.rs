@@ -34,9 +34,13 @@
 //! WINDOW_UPDATEs after request-body reads (Go's server returns window as
 //! the handler reads; hyper's when half a window is used up). The last
 //! matters for PATCH/PUT/POST bodies, not for the GETs the overhead
-//! benchmark sends. HTTP/1.1
-//! is unchanged but for the headers: Go's HTTP/1.1 server writes a small
-//! response's head and body in one write, as hyper does.
+//! benchmark sends.
+//! - **Go's HTTP/1.1 chunking** ([`GoChunkedBody`]): Go's server buffers a
+//!   handler's first 2 KiB (`bufferBeforeChunkingSize`); a small response
+//!   goes out with `Content-Length` in one write, as hyper's does, but a
+//!   larger one (a pod is 3–6 KiB) without it, chunked, the terminating
+//!   chunk written when the handler returns. A proxy then does not know
+//!   the body's end until that last chunk arrives.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -58,6 +62,10 @@ pub const GO_STREAM_WINDOW: u32 = 256 * 1024;
 /// buffered until the handler returns, and so goes out in one DATA frame
 /// with END_STREAM and a known `Content-Length`.
 const GO_HANDLER_BUFFER: u64 = 4 * 1024;
+
+/// Go's `bufferBeforeChunkingSize`: an HTTP/1.1 response body larger than
+/// this is sent chunked.
+const GO_H1_CHUNKING_BUFFER: u64 = 2 * 1024;
 
 /// Go's http2 server: `MaxHeaderBytes` (1 MiB default) plus ten typical
 /// headers' 32 bytes of per-field overhead.
@@ -121,13 +129,77 @@ impl ApiserverHeaders {
     }
 }
 
-/// With `go_like`, an HTTP/2 response's body flushed the way Go's server
-/// flushes it ([`GoFlushBody`]); anything else unchanged.
+/// With `go_like`, a response's body sent the way Go's server sends it:
+/// over HTTP/2 flushed as it flushes ([`GoFlushBody`]), over HTTP/1.1
+/// chunked above 2 KiB ([`GoChunkedBody`]).
 pub(crate) fn go_flush(resp: Response<ResBody>, version: Version) -> Response<ResBody> {
-    if version != Version::HTTP_2 {
-        return resp;
+    if version == Version::HTTP_2 {
+        return resp.map(|body| GoFlushBody::new(body).boxed());
     }
-    resp.map(|body| GoFlushBody::new(body).boxed())
+    let large = resp
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n > GO_H1_CHUNKING_BUFFER);
+    if large {
+        return resp.map(|body| GoChunkedBody::new(body).boxed());
+    }
+    resp
+}
+
+/// An HTTP/1.1 body of unknown length (so hyper chunks it, as Go does past
+/// its buffer), its end held back until the task has been polled once more:
+/// the terminating chunk then goes out in a write of its own, as Go's does
+/// when the handler returns.
+pub(crate) struct GoChunkedBody {
+    inner: ResBody,
+    end_due: bool,
+    yielded: bool,
+}
+
+impl GoChunkedBody {
+    fn new(inner: ResBody) -> GoChunkedBody {
+        GoChunkedBody {
+            inner,
+            end_due: false,
+            yielded: false,
+        }
+    }
+}
+
+impl Body for GoChunkedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        if this.end_due {
+            if !this.yielded {
+                this.yielded = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(frame)) => {
+                this.end_due = this.inner.is_end_stream();
+                Poll::Ready(Some(frame))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
 }
 
 /// A response body that lets the connection flush what it has queued
@@ -206,5 +278,31 @@ impl Body for GoFlushBody {
         } else {
             self.inner.size_hint()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    fn response(len: usize) -> Response<ResBody> {
+        Response::new(Full::new(Bytes::from(vec![b'x'; len])).boxed())
+    }
+
+    #[tokio::test]
+    async fn http1_bodies_past_go_buffer_go_out_chunked_and_whole() {
+        // Up to 2 KiB: a known length (hyper sends Content-Length).
+        let small = go_flush(response(2048), Version::HTTP_11);
+        assert_eq!(small.body().size_hint().exact(), Some(2048));
+        // Past it: no length (hyper chunks), and every byte still there.
+        let large = go_flush(response(4000), Version::HTTP_11);
+        assert_eq!(large.body().size_hint().exact(), None);
+        assert!(!large.body().is_end_stream());
+        let body = large.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body.len(), 4000);
+        // HTTP/2 keeps its own pattern: a length up to 4 KiB.
+        let h2 = go_flush(response(4000), Version::HTTP_2);
+        assert_eq!(h2.body().size_hint().exact(), Some(4000));
     }
 }
