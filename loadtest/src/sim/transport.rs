@@ -35,7 +35,7 @@
 //! the handler reads; hyper's when half a window is used up). The last
 //! matters for PATCH/PUT/POST bodies, not for the GETs the overhead
 //! benchmark sends.
-//! - **Go's HTTP/1.1 chunking** ([`GoChunkedBody`]): Go's server buffers a
+//! - **Go's HTTP/1.1 chunking** ([`GoFlushBody::http1_chunked`]): Go's server buffers a
 //!   handler's first 2 KiB (`bufferBeforeChunkingSize`); a small response
 //!   goes out with `Content-Length` in one write, as hyper's does, but a
 //!   larger one (a pod is 3–6 KiB) without it, chunked, the terminating
@@ -130,8 +130,8 @@ impl ApiserverHeaders {
 }
 
 /// With `go_like`, a response's body sent the way Go's server sends it:
-/// over HTTP/2 flushed as it flushes ([`GoFlushBody`]), over HTTP/1.1
-/// chunked above 2 KiB ([`GoChunkedBody`]).
+/// over HTTP/2 flushed as it flushes, over HTTP/1.1 chunked above 2 KiB
+/// ([`GoFlushBody`]).
 pub(crate) fn go_flush(resp: Response<ResBody>, version: Version) -> Response<ResBody> {
     if version == Version::HTTP_2 {
         return resp.map(|body| GoFlushBody::new(body).boxed());
@@ -142,69 +142,15 @@ pub(crate) fn go_flush(resp: Response<ResBody>, version: Version) -> Response<Re
         .exact()
         .is_some_and(|n| n > GO_H1_CHUNKING_BUFFER);
     if large {
-        return resp.map(|body| GoChunkedBody::new(body).boxed());
+        return resp.map(|body| GoFlushBody::http1_chunked(body).boxed());
     }
     resp
 }
 
-/// An HTTP/1.1 body of unknown length (so hyper chunks it, as Go does past
-/// its buffer), its end held back until the task has been polled once more:
-/// the terminating chunk then goes out in a write of its own, as Go's does
-/// when the handler returns.
-pub(crate) struct GoChunkedBody {
-    inner: ResBody,
-    end_due: bool,
-    yielded: bool,
-}
-
-impl GoChunkedBody {
-    fn new(inner: ResBody) -> GoChunkedBody {
-        GoChunkedBody {
-            inner,
-            end_due: false,
-            yielded: false,
-        }
-    }
-}
-
-impl Body for GoChunkedBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = &mut *self;
-        if this.end_due {
-            if !this.yielded {
-                this.yielded = true;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(frame)) => {
-                this.end_due = this.inner.is_end_stream();
-                Poll::Ready(Some(frame))
-            }
-            other => other,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        false
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
 /// A response body that lets the connection flush what it has queued
 /// before each of its frames, so HEADERS and DATA leave in separate writes
-/// as they do from Go's HTTP/2 server (see the module docs).
+/// as they do from Go's HTTP/2 server (see the module docs); over HTTP/1.1
+/// ([`GoFlushBody::http1_chunked`]) only before its end.
 ///
 /// The yield is a self-wake: tokio puts a task that woke itself at the back
 /// of the run queue, behind the connection task that the queued HEADERS
@@ -230,6 +176,21 @@ impl GoFlushBody {
             inner,
             yield_next: true,
             separate_end,
+            end_due: false,
+        }
+    }
+}
+
+impl GoFlushBody {
+    /// Go's HTTP/1.1 answer past its 2 KiB buffer: no length (so hyper
+    /// chunks it), head and data written together, the terminating chunk
+    /// held back until the task has been polled once more, so that it goes
+    /// out in a write of its own, as Go's does when the handler returns.
+    fn http1_chunked(inner: ResBody) -> GoFlushBody {
+        GoFlushBody {
+            inner,
+            yield_next: false,
+            separate_end: true,
             end_due: false,
         }
     }
