@@ -63,14 +63,7 @@ impl LoadGenerator {
             protocol != Protocol::PlainHttp1,
             "--load-generator {name} runs over TLS only"
         );
-        let path = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-            .unwrap_or_default()
-            .into_iter()
-            .chain([PathBuf::from("/usr/bin")])
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file());
-        match path {
+        match super::find_program(name, &["/usr/bin"]) {
             Some(p) => Ok(Some(p)),
             None => {
                 bail!("{name} not found on PATH; install it (Debian: apt-get install -y {package})")

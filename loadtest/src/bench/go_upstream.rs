@@ -71,11 +71,7 @@ pub struct GoUpstreamConfig {
 
 /// `go` on PATH, if installed.
 pub fn find_go() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/lib/go/bin")])
-        .map(|d| d.join("go"))
-        .find(|p| p.is_file())
+    super::find_program("go", &["/usr/lib/go/bin"])
 }
 
 /// The running stand-in (one process; killed on drop).

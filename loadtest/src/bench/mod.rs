@@ -405,6 +405,16 @@ pub(crate) fn get_request(
         .expect("static request parts are valid")
 }
 
+/// The first file named `name` in a `PATH` directory, else in one of
+/// `also` (where distributions install what is not on a user's `PATH`).
+pub(crate) fn find_program(name: &str, also: &[&str]) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(also.iter().map(std::path::PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
 /// A private temporary directory for a benchmark's certificate files,
 /// removed when dropped.
 pub(crate) struct ScratchDir(std::path::PathBuf);

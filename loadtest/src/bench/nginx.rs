@@ -120,15 +120,11 @@ pub fn find_nginx(explicit: Option<&Path>) -> Result<PathBuf, NginxError> {
             })
         };
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"].map(PathBuf::from))
-        .map(|d| d.join("nginx"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| NginxError::NotFound {
-            looked: "looked on PATH and in /usr/sbin, /usr/local/sbin, /usr/local/nginx/sbin"
-                .to_string(),
-        })
+    const ALSO: [&str; 3] = ["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"];
+    super::find_program("nginx", &ALSO).ok_or_else(|| NginxError::NotFound {
+        looked: "looked on PATH and in /usr/sbin, /usr/local/sbin, /usr/local/nginx/sbin"
+            .to_string(),
+    })
 }
 
 /// `nginx -v`'s version, e.g. (1, 22, 1).

@@ -347,7 +347,7 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
     }
     // Before anything starts, too: a missing wrk or h2load, or wrk asked
     // for HTTP/2.
-    opts.load_generator.find(opts.protocol)?;
+    let tool = opts.load_generator.find(opts.protocol)?;
     if opts.upstream == UpstreamKind::Go && go_upstream::find_go().is_none() {
         return Err(go_upstream::GoError::NotFound.into());
     }
@@ -362,7 +362,7 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
     )
     .await
     .context("start kube-sim")?;
-    let result = with_sim(&sim, &bin, &opts).await;
+    let result = with_sim(&sim, &bin, tool.as_deref(), &opts).await;
     sim.shutdown().await;
     result
 }
@@ -370,6 +370,7 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
 async fn with_sim(
     sim: &KubeSim,
     bin: &std::path::Path,
+    tool: Option<&std::path::Path>,
     opts: &OverheadOpts,
 ) -> anyhow::Result<OverheadReport> {
     seed(sim, opts.object_bytes).context("seed kube-sim")?;
@@ -490,14 +491,13 @@ async fn with_sim(
     if let (Some(n), Some(c)) = (&nginx, &via_nginx) {
         targets.push((NGINX, c, n.pid().map_or(ProxyCpu::None, ProxyCpu::Nginx)));
     }
-    let tool = opts.load_generator.find(opts.protocol)?;
     let mut phases = Vec::new();
     let mut connections = 0;
     for round in 1..=opts.rounds {
         for &(target, connector, cpu) in &targets {
             tracing::info!(round, target, "phase starts");
             let upstream_pid = go.as_ref().and_then(GoUpstream::pid);
-            let (figures, conns) = match &tool {
+            let (figures, conns) = match tool {
                 None => run_phase(target, connector, &auth, opts, cpu, upstream_pid).await?,
                 Some(program) => {
                     let run = external::Run {
@@ -676,8 +676,8 @@ async fn go_gets(direct: &Connector, auth: &HeaderValue, go: &GoUpstream) -> any
 
 /// Namespace `default` (if kube-sim does not make it), ServiceAccount
 /// `default/bench` (the token's subject), a Role and RoleBinding letting it
-/// read configmaps, and ConfigMap `default/bench`, about 1 KiB like a typical
-/// small ConfigMap.
+/// read configmaps, and ConfigMap `default/bench` of about `object_bytes`
+/// (JSON).
 fn seed(sim: &KubeSim, object_bytes: usize) -> anyhow::Result<()> {
     let find = |plural| {
         resources::find("", "v1", plural).with_context(|| format!("kube-sim serves no v1 {plural}"))

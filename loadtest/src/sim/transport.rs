@@ -179,9 +179,7 @@ impl GoFlushBody {
             end_due: false,
         }
     }
-}
 
-impl GoFlushBody {
     /// Go's HTTP/1.1 answer past its 2 KiB buffer: no length (so hyper
     /// chunks it), head and data written together, the terminating chunk
     /// held back until the task has been polled once more, so that it goes
