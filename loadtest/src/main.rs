@@ -137,6 +137,12 @@ struct SimArgs {
         default_missing_value = "true"
     )]
     anonymous_auth: bool,
+    /// The `authentication.k8s.io` version serving SelfSubjectReview
+    /// (`kubectl auth whoami`): v1 (Kubernetes 1.28+), v1beta1 (1.27),
+    /// v1alpha1 (1.26 with its feature gate) or none (1.25 and before, e.g.
+    /// v1.24: a proxy without credentials of its own cannot ask "who am I").
+    #[arg(long, value_enum, default_value = "v1")]
+    self_subject_review: breakwater_loadtest::sim::SelfSubjectReviewVersion,
     /// Talk like the apiserver's Go net/http server: its HTTP/2 windows and
     /// frame sizes, Audit-Id and APF response headers, HEADERS and DATA
     /// flushed separately (`--go-like-transport=false`: hyper's defaults).
@@ -379,6 +385,7 @@ async fn sim(a: SimArgs) -> anyhow::Result<()> {
         http2_max_streams_per_connection: a.http2_max_streams_per_connection,
         anonymous_auth: a.anonymous_auth,
         go_like_transport: a.go_like_transport,
+        self_subject_review: a.self_subject_review,
         ..SimConfig::default()
     };
     let sim = KubeSim::start(cfg, pki)

@@ -971,3 +971,109 @@ async fn kubectl_auth_and_rbac_commands_work() {
     let _ = std::fs::remove_dir_all(&dir);
     sim.shutdown().await;
 }
+
+// ---- SelfSubjectReview across apiserver versions ---------------------------
+
+/// The resource names `/apis/authentication.k8s.io/{version}` lists (empty
+/// when that version is not served).
+async fn authentication_resources(api: &Api, version: &str) -> Vec<String> {
+    let (s, v) = api
+        .get(&format!("/apis/authentication.k8s.io/{version}"), &[])
+        .await;
+    if s == StatusCode::NOT_FOUND {
+        return Vec::new();
+    }
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+/// SelfSubjectReview is `authentication.k8s.io/v1` from Kubernetes 1.28,
+/// v1beta1 in 1.27, v1alpha1 in 1.26 (feature gate), and absent before: a
+/// v1.24 apiserver (the recorded fixtures) lists only tokenreviews and
+/// answers 404. kube-sim serves the configured one only, in POST and in
+/// discovery; a bad token is a 401 at any version (authentication comes
+/// before routing); and kubectl's `auth whoami`, which tries v1, v1beta1
+/// and v1alpha1 in turn, finds it.
+#[tokio::test]
+async fn self_subject_review_is_served_at_the_configured_version_only() {
+    use breakwater_loadtest::sim::SelfSubjectReviewVersion as Ssr;
+    let fixture_v1 = fixture("apiserver-v1.24/discovery_apis_authentication.k8s.io_v1.body");
+    let v124_names: Vec<&str> = fixture_v1["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r["name"].as_str().expect("name"))
+        .collect();
+    for (served, at) in [
+        (Ssr::V1, Some("v1")),
+        (Ssr::V1beta1, Some("v1beta1")),
+        (Ssr::V1alpha1, Some("v1alpha1")),
+        (Ssr::Absent, None),
+    ] {
+        let sim = start_with(SimConfig {
+            self_subject_review: served,
+            ..SimConfig::default()
+        })
+        .await;
+        let token = sim.issue_token("demo", "viewer", Duration::from_secs(600));
+        let as_sa = api(&sim, None, Some(&token));
+        let bad = api(&sim, None, Some("not-a-token"));
+        for version in ["v1", "v1beta1", "v1alpha1"] {
+            let path = format!("/apis/authentication.k8s.io/{version}/selfsubjectreviews");
+            let body = json!({"apiVersion": format!("authentication.k8s.io/{version}"),
+                              "kind": "SelfSubjectReview"});
+            let (s, _, v) = as_sa.call(Method::POST, &path, Some(&body), &[]).await;
+            if at == Some(version) {
+                assert_eq!(s, StatusCode::CREATED, "{served:?} {version}: {v}");
+                assert_eq!(v["apiVersion"], format!("authentication.k8s.io/{version}"));
+                assert_eq!(
+                    v["status"]["userInfo"]["username"],
+                    "system:serviceaccount:demo:viewer"
+                );
+            } else {
+                assert_eq!(s, StatusCode::NOT_FOUND, "{served:?} {version}: {v}");
+                assert_eq!(v["reason"], "NotFound", "{v}");
+            }
+            let (s, _, _) = bad.call(Method::POST, &path, Some(&body), &[]).await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{served:?} {version}");
+
+            let listed = authentication_resources(&as_sa, version).await;
+            assert_eq!(
+                listed.iter().any(|n| n == "selfsubjectreviews"),
+                at == Some(version),
+                "{served:?} {version}: {listed:?}"
+            );
+        }
+        if served == Ssr::Absent {
+            assert_eq!(
+                authentication_resources(&as_sa, "v1").await,
+                v124_names,
+                "as v1.24 lists authentication.k8s.io/v1"
+            );
+        }
+
+        if kubectl_installed() {
+            let dir = std::env::temp_dir().join(format!("kube-sim-ssr-{}", sim.addr().port()));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let kc = kubeconfig(&sim, &dir, "viewer", None, Some(&token));
+            let (ok, out, err) = kubectl(&kc, &["auth", "whoami", "-o", "json"]).await;
+            if at.is_some() {
+                assert!(ok, "{served:?}: kubectl auth whoami: {err}");
+                let me: Value = serde_json::from_str(&out).expect("whoami json");
+                assert_eq!(
+                    me["status"]["userInfo"]["username"],
+                    "system:serviceaccount:demo:viewer"
+                );
+            } else {
+                assert!(!ok, "{served:?}: whoami must fail: {out}");
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        sim.shutdown().await;
+    }
+}

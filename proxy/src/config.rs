@@ -556,6 +556,25 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/config.yaml");
+        let cfg = RunOptions::from_file(&path)
+            .expect("docker/config.yaml parses")
+            .validate()
+            .expect("docker/config.yaml is valid");
+        assert_eq!(cfg.upstream.mode, AuthMode::Passthrough);
+        // Its commented ServiceAccount-key lines are right when switched on.
+        let text = std::fs::read_to_string(&path).expect("read");
+        let on = text.replace("# serviceAccount", "serviceAccount");
+        let cfg = serde_yaml_ng::from_str::<RunOptions>(&on)
+            .expect("parses with the key lines on")
+            .validate()
+            .expect("valid with the key lines on");
+        assert_eq!(cfg.auth.service_account_key_files.len(), 1);
+        assert_eq!(cfg.auth.service_account_issuers.len(), 1);
+    }
+
+    #[test]
     fn unknown_file_fields_are_refused() {
         let err = serde_yaml_ng::from_str::<RunOptions>("upstreem: x\n").expect_err("unknown");
         assert!(err.to_string().contains("unknown field"), "{err}");

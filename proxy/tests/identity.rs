@@ -813,3 +813,100 @@ async fn a_request_without_credentials_meets_the_apiservers_own_anonymous_policy
     assert_eq!(status["reason"], "Unauthorized");
     proxy.shutdown().await;
 }
+
+/// Authenticated requests kube-sim saw from `user`, by any path.
+fn authenticated(sim: &breakwater_loadtest::sim::KubeSim, user: &str) -> u64 {
+    sim.auth_paths(user).values().sum()
+}
+
+/// Adds a 429 block of `user` through the admin API.
+async fn block(admin: std::net::SocketAddr, user: &str) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(format!("http://{admin}/admin/v1/blocks"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            json!({"target": {"kind": "identity", "user": user}}).to_string(),
+        )))
+        .expect("request");
+    let resp = client.request(req).await.expect("admin answers");
+    assert_eq!(resp.status(), 201);
+}
+
+/// Apiservers before 1.28 serve SelfSubjectReview at v1beta1 (1.27) or
+/// v1alpha1 (1.26), or not at all (1.24, 1.25; KUBE-SEMANTICS.md). A
+/// passthrough proxy with no credentials of its own and no local keys
+/// asks "who am I" as kubectl does: v1, then the older versions, and
+/// keeps asking at the one that answered, so the caller is identified
+/// (a block on its name applies). With none served, a token is a 503
+/// Status (the token may well be good), not a 401 or an anonymous pass,
+/// and for a minute no further review is tried, so a token flood does
+/// not turn into three 404s per token upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_without_credentials_asks_who_am_i_at_the_version_the_apiserver_serves() {
+    use breakwater_loadtest::sim::{KubeSim, SelfSubjectReviewVersion as Ssr, SimPki};
+    let env = demo_env().await;
+    let client = https_client(&env.demo.proxy_ca_pem, true);
+    for served in [Ssr::V1beta1, Ssr::V1alpha1, Ssr::Absent] {
+        let pki = SimPki::generate(&["127.0.0.1", "localhost"]).expect("pki");
+        let sim = KubeSim::start(
+            SimConfig {
+                self_subject_review: served,
+                ..SimConfig::default()
+            },
+            pki,
+        )
+        .await
+        .expect("kube-sim starts");
+        let ca = env.dir.path().join(format!("sim-{served:?}-ca.crt"));
+        std::fs::write(&ca, sim.pki().serving_ca.cert_pem()).expect("write ca");
+        let mut cfg = common::passthrough_config(&env, sim.url(), Duration::from_secs(1));
+        cfg.upstream.tls.ca = Some(ca);
+        // No local keys: every token is asked about upstream.
+        cfg.auth = AuthConfig::default();
+        let proxy = breakwater::server::start(cfg).await.expect("proxy starts");
+        let url = format!("https://{}/version", proxy.addr());
+
+        let first = sim.issue_token("demo", "first", Duration::from_secs(600));
+        let second = sim.issue_token("demo", "second", Duration::from_secs(600));
+        let (code, status) = status_of(&client, &url, &first).await;
+        if served == Ssr::Absent {
+            assert_eq!(code, 503, "{status}");
+            assert_eq!(status["kind"], "Status", "{status}");
+            assert_eq!(
+                status["message"], "the server is currently unable to authenticate the request",
+                "{status}"
+            );
+            // Asked at v1, v1beta1 and v1alpha1; nothing was forwarded.
+            assert_eq!(authenticated(&sim, "system:serviceaccount:demo:first"), 3);
+            // Another token, at once: refused without asking again.
+            let (code, _) = status_of(&client, &url, &second).await;
+            assert_eq!(code, 503);
+            assert_eq!(authenticated(&sim, "system:serviceaccount:demo:second"), 0);
+        } else {
+            assert_eq!(code, 200, "{served:?}: {status}");
+            // v1 (404), v1beta1 (201, or 404 before v1alpha1), then the GET.
+            let asked = if served == Ssr::V1beta1 { 2 } else { 3 };
+            assert_eq!(
+                authenticated(&sim, "system:serviceaccount:demo:first"),
+                asked + 1,
+                "{served:?}"
+            );
+            let (code, _) = status_of(&client, &url, &second).await;
+            assert_eq!(code, 200);
+            // The version found is asked first: one review, one GET.
+            assert_eq!(
+                authenticated(&sim, "system:serviceaccount:demo:second"),
+                2,
+                "{served:?}"
+            );
+            // The proxy knows who the caller is: a block on the name holds.
+            block(proxy.admin_addr(), "system:serviceaccount:demo:second").await;
+            let (code, status) = status_of(&client, &url, &second).await;
+            assert_eq!(code, 429, "{served:?}: {status}");
+            let (code, _) = status_of(&client, &url, &first).await;
+            assert_eq!(code, 200, "{served:?}: only the blocked name");
+        }
+        proxy.shutdown().await;
+        sim.shutdown().await;
+    }
+}

@@ -654,9 +654,10 @@ fn split_sa_username(username: &str) -> Option<(String, String)> {
     Some((ns.to_string(), name.to_string()))
 }
 
-/// The SelfSubjectReview answer (`kubectl auth whoami`).
-pub fn self_subject_review(body: &Value, user: &UserInfo) -> Value {
-    let mut out = review_echo(body, "SelfSubjectReview", "authentication.k8s.io/v1");
+/// The SelfSubjectReview answer (`kubectl auth whoami`), in `api_version`
+/// (the version asked at, [`super::SelfSubjectReviewVersion`]).
+pub fn self_subject_review(body: &Value, api_version: &str, user: &UserInfo) -> Value {
+    let mut out = review_echo(body, "SelfSubjectReview", api_version);
     out["status"] = json!({ "userInfo": user });
     out
 }

@@ -47,6 +47,7 @@ use tokio_util::task::TaskTracker;
 use crate::pki::{Ca, CertPair, PkiError};
 
 pub use rbac::Authorization;
+pub use resources::SelfSubjectReviewVersion;
 
 /// The CN of the front-proxy client certificate (kubeadm's name), the
 /// default `--requestheader-allowed-names`.
@@ -154,6 +155,10 @@ pub struct SimConfig {
     /// the APF uids) and its HTTP/2 flushing (HEADERS and DATA in separate
     /// writes). On by default: a proxy's measured cost depends on it.
     pub go_like_transport: bool,
+    /// Where SelfSubjectReview is served: `v1` (1.28 and later, the
+    /// default), `v1beta1` (1.27), `v1alpha1` (1.26 with its feature gate)
+    /// or not at all, as a v1.24 apiserver.
+    pub self_subject_review: resources::SelfSubjectReviewVersion,
 }
 
 impl SimConfig {
@@ -184,6 +189,7 @@ impl Default for SimConfig {
             http2_max_streams_per_connection: GO_HTTP2_MAX_STREAMS,
             anonymous_auth: true,
             go_like_transport: true,
+            self_subject_review: resources::SelfSubjectReviewVersion::default(),
         }
     }
 }
@@ -257,7 +263,7 @@ impl KubeSim {
             source,
         })?;
         let tracker = TaskTracker::new();
-        let store = store::Store::new(cfg.window, cfg.watcher_queue);
+        let store = store::Store::serving(cfg.window, cfg.watcher_queue, cfg.self_subject_review);
         rbac::seed_bootstrap(&store)?;
         let cancel = CancellationToken::new();
         let capacity = cfg

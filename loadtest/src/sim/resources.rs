@@ -396,6 +396,68 @@ pub const RESOURCES: &[ResourceType] = &[
     },
 ];
 
+/// Which `authentication.k8s.io` version serves SelfSubjectReview
+/// (`kubectl auth whoami`), as in the apiserver's release history: `v1`
+/// from Kubernetes 1.28 (kube-sim's default; it reports 1.32), `v1beta1` in
+/// 1.27, `v1alpha1` in 1.26 with the `APISelfSubjectReview` feature gate,
+/// and none before: a v1.24 apiserver, like the recorded fixtures, answers
+/// 404 at every version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SelfSubjectReviewVersion {
+    #[default]
+    V1,
+    V1beta1,
+    V1alpha1,
+    /// Not served (Kubernetes 1.25 and before).
+    #[value(name = "none")]
+    Absent,
+}
+
+/// SelfSubjectReview at `version` (the v1 type is in [`RESOURCES`]).
+const fn self_subject_review(version: &'static str) -> ResourceType {
+    ResourceType {
+        group: "authentication.k8s.io",
+        version,
+        plural: "selfsubjectreviews",
+        singular: "selfsubjectreview",
+        kind: "SelfSubjectReview",
+        namespaced: false,
+        short_names: &[],
+        verbs: CREATE_ONLY,
+        subresources: &[],
+        categories: &[],
+        custom: false,
+    }
+}
+
+static SELF_SUBJECT_REVIEW_V1BETA1: ResourceType = self_subject_review("v1beta1");
+static SELF_SUBJECT_REVIEW_V1ALPHA1: ResourceType = self_subject_review("v1alpha1");
+
+/// The built-in types a kube-sim serves, with SelfSubjectReview at
+/// `self_subject_review` (in the v1 type's place, or left out).
+pub fn builtin(self_subject_review: SelfSubjectReviewVersion) -> Vec<&'static ResourceType> {
+    let replacement = match self_subject_review {
+        SelfSubjectReviewVersion::V1 => return RESOURCES.iter().collect(),
+        SelfSubjectReviewVersion::V1beta1 => Some(&SELF_SUBJECT_REVIEW_V1BETA1),
+        SelfSubjectReviewVersion::V1alpha1 => Some(&SELF_SUBJECT_REVIEW_V1ALPHA1),
+        SelfSubjectReviewVersion::Absent => None,
+    };
+    let mut out: Vec<&'static ResourceType> = RESOURCES
+        .iter()
+        .filter(|r| !(r.group == "authentication.k8s.io" && r.plural == "selfsubjectreviews"))
+        .collect();
+    // After the group's v1 types, as the apiserver lists a group's
+    // preferred version first.
+    let at = out
+        .iter()
+        .rposition(|r| r.group == "authentication.k8s.io")
+        .map_or(out.len(), |i| i + 1);
+    if let Some(r) = replacement {
+        out.insert(at, r);
+    }
+    out
+}
+
 /// The distinct group/versions of the built-in types, in discovery order
 /// (core first). A running kube-sim also serves its CRDs' types:
 /// [`Store::group_versions`](crate::sim::store::Store::group_versions).

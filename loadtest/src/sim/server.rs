@@ -1235,7 +1235,7 @@ fn check_name(body: &Value, name: &str) -> Result<(), StoreError> {
 fn review(state: &State, rt: &ResourceType, user: &UserInfo, body: &Value) -> Response<ResBody> {
     let answer = match rt.plural {
         "tokenreviews" => state.auth.token_review(body),
-        "selfsubjectreviews" => auth::self_subject_review(body, user),
+        "selfsubjectreviews" => auth::self_subject_review(body, &rt.api_version(), user),
         _ => rbac::access_review(&state.authz, body, rt.kind, &rt.api_version(), user),
     };
     json_response(StatusCode::CREATED, &answer)

@@ -35,7 +35,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use crate::sim::crd;
-use crate::sim::resources::{self, RESOURCES, ResourceType};
+use crate::sim::resources::{self, RESOURCES, ResourceType, SelfSubjectReviewVersion};
 use crate::sim::selectors::{FieldSelector, LabelSelector, is_dns1123_subdomain};
 
 mod patch;
@@ -557,6 +557,8 @@ struct Shared {
     /// The custom resource types this kube-sim's CRDs define (per instance:
     /// several kube-sims in one process must not see each other's CRDs).
     custom: RwLock<CustomTypes>,
+    /// The built-in types served ([`resources::builtin`]).
+    builtin: Vec<&'static ResourceType>,
     window: usize,
     watcher_queue: usize,
 }
@@ -1033,6 +1035,16 @@ impl Store {
     /// `window`: events retained per resource type for watch-from-RV (older -> 410).
     /// `watcher_queue`: bounded queue per watcher; overflow closes that watcher.
     pub fn new(window: usize, watcher_queue: usize) -> Store {
+        Store::serving(window, watcher_queue, SelfSubjectReviewVersion::default())
+    }
+
+    /// [`Store::new`], serving SelfSubjectReview at `self_subject_review`
+    /// (an older apiserver's version, or none).
+    pub fn serving(
+        window: usize,
+        watcher_queue: usize,
+        self_subject_review: SelfSubjectReviewVersion,
+    ) -> Store {
         let types = RESOURCES
             .iter()
             .map(|rt| ((rt.group, rt.plural), Mutex::new(TypeState::new())))
@@ -1043,6 +1055,7 @@ impl Store {
                 next_watcher: AtomicU64::new(1),
                 types,
                 custom: RwLock::new(CustomTypes::default()),
+                builtin: resources::builtin(self_subject_review),
                 window,
                 watcher_queue: watcher_queue.max(1),
             }),
@@ -1057,14 +1070,20 @@ impl Store {
     /// Every type served now: the built-in ones, then those of the CRDs
     /// in creation order (each CRD's storage version first).
     pub fn types(&self) -> Vec<&'static ResourceType> {
-        let mut out: Vec<&'static ResourceType> = RESOURCES.iter().collect();
+        let mut out = self.shared.builtin.clone();
         out.extend(self.shared.custom().types());
         out
     }
 
     /// Looks a served type up by group, version and plural (custom ones included).
     pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
-        resources::find(group, version, plural).or_else(|| {
+        let builtin = self
+            .shared
+            .builtin
+            .iter()
+            .find(|r| r.group == group && r.version == version && r.plural == plural)
+            .copied();
+        builtin.or_else(|| {
             self.shared
                 .custom()
                 .types()
@@ -1074,7 +1093,13 @@ impl Store {
 
     /// Looks a served type up by `apiVersion` and `kind` (custom ones included).
     pub fn find_kind(&self, api_version: &str, kind: &str) -> Option<&'static ResourceType> {
-        resources::find_kind(api_version, kind).or_else(|| {
+        let builtin = self
+            .shared
+            .builtin
+            .iter()
+            .find(|r| r.kind == kind && r.api_version() == api_version)
+            .copied();
+        builtin.or_else(|| {
             self.shared
                 .custom()
                 .types()

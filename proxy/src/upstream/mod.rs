@@ -31,6 +31,7 @@
 mod lanes;
 pub mod pool;
 mod redrive;
+mod review;
 
 use std::time::Duration;
 
@@ -275,6 +276,9 @@ pub struct Upstream {
     /// `/debug/top`'s quantiles): every forwarded and hub request is timed
     /// here, in one place.
     latency: Arc<crate::slo::Latency>,
+    /// The SelfSubjectReview version the apiserver serves, as last seen
+    /// (for tokens reviewed without credentials of the proxy's own).
+    self_subject_reviews: Arc<review::SelfSubjectReviews>,
 }
 
 /// A bad upstream URL or TLS setup.
@@ -464,6 +468,7 @@ impl Upstream {
             proxy_user,
             timeouts: cfg.timeouts,
             latency: Arc::default(),
+            self_subject_reviews: Arc::default(),
         })
     }
 
@@ -696,126 +701,6 @@ impl Upstream {
         // (the kubelet's /readyz probes and the admin listener's upkeep).
         metrics::gauge!("breakwater_upstream_up").set(if up { 1.0 } else { 0.0 });
         up
-    }
-}
-
-/// TokenReview against the apiserver, with the proxy's own credentials.
-///
-/// Without credentials of its own the proxy asks the apiserver "who am I"
-/// with the token itself (SelfSubjectReview): any valid token may ask that,
-/// so passthrough deployments need no RBAC for the proxy.
-impl crate::identity::TokenReviewer for Upstream {
-    fn review<'a>(
-        &'a self,
-        token: &'a str,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<
-                        Option<crate::identity::Identity>,
-                        crate::identity::ReviewError,
-                    >,
-                > + Send
-                + 'a,
-        >,
-    > {
-        Box::pin(async move {
-            use crate::identity::ReviewError;
-            let failed = |msg: String| ReviewError::Failed(msg);
-            let own = self.has_own_credentials();
-            let (path, body) = if own {
-                (
-                    "/apis/authentication.k8s.io/v1/tokenreviews",
-                    serde_json::json!({
-                        "apiVersion": "authentication.k8s.io/v1",
-                        "kind": "TokenReview",
-                        "spec": {"token": token},
-                    }),
-                )
-            } else {
-                (
-                    "/apis/authentication.k8s.io/v1/selfsubjectreviews",
-                    serde_json::json!({
-                        "apiVersion": "authentication.k8s.io/v1",
-                        "kind": "SelfSubjectReview",
-                    }),
-                )
-            };
-            let uri = self.uri_for(Some(&PathAndQuery::from_static(path)));
-            let mut req = Request::post(uri)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::ACCEPT, "application/json")
-                .body(full(
-                    serde_json::to_vec(&body).map_err(|e| failed(Chain(&e).to_string()))?,
-                ))
-                .map_err(|e| failed(Chain(&e).to_string()))?;
-            let resp = if own {
-                self.send_own(req).await
-            } else {
-                let mut bearer = HeaderValue::from_str(&format!("Bearer {token}"))
-                    .map_err(|_| failed("token is not a valid header value".into()))?;
-                bearer.set_sensitive(true);
-                req.headers_mut()
-                    .insert(http::header::AUTHORIZATION, bearer);
-                // Without own credentials the mode is passthrough, whose
-                // forward lanes present no certificate: the token speaks for
-                // itself.
-                let class = crate::slo::Class::new(
-                    crate::slo::VerbClass::Other,
-                    crate::slo::ResourceClass::None,
-                );
-                self.send(req, Route::client(class, false, false, false, false))
-                    .await
-            }
-            .map_err(|e| failed(Chain(&e).to_string()))?;
-            let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| failed(Chain(&e).to_string()))?
-                .to_bytes();
-            if !own && status == http::StatusCode::UNAUTHORIZED {
-                return Ok(None);
-            }
-            if !status.is_success() {
-                return Err(failed(format!("{path} answered {status}")));
-            }
-            let v: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|e| failed(Chain(&e).to_string()))?;
-            let user = if own {
-                if v["status"]["authenticated"].as_bool() != Some(true) {
-                    return Ok(None);
-                }
-                &v["status"]["user"]
-            } else {
-                &v["status"]["userInfo"]
-            };
-            Ok(Some(identity_from_user_info(user)))
-        })
-    }
-}
-
-/// `authentication.k8s.io/v1 UserInfo` → Identity.
-fn identity_from_user_info(user: &serde_json::Value) -> crate::identity::Identity {
-    let strings = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let extra = user["extra"]
-        .as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), strings(v))).collect())
-        .unwrap_or_default();
-    crate::identity::Identity {
-        username: user["username"].as_str().unwrap_or_default().to_string(),
-        uid: user["uid"].as_str().unwrap_or_default().to_string(),
-        groups: strings(&user["groups"]),
-        extra,
     }
 }
 

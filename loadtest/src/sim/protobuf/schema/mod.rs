@@ -168,6 +168,17 @@ pub(crate) const SCHEMAS: &[Schema] = &[
     request(AUTHN, "TokenRequest", other::TOKEN_REQUEST),
     request(AUTHN, "TokenReview", other::TOKEN_REVIEW),
     request(AUTHN, "SelfSubjectReview", other::SELF_SUBJECT_REVIEW),
+    // 1.27's and 1.26's SelfSubjectReview: the v1 message's fields.
+    request(
+        "authentication.k8s.io/v1beta1",
+        "SelfSubjectReview",
+        other::SELF_SUBJECT_REVIEW,
+    ),
+    request(
+        "authentication.k8s.io/v1alpha1",
+        "SelfSubjectReview",
+        other::SELF_SUBJECT_REVIEW,
+    ),
     request(
         AUTHZ,
         "SelfSubjectAccessReview",

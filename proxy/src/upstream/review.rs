@@ -1,0 +1,272 @@
+//! Who is this token? Asked of the apiserver.
+//!
+//! With credentials of its own (`--upstream-token-file`, or a client
+//! certificate) the proxy asks with a `TokenReview`. Without them it asks
+//! "who am I" with the token itself, a `SelfSubjectReview`, which any valid
+//! token may make, so passthrough deployments need no RBAC for the proxy.
+//!
+//! SelfSubjectReview is young: `authentication.k8s.io/v1` from Kubernetes
+//! 1.28, `v1beta1` in 1.27 (on by default), `v1alpha1` in 1.26 (behind the
+//! `APISelfSubjectReview` feature gate), and none before (a 404). As
+//! `kubectl auth whoami` does, the proxy tries v1, then v1beta1, then
+//! v1alpha1, and remembers the version that answered. When none does it
+//! says so once, at error level, with what to configure instead (a
+//! TokenReview credential, or local ServiceAccount keys); requests whose
+//! token it cannot identify get 503 ("unable to authenticate"), and it asks
+//! again after [`RECHECK_ABSENT`], so an upgraded control plane is noticed.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::BodyExt;
+
+use super::{Route, Upstream, full};
+use crate::error::Chain;
+use crate::identity::{Identity, ReviewError, ReviewFuture, TokenReviewer};
+
+/// SelfSubjectReview's versions, newest first (the order kubectl tries).
+const SELF_SUBJECT_REVIEW_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha1"];
+
+/// After finding no SelfSubjectReview, how long the proxy takes that for
+/// the answer before asking the apiserver again.
+pub const RECHECK_ABSENT: Duration = Duration::from_secs(60);
+
+/// The remedy, for the log and the review error.
+const NO_SELF_SUBJECT_REVIEW: &str = "the apiserver serves no SelfSubjectReview \
+     (authentication.k8s.io v1, v1beta1 or v1alpha1: Kubernetes before 1.27, or 1.26 \
+     without the APISelfSubjectReview feature gate), so a bearer token cannot be \
+     identified with the token alone; give Breakwater a credential that may create \
+     tokenreviews (--upstream-token-file, or --upstream-client-cert and \
+     --upstream-client-key), or verify ServiceAccount tokens locally \
+     (--service-account-key-file and --service-account-issuer)";
+
+/// Which SelfSubjectReview version the apiserver serves, as last seen.
+#[derive(Debug, Default)]
+pub(super) struct SelfSubjectReviews {
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+enum Seen {
+    /// Not asked yet.
+    #[default]
+    Unknown,
+    /// This index of [`SELF_SUBJECT_REVIEW_VERSIONS`] answered last.
+    Version(usize),
+    /// Every version answered 404, at this time.
+    Absent(Instant),
+}
+
+impl SelfSubjectReviews {
+    fn seen(&self) -> Seen {
+        *self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records what the apiserver answered; logs when it changed.
+    fn record(&self, now: Seen) {
+        let before = std::mem::replace(
+            &mut *self
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            now,
+        );
+        match (before, now) {
+            (Seen::Version(a), Seen::Version(b)) if a == b => {}
+            (_, Seen::Version(i)) => tracing::info!(
+                version = SELF_SUBJECT_REVIEW_VERSIONS[i],
+                "tokens are identified with the apiserver's SelfSubjectReview"
+            ),
+            // Said once per recheck (the previous verdict had expired).
+            (_, Seen::Absent(_)) => tracing::error!("{NO_SELF_SUBJECT_REVIEW}"),
+            (_, Seen::Unknown) => {}
+        }
+    }
+
+    /// The version to try first, or `None` while a recent look found none.
+    fn first(&self) -> Option<usize> {
+        match self.seen() {
+            Seen::Unknown => Some(0),
+            Seen::Version(i) => Some(i),
+            Seen::Absent(at) if at.elapsed() < RECHECK_ABSENT => None,
+            Seen::Absent(_) => Some(0),
+        }
+    }
+}
+
+fn failed(e: &dyn std::error::Error) -> ReviewError {
+    ReviewError::Failed(Chain(e).to_string())
+}
+
+/// The apiserver's answer to a review.
+struct Answer {
+    status: StatusCode,
+    body: bytes::Bytes,
+}
+
+impl Upstream {
+    /// POSTs a review `body` to `path`: with the proxy's own credentials,
+    /// or, without them, with the client's `token` over the passthrough
+    /// lanes (which present no certificate: the token speaks for itself).
+    async fn post_review(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        token: Option<&str>,
+    ) -> Result<Answer, ReviewError> {
+        let pq: PathAndQuery = path.parse().map_err(|e| failed(&e))?;
+        let mut req = Request::post(self.uri_for(Some(&pq)))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json")
+            .body(full(serde_json::to_vec(body).map_err(|e| failed(&e))?))
+            .map_err(|e| failed(&e))?;
+        let resp = match token {
+            None => self.send_own(req).await,
+            Some(token) => {
+                let mut bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| ReviewError::Failed("token is not a valid header value".into()))?;
+                bearer.set_sensitive(true);
+                req.headers_mut()
+                    .insert(http::header::AUTHORIZATION, bearer);
+                let class = crate::slo::Class::new(
+                    crate::slo::VerbClass::Other,
+                    crate::slo::ResourceClass::None,
+                );
+                self.send(req, Route::client(class, false, false, false, false))
+                    .await
+            }
+        }
+        .map_err(|e| failed(&e))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| failed(&e))?
+            .to_bytes();
+        Ok(Answer { status, body })
+    }
+
+    /// TokenReview with the proxy's own credentials.
+    async fn token_review(&self, token: &str) -> Result<Option<Identity>, ReviewError> {
+        const PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token},
+        });
+        let answer = self.post_review(PATH, &body, None).await?;
+        if !answer.status.is_success() {
+            return Err(ReviewError::Failed(format!(
+                "{PATH} answered {}",
+                answer.status
+            )));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&answer.body).map_err(|e| failed(&e))?;
+        if v["status"]["authenticated"].as_bool() != Some(true) {
+            return Ok(None);
+        }
+        Ok(Some(identity_from_user_info(&v["status"]["user"])))
+    }
+
+    /// SelfSubjectReview made with the token, in the version the apiserver
+    /// serves (see the module's documentation).
+    async fn self_subject_review(&self, token: &str) -> Result<Option<Identity>, ReviewError> {
+        let reviews = &self.self_subject_reviews;
+        let Some(first) = reviews.first() else {
+            return Err(ReviewError::Failed(NO_SELF_SUBJECT_REVIEW.into()));
+        };
+        let n = SELF_SUBJECT_REVIEW_VERSIONS.len();
+        for i in (0..n).map(|k| (first + k) % n) {
+            let version = SELF_SUBJECT_REVIEW_VERSIONS[i];
+            let path = format!("/apis/authentication.k8s.io/{version}/selfsubjectreviews");
+            let body = serde_json::json!({
+                "apiVersion": format!("authentication.k8s.io/{version}"),
+                "kind": "SelfSubjectReview",
+            });
+            let answer = self.post_review(&path, &body, Some(token)).await?;
+            // Authentication comes before routing in the apiserver: a bad
+            // token is a 401 at any version, a 404 means "not served".
+            if answer.status == StatusCode::NOT_FOUND {
+                continue;
+            }
+            reviews.record(Seen::Version(i));
+            if answer.status == StatusCode::UNAUTHORIZED {
+                return Ok(None);
+            }
+            if !answer.status.is_success() {
+                return Err(ReviewError::Failed(format!(
+                    "{path} answered {}",
+                    answer.status
+                )));
+            }
+            let v: serde_json::Value =
+                serde_json::from_slice(&answer.body).map_err(|e| failed(&e))?;
+            return Ok(Some(identity_from_user_info(&v["status"]["userInfo"])));
+        }
+        reviews.record(Seen::Absent(Instant::now()));
+        Err(ReviewError::Failed(NO_SELF_SUBJECT_REVIEW.into()))
+    }
+}
+
+/// TokenReview with the proxy's own credentials, else SelfSubjectReview
+/// with the token itself.
+impl TokenReviewer for Upstream {
+    fn review<'a>(&'a self, token: &'a str) -> ReviewFuture<'a> {
+        Box::pin(async move {
+            if self.has_own_credentials() {
+                self.token_review(token).await
+            } else {
+                self.self_subject_review(token).await
+            }
+        })
+    }
+}
+
+/// `authentication.k8s.io/v1 UserInfo` → Identity.
+fn identity_from_user_info(user: &serde_json::Value) -> Identity {
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let extra = user["extra"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), strings(v))).collect())
+        .unwrap_or_default();
+    Identity {
+        username: user["username"].as_str().unwrap_or_default().to_string(),
+        uid: user["uid"].as_str().unwrap_or_default().to_string(),
+        groups: strings(&user["groups"]),
+        extra,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_found_version_is_tried_first_and_an_absent_one_is_rechecked_later() {
+        let r = SelfSubjectReviews::default();
+        assert_eq!(r.first(), Some(0), "v1 first");
+        r.record(Seen::Version(1));
+        assert_eq!(r.first(), Some(1), "then the version that answered");
+        r.record(Seen::Absent(Instant::now()));
+        assert_eq!(r.first(), None, "none served: not asked again at once");
+        let long_ago = Instant::now().checked_sub(RECHECK_ABSENT + Duration::from_secs(1));
+        if let Some(at) = long_ago {
+            r.record(Seen::Absent(at));
+            assert_eq!(r.first(), Some(0), "asked again after the recheck time");
+        }
+    }
+}
