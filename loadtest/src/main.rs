@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use breakwater_loadtest::bench::Protocol;
 use breakwater_loadtest::bench::external::LoadGenerator;
-use breakwater_loadtest::bench::overhead::{OverheadOpts, UpstreamKind, run_overhead};
+use breakwater_loadtest::bench::overhead::{
+    BENCH_PATH, ExternalUpstream, OverheadOpts, UpstreamKind, run_overhead,
+};
 use breakwater_loadtest::proc::StderrMode;
 use breakwater_loadtest::sim::{KubeSim, SimConfig, SimPki, seed_demo};
 use clap::{ArgAction, Args, Parser, Subcommand};
@@ -334,6 +336,38 @@ struct OverheadArgs {
     /// and past 2048 the Go-like upstreams answer HTTP/1.1 chunked.
     #[arg(long, default_value_t = breakwater_loadtest::bench::overhead::DEFAULT_OBJECT_BYTES)]
     object_bytes: usize,
+    /// Measure against an apiserver of yours instead of kube-sim:
+    /// `https://host[:port]`, with --upstream-ca, --token-file and --path.
+    /// breakwater and nginx run on this machine in front of it, bound to
+    /// 127.0.0.1; the clients verify its certificate for `host`.
+    #[arg(long, requires_all = ["upstream_ca", "token_file"], conflicts_with_all = ["upstream", "upstream_transport", "object_bytes"])]
+    upstream_url: Option<String>,
+    /// With --upstream-url: the CA of the apiserver's serving certificate (PEM).
+    #[arg(long, requires = "upstream_url")]
+    upstream_ca: Option<PathBuf>,
+    /// With --upstream-url: a file holding the bearer token every client
+    /// sends (e.g. `kubectl create token SA`); wrk and h2load get it as a
+    /// command-line header.
+    #[arg(long, requires = "upstream_url")]
+    token_file: Option<PathBuf>,
+    /// With --upstream-url: what every client GETs, e.g.
+    /// /api/v1/namespaces/default/pods/NAME [default: the bench ConfigMap's path].
+    #[arg(long, requires = "upstream_url")]
+    path: Option<String>,
+    /// With --upstream-url: the name nginx verifies in the apiserver's
+    /// certificate (nginx checks DNS names only) [default: the URL's host,
+    /// or `kubernetes` for an IP address].
+    #[arg(long, requires = "upstream_url")]
+    nginx_upstream_name: Option<String>,
+    /// With --upstream-url: the apiserver's pid, when it runs on this
+    /// machine; its CPU per request is then reported (cpu/req up).
+    #[arg(long, requires = "upstream_url")]
+    upstream_pid: Option<u32>,
+    /// One more `breakwater run` argument; repeat it, e.g.
+    /// `--breakwater-arg=--upstream-token-file=F` in front of an apiserver
+    /// without SelfSubjectReview (before 1.27).
+    #[arg(long, allow_hyphen_values = true)]
+    breakwater_arg: Vec<std::ffi::OsString>,
 }
 
 /// How kube-sim talks in the overhead bench.
@@ -528,10 +562,23 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
         with_nginx: a.with_nginx,
         nginx: a.nginx,
         upstream: match (a.upstream, a.upstream_transport) {
+            _ if a.upstream_url.is_some() => UpstreamKind::External,
             (UpstreamArg::Go, _) => UpstreamKind::Go,
             (UpstreamArg::KubeSim, UpstreamTransport::GoLike) => UpstreamKind::KubeSim,
             (UpstreamArg::KubeSim, UpstreamTransport::Hyper) => UpstreamKind::KubeSimHyper,
         },
+        external: match (a.upstream_url, a.upstream_ca, a.token_file) {
+            (Some(url), Some(ca_file), Some(token_file)) => Some(ExternalUpstream {
+                url,
+                ca_file,
+                token_file,
+                path: a.path.unwrap_or_else(|| BENCH_PATH.to_string()),
+                nginx_server_name: a.nginx_upstream_name,
+                pid: a.upstream_pid,
+            }),
+            _ => None,
+        },
+        breakwater_args: a.breakwater_arg,
         load_generator: a.load_generator,
         object_bytes: a.object_bytes,
     };

@@ -12,43 +12,13 @@
 //! `cargo build -p breakwater` once, bounded in time, and fail with a clear
 //! message if that does not produce it.
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
+mod common;
+
 use std::time::Duration;
 
-use breakwater_loadtest::proc::find_breakwater;
 use breakwater_loadtest::storm::{self, Mode, StormOpts};
 
 const AGENTS: usize = 200;
-
-fn breakwater_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = find_breakwater(None) {
-            return p;
-        }
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut child = std::process::Command::new(cargo)
-            .args(["build", "-p", "breakwater"])
-            .spawn()
-            .expect("run cargo build -p breakwater");
-        // Bounded: a build that waits on a lock forever must not hang the test.
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for cargo") {
-                assert!(status.success(), "cargo build -p breakwater failed");
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("cargo build -p breakwater took over 300 s; build it first");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        find_breakwater(None).unwrap_or_else(|e| panic!("{e}"))
-    })
-    .clone()
-}
 
 fn opts() -> StormOpts {
     StormOpts {
@@ -57,7 +27,7 @@ fn opts() -> StormOpts {
         churn: 20.0,
         rollback_after: Duration::from_secs(2),
         max_duration: Duration::from_secs(40),
-        breakwater: Some(breakwater_bin()),
+        breakwater: Some(common::breakwater_bin()),
         progress: false,
         ..StormOpts::default()
     }

@@ -365,6 +365,7 @@ impl ProxyEnv {
             addr,
             tls: client_tls(&[self.proxy_ca.cert_pem()], proto)?,
             proto,
+            server_name: None,
         })
     }
 

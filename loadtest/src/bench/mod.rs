@@ -118,6 +118,8 @@ pub struct Connector {
     pub addr: SocketAddr,
     pub tls: Arc<rustls::ClientConfig>,
     pub proto: Protocol,
+    /// The name the server's certificate must carry; `None`: `addr`'s IP.
+    pub server_name: Option<ServerName<'static>>,
 }
 
 impl Connector {
@@ -145,7 +147,10 @@ impl Connector {
             });
             return Ok(Conn::H1(sender));
         }
-        let name = ServerName::IpAddress(self.addr.ip().into());
+        let name = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(self.addr.ip().into()));
         let tls = TlsConnector::from(self.tls.clone())
             .connect(name, tcp)
             .await
@@ -417,10 +422,10 @@ pub(crate) fn find_program(name: &str, also: &[&str]) -> Option<std::path::PathB
 
 /// A private temporary directory for a benchmark's certificate files,
 /// removed when dropped.
-pub(crate) struct ScratchDir(std::path::PathBuf);
+pub struct ScratchDir(std::path::PathBuf);
 
 impl ScratchDir {
-    pub(crate) fn new() -> std::io::Result<ScratchDir> {
+    pub fn new() -> std::io::Result<ScratchDir> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -430,11 +435,11 @@ impl ScratchDir {
         Ok(ScratchDir(dir))
     }
 
-    pub(crate) fn path(&self) -> &std::path::Path {
+    pub fn path(&self) -> &std::path::Path {
         &self.0
     }
 
-    pub(crate) fn write(&self, name: &str, contents: &str) -> std::io::Result<std::path::PathBuf> {
+    pub fn write(&self, name: &str, contents: &str) -> std::io::Result<std::path::PathBuf> {
         let p = self.0.join(name);
         std::fs::write(&p, contents)?;
         Ok(p)

@@ -25,6 +25,7 @@
 //! ([`super::external`]): the tools an operator, or a check against a real
 //! apiserver, would use.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, Empty};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
 use serde_json::json;
 
@@ -74,6 +76,32 @@ pub enum UpstreamKind {
     KubeSimHyper,
     /// A Go `net/http` stand-in ([`go_upstream`]), when `go` is installed.
     Go,
+    /// An apiserver of the operator's ([`OverheadOpts::external`]).
+    External,
+}
+
+/// An apiserver the operator runs (`--upstream-url`): the bench GETs `path`
+/// from it with one bearer token, directly, through breakwater and (with
+/// `--with-nginx`) through nginx, all on this machine. This is the issue's
+/// real check as one command.
+#[derive(Debug, Clone)]
+pub struct ExternalUpstream {
+    /// `https://host[:port]`; breakwater gets it as `--upstream`, and the
+    /// clients verify the certificate for `host` (a name or an IP address).
+    pub url: String,
+    /// PEM of the CA that signed the apiserver's serving certificate.
+    pub ca_file: PathBuf,
+    /// A file holding the bearer token every client sends.
+    pub token_file: PathBuf,
+    /// What every client GETs, e.g. one pod.
+    pub path: String,
+    /// The name nginx verifies (`proxy_ssl_name`; nginx checks DNS names
+    /// only). `None`: the URL's host, or for an IP address `kubernetes`,
+    /// which every apiserver serving certificate carries.
+    pub nginx_server_name: Option<String>,
+    /// The apiserver's process, when it runs on this machine: its CPU per
+    /// request is then reported ("upstream").
+    pub pid: Option<u32>,
 }
 
 /// Errors above this fraction of requests fail the benchmark.
@@ -109,8 +137,15 @@ pub struct OverheadOpts {
     /// The nginx binary; `None` = [`nginx::find_nginx`]'s search.
     pub nginx: Option<PathBuf>,
     /// The upstream: kube-sim (Go-like or hyper transport) or the Go
-    /// stand-in.
+    /// stand-in (`External` goes with [`OverheadOpts::external`]).
     pub upstream: UpstreamKind,
+    /// The apiserver to measure against instead of kube-sim.
+    pub external: Option<ExternalUpstream>,
+    /// More `breakwater run` arguments, e.g. `--upstream-token-file F` or
+    /// `--service-account-key-file F --service-account-issuer I` in front of
+    /// an apiserver without SelfSubjectReview (before 1.27), or
+    /// `--upstream-unary-protocol http2`.
+    pub breakwater_args: Vec<std::ffi::OsString>,
     /// Who sends the requests: the bench's own clients, wrk or h2load.
     pub load_generator: LoadGenerator,
     /// About how large the GET's answer is, in bytes (the ConfigMap's data
@@ -137,6 +172,8 @@ impl Default for OverheadOpts {
             with_nginx: false,
             nginx: None,
             upstream: UpstreamKind::KubeSim,
+            external: None,
+            breakwater_args: Vec::new(),
             load_generator: LoadGenerator::Loadtest,
             object_bytes: DEFAULT_OBJECT_BYTES,
         }
@@ -232,9 +269,13 @@ pub struct OverheadReport {
     /// nginx's `worker_processes` (= breakwater's runtime worker threads).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nginx_workers: Option<usize>,
-    /// GETs of configmaps kube-sim counted (all phases, warm-ups, probes):
-    /// proves the proxy phases really reached the upstream.
-    pub upstream_gets: u64,
+    /// GETs of configmaps kube-sim (or the Go stand-in) counted (all
+    /// phases, warm-ups, probes): proves the proxy phases really reached the
+    /// upstream. Not known for an external apiserver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_gets: Option<u64>,
+    /// The path every client GET.
+    pub path: String,
     pub breakwater_bin: PathBuf,
     /// Seconds since the Unix epoch when the run finished.
     pub finished_unix: u64,
@@ -317,9 +358,13 @@ impl OverheadReport {
             out.push_str(&row("best", n));
         }
         out.push_str(&format!(
-            "\nproxy/direct: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x   (upstream GETs counted by the upstream: {})\n",
-            self.ratios.rps, self.ratios.p50, self.ratios.p99, self.upstream_gets
+            "\nproxy/direct: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x",
+            self.ratios.rps, self.ratios.p50, self.ratios.p99
         ));
+        if let Some(n) = self.upstream_gets {
+            out.push_str(&format!("   (upstream GETs counted by the upstream: {n})"));
+        }
+        out.push('\n');
         if let (Some(n), Some(b)) = (&self.nginx_ratios, &self.breakwater_vs_nginx) {
             out.push_str(&format!(
                 "nginx/direct: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x   breakwater/nginx: req/s {:.2}x, p50 {:.2}x, p99 {:.2}x\n",
@@ -327,19 +372,24 @@ impl OverheadReport {
             ));
         }
         out.push_str(
-            "cpu/req: CPU time per request of the proxy under test (px: breakwater, or nginx's master + workers), of this process, kube-sim + clients (lt), and of the Go stand-in upstream (up, --upstream go)\n",
+            "cpu/req: CPU time per request of the proxy under test (px: breakwater, or nginx's master + workers), of this process, kube-sim + clients (lt), and of the upstream when it is a process of its own (up: the Go stand-in, or --upstream-pid)\n",
         );
         out
     }
 }
 
-/// Runs the benchmark end to end: kube-sim, breakwater, the rounds. Returns
-/// the figures even when errors exceed the threshold; call
-/// [`OverheadReport::check`] to apply it (the CLI does, after printing).
+/// Runs the benchmark end to end: kube-sim (or the external apiserver),
+/// breakwater, the rounds. Returns the figures even when errors exceed the
+/// threshold; call [`OverheadReport::check`] to apply it (the CLI does,
+/// after printing).
 pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> {
     ensure!(opts.clients > 0, "--clients must be at least 1");
     ensure!(opts.rounds > 0, "--rounds must be at least 1");
     ensure!(!opts.duration.is_zero(), "--duration must be positive");
+    ensure!(
+        opts.external.is_some() == (opts.upstream == UpstreamKind::External),
+        "an external upstream needs its URL (--upstream-url), and only it"
+    );
     let bin = find_breakwater(opts.breakwater.as_deref())?;
     if opts.with_nginx {
         // Before anything starts: a missing nginx is one line, and the fix.
@@ -352,6 +402,11 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
         return Err(go_upstream::GoError::NotFound.into());
     }
 
+    if let Some(ext) = &opts.external {
+        let target = external_target(ext).await?;
+        let measured = measure(&target, &bin, tool.as_deref(), &opts).await?;
+        return Ok(report(&opts, measured, None, &target.path, &bin));
+    }
     let pki = SimPki::generate(&["127.0.0.1", "localhost"]).context("kube-sim PKI")?;
     let sim = KubeSim::start(
         SimConfig {
@@ -367,6 +422,119 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
     result
 }
 
+/// Who answers the bench's GETs, as the clients, breakwater and nginx
+/// reach it.
+struct Target {
+    addr: SocketAddr,
+    /// breakwater's `--upstream`.
+    url: String,
+    /// The CA of its serving certificate.
+    ca_pem: String,
+    /// The name the clients verify; `None`: `addr`'s IP.
+    server_name: Option<ServerName<'static>>,
+    /// The name nginx verifies (a DNS name).
+    nginx_name: String,
+    /// Every client's `Authorization`.
+    auth: HeaderValue,
+    path: String,
+    /// The upstream's process, when its CPU is to be read.
+    pid: Option<u32>,
+    /// The answer must be the seeded ConfigMap (kube-sim, the Go stand-in).
+    seeded: bool,
+}
+
+impl Target {
+    fn connector(&self, tls: Arc<rustls::ClientConfig>, proto: Protocol) -> Connector {
+        Connector {
+            addr: self.addr,
+            tls,
+            proto,
+            server_name: self.server_name.clone(),
+        }
+    }
+}
+
+/// [`Target`] of an external apiserver: its URL resolved, its CA and the
+/// token read.
+async fn external_target(ext: &ExternalUpstream) -> anyhow::Result<Target> {
+    let uri: http::Uri = ext
+        .url
+        .parse()
+        .with_context(|| format!("--upstream-url {:?}", ext.url))?;
+    ensure!(
+        uri.scheme_str() == Some("https") && uri.path() == "/",
+        "--upstream-url must be https://host[:port], not {:?}",
+        ext.url
+    );
+    let host = uri
+        .host()
+        .context("--upstream-url has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let addr = reachable(&host, port).await?;
+    let server_name = ServerName::try_from(host.clone())
+        .with_context(|| format!("{host:?} is not a TLS server name"))?;
+    let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+    let ca_pem = std::fs::read_to_string(&ext.ca_file)
+        .with_context(|| format!("read --upstream-ca {}", ext.ca_file.display()))?;
+    let token = std::fs::read_to_string(&ext.token_file)
+        .with_context(|| format!("read --token-file {}", ext.token_file.display()))?;
+    let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+        .context("the token is not a valid header value")?;
+    auth.set_sensitive(true);
+    ensure!(
+        ext.path.starts_with('/'),
+        "--path must start with '/', not {:?}",
+        ext.path
+    );
+    Ok(Target {
+        addr,
+        url: ext.url.trim_end_matches('/').to_string(),
+        ca_pem,
+        server_name: Some(server_name),
+        nginx_name: ext.nginx_server_name.clone().unwrap_or_else(|| {
+            if is_ip {
+                "kubernetes".to_string()
+            } else {
+                host.clone()
+            }
+        }),
+        auth,
+        path: ext.path.clone(),
+        pid: ext.pid,
+        seeded: false,
+    })
+}
+
+/// The first of `host`'s addresses that accepts a TCP connection (a name
+/// such as `localhost` may resolve to `::1` first, where the apiserver does
+/// not listen): the direct clients, wrk, h2load and nginx all use it.
+async fn reachable(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("resolve {host}"))?
+        .collect();
+    let mut failures = Vec::new();
+    for addr in &addrs {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(Duration::from_secs(5), connect).await {
+            Ok(Ok(_)) => return Ok(*addr),
+            Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+            Err(_) => failures.push(format!("{addr}: no answer in 5 s")),
+        }
+    }
+    bail!(
+        "the upstream {host}:{port} is not reachable ({})",
+        if failures.is_empty() {
+            "no address".to_string()
+        } else {
+            failures.join("; ")
+        }
+    )
+}
+
 async fn with_sim(
     sim: &KubeSim,
     bin: &std::path::Path,
@@ -379,26 +547,78 @@ async fn with_sim(
     // With `--upstream go`, the Go stand-in serves what kube-sim would.
     let go = match opts.upstream {
         UpstreamKind::Go => Some(start_go(sim, &token, &auth, opts.protocol).await?),
-        UpstreamKind::KubeSim | UpstreamKind::KubeSimHyper => None,
+        UpstreamKind::KubeSim | UpstreamKind::KubeSimHyper | UpstreamKind::External => None,
     };
-    let upstream_addr = go.as_ref().map_or(sim.addr(), GoUpstream::addr);
-    let upstream_url = format!("https://{upstream_addr}");
+    let addr = go.as_ref().map_or(sim.addr(), GoUpstream::addr);
+    let target = Target {
+        addr,
+        url: format!("https://{addr}"),
+        ca_pem: sim.pki().serving_ca.cert_pem().to_string(),
+        server_name: None,
+        nginx_name: "localhost".to_string(),
+        auth,
+        path: BENCH_PATH.to_string(),
+        pid: go.as_ref().and_then(GoUpstream::pid),
+        seeded: true,
+    };
+    let measured = measure(&target, bin, tool, opts).await;
+    let upstream_gets = match &go {
+        Some(g) => {
+            let direct =
+                target.connector(client_tls(&[&target.ca_pem], opts.protocol)?, opts.protocol);
+            go_gets(&direct, &target.auth, g).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading the Go stand-in's GET count");
+                0
+            })
+        }
+        None => sim.request_count("GET", "configmaps"),
+    };
+    if let Some(g) = go {
+        g.shutdown().await;
+    }
+    Ok(report(
+        opts,
+        measured?,
+        Some(upstream_gets),
+        BENCH_PATH,
+        bin,
+    ))
+}
 
+/// What the rounds measured.
+struct Measured {
+    phases: Vec<Figures>,
+    /// Connections per phase.
+    connections: usize,
+    nginx_workers: usize,
+}
+
+/// Starts breakwater (and nginx) in front of `target`, checks each path
+/// with one GET, runs the rounds, stops the proxies.
+async fn measure(
+    target: &Target,
+    bin: &std::path::Path,
+    tool: Option<&std::path::Path>,
+    opts: &OverheadOpts,
+) -> anyhow::Result<Measured> {
     // The proxy's serving certificate, from a CA only this run trusts.
     let proxy_ca = Ca::new("breakwater-bench-ca")?;
     let proxy_cert = proxy_ca.issue_server(&["127.0.0.1", "localhost"])?;
     let dir = ScratchDir::new()?;
-    let upstream_ca = dir.write("upstream-ca.crt", sim.pki().serving_ca.cert_pem())?;
+    let upstream_ca = dir.write("upstream-ca.crt", &target.ca_pem)?;
     let tls_cert = dir.write("breakwater.crt", &proxy_cert.cert_pem)?;
     let tls_key = dir.write("breakwater.key", &proxy_cert.key_pem)?;
 
+    // Every client comes from 127.0.0.1: no per-source cap.
+    let mut extra: Vec<std::ffi::OsString> =
+        vec!["--max-connections-per-source".into(), "0".into()];
+    extra.extend(opts.breakwater_args.iter().cloned());
     let args = RunArgs {
         tls_cert,
         tls_key,
-        upstream: upstream_url.clone(),
+        upstream: target.url.clone(),
         upstream_ca,
-        // Every client comes from 127.0.0.1: no per-source cap.
-        extra: vec!["--max-connections-per-source".into(), "0".into()],
+        extra,
         ..RunArgs::default()
     };
     let start = StartOptions {
@@ -413,44 +633,38 @@ async fn with_sim(
     let proxy = BreakwaterProcess::start(bin, args.to_args(), start)
         .await
         .with_context(|| format!("start {}", bin.display()))?;
-    tracing::info!(proxy = %proxy.listen_url(), upstream = %upstream_url, "breakwater is ready");
+    tracing::info!(proxy = %proxy.listen_url(), upstream = %target.url, "breakwater is ready");
 
-    let tls = client_tls(
-        &[sim.pki().serving_ca.cert_pem(), proxy_ca.cert_pem()],
-        opts.protocol,
-    )?;
-    let direct = Connector {
-        addr: upstream_addr,
-        tls: tls.clone(),
-        proto: opts.protocol,
-    };
+    let tls = client_tls(&[&target.ca_pem, proxy_ca.cert_pem()], opts.protocol)?;
+    let direct = target.connector(tls.clone(), opts.protocol);
     let through = Connector {
         addr: proxy.listen_addr(),
         tls,
         proto: opts.protocol,
+        server_name: None,
     };
 
     // Fail fast, with the answer in the message, if either path is broken.
-    probe(&direct, &auth)
+    probe(&direct, target)
         .await
-        .context("probe GET direct to kube-sim")?;
-    if let Err(e) = probe(&through, &auth).await {
+        .context("probe GET direct to the upstream")?;
+    if let Err(e) = probe(&through, target).await {
         bail!(
             "probe GET through breakwater failed: {e:#}\nbreakwater output:\n{}",
             proxy.output_tail()
         );
     }
 
-    // nginx in front of the same kube-sim, with a certificate from the same
-    // CA as breakwater's, so the same clients trust both.
+    // nginx in front of the same upstream, with a certificate from the
+    // same CA as breakwater's, so the same clients trust both.
     let nginx_workers = nginx::breakwater_worker_count();
     let nginx = if opts.with_nginx {
         let cert = proxy_ca.issue_server(&["127.0.0.1", "localhost"])?;
         let n = NginxProcess::start(&NginxConfig {
             bin: opts.nginx.clone(),
-            upstream: upstream_addr,
-            upstream_name: "localhost".to_string(),
-            upstream_ca_pem: sim.pki().serving_ca.cert_pem().to_string(),
+            upstream: target.addr,
+            upstream_name: target.nginx_name.clone(),
+            upstream_ca_pem: target.ca_pem.clone(),
             cert_pem: cert.cert_pem,
             key_pem: cert.key_pem,
             workers: nginx_workers,
@@ -470,12 +684,14 @@ async fn with_sim(
         addr: n.addr(),
         tls: through.tls.clone(),
         proto: opts.protocol,
+        server_name: None,
     });
     if let (Some(n), Some(c)) = (&nginx, &via_nginx)
-        && let Err(e) = probe(c, &auth).await
+        && let Err(e) = probe(c, target).await
     {
         bail!(
-            "probe GET through nginx failed: {e:#}\nnginx output:\n{}",
+            "probe GET through nginx failed: {e:#}\n(nginx verifies the upstream's certificate for {:?}; --nginx-upstream-name picks another name)\nnginx output:\n{}",
+            target.nginx_name,
             n.output_tail()
         );
     }
@@ -491,32 +707,32 @@ async fn with_sim(
     if let (Some(n), Some(c)) = (&nginx, &via_nginx) {
         targets.push((NGINX, c, n.pid().map_or(ProxyCpu::None, ProxyCpu::Nginx)));
     }
+    let authorization = target.auth.to_str().context("token header")?;
     let mut phases = Vec::new();
     let mut connections = 0;
     for round in 1..=opts.rounds {
-        for &(target, connector, cpu) in &targets {
-            tracing::info!(round, target, "phase starts");
-            let upstream_pid = go.as_ref().and_then(GoUpstream::pid);
+        for &(name, connector, cpu) in &targets {
+            tracing::info!(round, target = name, "phase starts");
             let (figures, conns) = match tool {
-                None => run_phase(target, connector, &auth, opts, cpu, upstream_pid).await?,
+                None => run_phase(name, connector, target, opts, cpu).await?,
                 Some(program) => {
                     let run = external::Run {
                         generator: opts.load_generator,
                         program,
                         addr: connector.addr,
-                        path: BENCH_PATH,
-                        authorization: auth.to_str().context("token header")?,
+                        path: &target.path,
+                        authorization,
                         protocol: opts.protocol,
                         clients: opts.clients,
                         h2_connections: opts.h2_connections,
                         duration: opts.duration,
                     };
-                    run_tool_phase(&run, target, opts.warmup, cpu, upstream_pid).await?
+                    run_tool_phase(&run, name, opts.warmup, cpu, target.pid).await?
                 }
             };
             connections = conns;
             eprintln!(
-                "round {round} {target:<10}: {:.0} req/s, p50 {}, p99 {}, {} errors",
+                "round {round} {name:<10}: {:.0} req/s, p50 {}, p99 {}, {} errors",
                 figures.rps,
                 fmt_us(figures.p50_us),
                 fmt_us(figures.p99_us),
@@ -552,17 +768,26 @@ async fn with_sim(
     {
         tracing::warn!(error = %Chain(&e), "stopping nginx");
     }
-    let upstream_gets = match &go {
-        Some(g) => go_gets(&direct, &auth, g).await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "reading the Go stand-in's GET count");
-            0
-        }),
-        None => sim.request_count("GET", "configmaps"),
-    };
-    if let Some(g) = go {
-        g.shutdown().await;
-    }
+    Ok(Measured {
+        phases,
+        connections,
+        nginx_workers,
+    })
+}
 
+/// The report of `measured`: the best phase of each target, and the ratios.
+fn report(
+    opts: &OverheadOpts,
+    measured: Measured,
+    upstream_gets: Option<u64>,
+    path: &str,
+    bin: &std::path::Path,
+) -> OverheadReport {
+    let Measured {
+        phases,
+        connections,
+        nginx_workers,
+    } = measured;
     let best = |target: &str| {
         phases
             .iter()
@@ -575,7 +800,7 @@ async fn with_sim(
     let proxy = best("breakwater");
     let nginx_best = opts.with_nginx.then(|| best(NGINX));
     let ratios = Ratios::of(&proxy, &direct);
-    Ok(OverheadReport {
+    OverheadReport {
         protocol: opts.protocol,
         upstream: opts.upstream,
         clients: opts.clients,
@@ -585,20 +810,21 @@ async fn with_sim(
         rounds: opts.rounds,
         load_generator: opts.load_generator,
         object_bytes: opts.object_bytes,
-        phases,
         nginx_ratios: nginx_best.as_ref().map(|n| Ratios::of(n, &direct)),
         breakwater_vs_nginx: nginx_best.as_ref().map(|n| Ratios::of(&proxy, n)),
         nginx: nginx_best,
         nginx_workers: opts.with_nginx.then_some(nginx_workers),
+        phases,
         direct,
         proxy,
         ratios,
         upstream_gets,
+        path: path.to_string(),
         breakwater_bin: bin.to_path_buf(),
         finished_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-    })
+    }
 }
 
 /// Builds and starts the Go stand-in serving what kube-sim serves: the
@@ -616,9 +842,10 @@ async fn start_go(
         addr: sim.addr(),
         tls,
         proto: protocol,
+        server_name: None,
     };
     let mut conn = to_sim.connect().await?;
-    let resp = conn.send(request(&conn, &to_sim, auth)).await?;
+    let resp = conn.send(request(&conn, &to_sim, BENCH_PATH, auth)).await?;
     ensure!(
         resp.status().is_success(),
         "GET {BENCH_PATH} from kube-sim answered {}",
@@ -667,7 +894,7 @@ async fn start_go(
 /// GETs of the bench path the Go stand-in answered (its `/__gets`).
 async fn go_gets(direct: &Connector, auth: &HeaderValue, go: &GoUpstream) -> anyhow::Result<u64> {
     let mut conn = direct.connect().await?;
-    let mut req = request(&conn, direct, auth);
+    let mut req = request(&conn, direct, BENCH_PATH, auth);
     *req.uri_mut() = conn.request_uri(go.addr(), "/__gets").parse()?;
     let resp = conn.send(req).await?;
     let body = resp.into_body().collect().await?.to_bytes();
@@ -748,31 +975,34 @@ fn seed(sim: &KubeSim, object_bytes: usize) -> anyhow::Result<()> {
 }
 
 /// The benchmark request, built from shared header values (cheap clones).
-fn request(conn: &Conn, connector: &Connector, auth: &HeaderValue) -> Request<Empty<Bytes>> {
-    super::get_request(
-        conn,
-        connector,
-        BENCH_PATH,
-        auth,
-        "breakwater-loadtest/bench",
-    )
+fn request(
+    conn: &Conn,
+    connector: &Connector,
+    path: &str,
+    auth: &HeaderValue,
+) -> Request<Empty<Bytes>> {
+    super::get_request(conn, connector, path, auth, "breakwater-loadtest/bench")
 }
 
-/// One GET that must answer 200 with the seeded ConfigMap.
-async fn probe(connector: &Connector, auth: &HeaderValue) -> anyhow::Result<()> {
+/// One GET of the target's path that must answer 2xx with a JSON object
+/// (the seeded ConfigMap, from kube-sim or the Go stand-in).
+async fn probe(connector: &Connector, target: &Target) -> anyhow::Result<()> {
+    let path = &target.path;
     let mut conn = connector.connect().await?;
-    let resp = conn.send(request(&conn, connector, auth)).await?;
+    let resp = conn
+        .send(request(&conn, connector, path, &target.auth))
+        .await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     ensure!(
         status.is_success(),
-        "GET {BENCH_PATH} answered {status}: {}",
+        "GET {path} answered {status}: {}",
         String::from_utf8_lossy(&body)
     );
     let v: serde_json::Value = serde_json::from_slice(&body).context("response is not JSON")?;
     ensure!(
-        v["metadata"]["name"] == "bench" && v["kind"] == "ConfigMap",
-        "GET {BENCH_PATH} answered an unexpected object: {}",
+        !target.seeded || (v["metadata"]["name"] == "bench" && v["kind"] == "ConfigMap"),
+        "GET {path} answered an unexpected object: {}",
         String::from_utf8_lossy(&body)
     );
     Ok(())
@@ -780,6 +1010,8 @@ async fn probe(connector: &Connector, auth: &HeaderValue) -> anyhow::Result<()> 
 
 /// Shared by a phase's clients: when to record, when to stop.
 struct Clock {
+    /// What every request GETs.
+    path: String,
     measure_from: Instant,
     end: Instant,
     issued: AtomicU64,
@@ -797,13 +1029,13 @@ struct ClientStats {
 /// One phase against one target: connect, warm up, measure. Returns the
 /// figures and the number of connections used.
 async fn run_phase(
-    target: &str,
+    name: &str,
     connector: &Connector,
-    auth: &HeaderValue,
+    target: &Target,
     opts: &OverheadOpts,
     proxy_cpu: ProxyCpu,
-    upstream_pid: Option<u32>,
 ) -> anyhow::Result<(Figures, usize)> {
+    let (auth, upstream_pid) = (&target.auth, target.pid);
     // Connect everything before the clock starts: handshakes are not requests.
     let conns: Vec<Conn> = match opts.protocol {
         Protocol::Http1 | Protocol::PlainHttp1 => connect_all(connector, opts.clients).await?,
@@ -826,6 +1058,7 @@ async fn run_phase(
 
     let now = Instant::now();
     let clock = Arc::new(Clock {
+        path: target.path.clone(),
         measure_from: now + opts.warmup,
         end: now + opts.warmup + opts.duration,
         issued: AtomicU64::new(0),
@@ -856,7 +1089,7 @@ async fn run_phase(
     }
     let cpu_after = CpuSample::take(proxy_cpu, upstream_pid);
     let seconds = last_done.duration_since(clock.measure_from).as_secs_f64();
-    let mut figures = Figures::new(target, &hist, requests, errors, seconds);
+    let mut figures = Figures::new(name, &hist, requests, errors, seconds);
     cpu_before.per_request(&cpu_after, &mut figures);
     Ok((figures, connections))
 }
@@ -965,7 +1198,7 @@ async fn client(
             break;
         }
         let measured = started >= clock.measure_from;
-        let req = request(&conn, &connector, &auth);
+        let req = request(&conn, &connector, &clock.path, &auth);
         let (ok, transport_failed) = match conn.send(req).await {
             Ok(resp) => {
                 let success = resp.status().is_success();
@@ -1086,6 +1319,21 @@ mod tests {
         addr
     }
 
+    /// The fake apiserver as a bench target, GET with `authorization`.
+    fn fake_target(addr: SocketAddr, ca: &Ca, authorization: &'static str) -> Target {
+        Target {
+            addr,
+            url: format!("https://{addr}"),
+            ca_pem: ca.cert_pem().to_string(),
+            server_name: None,
+            nginx_name: "localhost".into(),
+            auth: HeaderValue::from_static(authorization),
+            path: BENCH_PATH.into(),
+            pid: None,
+            seeded: true,
+        }
+    }
+
     fn opts(protocol: Protocol) -> OverheadOpts {
         OverheadOpts {
             clients: 4,
@@ -1095,6 +1343,67 @@ mod tests {
             h2_connections: 2,
             ..OverheadOpts::default()
         }
+    }
+
+    /// `--upstream-url`: an IP address is verified as such by the clients,
+    /// and nginx (DNS names only) verifies `kubernetes`; a name is reached
+    /// at the address that accepts (`localhost` may resolve to `::1`
+    /// first) and verified as the name by both; a URL with a scheme or path
+    /// the bench cannot use, or an unreachable one, is refused.
+    #[tokio::test]
+    async fn an_external_upstream_is_reached_and_verified_by_its_urls_host() {
+        let dir = ScratchDir::new().expect("dir");
+        let ca = Ca::new("ext-ca").expect("ca");
+        let ca_file = dir.write("ca.crt", ca.cert_pem()).expect("ca");
+        let token_file = dir.write("token", "abc\n").expect("token");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let ext = |url: String| ExternalUpstream {
+            url,
+            ca_file: ca_file.clone(),
+            token_file: token_file.clone(),
+            path: "/api/v1/namespaces/default/pods/p".into(),
+            nginx_server_name: None,
+            pid: None,
+        };
+        let t = external_target(&ext(format!("https://127.0.0.1:{}", addr.port())))
+            .await
+            .expect("an IP address");
+        assert_eq!(t.addr, addr);
+        assert_eq!(t.nginx_name, "kubernetes");
+        assert_eq!(t.server_name, Some(ServerName::IpAddress(addr.ip().into())));
+        assert_eq!(t.auth.to_str().expect("ascii"), "Bearer abc");
+        assert!(t.auth.is_sensitive());
+        assert!(!t.seeded);
+        assert_eq!(t.path, "/api/v1/namespaces/default/pods/p");
+
+        let t = external_target(&ext(format!("https://localhost:{}/", addr.port())))
+            .await
+            .expect("a name");
+        assert_eq!(t.addr, addr);
+        assert_eq!(t.nginx_name, "localhost");
+        assert_eq!(
+            t.server_name,
+            Some(ServerName::try_from("localhost").expect("name"))
+        );
+        assert_eq!(t.url, format!("https://localhost:{}", addr.port()));
+
+        for bad in [
+            format!("http://127.0.0.1:{}", addr.port()),
+            format!("https://127.0.0.1:{}/api", addr.port()),
+        ] {
+            let err = external_target(&ext(bad.clone())).await.err().expect(&bad);
+            assert!(
+                format!("{err:#}").contains("must be https://host[:port]"),
+                "{bad}: {err:#}"
+            );
+        }
+        drop(listener);
+        let err = external_target(&ext(format!("https://127.0.0.1:{}", addr.port())))
+            .await
+            .err()
+            .expect("nothing listens");
+        assert!(format!("{err:#}").contains("not reachable"), "{err:#}");
     }
 
     #[test]
@@ -1119,24 +1428,17 @@ mod tests {
     async fn a_phase_counts_successes_for_both_protocols() {
         let ca = Ca::new("test-ca").expect("ca");
         let addr = fake_apiserver(&ca).await;
-        let good = HeaderValue::from_static("Bearer good");
+        let good = fake_target(addr, &ca, "Bearer good");
         for protocol in [Protocol::Http1, Protocol::Http2] {
-            let connector = Connector {
-                addr,
-                tls: client_tls(&[ca.cert_pem()], protocol).expect("tls"),
-                proto: protocol,
-            };
+            let connector = good.connector(
+                client_tls(&[ca.cert_pem()], protocol).expect("tls"),
+                protocol,
+            );
             probe(&connector, &good).await.expect("probe");
-            let (f, conns) = run_phase(
-                "direct",
-                &connector,
-                &good,
-                &opts(protocol),
-                ProxyCpu::None,
-                None,
-            )
-            .await
-            .expect("phase");
+            let (f, conns) =
+                run_phase("direct", &connector, &good, &opts(protocol), ProxyCpu::None)
+                    .await
+                    .expect("phase");
             assert!(f.requests > 10, "{protocol}: {f:?}");
             assert_eq!(f.errors, 0, "{protocol}: {f:?}");
             assert!(f.p50_us > 0 && f.p50_us <= f.max_us, "{f:?}");
@@ -1204,7 +1506,10 @@ mod tests {
             .expect("kube-sim");
         seed(&sim, DEFAULT_OBJECT_BYTES).expect("seed");
         let token = sim.issue_token("default", "bench", Duration::from_secs(600));
-        let auth = HeaderValue::from_str(&format!("Bearer {token}")).expect("header");
+        let target = Target {
+            auth: HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+            ..fake_target(sim.addr(), &sim.pki().serving_ca, "unused")
+        };
         let ca = Ca::new("nginx-test-ca").expect("ca");
         let cert = ca.issue_server(&["127.0.0.1"]).expect("cert");
         let nginx = NginxProcess::start(&NginxConfig {
@@ -1227,18 +1532,18 @@ mod tests {
                 addr: nginx.addr(),
                 tls: client_tls(&[ca.cert_pem()], protocol).expect("tls"),
                 proto: protocol,
+                server_name: None,
             };
-            probe(&connector, &auth)
+            probe(&connector, &target)
                 .await
                 .unwrap_or_else(|e| panic!("{protocol}: {e:#}\n{}", nginx.output_tail()));
             let gets_before = sim.request_count("GET", "configmaps");
             let (f, _) = run_phase(
                 NGINX,
                 &connector,
-                &auth,
+                &target,
                 &opts(protocol),
                 ProxyCpu::Nginx(pid),
-                None,
             )
             .await
             .expect("phase");
@@ -1259,8 +1564,13 @@ mod tests {
             addr: nginx.addr(),
             tls: client_tls(&[ca.cert_pem()], Protocol::Http1).expect("tls"),
             proto: Protocol::Http1,
+            server_name: None,
         };
-        let err = probe(&connector, &HeaderValue::from_static("Bearer nope"))
+        let nope = Target {
+            auth: HeaderValue::from_static("Bearer nope"),
+            ..fake_target(sim.addr(), &sim.pki().serving_ca, "unused")
+        };
+        let err = probe(&connector, &nope)
             .await
             .expect_err("a bad token is refused");
         assert!(format!("{err:#}").contains("401"), "{err:#}");
@@ -1275,12 +1585,11 @@ mod tests {
     async fn non_2xx_answers_are_errors_and_fail_the_check() {
         let ca = Ca::new("test-ca").expect("ca");
         let addr = fake_apiserver(&ca).await;
-        let bad = HeaderValue::from_static("Bearer bad");
-        let connector = Connector {
-            addr,
-            tls: client_tls(&[ca.cert_pem()], Protocol::Http1).expect("tls"),
-            proto: Protocol::Http1,
-        };
+        let bad = fake_target(addr, &ca, "Bearer bad");
+        let connector = bad.connector(
+            client_tls(&[ca.cert_pem()], Protocol::Http1).expect("tls"),
+            Protocol::Http1,
+        );
         assert!(probe(&connector, &bad).await.is_err());
         let (f, _) = run_phase(
             "breakwater",
@@ -1288,7 +1597,6 @@ mod tests {
             &bad,
             &opts(Protocol::Http1),
             ProxyCpu::None,
-            None,
         )
         .await
         .expect("phase");
@@ -1316,7 +1624,8 @@ mod tests {
             nginx_ratios: None,
             breakwater_vs_nginx: None,
             nginx_workers: None,
-            upstream_gets: 0,
+            upstream_gets: None,
+            path: BENCH_PATH.into(),
             breakwater_bin: PathBuf::new(),
             finished_unix: 0,
         };

@@ -84,11 +84,29 @@ impl std::fmt::Debug for SimPki {
     }
 }
 
+/// The DNS names of the `kubernetes` Service, in every apiserver serving
+/// certificate (kubeadm's and the apiserver's self-signed one).
+pub const APISERVER_SERVICE_NAMES: &[&str] = &[
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+];
+
 impl SimPki {
     /// Fresh CAs, a serving cert for `server_names` (DNS names / IPs) and an SA signing key.
     pub fn generate(server_names: &[&str]) -> Result<SimPki, PkiError> {
         let serving_ca = Ca::new("kube-sim-serving-ca")?;
-        let server = serving_ca.issue_server(server_names)?;
+        // Besides the caller's: the names the apiserver always puts in its
+        // serving certificate (the `kubernetes` Service's), which clients
+        // that reach it by IP, such as nginx's proxy_ssl_name, verify.
+        let mut names = server_names.to_vec();
+        for name in APISERVER_SERVICE_NAMES {
+            if !names.contains(name) {
+                names.push(name);
+            }
+        }
+        let server = serving_ca.issue_server(&names)?;
         let client_ca = Ca::new("kube-sim-client-ca")?;
         let front_proxy_ca = Ca::new("kube-sim-front-proxy-ca")?;
         let (sa_key_pem, sa_public_pem) = crate::pki::signing_key_pem()?;

@@ -248,3 +248,36 @@ impl KubectlLines {
             .expect("kubectl still running")
     }
 }
+
+/// The `breakwater` binary for tests that run it as a child: next to the
+/// test executable (`cargo test --workspace` builds it first) or
+/// `$BREAKWATER_BIN`; on a fresh `cargo test -p breakwater-loadtest` it is
+/// built once, bounded in time, with a clear failure if that fails.
+pub fn breakwater_bin() -> std::path::PathBuf {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = breakwater_loadtest::proc::find_breakwater(None) {
+            return p;
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut child = std::process::Command::new(cargo)
+            .args(["build", "-p", "breakwater"])
+            .spawn()
+            .expect("run cargo build -p breakwater");
+        // Bounded: a build that waits on a lock forever must not hang the test.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for cargo") {
+                assert!(status.success(), "cargo build -p breakwater failed");
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("cargo build -p breakwater took over 300 s; build it first");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        breakwater_loadtest::proc::find_breakwater(None).unwrap_or_else(|e| panic!("{e}"))
+    })
+    .clone()
+}
