@@ -1,9 +1,8 @@
-//! The forwarding lanes' caps and the unary lane's protocol, as configured,
-//! and the fixed caps of the hub's and the proxy's own lanes.
+//! The lanes (which requests take which connections), the forwarding
+//! lanes' caps and the unary lane's protocol, as configured, and the fixed
+//! caps of the hub's and the proxy's own lanes.
 
 use std::time::Duration;
-
-use super::LaneLimits;
 
 /// The caps of the forwarding lanes (`--upstream-max-connections-*`,
 /// `--upstream-stream-wait`), and the unary lane's protocol.
@@ -67,3 +66,68 @@ pub(super) const OWN_LANE: LaneLimits = LaneLimits {
     max_connections: 4,
     wait: Duration::from_secs(5),
 };
+
+/// The connections a request may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Requests that end on their own (GET, LIST, PATCH, …).
+    Unary,
+    /// Watches, `logs -f`, proxy and other long-running requests.
+    LongRunning,
+    /// Requests admitted by an exempt rule of the limits file: the path the
+    /// rollback takes, whatever the fleet holds.
+    Exempt,
+    /// The watch hub's shared streams and their LISTs: never starved by
+    /// forwarded watches, whose number clients choose.
+    Hub,
+    /// The proxy's own requests (TokenReview, SubjectAccessReview, probes).
+    Own,
+}
+
+impl Lane {
+    /// Every lane, in the order views list them.
+    pub const ALL: [Lane; 5] = [
+        Lane::Unary,
+        Lane::LongRunning,
+        Lane::Exempt,
+        Lane::Hub,
+        Lane::Own,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Unary => "unary",
+            Lane::LongRunning => "long-running",
+            Lane::Exempt => "exempt",
+            Lane::Hub => "hub",
+            Lane::Own => "own",
+        }
+    }
+
+    /// The lane of a client request.
+    pub fn of(long_running: bool, exempt: bool) -> Lane {
+        match (exempt, long_running) {
+            (true, _) => Lane::Exempt,
+            (false, true) => Lane::LongRunning,
+            (false, false) => Lane::Unary,
+        }
+    }
+}
+
+/// How large a lane may grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneLimits {
+    /// HTTP/2 connections the lane may open (each carries as many streams
+    /// as the apiserver allows, 250 by default).
+    pub max_connections: usize,
+    /// How long a request waits for a stream when every connection is full
+    /// and the lane is at its cap, before it is refused.
+    pub wait: Duration,
+}
+
+/// A snapshot of a lane, for tests and the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LaneStats {
+    pub connections: usize,
+    pub streams: usize,
+}

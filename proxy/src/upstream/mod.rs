@@ -54,9 +54,9 @@ use crate::error::Chain;
 use crate::tasks::TaskTracker;
 use crate::tls::{self, ClientCert, TlsError, UpstreamTls};
 use lanes::{HUB_LANE, OWN_LANE};
-pub use lanes::{Lanes, UnaryProtocol};
+pub use lanes::{Lane, LaneLimits, LaneStats, Lanes, UnaryProtocol};
 use pool::Pool;
-pub use pool::{H2Settings, Lane, LaneLimits, LaneStats, PoolError, ResponseBody};
+pub use pool::{H2Settings, PoolError, ResponseBody};
 
 /// Errors boxed for bodies that mix our own and hyper's.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
