@@ -341,19 +341,8 @@ pub const RESOURCES: &[ResourceType] = &[
         categories: &[],
         custom: false,
     },
-    ResourceType {
-        group: "authentication.k8s.io",
-        version: "v1",
-        plural: "selfsubjectreviews",
-        singular: "selfsubjectreview",
-        kind: "SelfSubjectReview",
-        namespaced: false,
-        short_names: &[],
-        verbs: CREATE_ONLY,
-        subresources: &[],
-        categories: &[],
-        custom: false,
-    },
+    // Served at one version only ([`SelfSubjectReviewVersion`], [`builtin`]).
+    self_subject_review("v1"),
     ResourceType {
         group: "authorization.k8s.io",
         version: "v1",
@@ -413,7 +402,8 @@ pub enum SelfSubjectReviewVersion {
     Absent,
 }
 
-/// SelfSubjectReview at `version` (the v1 type is in [`RESOURCES`]).
+/// SelfSubjectReview at `version` (the v1 type is in [`RESOURCES`], the
+/// others replace it in [`builtin`]).
 const fn self_subject_review(version: &'static str) -> ResourceType {
     ResourceType {
         group: "authentication.k8s.io",
