@@ -485,21 +485,18 @@ impl Inner {
     /// in this core's cache (−2 to −4% of the proxy's CPU per request with
     /// wrk and our clients at 32 connections, docs/benchmarks.md §1i).
     fn take(self: &Arc<Self>, st: &mut State) -> Option<(Slot, Sender)> {
-        let mut free = st
-            .conns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.in_use < c.capacity() && c.is_open());
-        let first = free.next()?.0;
-        let i = if st.h1 {
+        // `is_open` last: it reads the connection's shared state, the
+        // other two only the pool's own fields.
+        let free = |c: &Conn| c.in_use < c.capacity();
+        let mine = if st.h1 {
             let me = thread_tag();
-            std::iter::once(first)
-                .chain(free.map(|(i, _)| i))
-                .find(|&i| st.conns[i].last_thread == me)
-                .unwrap_or(first)
+            st.conns
+                .iter()
+                .position(|c| free(c) && c.last_thread == me && c.is_open())
         } else {
-            first
+            None
         };
+        let i = mine.or_else(|| st.conns.iter().position(|c| free(c) && c.is_open()))?;
         Some(self.take_at(st, i))
     }
 
