@@ -59,6 +59,8 @@ pub struct ConnectionLimits {
     pub max_connections_per_source: usize,
     /// TLS handshakes doing work at once.
     pub max_handshakes: NonZeroUsize,
+    /// Serving shards ([`threads::Shards`]); 0: none.
+    pub serving_threads: usize,
     /// New connections per second from one IP address; `None` = no cap.
     pub accept_rate_per_source: Option<AcceptRate>,
 }
@@ -92,6 +94,8 @@ impl Default for ConnectionLimits {
             // addresses set it (docs/operations.md).
             max_connections_per_source: 0,
             max_handshakes: ConnectionLimits::default_max_handshakes(),
+            // One per core, as nginx's `worker_processes auto`.
+            serving_threads: ConnectionLimits::default_max_handshakes().get(),
             accept_rate_per_source: None,
         }
     }

@@ -124,6 +124,13 @@ pub struct RunOptions {
     /// handshake timeout [default: the number of cores].
     #[arg(long)]
     pub max_tls_handshakes: Option<usize>,
+    /// Threads that serve client connections, each a runtime of its own: a connection
+    /// stays on one from accept to close, as on an nginx worker. A new one goes to the
+    /// first thread under half busy (at most 8 connections over the one with the
+    /// fewest), else to the one with the fewest; 0 serves them on the shared
+    /// work-stealing runtime instead [default: the number of cores].
+    #[arg(long)]
+    pub serving_threads: Option<usize>,
     /// New connections per second from one IP address (0 = no cap); past it a new
     /// connection is closed at once [default: 0].
     #[arg(long)]
@@ -293,6 +300,7 @@ impl RunOptions {
                 .max_connections_per_source
                 .or(file.max_connections_per_source),
             max_tls_handshakes: self.max_tls_handshakes.or(file.max_tls_handshakes),
+            serving_threads: self.serving_threads.or(file.serving_threads),
             accept_rate_per_source: self.accept_rate_per_source.or(file.accept_rate_per_source),
             accept_burst_per_source: self
                 .accept_burst_per_source
@@ -483,6 +491,7 @@ impl RunOptions {
                         self.max_tls_handshakes,
                         d.max_handshakes,
                     )?,
+                    serving_threads: self.serving_threads.unwrap_or(d.serving_threads),
                     accept_rate_per_source,
                 }
             },
@@ -534,7 +543,7 @@ mod tests {
     #[test]
     fn flags_override_the_file_and_defaults_fill_the_rest() {
         let file: RunOptions = serde_yaml_ng::from_str(
-            "upstream: https://10.0.0.1:6443\ntlsCert: /f/cert\ntlsKey: /f/key\nshutdownGrace: 5s\nprivilegedListen: 10.0.0.2:6444\n",
+            "upstream: https://10.0.0.1:6443\ntlsCert: /f/cert\ntlsKey: /f/key\nshutdownGrace: 5s\nprivilegedListen: 10.0.0.2:6444\nservingThreads: 3\n",
         )
         .expect("parse");
         let flags = RunOptions {
@@ -548,6 +557,7 @@ mod tests {
         assert_eq!(cfg.upstream.mode, AuthMode::Passthrough);
         assert!(cfg.auth.anonymous);
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(cfg.connections.serving_threads, 3);
         assert_eq!(cfg.listen, "127.0.0.1:6443".parse().expect("addr"));
         assert_eq!(
             cfg.privileged_listen,

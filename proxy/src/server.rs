@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::accept::threads::SideRuntime;
+use crate::accept::threads::{ShardRuntimes, Shards, SideRuntime};
 use crate::accept::{self, Gate};
 use crate::admin::{self, AdminState};
 use crate::admit::{self, Admission, AdmitError};
@@ -209,6 +209,15 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         }
     };
     let privileged_handle = privileged.as_ref().and_then(SideRuntime::handle);
+    // The threads that serve client connections (accept::threads::Shards),
+    // owned by the shutdown task too.
+    let (shard_runtimes, shards) = match Shards::new(cfg.connections.serving_threads) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::warn!(error = %Chain(&err), "no serving threads; connections are served on the shared runtime");
+            (ShardRuntimes::default(), Shards::default())
+        }
+    };
     let upstream = Upstream::new(&cfg.upstream, tasks.clone(), privileged_handle.clone())?;
     let handle_upstream = upstream.clone();
     let reviewer: Arc<dyn TokenReviewer> = Arc::new(upstream.clone());
@@ -348,6 +357,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
                 serving: tokio::runtime::Handle::current(),
+                shards,
             };
             {
                 let plain = async {
@@ -423,6 +433,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
                 tracing::info!("shut down");
             }
             drop(privileged);
+            drop(shard_runtimes);
             Stopped {
                 tasks_left: tasks.len(),
             }
@@ -461,13 +472,24 @@ struct Connections {
     /// The connections alone, so that step 2 can wait for them.
     tracker: TaskTracker,
     stop: CancellationToken,
-    /// The runtime that serves the connections of unprivileged callers.
+    /// The runtime that serves the connections of unprivileged callers
+    /// without serving shards.
     serving: tokio::runtime::Handle,
+    /// Where connections of unprivileged callers are served.
+    shards: Shards,
 }
 
 impl Connections {
     fn spawn(&self, conn: impl Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(self.tracker.track_future(conn));
+    }
+
+    fn spawn_on(
+        &self,
+        conn: impl Future<Output = ()> + Send + 'static,
+        rt: &tokio::runtime::Handle,
+    ) {
+        self.tasks.spawn_on(self.tracker.track_future(conn), rt);
     }
 }
 

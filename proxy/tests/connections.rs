@@ -297,6 +297,60 @@ async fn an_exempt_identity_is_answered_while_the_serving_runtime_is_busy() {
     stop_on(serving, proxy).await;
 }
 
+/// With serving threads (the default: one per core), a connection lives on
+/// one of them from accept to close. New connections fill the first thread
+/// while it is less than half busy, but never more than 8 over the thread
+/// with the fewest: of twelve light connections, the first nine go to
+/// thread 0, the tenth to thread 1, then one each (the gauge says so).
+/// Their requests need nothing of the runtime that accepted them: with its
+/// one worker taken, an established connection's GET is still answered,
+/// upstream included. (Without serving threads, the tests above show the
+/// opposite: the agent's GET waits for that worker.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_fill_the_serving_threads_and_need_nothing_of_the_accepting_runtime() {
+    use std::sync::atomic::Ordering;
+    let env = demo_env().await;
+    let mut cfg = passthrough_config(&env, env.demo.sim.url(), Duration::from_secs(1));
+    cfg.connections.serving_threads = 2;
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let proxy = main
+        .spawn(breakwater::server::start(cfg))
+        .await
+        .expect("task")
+        .expect("proxy starts");
+    let ns = "/api/v1/namespaces/default";
+    let mut agents = Vec::new();
+    for _ in 0..12 {
+        let mut agent = h1_connection(&env, proxy.addr(), None).await;
+        assert_eq!(get_on(&mut agent, ns, Some(&env.demo.token)).await, 200);
+        agents.push(agent);
+    }
+    let metrics = scrape(proxy.admin_addr()).await;
+    for (thread, open) in [("0", 10.0), ("1", 2.0)] {
+        let label = format!("thread=\"{thread}\"");
+        assert_eq!(
+            counter_sum(&metrics, "breakwater_serving_thread_connections", &[&label]),
+            open,
+            "{metrics}"
+        );
+    }
+
+    let done = block_the_worker(&main).await;
+    for agent in &mut agents {
+        assert_eq!(get_on(agent, ns, Some(&env.demo.token)).await, 200);
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "a GET waited for the runtime that accepted its connection"
+        );
+    }
+    drop(agents);
+    stop_on(main, proxy).await;
+}
+
 /// An admin's kubectl dials anew for every command. On the privileged
 /// listener a new connection is accepted and handshaken on the privileged
 /// thread: it is answered while the serving runtime is taken, where a new
@@ -400,10 +454,12 @@ fn exempt_limits(env: &common::Env, subjects: &str) -> std::path::PathBuf {
 }
 
 /// Starts the proxy on a serving runtime of its own with one worker (apart
-/// from the test's and kube-sim's).
+/// from the test's and kube-sim's), which serves the connections of
+/// `--listen` itself (no serving threads): the worker these tests block.
 async fn start_on_one_worker(
-    cfg: breakwater::config::ProxyConfig,
+    mut cfg: breakwater::config::ProxyConfig,
 ) -> (tokio::runtime::Runtime, breakwater::server::ProxyHandle) {
+    cfg.connections.serving_threads = 0;
     let serving = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -13,6 +13,7 @@ fn limits(max: usize, per_source: usize, rate: Option<(u32, u32)>) -> Connection
         max_connections: NonZeroUsize::new(max).expect("non-zero"),
         max_connections_per_source: per_source,
         max_handshakes: NonZeroUsize::MIN,
+        serving_threads: 0,
         accept_rate_per_source: rate.map(|(per_second, burst)| AcceptRate {
             per_second: NonZeroU32::new(per_second).expect("non-zero"),
             burst: NonZeroU32::new(burst).expect("non-zero"),

@@ -37,8 +37,12 @@
 //! opens its connections there. Measured in docs/architecture.md, "The
 //! admin under a handshake storm".
 
+use std::cell::Cell;
 use std::future::Future;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
@@ -70,6 +74,21 @@ impl SideRuntime {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("bw-privileged")
+                .enable_all(),
+        )
+    }
+
+    /// A serving shard: one thread with its own I/O driver and timers
+    /// ([`Shards`]).
+    fn shard(index: usize, busy: Arc<Busy>) -> std::io::Result<SideRuntime> {
+        let unparked = busy.clone();
+        Self::build(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(format!("bw-serve-{index}"))
+                .on_thread_start(|| ON_SHARD.set(true))
+                .on_thread_park(move || busy.parked())
+                .on_thread_unpark(move || unparked.unparked())
                 .enable_all(),
         )
     }
@@ -108,5 +127,213 @@ impl Drop for SideRuntime {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+thread_local! {
+    static ON_SHARD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the current thread is a serving shard's ([`Shards`]).
+pub fn on_shard() -> bool {
+    ON_SHARD.get()
+}
+
+/// The serving shards' runtimes. Owned by the proxy's shutdown task alone
+/// and dropped once every task has ended; [`Shards`] only spawns there.
+#[derive(Debug, Default)]
+pub struct ShardRuntimes {
+    _runtimes: Vec<SideRuntime>,
+}
+
+/// The runtimes that serve client connections: one thread each, with its
+/// own I/O driver and timers, as many as the cores by default
+/// (`--serving-threads`).
+///
+/// A connection lives on one shard from accept to close: its TLS, its
+/// HTTP/2 streams' tasks, and the HTTP/1.1 upstream connections its unary
+/// requests open (`upstream::pool`, the unary lane) all wake that one
+/// thread. On one work-stealing runtime of two workers they bounced between
+/// the cores (the stream's task on one, its connection's on the other, the
+/// upstream socket's readiness on either), and the proxy's CPU per request
+/// was bimodal: about 22 µs, or 30–32 µs in about a third of the runs
+/// (HTTP/2, 64 streams on 4 connections; nginx 20–23 µs). On two shards it
+/// was 23.5–24.3 µs in every run, and over HTTP/1.1 at 64 connections
+/// below nginx's in every run (docs/benchmarks.md §1j). nginx's workers
+/// share nothing either.
+///
+/// The price is nginx's: a connection cannot move to an idle core, and one
+/// client that alone needs more than a core gets one core. A new connection
+/// goes to the first shard that is less than half busy ([`PACK_BELOW`])
+/// and holds at most [`SLACK`] more connections than the one with the
+/// fewest; when every shard is busier, to the one with the fewest. A few
+/// busy connections then share one thread until it is half busy, as they
+/// share an nginx worker: spread over two threads, each idled and woke
+/// twice as often (HTTP/2, 4 connections: 0.46 `epoll_wait` per request
+/// against 0.34, +10% CPU per request). And a fleet's connections spread
+/// evenly, never more than [`SLACK`] apart.
+#[derive(Clone, Debug, Default)]
+pub struct Shards {
+    shards: Arc<[Arc<Shard>]>,
+    next: Arc<AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct Shard {
+    handle: Handle,
+    /// Connections open there.
+    open: AtomicUsize,
+    /// The same, as `breakwater_serving_thread_connections{thread}`.
+    gauge: metrics::Gauge,
+    /// The time its thread runs.
+    busy: Arc<Busy>,
+    /// Its load over the last [`LOAD_WINDOW`] or so.
+    load: Mutex<Load>,
+}
+
+/// A shard is packed with new connections while it is less busy than this.
+pub const PACK_BELOW: f64 = 0.5;
+/// Most connections a shard holds over the one with the fewest.
+pub const SLACK: usize = 8;
+/// How often a shard's load is measured anew (when a connection comes).
+const LOAD_WINDOW: Duration = Duration::from_millis(100);
+const PARKED: u64 = u64::MAX;
+
+/// The time a shard's thread spends unparked (running tasks or polling
+/// its I/O driver), kept by the runtime's park and unpark hooks.
+#[derive(Debug)]
+struct Busy {
+    epoch: Instant,
+    /// Nanoseconds since `epoch` when it last unparked; [`PARKED`] while
+    /// parked.
+    since: AtomicU64,
+    /// Nanoseconds unparked over the intervals that ended.
+    total: AtomicU64,
+}
+
+impl Busy {
+    fn new() -> Busy {
+        Busy {
+            epoch: Instant::now(),
+            since: AtomicU64::new(PARKED),
+            total: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(PARKED - 1)
+    }
+
+    fn unparked(&self) {
+        self.since.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn parked(&self) {
+        let now = self.now();
+        let since = self.since.swap(PARKED, Ordering::Relaxed);
+        if since != PARKED {
+            self.total
+                .fetch_add(now.saturating_sub(since), Ordering::Relaxed);
+        }
+    }
+
+    /// (now, nanoseconds unparked so far, the current interval included).
+    fn so_far(&self) -> (u64, u64) {
+        let now = self.now();
+        let running = match self.since.load(Ordering::Relaxed) {
+            PARKED => 0,
+            since => now.saturating_sub(since),
+        };
+        (now, self.total.load(Ordering::Relaxed) + running)
+    }
+}
+
+/// The last measure of a shard's load.
+#[derive(Debug, Default)]
+struct Load {
+    at: u64,
+    busy: u64,
+    fraction: f64,
+}
+
+impl Shard {
+    /// The fraction of the time its thread ran, over the window that ended
+    /// at the last measure (at most [`LOAD_WINDOW`] old).
+    fn load(&self) -> f64 {
+        let mut last = self.load.lock().unwrap_or_else(PoisonError::into_inner);
+        let (now, busy) = self.busy.so_far();
+        let window = now.saturating_sub(last.at);
+        if u128::from(window) >= LOAD_WINDOW.as_nanos() {
+            last.fraction = busy.saturating_sub(last.busy) as f64 / window as f64;
+            last.at = now;
+            last.busy = busy;
+        }
+        last.fraction
+    }
+}
+
+/// A connection counted on its shard until dropped.
+#[derive(Debug)]
+pub struct ShardTicket(Arc<Shard>);
+
+impl Drop for ShardTicket {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.gauge.decrement(1.0);
+    }
+}
+
+impl Shards {
+    /// `count` shards; none (connections stay on the runtime that accepts
+    /// them) for 0.
+    pub fn new(count: usize) -> std::io::Result<(ShardRuntimes, Shards)> {
+        let mut runtimes = Vec::with_capacity(count);
+        let mut shards = Vec::with_capacity(count);
+        for index in 0..count {
+            let busy = Arc::new(Busy::new());
+            let rt = SideRuntime::shard(index, busy.clone())?;
+            let handle = rt.handle().expect("a runtime just built");
+            runtimes.push(rt);
+            shards.push(Arc::new(Shard {
+                handle,
+                open: AtomicUsize::new(0),
+                gauge: metrics::gauge!("breakwater_serving_thread_connections", "thread" => index.to_string()),
+                busy,
+                load: Mutex::default(),
+            }));
+        }
+        Ok((
+            ShardRuntimes {
+                _runtimes: runtimes,
+            },
+            Shards {
+                shards: shards.into(),
+                next: Arc::default(),
+            },
+        ))
+    }
+
+    /// The shard a new connection goes to (see [`Shards`]). `None`
+    /// without shards.
+    pub fn pick(&self) -> Option<(Handle, ShardTicket)> {
+        let n = self.shards.len();
+        let open = |s: &Shard| s.open.load(Ordering::Relaxed);
+        let fewest = self.shards.iter().map(|s| open(s)).min()?;
+        let packed = self
+            .shards
+            .iter()
+            .find(|s| open(s) <= fewest + SLACK && s.load() < PACK_BELOW);
+        let shard = match packed {
+            Some(shard) => shard,
+            None => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                (0..n)
+                    .map(|i| &self.shards[(start + i) % n])
+                    .min_by_key(|s| open(s))?
+            }
+        };
+        shard.open.fetch_add(1, Ordering::Relaxed);
+        shard.gauge.increment(1.0);
+        Some((shard.handle.clone(), ShardTicket(shard.clone())))
     }
 }

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::accept::peek::{self, FirstRequest, Protocol, Replay};
-use crate::accept::{Admitted, Gate, SlotIo};
+use crate::accept::{Gate, SlotIo};
 use crate::error::Chain;
 use crate::identity::Authenticator;
 use crate::proxy::Shared;
@@ -81,32 +81,96 @@ pub(super) async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (shared, stop) = (shared.clone(), conns.stop.clone());
-        match &door {
-            Door::Main(tls) | Door::Privileged(tls) => {
-                let io = SlotIo::new(tcp, slots.clone());
-                let privileged_door = matches!(door, Door::Privileged(_));
-                conns.spawn(serve_connection(
-                    io,
-                    peer,
-                    tls.acceptor(),
-                    (admitted, gate.clone(), privileged_door),
-                    shared,
-                    conns.clone(),
-                ));
-            }
-            Door::Plain => {
-                let io = TokioIo::new(tcp);
-                conns.spawn(async move {
-                    // Counted as open until the connection ends.
-                    let _admitted = admitted;
+        // A connection of the main or plain listener is served on a
+        // serving shard (accept::threads::Shards) from here on: its socket
+        // leaves this runtime's I/O driver now and joins the shard's.
+        let (home, ticket) = match door {
+            Door::Privileged(_) => (None, None),
+            _ => conns.shards.pick().unzip(),
+        };
+        let sock = match home {
+            None => Sock::Here(tcp),
+            Some(_) => match tcp.into_std() {
+                Ok(std) => Sock::Moving(std),
+                Err(err) => {
+                    tracing::debug!(%peer, error = %Chain(&err), "connection dropped: its socket could not move to a serving thread");
+                    continue;
+                }
+            },
+        };
+        let (shared, conns2) = (shared.clone(), conns.clone());
+        let serve = match &door {
+            Door::Main(tls) | Door::Privileged(tls) => Serve::Tls {
+                slots: slots.clone(),
+                acceptor: tls.acceptor(),
+                gate: gate.clone(),
+                privileged_door: matches!(door, Door::Privileged(_)),
+            },
+            Door::Plain => Serve::Plain,
+        };
+        let task = async move {
+            // Counted on its shard and against the caps until it ends.
+            let (_ticket, _admitted) = (ticket, admitted);
+            let tcp = match sock.settle() {
+                Ok(tcp) => tcp,
+                Err(err) => {
+                    tracing::debug!(%peer, error = %Chain(&err), "connection dropped: no serving thread took its socket");
+                    return;
+                }
+            };
+            match serve {
+                Serve::Tls {
+                    slots,
+                    acceptor,
+                    gate,
+                    privileged_door,
+                } => {
+                    let io = SlotIo::new(tcp, slots);
+                    serve_connection(io, peer, acceptor, (gate, privileged_door), shared, conns2)
+                        .await;
+                }
+                Serve::Plain => {
                     let memo = Arc::default();
-                    serve_http(io, peer, None, None, memo, shared, stop).await;
-                });
+                    let stop = conns2.stop.clone();
+                    serve_http(TokioIo::new(tcp), peer, None, None, memo, shared, stop).await;
+                }
             }
+        };
+        match &home {
+            Some(home) => conns.spawn_on(task, home),
+            None => conns.spawn(task),
         }
     }
     drop(listener);
+}
+
+/// A new connection's socket: still on the accepting runtime's I/O driver,
+/// or on its way to a serving shard's.
+enum Sock {
+    Here(TcpStream),
+    Moving(std::net::TcpStream),
+}
+
+impl Sock {
+    /// The socket, registered with the I/O driver of the runtime this is
+    /// called on if it was moving.
+    fn settle(self) -> std::io::Result<TcpStream> {
+        match self {
+            Sock::Here(tcp) => Ok(tcp),
+            Sock::Moving(std) => TcpStream::from_std(std),
+        }
+    }
+}
+
+/// How a door serves its connections.
+enum Serve {
+    Tls {
+        slots: Arc<tokio::sync::Semaphore>,
+        acceptor: tokio_rustls::TlsAcceptor,
+        gate: Arc<Gate>,
+        privileged_door: bool,
+    },
+    Plain,
 }
 
 /// The TLS handshake and the HTTP connection, which finishes gracefully
@@ -118,11 +182,10 @@ async fn serve_connection(
     io: SlotIo,
     peer: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
-    (admitted, gate, privileged_door): (Admitted, Arc<Gate>, bool),
+    (gate, privileged_door): (Arc<Gate>, bool),
     shared: Arc<Shared>,
     conns: Connections,
 ) {
-    let _admitted = admitted;
     // The handshake (and, when a token could be privileged, the first
     // request's header block) is a task of its own on the handshake
     // threads, so its state is freed when it is done instead of sizing this
@@ -164,15 +227,18 @@ async fn serve_connection(
     // served on the privileged thread: its requests never queue behind the
     // storm's. Any other caller's on the serving runtime, even when it came
     // in through the privileged door.
-    let home = match (privileged, on_privileged_thread) {
+    let (home, ticket) = match (privileged, on_privileged_thread) {
         // Already where it belongs.
-        (true, true) | (false, false) => None,
+        (true, true) | (false, false) => (None, None),
         // `privileged` implies a privileged runtime.
-        (true, false) => shared.privileged.clone(),
+        (true, false) => (shared.privileged.clone(), None),
         (false, true) => {
             metrics::counter!("breakwater_privileged_listener_unprivileged_total").increment(1);
             tracing::debug!(%peer, "an unprivileged caller on the privileged listener; served on the serving runtime");
-            Some(conns.serving.clone())
+            match conns.shards.pick() {
+                Some((shard, ticket)) => (Some(shard), Some(ticket)),
+                None => (Some(conns.serving.clone()), None),
+            }
         }
     };
     let Some(home) = home else {
@@ -182,6 +248,7 @@ async fn serve_connection(
     // The socket moves to that runtime's I/O driver. This task stays,
     // holding the connection's place in the caps and the tracker.
     let served = home.spawn(async move {
+        let _ticket = ticket;
         if let Err(err) = io.get_mut().get_mut().0.rehome() {
             tracing::debug!(%peer, error = %Chain(&err), "connection stays on its first runtime's I/O driver");
         }

@@ -131,3 +131,23 @@ pub struct LaneStats {
     pub connections: usize,
     pub streams: usize,
 }
+
+/// Pre-registered metric handles of one lane.
+pub(super) struct LaneMetrics {
+    pub connections: metrics::Gauge,
+    pub streams: metrics::Gauge,
+    pub waiting: metrics::Gauge,
+    pub saturated: metrics::Counter,
+}
+
+impl LaneMetrics {
+    pub fn new(lane: Lane) -> LaneMetrics {
+        let l = lane.as_str();
+        LaneMetrics {
+            connections: metrics::gauge!("breakwater_upstream_connections", "lane" => l),
+            streams: metrics::gauge!("breakwater_upstream_streams_in_use", "lane" => l),
+            waiting: metrics::gauge!("breakwater_upstream_stream_waiters", "lane" => l),
+            saturated: metrics::counter!("breakwater_upstream_saturated_total", "lane" => l),
+        }
+    }
+}

@@ -429,7 +429,9 @@ impl Upstream {
                 UnaryProtocol::Http2 => &h2_first,
             };
             Ok(Forward {
-                unary: pool(Lane::Unary, unary_connector, cfg.lanes.unary, &serving),
+                // A unary request's connection on its serving shard.
+                unary: pool(Lane::Unary, unary_connector, cfg.lanes.unary, &serving)
+                    .shard_local(true),
                 long_running: pool(
                     Lane::LongRunning,
                     &h2_first,

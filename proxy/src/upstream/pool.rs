@@ -47,7 +47,7 @@ use hyper_util::rt::TokioTimer;
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
-use super::lanes::{Lane, LaneLimits, LaneStats};
+use super::lanes::{Lane, LaneLimits, LaneMetrics, LaneStats};
 use super::redrive::Redrive;
 use super::{Body, BoxError};
 use crate::error::Chain;
@@ -126,6 +126,9 @@ struct Inner {
     /// The runtime the lane's connections live on (connect, I/O driver,
     /// h2 driver task); `None`: the caller's.
     home: Option<tokio::runtime::Handle>,
+    /// A connection opened for a request on a serving shard lives on that
+    /// shard instead ([`Pool::shard_local`]).
+    shard_local: bool,
     state: Mutex<State>,
     /// Signalled when a stream frees, a connection lands or a connect fails.
     changed: Notify,
@@ -156,6 +159,9 @@ struct Conn {
     idle_since: Option<Instant>,
     /// The thread that last took it ([`thread_tag`]).
     last_thread: u64,
+    /// The thread that opened it: on a serving shard, the one whose I/O
+    /// driver its socket is registered with.
+    home_thread: u64,
 }
 
 enum Tx {
@@ -237,26 +243,6 @@ impl Conn {
     }
 }
 
-/// Pre-registered metric handles of one lane.
-struct LaneMetrics {
-    connections: metrics::Gauge,
-    streams: metrics::Gauge,
-    waiting: metrics::Gauge,
-    saturated: metrics::Counter,
-}
-
-impl LaneMetrics {
-    fn new(lane: Lane) -> LaneMetrics {
-        let l = lane.as_str();
-        LaneMetrics {
-            connections: metrics::gauge!("breakwater_upstream_connections", "lane" => l),
-            streams: metrics::gauge!("breakwater_upstream_streams_in_use", "lane" => l),
-            waiting: metrics::gauge!("breakwater_upstream_stream_waiters", "lane" => l),
-            saturated: metrics::counter!("breakwater_upstream_saturated_total", "lane" => l),
-        }
-    }
-}
-
 /// A stream (or an HTTP/1.1 connection) held by one request until its
 /// response ends.
 struct Slot {
@@ -302,6 +288,7 @@ impl Pool {
                 h2,
                 tasks,
                 home: None,
+                shard_local: false,
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
                 metrics: LaneMetrics::new(lane),
@@ -316,6 +303,18 @@ impl Pool {
         Arc::get_mut(&mut self.inner)
             .expect("a pool is homed before it is shared")
             .home = home;
+        self
+    }
+
+    /// A connection opened for a request on a serving shard
+    /// ([`crate::accept::threads::Shards`]) lives on that shard: its socket
+    /// registers with the shard's I/O driver, and its readiness wakes the
+    /// request's own thread (`take` prefers it for that thread's requests).
+    /// Only before the pool is shared.
+    pub fn shard_local(mut self, on: bool) -> Pool {
+        Arc::get_mut(&mut self.inner)
+            .expect("a pool is set up before it is shared")
+            .shard_local = on;
         self
     }
 
@@ -420,15 +419,10 @@ impl Inner {
                 if let Some(taken) = self.take(&mut st) {
                     return Ok(taken);
                 }
-                let cap = if st.h1 {
-                    self.limits.max_connections * H1_CONNECTIONS_PER_H2
-                } else {
-                    self.limits.max_connections
-                };
                 // Over HTTP/2 one new connection serves hundreds of waiters:
                 // open them one at a time. Over HTTP/1.1 each request needs one.
                 let may_connect =
-                    st.conns.len() + st.connecting < cap.max(1) && (st.connecting == 0 || st.h1);
+                    st.conns.len() + st.connecting < self.cap(&st) && (st.connecting == 0 || st.h1);
                 if may_connect {
                     st.connecting += 1;
                 }
@@ -467,6 +461,16 @@ impl Inner {
         }
     }
 
+    /// The most connections the lane may hold.
+    fn cap(&self, st: &State) -> usize {
+        let cap = if st.h1 {
+            self.limits.max_connections * H1_CONNECTIONS_PER_H2
+        } else {
+            self.limits.max_connections
+        };
+        cap.max(1)
+    }
+
     /// The refusal at the cap; `st` is the locked state (the caller holds
     /// the lock: it must not be taken again here).
     fn saturated(&self, st: &State) -> PoolError {
@@ -484,10 +488,29 @@ impl Inner {
     /// its request drives it here, and its TLS state and buffers are still
     /// in this core's cache (−2 to −4% of the proxy's CPU per request with
     /// wrk and our clients at 32 connections, docs/benchmarks.md §1i).
+    ///
+    /// On a serving shard, a shard-local lane ([`Pool::shard_local`])
+    /// takes only a connection opened there, and opens one rather than take
+    /// another shard's: that one's readiness would wake the other shard's
+    /// thread, which would then wake this one, for every response. Another
+    /// shard's connection is taken only when the lane cannot open more.
     fn take(self: &Arc<Self>, st: &mut State) -> Option<(Slot, Sender)> {
         // `is_open` last: it reads the connection's shared state, the
         // other two only the pool's own fields.
         let free = |c: &Conn| c.in_use < c.capacity();
+        if self.shard_local && crate::accept::threads::on_shard() {
+            let me = thread_tag();
+            if let Some(i) = st
+                .conns
+                .iter()
+                .position(|c| free(c) && c.home_thread == me && c.is_open())
+            {
+                return Some(self.take_at(st, i));
+            }
+            if st.conns.len() + st.connecting < self.cap(st) {
+                return None;
+            }
+        }
         let mine = if st.h1 {
             let me = thread_tag();
             st.conns
@@ -547,8 +570,10 @@ impl Inner {
         // On the lane's home, the socket registers with its I/O driver and
         // the driver task (spawned by `open`) runs there.
         let task = match &self.home {
-            Some(home) => self.tasks.spawn_on(connect, home),
-            None => self.tasks.spawn(connect),
+            Some(home) if !(self.shard_local && crate::accept::threads::on_shard()) => {
+                self.tasks.spawn_on(connect, home)
+            }
+            _ => self.tasks.spawn(connect),
         };
         match task.await {
             Ok(result) => result,
@@ -670,6 +695,7 @@ impl Inner {
             max,
             idle_since: None,
             last_thread: 0,
+            home_thread: thread_tag(),
         })
     }
 
