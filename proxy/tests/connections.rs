@@ -312,16 +312,7 @@ async fn connections_fill_the_serving_threads_and_need_nothing_of_the_accepting_
     let env = demo_env().await;
     let mut cfg = passthrough_config(&env, env.demo.sim.url(), Duration::from_secs(1));
     cfg.connections.serving_threads = 2;
-    let main = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let proxy = main
-        .spawn(breakwater::server::start(cfg))
-        .await
-        .expect("task")
-        .expect("proxy starts");
+    let (main, proxy) = start_on_one_worker(cfg).await;
     let ns = "/api/v1/namespaces/default";
     let mut agents = Vec::new();
     for _ in 0..12 {
@@ -395,8 +386,9 @@ async fn a_new_connection_on_the_privileged_listener_skips_the_busy_runtime() {
     stop_on(serving, proxy).await;
 }
 
-/// A proxy on a serving runtime of its own with one worker (apart from the
-/// test's and kube-sim's), in front-proxy mode with client certificates,
+/// A proxy on a serving runtime of its own with one worker that serves its
+/// connections too (no serving threads; apart from the test's and
+/// kube-sim's), in front-proxy mode with client certificates,
 /// and an exempt rule for the group system:masters (the demo's admin
 /// certificate); with a privileged listener when `privileged_listen`.
 async fn cert_admins_proxy(
@@ -420,11 +412,13 @@ async fn cert_admins_proxy(
         file: Some(limits),
         ..LimitsConfig::default()
     };
+    cfg.connections.serving_threads = 0;
     start_on_one_worker(cfg).await
 }
 
-/// A proxy on a serving runtime of its own with one worker (apart from the
-/// test's and kube-sim's), verifying the demo's ServiceAccount tokens
+/// A proxy on a serving runtime of its own with one worker that serves its
+/// connections too (no serving threads; apart from the test's and
+/// kube-sim's), verifying the demo's ServiceAccount tokens
 /// locally, with an exempt rule for ServiceAccount
 /// kube-system/breakwater-demo-admin (the demo's token).
 async fn proxy_on_one_worker(
@@ -439,6 +433,7 @@ async fn proxy_on_one_worker(
         file: Some(limits),
         ..Default::default()
     };
+    cfg.connections.serving_threads = 0;
     start_on_one_worker(cfg).await
 }
 
@@ -453,13 +448,13 @@ fn exempt_limits(env: &common::Env, subjects: &str) -> std::path::PathBuf {
     path
 }
 
-/// Starts the proxy on a serving runtime of its own with one worker (apart
-/// from the test's and kube-sim's), which serves the connections of
-/// `--listen` itself (no serving threads): the worker these tests block.
+/// Starts the proxy on a runtime of its own with one worker (apart from the
+/// test's and kube-sim's): the worker these tests block. Without serving
+/// threads (`cfg.connections.serving_threads` 0) it serves the connections
+/// of `--listen` too.
 async fn start_on_one_worker(
-    mut cfg: breakwater::config::ProxyConfig,
+    cfg: breakwater::config::ProxyConfig,
 ) -> (tokio::runtime::Runtime, breakwater::server::ProxyHandle) {
-    cfg.connections.serving_threads = 0;
     let serving = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
