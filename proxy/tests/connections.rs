@@ -298,14 +298,13 @@ async fn an_exempt_identity_is_answered_while_the_serving_runtime_is_busy() {
 }
 
 /// With serving threads (the default: one per core), a connection lives on
-/// one of them from accept to close. New connections fill the first thread
-/// while it is less than half busy, but never more than 8 over the thread
-/// with the fewest: of twelve light connections, the first nine go to
-/// thread 0, the tenth to thread 1, then one each (the gauge says so).
-/// Their requests need nothing of the runtime that accepted them: with its
-/// one worker taken, an established connection's GET is still answered,
-/// upstream included. (Without serving threads, the tests above show the
-/// opposite: the agent's GET waits for that worker.)
+/// one of them from accept to close, and the threads' connections are never
+/// more than 9 apart (the gauge says so; which thread takes which is
+/// `accept::threads`' unit tests'). Their requests need nothing of the
+/// runtime that accepted them: with its one worker taken, an established
+/// connection's GET is still answered, upstream included. (Without serving
+/// threads, the tests above show the opposite: the agent's GET waits for
+/// that worker.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_fill_the_serving_threads_and_need_nothing_of_the_accepting_runtime() {
     use std::sync::atomic::Ordering;
@@ -321,14 +320,13 @@ async fn connections_fill_the_serving_threads_and_need_nothing_of_the_accepting_
         agents.push(agent);
     }
     let metrics = scrape(proxy.admin_addr()).await;
-    for (thread, open) in [("0", 10.0), ("1", 2.0)] {
+    let open = |thread: &str| {
         let label = format!("thread=\"{thread}\"");
-        assert_eq!(
-            counter_sum(&metrics, "breakwater_serving_thread_connections", &[&label]),
-            open,
-            "{metrics}"
-        );
-    }
+        counter_sum(&metrics, "breakwater_serving_thread_connections", &[&label])
+    };
+    let (first, second) = (open("0"), open("1"));
+    assert_eq!(first + second, 12.0, "{metrics}");
+    assert!((first - second).abs() <= 9.0, "{metrics}");
 
     let done = block_the_worker(&main).await;
     for agent in &mut agents {

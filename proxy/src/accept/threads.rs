@@ -212,10 +212,12 @@ struct Busy {
 }
 
 impl Busy {
+    /// Running from now: a thread runs from its start until it first
+    /// parks, and work spawned before that runs without an unpark.
     fn new() -> Busy {
         Busy {
             epoch: Instant::now(),
-            since: AtomicU64::new(PARKED),
+            since: AtomicU64::new(0),
             total: AtomicU64::new(0),
         }
     }
@@ -335,5 +337,65 @@ impl Shards {
         shard.open.fetch_add(1, Ordering::Relaxed);
         shard.gauge.increment(1.0);
         Some((shard.handle.clone(), ShardTicket(shard.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which of `shards` each ticket counts on.
+    fn placed(shards: &Shards, tickets: &[ShardTicket]) -> Vec<usize> {
+        let mut open = vec![0; shards.shards.len()];
+        for t in tickets {
+            let i = shards
+                .shards
+                .iter()
+                .position(|s| Arc::ptr_eq(s, &t.0))
+                .expect("a shard of these");
+            open[i] += 1;
+        }
+        open
+    }
+
+    #[test]
+    fn idle_shards_fill_in_order_up_to_the_slack_over_the_fewest() {
+        let (_runtimes, shards) = Shards::new(2).expect("shards");
+        let mut tickets = Vec::new();
+        for _ in 0..12 {
+            tickets.push(shards.pick().expect("a shard").1);
+        }
+        // The first 9 (0 to 8 over the fewest), then one each.
+        assert_eq!(placed(&shards, &tickets), vec![10, 2]);
+        // A closed connection is forgotten: back to 9 over 2, within the
+        // slack, so the next goes to the first again.
+        tickets.swap_remove(0);
+        tickets.push(shards.pick().expect("a shard").1);
+        assert_eq!(placed(&shards, &tickets), vec![10, 2]);
+        drop(tickets);
+        assert!(
+            shards
+                .shards
+                .iter()
+                .all(|s| s.open.load(Ordering::Relaxed) == 0)
+        );
+    }
+
+    #[test]
+    fn a_busy_shard_is_passed_over_until_every_shard_is_busy() {
+        let (_runtimes, shards) = Shards::new(2).expect("shards");
+        // Take the first shard's thread for 600 ms (as a connection's
+        // work would), and let a measure window pass within it.
+        let (taken_tx, taken) = std::sync::mpsc::channel();
+        let first = shards.shards[0].handle.clone();
+        first.spawn(async move {
+            let _ = taken_tx.send(());
+            std::thread::sleep(Duration::from_millis(600));
+        });
+        taken.recv().expect("the first shard runs");
+        let _ = shards.shards[0].load();
+        std::thread::sleep(LOAD_WINDOW + Duration::from_millis(50));
+        let (_, ticket) = shards.pick().expect("a shard");
+        assert_eq!(placed(&shards, &[ticket]), vec![0, 1]);
     }
 }
