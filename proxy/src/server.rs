@@ -88,9 +88,16 @@ pub struct ProxyHandle {
     hub: crate::watch::Hub,
     upstream: Upstream,
     open: Arc<crate::brake::OpenStreams>,
+    shards: Shards,
 }
 
 impl ProxyHandle {
+    /// The client connections open on each serving thread (empty without
+    /// them), as `breakwater_serving_thread_connections` counts them.
+    pub fn serving_thread_connections(&self) -> Vec<usize> {
+        self.shards.open()
+    }
+
     /// How many long-running requests are open (watches, streams,
     /// upgrades), as registered for terminating blocks.
     pub fn open_streams(&self) -> usize {
@@ -218,6 +225,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
             (ShardRuntimes::default(), Shards::default())
         }
     };
+    let handle_shards = shards.clone();
     let upstream = Upstream::new(&cfg.upstream, tasks.clone(), privileged_handle.clone())?;
     let handle_upstream = upstream.clone();
     let reviewer: Arc<dyn TokenReviewer> = Arc::new(upstream.clone());
@@ -460,6 +468,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
         hub,
         upstream: handle_upstream,
         open: open_streams,
+        shards: handle_shards,
     })
 }
 

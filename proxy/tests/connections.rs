@@ -299,8 +299,8 @@ async fn an_exempt_identity_is_answered_while_the_serving_runtime_is_busy() {
 
 /// With serving threads (the default: one per core), a connection lives on
 /// one of them from accept to close, and the threads' connections are never
-/// more than 9 apart (the gauge says so; which thread takes which is
-/// `accept::threads`' unit tests'). Their requests need nothing of the
+/// more than 9 apart (which thread takes which is `accept::threads`' unit
+/// tests'). Their requests need nothing of the
 /// runtime that accepted them: with its one worker taken, an established
 /// connection's GET is still answered, upstream included. (Without serving
 /// threads, the tests above show the opposite: the agent's GET waits for
@@ -319,14 +319,10 @@ async fn connections_fill_the_serving_threads_and_need_nothing_of_the_accepting_
         assert_eq!(get_on(&mut agent, ns, Some(&env.demo.token)).await, 200);
         agents.push(agent);
     }
-    let metrics = scrape(proxy.admin_addr()).await;
-    let open = |thread: &str| {
-        let label = format!("thread=\"{thread}\"");
-        counter_sum(&metrics, "breakwater_serving_thread_connections", &[&label])
-    };
-    let (first, second) = (open("0"), open("1"));
-    assert_eq!(first + second, 12.0, "{metrics}");
-    assert!((first - second).abs() <= 9.0, "{metrics}");
+    let open = proxy.serving_thread_connections();
+    assert_eq!(open.len(), 2);
+    assert_eq!(open.iter().sum::<usize>(), 12, "{open:?}");
+    assert!(open[0].abs_diff(open[1]) <= 9, "{open:?}");
 
     let done = block_the_worker(&main).await;
     for agent in &mut agents {
@@ -338,6 +334,37 @@ async fn connections_fill_the_serving_threads_and_need_nothing_of_the_accepting_
     }
     drop(agents);
     stop_on(main, proxy).await;
+}
+
+/// A caller that is not privileged may connect to the privileged listener:
+/// with serving threads, its connection leaves the privileged thread for one
+/// of them (counted there while it is open) and is served as on `--listen`.
+/// (Counted per proxy: the metrics registry is the test process's, shared
+/// with the tests that run beside this one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_caller_on_the_privileged_listener_is_served_on_a_serving_thread() {
+    let env = demo_env().await;
+    let mut cfg = passthrough_config(&env, env.demo.sim.url(), Duration::from_secs(1));
+    cfg.privileged_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.limits = breakwater::config::LimitsConfig {
+        file: Some(exempt_limits(&env, "groups: [\"system:masters\"]")),
+        ..Default::default()
+    };
+    cfg.connections.serving_threads = 2;
+    let proxy = breakwater::server::start(cfg).await.expect("start");
+    let privileged = proxy.privileged_addr().expect("a privileged listener");
+    assert_eq!(proxy.serving_thread_connections().iter().sum::<usize>(), 0);
+    let mut agent = h1_connection(&env, privileged, None).await;
+    let ns = "/api/v1/namespaces/default";
+    assert_eq!(get_on(&mut agent, ns, Some(&env.demo.token)).await, 200);
+    assert_eq!(
+        proxy.serving_thread_connections().iter().sum::<usize>(),
+        1,
+        "served on the privileged thread"
+    );
+    assert_eq!(get_on(&mut agent, ns, Some(&env.demo.token)).await, 200);
+    drop(agent);
+    proxy.shutdown().await;
 }
 
 /// An admin's kubectl dials anew for every command. On the privileged

@@ -315,6 +315,14 @@ impl Shards {
         ))
     }
 
+    /// The connections open on each shard.
+    pub fn open(&self) -> Vec<usize> {
+        self.shards
+            .iter()
+            .map(|s| s.open.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// The shard a new connection goes to (see [`Shards`]). `None`
     /// without shards.
     pub fn pick(&self) -> Option<(Handle, ShardTicket)> {
