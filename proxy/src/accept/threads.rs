@@ -157,9 +157,8 @@ pub struct ShardRuntimes {
 /// the cores (the stream's task on one, its connection's on the other, the
 /// upstream socket's readiness on either), and the proxy's CPU per request
 /// was bimodal: about 22 µs, or 30–32 µs in about a third of the runs
-/// (HTTP/2, 64 streams on 4 connections; nginx 20–23 µs). On two shards it
-/// was 23.5–24.3 µs in every run, and over HTTP/1.1 at 64 connections
-/// below nginx's in every run (docs/benchmarks.md §1j). nginx's workers
+/// (HTTP/2, 64 streams on 4 connections; nginx 20–23 µs). On shards it
+/// was 19.6–22.1 µs in 9 runs (docs/benchmarks.md §1j). nginx's workers
 /// share nothing either.
 ///
 /// The price is nginx's: a connection cannot move to an idle core, and one

@@ -174,8 +174,8 @@ enum Serve {
 }
 
 /// The TLS handshake and the HTTP connection, which finishes gracefully
-/// once the connections' `stop` is cancelled. `admitted` keeps the
-/// connection counted against the caps until it ends; the gate runs the
+/// once the connections' `stop` is cancelled (its task in the accept loop
+/// holds its place in the caps and on its shard); the gate runs the
 /// handshake on its threads (see [`crate::accept::threads`]), or, for the
 /// privileged door, it runs here on the privileged thread.
 async fn serve_connection(

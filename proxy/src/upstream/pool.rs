@@ -309,8 +309,8 @@ impl Pool {
     /// A connection opened for a request on a serving shard
     /// ([`crate::accept::threads::Shards`]) lives on that shard: its socket
     /// registers with the shard's I/O driver, and its readiness wakes the
-    /// request's own thread (`take` prefers it for that thread's requests).
-    /// Only before the pool is shared.
+    /// request's own thread (`take` gives that shard's requests only that
+    /// shard's connections, below the cap). Only before the pool is shared.
     pub fn shard_local(mut self, on: bool) -> Pool {
         Arc::get_mut(&mut self.inner)
             .expect("a pool is set up before it is shared")
@@ -461,6 +461,12 @@ impl Inner {
         }
     }
 
+    /// Whether this thread's connections are its own: a shard-local lane,
+    /// on a serving shard.
+    fn local_here(&self) -> bool {
+        self.shard_local && crate::accept::threads::on_shard()
+    }
+
     /// The most connections the lane may hold.
     fn cap(&self, st: &State) -> usize {
         let cap = if st.h1 {
@@ -498,7 +504,7 @@ impl Inner {
         // `is_open` last: it reads the connection's shared state, the
         // other two only the pool's own fields.
         let free = |c: &Conn| c.in_use < c.capacity();
-        if self.shard_local && crate::accept::threads::on_shard() {
+        if self.local_here() {
             let me = thread_tag();
             if let Some(i) = st
                 .conns
@@ -570,9 +576,7 @@ impl Inner {
         // On the lane's home, the socket registers with its I/O driver and
         // the driver task (spawned by `open`) runs there.
         let task = match &self.home {
-            Some(home) if !(self.shard_local && crate::accept::threads::on_shard()) => {
-                self.tasks.spawn_on(connect, home)
-            }
+            Some(home) if !self.local_here() => self.tasks.spawn_on(connect, home),
             _ => self.tasks.spawn(connect),
         };
         match task.await {
