@@ -71,6 +71,11 @@ const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
 /// the max frame size can't be less than 16kb, so not even close).
 const CHAIN_THRESHOLD: usize = 256;
 
+/// DATA payloads up to this size are copied into the write buffer while
+/// it has room (Breakwater's patch), so that the frames of many streams
+/// are written together.
+const COPY_LIMIT: usize = 8 * 1_024;
+
 /// Chain payloads bigger than this when vectored I/O is **not** enabled.
 /// A larger value in this scenario will reduce the number of small and
 /// fragmented data being sent, and hereby improve the throughput.
@@ -237,7 +242,7 @@ where
                     return Err(PayloadTooBig);
                 }
 
-                if len >= self.chain_threshold {
+                if len >= self.chain_threshold && !self.fits_copied(len) {
                     let head = v.head();
 
                     // Encode the frame head to the buffer
@@ -304,6 +309,16 @@ where
         }
 
         Ok(())
+    }
+
+    /// Whether a DATA payload of `len` bytes is copied into the buffer
+    /// rather than chained: when it is at most [`COPY_LIMIT`] and the
+    /// buffer keeps room for another frame after it. Frames of many
+    /// streams then leave in one write.
+    fn fits_copied(&self, len: usize) -> bool {
+        let buf = self.buf.get_ref();
+        len <= COPY_LIMIT
+            && buf.capacity() - buf.len() >= len + frame::HEADER_LEN + self.min_buffer_capacity
     }
 
     fn has_capacity(&self) -> bool {
