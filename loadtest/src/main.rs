@@ -142,7 +142,8 @@ struct SimArgs {
     /// The `authentication.k8s.io` version serving SelfSubjectReview
     /// (`kubectl auth whoami`): v1 (Kubernetes 1.28+), v1beta1 (1.27),
     /// v1alpha1 (1.26 with its feature gate) or none (1.25 and before, e.g.
-    /// v1.24: a proxy without credentials of its own cannot ask "who am I").
+    /// v1.24: a proxy without credentials of its own cannot ask "who am I",
+    /// and reads `/openid/v1/jwks` with a ServiceAccount token instead).
     #[arg(long, value_enum, default_value = "v1")]
     self_subject_review: breakwater_loadtest::sim::SelfSubjectReviewVersion,
     /// Talk like the apiserver's Go net/http server: its HTTP/2 windows and

@@ -837,10 +837,13 @@ async fn block(admin: std::net::SocketAddr, user: &str) {
 /// passthrough proxy with no credentials of its own and no local keys
 /// asks "who am I" as kubectl does: v1, then the older versions, and
 /// keeps asking at the one that answered, so the caller is identified
-/// (a block on its name applies). With none served, a token is a 503
-/// Status (the token may well be good), not a 401 or an anonymous pass,
-/// and for a minute no further review is tried, so a token flood does
-/// not turn into three 404s per token upstream.
+/// (a block on its name applies). With none served, a ServiceAccount token
+/// is checked against the apiserver's published keys (`/openid/v1/jwks`,
+/// read with the token, and the issuer's document once): identified, a
+/// block on its name applies, and for a minute no SelfSubjectReview is
+/// tried again, so a token flood does not turn into three 404s per token.
+/// A token the apiserver refuses there is a 401; one that is no
+/// ServiceAccount token is a 503 Status (it may well be good).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_without_credentials_asks_who_am_i_at_the_version_the_apiserver_serves() {
     use breakwater_loadtest::sim::{KubeSim, SelfSubjectReviewVersion as Ssr, SimPki};
@@ -870,18 +873,35 @@ async fn passthrough_without_credentials_asks_who_am_i_at_the_version_the_apiser
         let second = sim.issue_token("demo", "second", Duration::from_secs(600));
         let (code, status) = status_of(&client, &url, &first).await;
         if served == Ssr::Absent {
+            assert_eq!(code, 200, "{status}");
+            // v1, v1beta1, v1alpha1 (404 each), the key set, the issuer's
+            // document, then the GET.
+            assert_eq!(authenticated(&sim, "system:serviceaccount:demo:first"), 6);
+            // Another token, at once: no SelfSubjectReview; the key set,
+            // unchanged (so no issuer document), then the GET.
+            let (code, _) = status_of(&client, &url, &second).await;
+            assert_eq!(code, 200);
+            assert_eq!(authenticated(&sim, "system:serviceaccount:demo:second"), 2);
+            block(proxy.admin_addr(), "system:serviceaccount:demo:second").await;
+            let (code, status) = status_of(&client, &url, &second).await;
+            assert_eq!(code, 429, "{status}");
+            let (code, _) = status_of(&client, &url, &first).await;
+            assert_eq!(code, 200, "only the blocked name");
+            // Its signature spoiled: the apiserver refuses it, so do we.
+            let third = sim.issue_token("demo", "third", Duration::from_secs(600));
+            let (head, signature) = third.rsplit_once('.').expect("a JWT");
+            let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
+            let forged = format!("{head}.{flipped}{}", &signature[1..]);
+            let (code, status) = status_of(&client, &url, &forged).await;
+            assert_eq!(code, 401, "{status}");
+            // Not a ServiceAccount token: nothing can say who it is.
+            let (code, status) = status_of(&client, &url, "an-opaque-token").await;
             assert_eq!(code, 503, "{status}");
             assert_eq!(status["kind"], "Status", "{status}");
             assert_eq!(
                 status["message"], "the server is currently unable to authenticate the request",
                 "{status}"
             );
-            // Asked at v1, v1beta1 and v1alpha1; nothing was forwarded.
-            assert_eq!(authenticated(&sim, "system:serviceaccount:demo:first"), 3);
-            // Another token, at once: refused without asking again.
-            let (code, _) = status_of(&client, &url, &second).await;
-            assert_eq!(code, 503);
-            assert_eq!(authenticated(&sim, "system:serviceaccount:demo:second"), 0);
         } else {
             assert_eq!(code, 200, "{served:?}: {status}");
             // v1 (404), v1beta1 (201, or 404 before v1alpha1), then the GET.

@@ -85,6 +85,8 @@ pub enum AuthError {
     Token(#[source] jsonwebtoken::errors::Error),
     #[error("token subject {0:?} is not a service account")]
     Subject(String),
+    #[error("service account public key as a JWK: {0}")]
+    Jwks(String),
 }
 
 /// ServiceAccount token claims, in the apiserver's shape.
@@ -140,6 +142,8 @@ const EXTRA_NODE_UID: &str = "authentication.kubernetes.io/node-uid";
 pub struct Authenticator {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// The public key as a JWK Set (`/openid/v1/jwks`).
+    jwks: Value,
     issuer: String,
     api_audiences: Vec<String>,
     /// Successful request authentications, like the apiserver's token cache
@@ -163,6 +167,33 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
+/// A P-256 public key (SPKI PEM) as the apiserver publishes its keys: a
+/// JWK Set of one signing key, `kid` the one tokens carry.
+fn p256_jwks(public_pem: &str) -> Result<Value, AuthError> {
+    use base64::Engine;
+    use rustls_pki_types::pem::PemObject;
+    let spki = rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(public_pem.as_bytes())
+        .map_err(|e| AuthError::Jwks(e.to_string()))?;
+    // A P-256 SPKI ends with the uncompressed point: 0x04, X, Y.
+    let der: &[u8] = spki.as_ref();
+    let point = der
+        .len()
+        .checked_sub(65)
+        .map(|at| &der[at..])
+        .filter(|p| p[0] == 4)
+        .ok_or_else(|| AuthError::Jwks("not an uncompressed P-256 public key".into()))?;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    Ok(json!({"keys": [{
+        "use": "sig",
+        "kty": "EC",
+        "kid": KEY_ID,
+        "crv": "P-256",
+        "alg": "ES256",
+        "x": b64(&point[1..33]),
+        "y": b64(&point[33..]),
+    }]}))
+}
+
 /// A signed token and when it expires (seconds since the epoch).
 #[derive(Debug, Clone)]
 pub struct IssuedToken {
@@ -181,10 +212,29 @@ impl Authenticator {
         Ok(Authenticator {
             encoding: EncodingKey::from_ec_pem(sa_key_pem.as_bytes()).map_err(AuthError::Key)?,
             decoding: DecodingKey::from_ec_pem(sa_public_pem.as_bytes()).map_err(AuthError::Key)?,
+            jwks: p256_jwks(sa_public_pem)?,
             issuer,
             api_audiences,
             cache: Default::default(),
         })
+    }
+
+    /// `GET /.well-known/openid-configuration`, as the apiserver's
+    /// ServiceAccountIssuerDiscovery serves it (stable since 1.21, so also
+    /// where SelfSubjectReview is not).
+    pub fn openid_configuration(&self) -> Value {
+        json!({
+            "issuer": self.issuer,
+            "jwks_uri": format!("{}/openid/v1/jwks", self.issuer),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+        })
+    }
+
+    /// `GET /openid/v1/jwks`: the public key tokens are verified with.
+    pub fn jwks(&self) -> &Value {
+        &self.jwks
     }
 
     /// The audiences a token must carry to authenticate against kube-sim.
@@ -825,6 +875,40 @@ mod tests {
             vec!["https://kubernetes.default.svc.cluster.local".to_string()],
         )
         .expect("authenticator")
+    }
+
+    /// What a verifier without the key file sees: the published key set
+    /// verifies a token kube-sim signed, selected by its `kid`, and the
+    /// discovery document names the tokens' issuer.
+    #[test]
+    fn the_published_key_set_verifies_the_tokens_it_signs() {
+        let auth = authenticator();
+        let token = auth
+            .issue("demo", "agent", "uid-1", &[], Duration::from_secs(600))
+            .expect("token");
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_value(auth.jwks().clone()).expect("a JWK Set");
+        let header = jsonwebtoken::decode_header(&token.token).expect("header");
+        let jwk = set
+            .find(header.kid.as_deref().expect("kid"))
+            .expect("the kid is published");
+        let key = DecodingKey::from_jwk(jwk).expect("a key");
+        let mut validation = Validation::new(Algorithm::ES256);
+        let issuer = auth.openid_configuration()["issuer"]
+            .as_str()
+            .expect("issuer")
+            .to_string();
+        validation.set_issuer(&[&issuer]);
+        validation.set_audience(auth.api_audiences());
+        let claims =
+            jsonwebtoken::decode::<Value>(&token.token, &key, &validation).expect("verifies");
+        assert_eq!(claims.claims["sub"], "system:serviceaccount:demo:agent");
+        // Another key's set does not.
+        let other = authenticator();
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_value(other.jwks().clone()).expect("a JWK Set");
+        let key = DecodingKey::from_jwk(&set.keys[0]).expect("a key");
+        assert!(jsonwebtoken::decode::<Value>(&token.token, &key, &validation).is_err());
     }
 
     #[test]

@@ -350,7 +350,8 @@ pub fn forbidden(user: &UserInfo, attrs: &Attributes, reason: &str) -> Vec<u8> {
 
 /// Installs the apiserver's bootstrap policy, minimal: cluster-admin for
 /// system:masters, discovery and self-reviews for every authenticated user,
-/// health and version for everyone. Existing objects are left alone.
+/// health and version for everyone, the service-account issuer's discovery
+/// documents for every ServiceAccount. Existing objects are left alone.
 pub fn seed_bootstrap(store: &Store) -> Result<(), StoreError> {
     let cluster_roles = [
         (
@@ -388,6 +389,13 @@ pub fn seed_bootstrap(store: &Store) -> Result<(), StoreError> {
                 "/healthz", "/livez", "/readyz", "/version", "/version/",
             ], "verbs": ["get"]}]),
         ),
+        (
+            // ServiceAccountIssuerDiscovery (bootstrappolicy/policy.go).
+            "system:service-account-issuer-discovery",
+            json!([{"nonResourceURLs": [
+                "/.well-known/openid-configuration", "/openid/v1/jwks",
+            ], "verbs": ["get"]}]),
+        ),
     ];
     let rt = rbac_type("clusterroles").expect("invariant: RBAC types are in the resource table");
     for (name, rules) in cluster_roles {
@@ -419,6 +427,11 @@ pub fn seed_bootstrap(store: &Store) -> Result<(), StoreError> {
         (
             "system:public-info-viewer",
             json!([authenticated, unauthenticated]),
+        ),
+        (
+            // Every ServiceAccount, as the apiserver binds it.
+            "system:service-account-issuer-discovery",
+            json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:serviceaccounts"}]),
         ),
     ];
     for (name, subjects) in bindings {

@@ -527,6 +527,24 @@ fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBo
     if let Some(resp) = discovery::serve(path, &state.store.types()) {
         return Some(bytes_response(resp));
     }
+    // ServiceAccountIssuerDiscovery, with the apiserver's content types.
+    let document = match path {
+        "/.well-known/openid-configuration" => {
+            Some((state.auth.openid_configuration(), "application/json"))
+        }
+        "/openid/v1/jwks" => Some((state.auth.jwks().clone(), "application/jwk-set+json")),
+        _ => None,
+    };
+    if let Some((document, content_type)) = document {
+        let mut resp = Response::new(full(document.to_string()));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        resp.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=3600"),
+        );
+        return Some(resp);
+    }
     openapi::serve(path, req.uri().query(), req.headers()).map(bytes_response)
 }
 

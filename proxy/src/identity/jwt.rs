@@ -211,6 +211,22 @@ impl KeySet {
         Ok(KeySet { keys, short })
     }
 
+    /// The keys of a JWK Set the apiserver published (`/openid/v1/jwks`);
+    /// RSA keys too short for ring are kept as such, as [`KeySet::load`]
+    /// keeps them.
+    pub(crate) fn from_jwks(bytes: &[u8]) -> Result<KeySet, String> {
+        let mut loaded = Vec::new();
+        load_jwks(bytes, &mut loaded)?;
+        let (mut keys, mut short) = (Vec::new(), Vec::new());
+        for key in loaded {
+            match key.key.rsa_bits() {
+                Some(bits) if bits < MIN_RSA_BITS => short.push(key.kid),
+                _ => keys.push(key),
+            }
+        }
+        Ok(KeySet { keys, short })
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.keys.len()
     }
@@ -380,6 +396,25 @@ struct Ref {
     name: String,
     #[serde(default)]
     uid: String,
+}
+
+impl Peeked {
+    /// The token's audiences.
+    pub(crate) fn audiences(&self) -> &[String] {
+        &self.aud
+    }
+
+    /// Whether it names a ServiceAccount in a `kubernetes.io` claim, as the
+    /// tokens of the TokenRequest API (projected and `kubectl create
+    /// token`) do.
+    pub(crate) fn names_service_account(&self) -> bool {
+        self.kubernetes.as_ref().is_some_and(|k| {
+            !k.namespace.is_empty()
+                && k.serviceaccount
+                    .as_ref()
+                    .is_some_and(|sa| !sa.name.is_empty())
+        })
+    }
 }
 
 /// `aud` is a string or an array of strings (RFC 7519 §4.1.3).

@@ -27,7 +27,7 @@
 //! apiserver's group adder gives it. Tokens and key material never appear in
 //! errors, logs or `Debug` output.
 
-mod jwt;
+pub(crate) mod jwt;
 mod memo;
 mod review;
 #[cfg(test)]
@@ -100,7 +100,7 @@ impl Identity {
 
     /// Adds `system:authenticated` unless present, as the apiserver's
     /// `AuthenticatedGroupAdder` does for every authenticated user.
-    fn with_authenticated_group(mut self) -> Identity {
+    pub(crate) fn with_authenticated_group(mut self) -> Identity {
         if !self.groups.iter().any(|g| g == AUTHENTICATED_GROUP) {
             self.groups.push(AUTHENTICATED_GROUP.to_string());
         }

@@ -9,13 +9,26 @@
 //! 1.28, `v1beta1` in 1.27 (on by default), `v1alpha1` in 1.26 (behind the
 //! `APISelfSubjectReview` feature gate), and none before (a 404). As
 //! `kubectl auth whoami` does, the proxy tries v1, then v1beta1, then
-//! v1alpha1, and remembers the version that answered. When none does it
-//! says so once, at error level, with what to configure instead (a
-//! TokenReview credential, or local ServiceAccount keys); requests whose
-//! token it cannot identify get 503 ("unable to authenticate"), and it asks
-//! again after [`RECHECK_ABSENT`], so an upgraded control plane is noticed.
+//! v1alpha1, and remembers the version that answered, and asks again after
+//! [`RECHECK_ABSENT`] when none did, so an upgraded control plane is
+//! noticed.
+//!
+//! Where none is served, a ServiceAccount token of the TokenRequest API (a
+//! JWT with the `kubernetes.io` claim: projected tokens, `kubectl create
+//! token`) is identified with the apiserver's own ServiceAccount keys.
+//! ServiceAccountIssuerDiscovery publishes them (`/openid/v1/jwks`, and the
+//! issuer at `/.well-known/openid-configuration`, stable since 1.21), and
+//! the bootstrap policy lets every ServiceAccount read them. The proxy
+//! reads the keys *with the token*: a 200 says the apiserver accepts the
+//! token now (its own checks, a deleted Pod's token included), a 401 that
+//! it does not. Then the signature must verify with one of those keys and
+//! the issuer must be the apiserver's, and the identity is the one the
+//! apiserver derives from the claims. Like a review, the answer is cached
+//! for [`crate::identity`]'s review TTL. Any other token gets 503 ("unable
+//! to authenticate"), and the log says once what to configure (a
+//! TokenReview credential, or local ServiceAccount keys).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::uri::PathAndQuery;
@@ -24,6 +37,7 @@ use http_body_util::BodyExt;
 
 use super::{Route, Upstream, full};
 use crate::error::Chain;
+use crate::identity::jwt::{self, KeySet};
 use crate::identity::{Identity, ReviewError, ReviewFuture, TokenReviewer};
 
 /// SelfSubjectReview's versions, newest first (the order kubectl tries).
@@ -36,16 +50,45 @@ pub const RECHECK_ABSENT: Duration = Duration::from_secs(60);
 /// The remedy, for the log and the review error.
 const NO_SELF_SUBJECT_REVIEW: &str = "the apiserver serves no SelfSubjectReview \
      (authentication.k8s.io v1, v1beta1 or v1alpha1: Kubernetes before 1.27, or 1.26 \
-     without the APISelfSubjectReview feature gate), so a bearer token cannot be \
-     identified with the token alone; give Breakwater a credential that may create \
-     tokenreviews (--upstream-token-file, or --upstream-client-cert and \
-     --upstream-client-key), or verify ServiceAccount tokens locally \
-     (--service-account-key-file and --service-account-issuer)";
+     without the APISelfSubjectReview feature gate), so a bearer token other than a \
+     ServiceAccount token (which is checked against the apiserver's published keys, \
+     /openid/v1/jwks) cannot be identified with the token alone; give Breakwater a \
+     credential that may create tokenreviews (--upstream-token-file, or \
+     --upstream-client-cert and --upstream-client-key), or verify ServiceAccount \
+     tokens locally (--service-account-key-file and --service-account-issuer)";
+
+/// ServiceAccountIssuerDiscovery's key set and issuer document.
+const JWKS_PATH: &str = "/openid/v1/jwks";
+const OPENID_CONFIGURATION_PATH: &str = "/.well-known/openid-configuration";
+
+/// Clock skew allowed when checking a token's times (the apiserver, which
+/// accepted the token a moment before, has checked them too).
+const ISSUER_KEYS_SKEW: u64 = 60;
 
 /// Which SelfSubjectReview version the apiserver serves, as last seen.
 #[derive(Debug, Default)]
 pub(super) struct SelfSubjectReviews {
     seen: Mutex<Seen>,
+    /// The apiserver's ServiceAccount keys, as last read (where it serves
+    /// no SelfSubjectReview).
+    issuer_keys: Mutex<Option<Arc<IssuerKeys>>>,
+}
+
+/// The apiserver's published ServiceAccount keys and issuer.
+struct IssuerKeys {
+    /// The key set as served, to tell a rotation.
+    jwks: bytes::Bytes,
+    issuer: String,
+    keys: KeySet,
+}
+
+impl std::fmt::Debug for IssuerKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuerKeys")
+            .field("issuer", &self.issuer)
+            .field("keys", &self.keys.len())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -83,8 +126,33 @@ impl SelfSubjectReviews {
                 "tokens are identified with the apiserver's SelfSubjectReview"
             ),
             // Said once per recheck (the previous verdict had expired).
-            (_, Seen::Absent(_)) => tracing::error!("{NO_SELF_SUBJECT_REVIEW}"),
+            (_, Seen::Absent(_)) => tracing::warn!("{NO_SELF_SUBJECT_REVIEW}"),
             (_, Seen::Unknown) => {}
+        }
+    }
+
+    /// The keys last read, if the key set served now is the same.
+    fn issuer_keys(&self, jwks: &[u8]) -> Option<Arc<IssuerKeys>> {
+        self.issuer_keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .filter(|k| k.jwks == jwks)
+    }
+
+    /// Keeps `keys`; logs a new issuer or key set.
+    fn keep_issuer_keys(&self, keys: Arc<IssuerKeys>) {
+        let before = self
+            .issuer_keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace(keys.clone());
+        if before.is_none_or(|b| b.jwks != keys.jwks) {
+            tracing::info!(
+                issuer = %keys.issuer,
+                keys = keys.keys.len(),
+                "ServiceAccount tokens are checked against the apiserver's published keys ({JWKS_PATH})"
+            );
         }
     }
 
@@ -110,21 +178,28 @@ struct Answer {
 }
 
 impl Upstream {
-    /// POSTs a review `body` to `path`: with the proxy's own credentials,
-    /// or, without them, with the client's `token` over the passthrough
-    /// lanes (which present no certificate: the token speaks for itself).
+    /// POSTs a review `body` to `path` (or GETs `path` without one): with
+    /// the proxy's own credentials, or, without them, with the client's
+    /// `token` over the passthrough lanes (which present no certificate:
+    /// the token speaks for itself).
     async fn post_review(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        body: Option<&serde_json::Value>,
         token: Option<&str>,
     ) -> Result<Answer, ReviewError> {
         let pq: PathAndQuery = path.parse().map_err(|e| failed(&e))?;
-        let mut req = Request::post(self.uri_for(Some(&pq)))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::ACCEPT, "application/json")
-            .body(full(serde_json::to_vec(body).map_err(|e| failed(&e))?))
-            .map_err(|e| failed(&e))?;
+        let req = Request::builder()
+            .uri(self.uri_for(Some(&pq)))
+            .header(http::header::ACCEPT, "application/json");
+        let mut req = match body {
+            Some(body) => req
+                .method(http::Method::POST)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(full(serde_json::to_vec(body).map_err(|e| failed(&e))?)),
+            None => req.body(full(Vec::new())),
+        }
+        .map_err(|e| failed(&e))?;
         let resp = match token {
             None => self.send_own(req).await,
             Some(token) => {
@@ -160,7 +235,7 @@ impl Upstream {
             "kind": "TokenReview",
             "spec": {"token": token},
         });
-        let answer = self.post_review(PATH, &body, None).await?;
+        let answer = self.post_review(PATH, Some(&body), None).await?;
         if !answer.status.is_success() {
             return Err(ReviewError::Failed(format!(
                 "{PATH} answered {}",
@@ -179,7 +254,7 @@ impl Upstream {
     async fn self_subject_review(&self, token: &str) -> Result<Option<Identity>, ReviewError> {
         let reviews = &self.self_subject_reviews;
         let Some(first) = reviews.first() else {
-            return Err(ReviewError::Failed(NO_SELF_SUBJECT_REVIEW.into()));
+            return self.review_with_issuer_keys(token).await;
         };
         let n = SELF_SUBJECT_REVIEW_VERSIONS.len();
         for i in (0..n).map(|k| (first + k) % n) {
@@ -189,7 +264,7 @@ impl Upstream {
                 "apiVersion": format!("authentication.k8s.io/{version}"),
                 "kind": "SelfSubjectReview",
             });
-            let answer = self.post_review(&path, &body, Some(token)).await?;
+            let answer = self.post_review(&path, Some(&body), Some(token)).await?;
             // Authentication comes before routing in the apiserver: a bad
             // token is a 401 at any version, a 404 means "not served".
             if answer.status == StatusCode::NOT_FOUND {
@@ -210,7 +285,77 @@ impl Upstream {
             return Ok(Some(identity_from_user_info(&v["status"]["userInfo"])));
         }
         reviews.record(Seen::Absent(Instant::now()));
-        Err(ReviewError::Failed(NO_SELF_SUBJECT_REVIEW.into()))
+        self.review_with_issuer_keys(token).await
+    }
+
+    /// Where no SelfSubjectReview is served: a ServiceAccount token checked
+    /// against the apiserver's published keys, read with the token itself
+    /// (see the module's documentation).
+    async fn review_with_issuer_keys(&self, token: &str) -> Result<Option<Identity>, ReviewError> {
+        let cannot = |why: String| {
+            Err(ReviewError::Failed(format!(
+                "{NO_SELF_SUBJECT_REVIEW}{why}"
+            )))
+        };
+        let Some(claims) = jwt::peek(token).filter(jwt::Peeked::names_service_account) else {
+            return cannot(String::new());
+        };
+        let answer = self.post_review(JWKS_PATH, None, Some(token)).await?;
+        if answer.status == StatusCode::UNAUTHORIZED {
+            return Ok(None);
+        }
+        if !answer.status.is_success() {
+            return cannot(format!("; {JWKS_PATH} answered {}", answer.status));
+        }
+        let reviews = &self.self_subject_reviews;
+        let keys = match reviews.issuer_keys(&answer.body) {
+            Some(keys) => keys,
+            None => {
+                let config = self
+                    .post_review(OPENID_CONFIGURATION_PATH, None, Some(token))
+                    .await?;
+                if !config.status.is_success() {
+                    return cannot(format!(
+                        "; {OPENID_CONFIGURATION_PATH} answered {}",
+                        config.status
+                    ));
+                }
+                let config: serde_json::Value =
+                    serde_json::from_slice(&config.body).map_err(|e| failed(&e))?;
+                let Some(issuer) = config["issuer"].as_str().filter(|i| !i.is_empty()) else {
+                    return cannot(format!("; {OPENID_CONFIGURATION_PATH} names no issuer"));
+                };
+                let keys = KeySet::from_jwks(&answer.body)
+                    .map_err(|e| ReviewError::Failed(format!("{JWKS_PATH}: {e}")))?;
+                let keys = Arc::new(IssuerKeys {
+                    jwks: answer.body,
+                    issuer: issuer.to_string(),
+                    keys,
+                });
+                reviews.keep_issuer_keys(keys.clone());
+                keys
+            }
+        };
+        // The apiserver's ServiceAccount authenticator took it only if its
+        // issuer is the apiserver's; another authenticator (OIDC) may
+        // name users otherwise.
+        if claims.iss != keys.issuer {
+            return cannot(String::new());
+        }
+        // The apiserver accepted it, so its audience is one the apiserver
+        // accepts.
+        let audiences = claims.audiences().to_vec();
+        match jwt::verify(
+            token,
+            claims,
+            &keys.keys,
+            &audiences,
+            jwt::now(),
+            ISSUER_KEYS_SKEW,
+        ) {
+            Ok(verified) => Ok(Some(verified.identity.with_authenticated_group())),
+            Err(e) => cannot(format!("; {}", Chain(&e))),
+        }
     }
 }
 
