@@ -842,8 +842,9 @@ async fn block(admin: std::net::SocketAddr, user: &str) {
 /// read with the token, and the issuer's document once): identified, a
 /// block on its name applies, and for a minute no SelfSubjectReview is
 /// tried again, so a token flood does not turn into three 404s per token.
-/// A token the apiserver refuses there is a 401; one that is no
-/// ServiceAccount token is a 503 Status (it may well be good).
+/// Legacy Secret tokens likewise. A token the apiserver refuses there is a
+/// 401; one that is no ServiceAccount token is a 503 Status (it may well be
+/// good).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_without_credentials_asks_who_am_i_at_the_version_the_apiserver_serves() {
     use breakwater_loadtest::sim::{KubeSim, SelfSubjectReviewVersion as Ssr, SimPki};
@@ -893,6 +894,19 @@ async fn passthrough_without_credentials_asks_who_am_i_at_the_version_the_apiser
             let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
             let forged = format!("{head}.{flipped}{}", &signature[1..]);
             let (code, status) = status_of(&client, &url, &forged).await;
+            assert_eq!(code, 401, "{status}");
+            // A legacy Secret token (no expiry, no audience): the apiserver
+            // accepts it, so it is identified too, and a block on its name
+            // holds; once its Secret is gone, it is a 401.
+            let legacy = sim.issue_legacy_token("demo", "ci");
+            let (code, status) = status_of(&client, &url, &legacy).await;
+            assert_eq!(code, 200, "{status}");
+            block(proxy.admin_addr(), "system:serviceaccount:demo:ci").await;
+            let (code, _) = status_of(&client, &url, &legacy).await;
+            assert_eq!(code, 429, "a legacy token's name is known");
+            let gone = sim.issue_legacy_token("demo", "ci-old");
+            sim.revoke_legacy_token(&gone);
+            let (code, status) = status_of(&client, &url, &gone).await;
             assert_eq!(code, 401, "{status}");
             // Not a ServiceAccount token: nothing can say who it is.
             let (code, status) = status_of(&client, &url, "an-opaque-token").await;

@@ -87,6 +87,8 @@ pub enum AuthError {
     Subject(String),
     #[error("service account public key as a JWK: {0}")]
     Jwks(String),
+    #[error("legacy token's Secret is gone")]
+    Revoked,
 }
 
 /// ServiceAccount token claims, in the apiserver's shape.
@@ -113,6 +115,26 @@ struct KubernetesClaims {
     pod: Option<ObjectRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     node: Option<ObjectRef>,
+}
+
+/// The issuer of legacy ServiceAccount tokens (those of
+/// `kubernetes.io/service-account-token` Secrets, before TokenRequest).
+pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+
+/// A legacy token's claims (pkg/serviceaccount/legacy.go): flat, no
+/// expiry, no audience.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LegacyClaims {
+    iss: String,
+    #[serde(rename = "kubernetes.io/serviceaccount/namespace")]
+    namespace: String,
+    #[serde(rename = "kubernetes.io/serviceaccount/secret.name")]
+    secret_name: String,
+    #[serde(rename = "kubernetes.io/serviceaccount/service-account.name")]
+    service_account_name: String,
+    #[serde(rename = "kubernetes.io/serviceaccount/service-account.uid")]
+    service_account_uid: String,
+    sub: String,
 }
 
 /// A `{name, uid}` reference inside the `kubernetes.io` claim.
@@ -150,6 +172,9 @@ pub struct Authenticator {
     /// (`--token-cache-ttl`-ish, 10 s): without it every request pays a
     /// P-256 verification, far dearer than a real apiserver.
     cache: std::sync::Mutex<std::collections::HashMap<String, (UserInfo, std::time::Instant)>>,
+    /// The legacy tokens issued and not revoked. The apiserver looks each
+    /// one's Secret up (`--service-account-lookup`); kube-sim keeps them.
+    legacy: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// How long a verified token is trusted without verifying again.
@@ -216,6 +241,7 @@ impl Authenticator {
             issuer,
             api_audiences,
             cache: Default::default(),
+            legacy: Default::default(),
         })
     }
 
@@ -301,7 +327,89 @@ impl Authenticator {
         })
     }
 
-    /// Verifies a bearer token against the API audiences.
+    /// A legacy token, as the token controller put in a
+    /// `kubernetes.io/service-account-token` Secret named `secret`: issuer
+    /// [`LEGACY_ISSUER`], flat claims, no expiry, no audience. Valid until
+    /// [`Authenticator::revoke_legacy`] (the Secret's deletion).
+    pub fn issue_legacy(
+        &self,
+        namespace: &str,
+        name: &str,
+        sa_uid: &str,
+        secret: &str,
+    ) -> Result<String, AuthError> {
+        let claims = LegacyClaims {
+            iss: LEGACY_ISSUER.to_string(),
+            namespace: namespace.to_string(),
+            secret_name: secret.to_string(),
+            service_account_name: name.to_string(),
+            service_account_uid: sa_uid.to_string(),
+            sub: format!("system:serviceaccount:{namespace}:{name}"),
+        };
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(KEY_ID.to_string());
+        let token =
+            jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(AuthError::Token)?;
+        if let Ok(mut legacy) = self.legacy.lock() {
+            legacy.insert(token.clone());
+        }
+        Ok(token)
+    }
+
+    /// The legacy token is refused from now on, as when its Secret is
+    /// deleted.
+    pub fn revoke_legacy(&self, token: &str) {
+        if let Ok(mut legacy) = self.legacy.lock() {
+            legacy.remove(token);
+        }
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(token);
+        }
+    }
+
+    /// A legacy token's user: signed with the SA key, issued and not
+    /// revoked.
+    fn verify_legacy(&self, token: &str) -> Result<UserInfo, AuthError> {
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_issuer(&[LEGACY_ISSUER]);
+        validation.set_required_spec_claims(&["iss", "sub"]);
+        validation.validate_exp = false;
+        validation.validate_aud = false;
+        let claims = jsonwebtoken::decode::<LegacyClaims>(token, &self.decoding, &validation)
+            .map_err(AuthError::Token)?
+            .claims;
+        // legacyValidator.Validate: every claim there, and sub naming them.
+        let ns = &claims.namespace;
+        let name = &claims.service_account_name;
+        if [ns, name, &claims.secret_name, &claims.service_account_uid]
+            .iter()
+            .any(|c| c.is_empty())
+            || claims.sub != format!("system:serviceaccount:{ns}:{name}")
+        {
+            return Err(AuthError::Subject(claims.sub));
+        }
+        let known = self
+            .legacy
+            .lock()
+            .map(|l| l.contains(token))
+            .unwrap_or(false);
+        if !known {
+            return Err(AuthError::Revoked);
+        }
+        Ok(UserInfo {
+            username: format!("system:serviceaccount:{ns}:{}", claims.service_account_name),
+            uid: claims.service_account_uid,
+            groups: vec![
+                "system:serviceaccounts".to_string(),
+                format!("system:serviceaccounts:{ns}"),
+                AUTHENTICATED.to_string(),
+            ],
+            extra: BTreeMap::new(),
+        })
+    }
+
+    /// Verifies a bearer token against the API audiences (or, issued by
+    /// [`LEGACY_ISSUER`], as a legacy token).
     pub fn authenticate(&self, token: &str) -> Result<UserInfo, AuthError> {
         let now = std::time::Instant::now();
         if let Ok(cache) = self.cache.lock()
@@ -310,9 +418,14 @@ impl Authenticator {
         {
             return Ok(user.clone());
         }
-        let user = self
-            .verify(token, &self.api_audiences)
-            .map(|(user, _)| user)?;
+        let legacy = jsonwebtoken::dangerous::insecure_decode::<LegacyClaims>(token)
+            .is_ok_and(|data| data.claims.iss == LEGACY_ISSUER);
+        let user = if legacy {
+            self.verify_legacy(token)?
+        } else {
+            self.verify(token, &self.api_audiences)
+                .map(|(user, _)| user)?
+        };
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= TOKEN_CACHE_MAX {
                 cache.clear();
@@ -875,6 +988,36 @@ mod tests {
             vec!["https://kubernetes.default.svc.cluster.local".to_string()],
         )
         .expect("authenticator")
+    }
+
+    /// Legacy tokens authenticate until their Secret goes, and only with
+    /// the SA key's signature.
+    #[test]
+    fn legacy_tokens_authenticate_until_revoked() {
+        let auth = authenticator();
+        let token = auth
+            .issue_legacy("demo", "ci", "uid-ci", "ci-token")
+            .expect("token");
+        let user = auth.authenticate(&token).expect("a legacy token");
+        assert_eq!(user.username, "system:serviceaccount:demo:ci");
+        assert_eq!(user.uid, "uid-ci");
+        assert_eq!(
+            user.groups,
+            [
+                "system:serviceaccounts",
+                "system:serviceaccounts:demo",
+                AUTHENTICATED
+            ]
+        );
+        let other = authenticator()
+            .issue_legacy("demo", "ci", "uid-ci", "ci-token")
+            .expect("token");
+        assert!(
+            auth.authenticate(&other).is_err(),
+            "another key's signature"
+        );
+        auth.revoke_legacy(&token);
+        assert!(auth.authenticate(&token).is_err(), "its Secret is gone");
     }
 
     /// What a verifier without the key file sees: the published key set

@@ -358,6 +358,27 @@ impl KubeSim {
             .token
     }
 
+    /// A legacy ServiceAccount token, as a `kubernetes.io/service-account-
+    /// token` Secret held before TokenRequest (issuer
+    /// `kubernetes/serviceaccount`, no expiry, no audience). kube-sim keeps
+    /// it until [`KubeSim::revoke_legacy_token`], where the apiserver looks
+    /// its Secret up.
+    pub fn issue_legacy_token(&self, namespace: &str, name: &str) -> String {
+        // The token controller writes tokens for existing ServiceAccounts
+        // only; one that does not exist gets a made-up uid.
+        let uid = sa_uid(&self.state.store, namespace, name)
+            .unwrap_or_else(|| format!("sa-uid-{namespace}-{name}"));
+        self.state
+            .auth
+            .issue_legacy(namespace, name, &uid, &format!("{name}-token"))
+            .expect("invariant: the SA key loaded at start signs ES256")
+    }
+
+    /// Refuses a legacy token from now on, as deleting its Secret does.
+    pub fn revoke_legacy_token(&self, token: &str) {
+        self.state.auth.revoke_legacy(token);
+    }
+
     /// A token bound to Pod `pod` (and, when given, node `node`), as a
     /// Pod's projected ServiceAccount token is on Kubernetes 1.30+: its
     /// `kubernetes.io` claim names the Pod and node, so the identity carries

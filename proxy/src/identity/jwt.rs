@@ -379,7 +379,20 @@ pub(crate) struct Peeked {
     jti: String,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<Private>,
+    /// A legacy token's flat claims (pkg/serviceaccount/legacy.go).
+    #[serde(rename = "kubernetes.io/serviceaccount/namespace", default)]
+    legacy_namespace: String,
+    #[serde(rename = "kubernetes.io/serviceaccount/service-account.name", default)]
+    legacy_name: String,
+    #[serde(rename = "kubernetes.io/serviceaccount/service-account.uid", default)]
+    legacy_uid: String,
+    #[serde(rename = "kubernetes.io/serviceaccount/secret.name", default)]
+    legacy_secret: String,
 }
+
+/// The issuer of legacy ServiceAccount tokens (those of
+/// `kubernetes.io/service-account-token` Secrets).
+pub(crate) const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
 
 #[derive(Deserialize, Default)]
 struct Private {
@@ -402,6 +415,20 @@ impl Peeked {
     /// The token's audiences.
     pub(crate) fn audiences(&self) -> &[String] {
         &self.aud
+    }
+
+    /// Whether it is a legacy ServiceAccount token: issuer
+    /// [`LEGACY_ISSUER`], its flat claims all there.
+    pub(crate) fn is_legacy_service_account(&self) -> bool {
+        self.iss == LEGACY_ISSUER
+            && ![
+                &self.legacy_namespace,
+                &self.legacy_name,
+                &self.legacy_uid,
+                &self.legacy_secret,
+            ]
+            .iter()
+            .any(|c| c.is_empty())
     }
 
     /// Whether it names a ServiceAccount in a `kubernetes.io` claim, as the
@@ -488,15 +515,37 @@ pub(crate) struct Verified {
     pub(crate) exp: u64,
 }
 
-/// Verifies `token` (whose claims `peek` gave) at time `now`.
-pub(crate) fn verify(
+/// A legacy token's identity, once its signature verifies with `keys`
+/// (the apiserver has said it accepts it: legacy tokens carry no expiry
+/// and no audience, and their Secret must still exist, which only the
+/// apiserver can tell). The user the apiserver names it: the claims'
+/// ServiceAccount, its uid, its groups; no extra.
+pub(crate) fn verify_legacy(
     token: &str,
     claims: Peeked,
     keys: &KeySet,
-    audiences: &[String],
-    now: u64,
-    skew: u64,
-) -> Result<Verified, JwtError> {
+) -> Result<Identity, JwtError> {
+    check_signature(token, keys)?;
+    if !claims.is_legacy_service_account() {
+        return Err(JwtError::NoServiceAccount);
+    }
+    let ns = claims.legacy_namespace;
+    if claims.sub != format!("{SERVICE_ACCOUNT_PREFIX}{ns}:{}", claims.legacy_name) {
+        return Err(JwtError::Subject);
+    }
+    Ok(Identity {
+        username: format!("{SERVICE_ACCOUNT_PREFIX}{ns}:{}", claims.legacy_name),
+        uid: claims.legacy_uid,
+        groups: vec![
+            "system:serviceaccounts".to_string(),
+            format!("system:serviceaccounts:{ns}"),
+        ],
+        extra: BTreeMap::new(),
+    })
+}
+
+/// Checks the header's algorithm and the signature against `keys`.
+fn check_signature(token: &str, keys: &KeySet) -> Result<(), JwtError> {
     let header =
         jsonwebtoken::decode_header(token).map_err(|e| JwtError::Header(Chain(&e).to_string()))?;
     let alg = header.alg;
@@ -523,6 +572,19 @@ pub(crate) fn verify(
         }
         return Err(JwtError::Signature);
     }
+    Ok(())
+}
+
+/// Verifies `token` (whose claims `peek` gave) at time `now`.
+pub(crate) fn verify(
+    token: &str,
+    claims: Peeked,
+    keys: &KeySet,
+    audiences: &[String],
+    now: u64,
+    skew: u64,
+) -> Result<Verified, JwtError> {
+    check_signature(token, keys)?;
 
     // Times: NumericDate may be fractional; compare in whole seconds as
     // go-jose does (it truncates).

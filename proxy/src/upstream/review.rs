@@ -15,7 +15,8 @@
 //!
 //! Where none is served, a ServiceAccount token of the TokenRequest API (a
 //! JWT with the `kubernetes.io` claim: projected tokens, `kubectl create
-//! token`) is identified with the apiserver's own ServiceAccount keys.
+//! token`), or a legacy Secret token (issuer `kubernetes/serviceaccount`),
+//! is identified with the apiserver's own ServiceAccount keys.
 //! ServiceAccountIssuerDiscovery publishes them (`/openid/v1/jwks`, and the
 //! issuer at `/.well-known/openid-configuration`, stable since 1.21), and
 //! the bootstrap policy lets every ServiceAccount read them. The proxy
@@ -297,7 +298,9 @@ impl Upstream {
                 "{NO_SELF_SUBJECT_REVIEW}{why}"
             )))
         };
-        let Some(claims) = jwt::peek(token).filter(jwt::Peeked::names_service_account) else {
+        let Some(claims) =
+            jwt::peek(token).filter(|c| c.names_service_account() || c.is_legacy_service_account())
+        else {
             return cannot(String::new());
         };
         let answer = self.post_review(JWKS_PATH, None, Some(token)).await?;
@@ -336,6 +339,14 @@ impl Upstream {
                 keys
             }
         };
+        // A legacy token: signed with one of these keys and accepted just
+        // now (so its Secret exists).
+        if claims.is_legacy_service_account() {
+            return match jwt::verify_legacy(token, claims, &keys.keys) {
+                Ok(identity) => Ok(Some(identity.with_authenticated_group())),
+                Err(e) => cannot(format!("; {}", Chain(&e))),
+            };
+        }
         // The apiserver's ServiceAccount authenticator took it only if its
         // issuer is the apiserver's; another authenticator (OIDC) may
         // name users otherwise.
