@@ -536,6 +536,16 @@ fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBo
         _ => None,
     };
     if let Some((document, content_type)) = document {
+        // go-restful routes them (pkg/routes/openidmetadata.go): an Accept
+        // naming neither the produced type nor */* is a 406.
+        let accept = req
+            .headers()
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !restful_accepts(accept, content_type) {
+            return Some(text(StatusCode::NOT_ACCEPTABLE, "406: Not Acceptable"));
+        }
         let mut resp = Response::new(full(document.to_string()));
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -546,6 +556,21 @@ fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBo
         return Some(resp);
     }
     openapi::serve(path, req.uri().query(), req.headers()).map(bytes_response)
+}
+
+/// go-restful's `Route.matchesAccept`: an empty Accept is `*/*`; else one
+/// of its media types (parameters dropped) must be `*/*` or exactly
+/// `produces`.
+fn restful_accepts(accept: &str, produces: &str) -> bool {
+    let accept = if accept.trim().is_empty() {
+        "*/*"
+    } else {
+        accept
+    };
+    accept.split(',').any(|m| {
+        let m = m.split(';').next().unwrap_or("").trim();
+        m == "*/*" || m == produces
+    })
 }
 
 /// The apiserver's union authenticator: requestheader, x509, bearer token;
@@ -1504,6 +1529,24 @@ fn internal_error(err: &str) -> Response<ResBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// go-restful's Accept matching, as the apiserver's key set route
+    /// applies it: `kubectl get --raw` (`application/json, */*`) and an
+    /// exact type pass; `application/json` alone or `application/*` is a
+    /// 406.
+    #[test]
+    fn restful_routes_match_accept_exactly_or_by_star_star() {
+        let jwks = "application/jwk-set+json";
+        assert!(restful_accepts("", jwks));
+        assert!(restful_accepts("*/*", jwks));
+        assert!(restful_accepts("application/json, */*", jwks));
+        assert!(restful_accepts(
+            "text/html;q=0.5, application/jwk-set+json;q=0.9",
+            jwks
+        ));
+        assert!(!restful_accepts("application/json", jwks));
+        assert!(!restful_accepts("application/*", jwks));
+    }
 
     fn info(method: Method, path: &str, query: &str) -> Result<ReqInfo, StatusCode> {
         classify(&Store::new(10, 10), &method, path, Some(query)).map_err(|r| match r {

@@ -60,6 +60,9 @@ const NO_SELF_SUBJECT_REVIEW: &str = "the apiserver serves no SelfSubjectReview 
 
 /// ServiceAccountIssuerDiscovery's key set and issuer document.
 const JWKS_PATH: &str = "/openid/v1/jwks";
+/// The only type the apiserver serves the key set as (RFC 7517 §8.5.1).
+const JWKS_TYPE: &str = "application/jwk-set+json";
+const JSON: &str = "application/json";
 const OPENID_CONFIGURATION_PATH: &str = "/.well-known/openid-configuration";
 
 /// Clock skew allowed when checking a token's times (the apiserver, which
@@ -179,20 +182,23 @@ struct Answer {
 }
 
 impl Upstream {
-    /// POSTs a review `body` to `path` (or GETs `path` without one): with
-    /// the proxy's own credentials, or, without them, with the client's
-    /// `token` over the passthrough lanes (which present no certificate:
-    /// the token speaks for itself).
-    async fn post_review(
+    /// POSTs a review `body` to `path` (or GETs `path` without one, asking
+    /// for `accept`: the apiserver's go-restful routes answer 406 to an
+    /// Accept that names neither their type nor `*/*`): with the proxy's
+    /// own credentials, or, without them, with the client's `token` over
+    /// the passthrough lanes (which present no certificate: the token
+    /// speaks for itself).
+    async fn ask(
         &self,
         path: &str,
         body: Option<&serde_json::Value>,
+        accept: &'static str,
         token: Option<&str>,
     ) -> Result<Answer, ReviewError> {
         let pq: PathAndQuery = path.parse().map_err(|e| failed(&e))?;
         let req = Request::builder()
             .uri(self.uri_for(Some(&pq)))
-            .header(http::header::ACCEPT, "application/json");
+            .header(http::header::ACCEPT, accept);
         let mut req = match body {
             Some(body) => req
                 .method(http::Method::POST)
@@ -236,7 +242,7 @@ impl Upstream {
             "kind": "TokenReview",
             "spec": {"token": token},
         });
-        let answer = self.post_review(PATH, Some(&body), None).await?;
+        let answer = self.ask(PATH, Some(&body), JSON, None).await?;
         if !answer.status.is_success() {
             return Err(ReviewError::Failed(format!(
                 "{PATH} answered {}",
@@ -265,7 +271,7 @@ impl Upstream {
                 "apiVersion": format!("authentication.k8s.io/{version}"),
                 "kind": "SelfSubjectReview",
             });
-            let answer = self.post_review(&path, Some(&body), Some(token)).await?;
+            let answer = self.ask(&path, Some(&body), JSON, Some(token)).await?;
             // Authentication comes before routing in the apiserver: a bad
             // token is a 401 at any version, a 404 means "not served".
             if answer.status == StatusCode::NOT_FOUND {
@@ -303,7 +309,7 @@ impl Upstream {
         else {
             return cannot(String::new());
         };
-        let answer = self.post_review(JWKS_PATH, None, Some(token)).await?;
+        let answer = self.ask(JWKS_PATH, None, JWKS_TYPE, Some(token)).await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             return Ok(None);
         }
@@ -315,7 +321,7 @@ impl Upstream {
             Some(keys) => keys,
             None => {
                 let config = self
-                    .post_review(OPENID_CONFIGURATION_PATH, None, Some(token))
+                    .ask(OPENID_CONFIGURATION_PATH, None, JSON, Some(token))
                     .await?;
                 if !config.status.is_success() {
                     return cannot(format!(
