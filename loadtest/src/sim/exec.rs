@@ -42,6 +42,16 @@ pub const RESIZE: u8 = 4;
 /// v5: `[255, N]` closes channel N.
 pub const CLOSE: u8 = 255;
 
+/// How long the echo "process" takes to start and write, as a node's
+/// kubelet, CRI and container runtime take tens of milliseconds from the
+/// exec request to the first output. client-go creates its stream readers
+/// while its demultiplexing loop already reads (`readDemuxLoop` discards,
+/// with "Unknown stream id", a message for a stream not created yet), so
+/// output written the instant the upgrade completes races kubectl, which no
+/// real node does; on a loaded machine kubectl lost the race and failed
+/// with "closed all streams". There is nothing on the wire to wait for.
+const PROCESS_START: Duration = Duration::from_millis(50);
+
 /// How long a finished session waits for the client's close before dropping
 /// the connection (a client that never answers must not pin the task).
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
@@ -177,6 +187,7 @@ pub async fn run_session<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    tokio::time::sleep(PROCESS_START).await;
     if options.stdout {
         ws.send(channel_message(STDOUT, options.output().as_bytes()))
             .await?;
