@@ -215,15 +215,15 @@ impl Gate {
     }
 
     /// Runs a TLS handshake on the handshake threads (see
-    /// [`threads`]); `None` if it could not be run there (no threads,
-    /// or they are shutting down).
+    /// [`threads`]); `None` if it could not finish there (they are
+    /// shutting down).
     pub async fn handshake<F>(&self, fut: F) -> Option<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
         match &self.threads {
-            Some(threads) => threads.spawn(fut)?.await.ok(),
+            Some(threads) => threads.spawn(fut).await.ok(),
             None => Some(fut.await),
         }
     }

@@ -215,7 +215,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, StartError> {
             None
         }
     };
-    let privileged_handle = privileged.as_ref().and_then(SideRuntime::handle);
+    let privileged_handle = privileged.as_ref().map(SideRuntime::handle);
     // The threads that serve client connections (accept::threads::Shards),
     // owned by the shutdown task too.
     let (shard_runtimes, shards) = match Shards::new(cfg.connections.serving_threads) {

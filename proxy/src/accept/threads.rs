@@ -50,10 +50,19 @@ use tokio::task::JoinHandle;
 /// A small runtime of its own. Dropping it stops its threads without
 /// waiting.
 pub struct SideRuntime {
-    rt: Option<Runtime>,
     handle: Handle,
-    /// A current-thread runtime's thread runs it until this is dropped.
-    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+    owner: Owner,
+}
+
+/// What stops a [`SideRuntime`] when dropped.
+enum Owner {
+    /// A multi-thread runtime, shut down without waiting (taken on drop).
+    Runtime(Option<Runtime>),
+    /// A current-thread runtime's own thread, which runs it until this
+    /// sender is dropped.
+    Thread {
+        _stop: tokio::sync::oneshot::Sender<()>,
+    },
 }
 
 impl SideRuntime {
@@ -112,9 +121,8 @@ impl SideRuntime {
                 rt.shutdown_background();
             })?;
         Ok(SideRuntime {
-            rt: None,
             handle,
-            _stop: Some(stop),
+            owner: Owner::Thread { _stop: stop },
         })
     }
 
@@ -122,23 +130,22 @@ impl SideRuntime {
         let rt = builder.build()?;
         Ok(SideRuntime {
             handle: rt.handle().clone(),
-            rt: Some(rt),
-            _stop: None,
+            owner: Owner::Runtime(Some(rt)),
         })
     }
 
     /// Runs `fut` there.
-    pub fn spawn<F>(&self, fut: F) -> Option<JoinHandle<F::Output>>
+    pub fn spawn<F>(&self, fut: F) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        Some(self.handle.spawn(fut))
+        self.handle.spawn(fut)
     }
 
     /// A handle to spawn there.
-    pub fn handle(&self) -> Option<Handle> {
-        Some(self.handle.clone())
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
     }
 }
 
@@ -152,7 +159,9 @@ impl Drop for SideRuntime {
     fn drop(&mut self) {
         // May be dropped on a runtime thread, where a blocking shutdown
         // would panic; tasks still running are dropped with it.
-        if let Some(rt) = self.rt.take() {
+        if let Owner::Runtime(rt) = &mut self.owner
+            && let Some(rt) = rt.take()
+        {
             rt.shutdown_background();
         }
     }
@@ -321,7 +330,7 @@ impl Shards {
         for index in 0..count {
             let busy = Arc::new(Busy::new());
             let rt = SideRuntime::shard(index, busy.clone())?;
-            let handle = rt.handle().expect("a runtime just built");
+            let handle = rt.handle();
             runtimes.push(rt);
             shards.push(Arc::new(Shard {
                 handle,

@@ -172,7 +172,7 @@ impl KeySet {
     /// Reads every file; one bad file fails the whole load, so a half-written
     /// rotation never silently drops keys.
     pub(crate) fn load(paths: &[PathBuf]) -> Result<KeySet, IdentityError> {
-        let (mut keys, mut short) = (Vec::new(), Vec::new());
+        let mut set = KeySet::default();
         for path in paths {
             let bytes = std::fs::read(path).map_err(|source| IdentityError::ReadKeyFile {
                 path: path.clone(),
@@ -192,39 +192,46 @@ impl KeySet {
                 return Err(parse("no usable public keys".into()));
             }
             for key in loaded {
-                match key.key.rsa_bits() {
-                    Some(bits) if bits < MIN_RSA_BITS => {
-                        tracing::warn!(
-                            path = %path.display(),
-                            bits,
-                            kid = key.kid.as_deref().unwrap_or("-"),
-                            "service account key: RSA under 2048 bits, which local verification (ring) refuses; \
-                             not used here: tokens it may have signed are checked with a TokenReview upstream \
-                             (rotate to a key of 2048 bits or more to verify them locally)"
-                        );
-                        short.push(key.kid);
-                    }
-                    _ => keys.push(key),
+                if let Some(bits) = set.add(key) {
+                    tracing::warn!(
+                        path = %path.display(),
+                        bits,
+                        kid = set.short.last().and_then(Option::as_deref).unwrap_or("-"),
+                        "service account key: RSA under 2048 bits, which local verification (ring) refuses; \
+                         not used here: tokens it may have signed are checked with a TokenReview upstream \
+                         (rotate to a key of 2048 bits or more to verify them locally)"
+                    );
                 }
             }
         }
-        Ok(KeySet { keys, short })
+        Ok(set)
     }
 
-    /// The keys of a JWK Set the apiserver published (`/openid/v1/jwks`);
-    /// RSA keys too short for ring are kept as such, as [`KeySet::load`]
-    /// keeps them.
+    /// The keys of a JWK Set the apiserver published (`/openid/v1/jwks`),
+    /// split as [`KeySet::load`] splits them.
     pub(crate) fn from_jwks(bytes: &[u8]) -> Result<KeySet, String> {
         let mut loaded = Vec::new();
         load_jwks(bytes, &mut loaded)?;
-        let (mut keys, mut short) = (Vec::new(), Vec::new());
+        let mut set = KeySet::default();
         for key in loaded {
-            match key.key.rsa_bits() {
-                Some(bits) if bits < MIN_RSA_BITS => short.push(key.kid),
-                _ => keys.push(key),
+            set.add(key);
+        }
+        Ok(set)
+    }
+
+    /// Adds `key`: to the usable keys, or, an RSA key under
+    /// [`MIN_RSA_BITS`], to the short ones, returning its bits.
+    fn add(&mut self, key: VerifyKey) -> Option<usize> {
+        match key.key.rsa_bits() {
+            Some(bits) if bits < MIN_RSA_BITS => {
+                self.short.push(key.kid);
+                Some(bits)
+            }
+            _ => {
+                self.keys.push(key);
+                None
             }
         }
-        Ok(KeySet { keys, short })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -421,14 +428,14 @@ impl Peeked {
     /// [`LEGACY_ISSUER`], its flat claims all there.
     pub(crate) fn is_legacy_service_account(&self) -> bool {
         self.iss == LEGACY_ISSUER
-            && ![
+            && [
                 &self.legacy_namespace,
                 &self.legacy_name,
                 &self.legacy_uid,
                 &self.legacy_secret,
             ]
             .iter()
-            .any(|c| c.is_empty())
+            .all(|c| !c.is_empty())
     }
 
     /// Whether it names a ServiceAccount in a `kubernetes.io` claim, as the
@@ -534,14 +541,20 @@ pub(crate) fn verify_legacy(
         return Err(JwtError::Subject);
     }
     Ok(Identity {
-        username: format!("{SERVICE_ACCOUNT_PREFIX}{ns}:{}", claims.legacy_name),
+        groups: service_account_groups(&ns),
+        username: claims.sub,
         uid: claims.legacy_uid,
-        groups: vec![
-            "system:serviceaccounts".to_string(),
-            format!("system:serviceaccounts:{ns}"),
-        ],
         extra: BTreeMap::new(),
     })
+}
+
+/// A ServiceAccount's groups, as the apiserver gives them (without
+/// `system:authenticated`).
+fn service_account_groups(namespace: &str) -> Vec<String> {
+    vec![
+        "system:serviceaccounts".to_string(),
+        format!("system:serviceaccounts:{namespace}"),
+    ]
 }
 
 /// Checks the header's algorithm and the signature against `keys`.
@@ -646,15 +659,11 @@ pub(crate) fn verify(
             extra.insert(NODE_UID_KEY.to_string(), vec![node.uid]);
         }
     }
-    let groups = vec![
-        "system:serviceaccounts".to_string(),
-        format!("system:serviceaccounts:{ns}"),
-    ];
     Ok(Verified {
         identity: Identity {
             username: claims.sub,
             uid: sa.uid,
-            groups,
+            groups: service_account_groups(&ns),
             extra,
         },
         exp,

@@ -171,6 +171,12 @@ impl SelfSubjectReviews {
     }
 }
 
+/// No SelfSubjectReview, and the token cannot be identified otherwise:
+/// the remedy, and `why` (empty, or "; " and the detail).
+fn cannot_identify(why: &str) -> ReviewError {
+    ReviewError::Failed(format!("{NO_SELF_SUBJECT_REVIEW}{why}"))
+}
+
 fn failed(e: &dyn std::error::Error) -> ReviewError {
     ReviewError::Failed(Chain(e).to_string())
 }
@@ -295,83 +301,90 @@ impl Upstream {
         self.review_with_issuer_keys(token).await
     }
 
+    /// A key set not seen before (`jwks`, as served): parsed, with the
+    /// issuer its document names (read with `token`), and kept.
+    async fn read_issuer_keys(
+        &self,
+        jwks: bytes::Bytes,
+        token: &str,
+    ) -> Result<Arc<IssuerKeys>, ReviewError> {
+        let config = self
+            .ask(OPENID_CONFIGURATION_PATH, None, JSON, Some(token))
+            .await?;
+        if !config.status.is_success() {
+            return Err(cannot_identify(&format!(
+                "; {OPENID_CONFIGURATION_PATH} answered {}",
+                config.status
+            )));
+        }
+        let config: serde_json::Value =
+            serde_json::from_slice(&config.body).map_err(|e| failed(&e))?;
+        let Some(issuer) = config["issuer"].as_str().filter(|i| !i.is_empty()) else {
+            return Err(cannot_identify(&format!(
+                "; {OPENID_CONFIGURATION_PATH} names no issuer"
+            )));
+        };
+        let keys = KeySet::from_jwks(&jwks)
+            .map_err(|e| ReviewError::Failed(format!("{JWKS_PATH}: {e}")))?;
+        let keys = Arc::new(IssuerKeys {
+            jwks,
+            issuer: issuer.to_string(),
+            keys,
+        });
+        self.self_subject_reviews.keep_issuer_keys(keys.clone());
+        Ok(keys)
+    }
+
     /// Where no SelfSubjectReview is served: a ServiceAccount token checked
     /// against the apiserver's published keys, read with the token itself
     /// (see the module's documentation).
     async fn review_with_issuer_keys(&self, token: &str) -> Result<Option<Identity>, ReviewError> {
-        let cannot = |why: String| {
-            Err(ReviewError::Failed(format!(
-                "{NO_SELF_SUBJECT_REVIEW}{why}"
-            )))
-        };
         let Some(claims) =
             jwt::peek(token).filter(|c| c.names_service_account() || c.is_legacy_service_account())
         else {
-            return cannot(String::new());
+            return Err(cannot_identify(""));
         };
         let answer = self.ask(JWKS_PATH, None, JWKS_TYPE, Some(token)).await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             return Ok(None);
         }
         if !answer.status.is_success() {
-            return cannot(format!("; {JWKS_PATH} answered {}", answer.status));
+            return Err(cannot_identify(&format!(
+                "; {JWKS_PATH} answered {}",
+                answer.status
+            )));
         }
-        let reviews = &self.self_subject_reviews;
-        let keys = match reviews.issuer_keys(&answer.body) {
+        let keys = match self.self_subject_reviews.issuer_keys(&answer.body) {
             Some(keys) => keys,
-            None => {
-                let config = self
-                    .ask(OPENID_CONFIGURATION_PATH, None, JSON, Some(token))
-                    .await?;
-                if !config.status.is_success() {
-                    return cannot(format!(
-                        "; {OPENID_CONFIGURATION_PATH} answered {}",
-                        config.status
-                    ));
-                }
-                let config: serde_json::Value =
-                    serde_json::from_slice(&config.body).map_err(|e| failed(&e))?;
-                let Some(issuer) = config["issuer"].as_str().filter(|i| !i.is_empty()) else {
-                    return cannot(format!("; {OPENID_CONFIGURATION_PATH} names no issuer"));
-                };
-                let keys = KeySet::from_jwks(&answer.body)
-                    .map_err(|e| ReviewError::Failed(format!("{JWKS_PATH}: {e}")))?;
-                let keys = Arc::new(IssuerKeys {
-                    jwks: answer.body,
-                    issuer: issuer.to_string(),
-                    keys,
-                });
-                reviews.keep_issuer_keys(keys.clone());
-                keys
-            }
+            None => self.read_issuer_keys(answer.body, token).await?,
         };
-        // A legacy token: signed with one of these keys and accepted just
-        // now (so its Secret exists).
-        if claims.is_legacy_service_account() {
-            return match jwt::verify_legacy(token, claims, &keys.keys) {
-                Ok(identity) => Ok(Some(identity.with_authenticated_group())),
-                Err(e) => cannot(format!("; {}", Chain(&e))),
-            };
-        }
-        // The apiserver's ServiceAccount authenticator took it only if its
-        // issuer is the apiserver's; another authenticator (OIDC) may
-        // name users otherwise.
-        if claims.iss != keys.issuer {
-            return cannot(String::new());
-        }
-        // The apiserver accepted it, so its audience is one the apiserver
-        // accepts.
-        let audiences = claims.audiences().to_vec();
-        match jwt::verify(
-            token,
-            claims,
-            &keys.keys,
-            &audiences,
-            jwt::now(),
-            ISSUER_KEYS_SKEW,
-        ) {
-            Ok(verified) => Ok(Some(verified.identity.with_authenticated_group())),
-            Err(e) => cannot(format!("; {}", Chain(&e))),
+        let verified = if claims.is_legacy_service_account() {
+            // Signed with one of these keys and accepted just now (so its
+            // Secret exists).
+            jwt::verify_legacy(token, claims, &keys.keys)
+        } else {
+            // The apiserver's ServiceAccount authenticator took it only if
+            // its issuer is the apiserver's; another authenticator (OIDC)
+            // may name users otherwise.
+            if claims.iss != keys.issuer {
+                return Err(cannot_identify(""));
+            }
+            // The apiserver accepted it, so its audience is one the
+            // apiserver accepts.
+            let audiences = claims.audiences().to_vec();
+            jwt::verify(
+                token,
+                claims,
+                &keys.keys,
+                &audiences,
+                jwt::now(),
+                ISSUER_KEYS_SKEW,
+            )
+            .map(|v| v.identity)
+        };
+        match verified {
+            Ok(identity) => Ok(Some(identity.with_authenticated_group())),
+            Err(e) => Err(cannot_identify(&format!("; {}", Chain(&e)))),
         }
     }
 }
