@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -164,8 +165,10 @@ const EXTRA_NODE_UID: &str = "authentication.kubernetes.io/node-uid";
 pub struct Authenticator {
     encoding: EncodingKey,
     decoding: DecodingKey,
-    /// The public key as a JWK Set (`/openid/v1/jwks`).
-    jwks: Value,
+    /// `/openid/v1/jwks` and `/.well-known/openid-configuration`, as
+    /// served (they never change).
+    jwks: Bytes,
+    openid_configuration: Bytes,
     issuer: String,
     api_audiences: Vec<String>,
     /// Successful request authentications, like the apiserver's token cache
@@ -189,6 +192,26 @@ impl std::fmt::Debug for Authenticator {
             .field("issuer", &self.issuer)
             .field("api_audiences", &self.api_audiences)
             .finish_non_exhaustive()
+    }
+}
+
+/// The user of a ServiceAccount token (`username` already checked to be
+/// `system:serviceaccount:NS:NAME`), with the groups the apiserver gives it.
+fn service_account_user(
+    username: String,
+    namespace: &str,
+    uid: String,
+    extra: BTreeMap<String, Vec<String>>,
+) -> UserInfo {
+    UserInfo {
+        username,
+        uid,
+        groups: vec![
+            "system:serviceaccounts".to_string(),
+            format!("system:serviceaccounts:{namespace}"),
+            AUTHENTICATED.to_string(),
+        ],
+        extra,
     }
 }
 
@@ -237,7 +260,17 @@ impl Authenticator {
         Ok(Authenticator {
             encoding: EncodingKey::from_ec_pem(sa_key_pem.as_bytes()).map_err(AuthError::Key)?,
             decoding: DecodingKey::from_ec_pem(sa_public_pem.as_bytes()).map_err(AuthError::Key)?,
-            jwks: p256_jwks(sa_public_pem)?,
+            jwks: Bytes::from(p256_jwks(sa_public_pem)?.to_string()),
+            openid_configuration: Bytes::from(
+                json!({
+                    "issuer": issuer,
+                    "jwks_uri": format!("{issuer}/openid/v1/jwks"),
+                    "response_types_supported": ["id_token"],
+                    "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["ES256"],
+                })
+                .to_string(),
+            ),
             issuer,
             api_audiences,
             cache: Default::default(),
@@ -248,19 +281,13 @@ impl Authenticator {
     /// `GET /.well-known/openid-configuration`, as the apiserver's
     /// ServiceAccountIssuerDiscovery serves it (stable since 1.21, so also
     /// where SelfSubjectReview is not).
-    pub fn openid_configuration(&self) -> Value {
-        json!({
-            "issuer": self.issuer,
-            "jwks_uri": format!("{}/openid/v1/jwks", self.issuer),
-            "response_types_supported": ["id_token"],
-            "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": ["ES256"],
-        })
+    pub fn openid_configuration(&self) -> Bytes {
+        self.openid_configuration.clone()
     }
 
     /// `GET /openid/v1/jwks`: the public key tokens are verified with.
-    pub fn jwks(&self) -> &Value {
-        &self.jwks
+    pub fn jwks(&self) -> Bytes {
+        self.jwks.clone()
     }
 
     /// The audiences a token must carry to authenticate against kube-sim.
@@ -317,12 +344,8 @@ impl Authenticator {
             nbf: now,
             sub: format!("system:serviceaccount:{namespace}:{name}"),
         };
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(KEY_ID.to_string());
-        let token =
-            jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(AuthError::Token)?;
         Ok(IssuedToken {
-            token,
+            token: self.sign(&claims)?,
             expires_at: exp,
         })
     }
@@ -346,14 +369,18 @@ impl Authenticator {
             service_account_uid: sa_uid.to_string(),
             sub: format!("system:serviceaccount:{namespace}:{name}"),
         };
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(KEY_ID.to_string());
-        let token =
-            jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(AuthError::Token)?;
+        let token = self.sign(&claims)?;
         if let Ok(mut legacy) = self.legacy.lock() {
             legacy.insert(token.clone());
         }
         Ok(token)
+    }
+
+    /// `claims` signed with the SA key (ES256, its `kid`).
+    fn sign(&self, claims: &impl Serialize) -> Result<String, AuthError> {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(KEY_ID.to_string());
+        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(AuthError::Token)
     }
 
     /// The legacy token is refused from now on, as when its Secret is
@@ -396,16 +423,12 @@ impl Authenticator {
         if !known {
             return Err(AuthError::Revoked);
         }
-        Ok(UserInfo {
-            username: format!("system:serviceaccount:{ns}:{}", claims.service_account_name),
-            uid: claims.service_account_uid,
-            groups: vec![
-                "system:serviceaccounts".to_string(),
-                format!("system:serviceaccounts:{ns}"),
-                AUTHENTICATED.to_string(),
-            ],
-            extra: BTreeMap::new(),
-        })
+        Ok(service_account_user(
+            claims.sub,
+            ns,
+            claims.service_account_uid,
+            BTreeMap::new(),
+        ))
     }
 
     /// Verifies a bearer token against the API audiences (or, issued by
@@ -479,16 +502,12 @@ impl Authenticator {
             .cloned()
             .collect();
         Ok((
-            UserInfo {
-                username: claims.sub.clone(),
-                uid: claims.kubernetes.serviceaccount.uid.clone(),
-                groups: vec![
-                    "system:serviceaccounts".to_string(),
-                    format!("system:serviceaccounts:{ns}"),
-                    AUTHENTICATED.to_string(),
-                ],
+            service_account_user(
+                claims.sub.clone(),
+                ns,
+                claims.kubernetes.serviceaccount.uid.clone(),
                 extra,
-            },
+            ),
             matched,
         ))
     }
@@ -1030,17 +1049,16 @@ mod tests {
             .issue("demo", "agent", "uid-1", &[], Duration::from_secs(600))
             .expect("token");
         let set: jsonwebtoken::jwk::JwkSet =
-            serde_json::from_value(auth.jwks().clone()).expect("a JWK Set");
+            serde_json::from_slice(&auth.jwks()).expect("a JWK Set");
         let header = jsonwebtoken::decode_header(&token.token).expect("header");
         let jwk = set
             .find(header.kid.as_deref().expect("kid"))
             .expect("the kid is published");
         let key = DecodingKey::from_jwk(jwk).expect("a key");
         let mut validation = Validation::new(Algorithm::ES256);
-        let issuer = auth.openid_configuration()["issuer"]
-            .as_str()
-            .expect("issuer")
-            .to_string();
+        let config: Value =
+            serde_json::from_slice(&auth.openid_configuration()).expect("a document");
+        let issuer = config["issuer"].as_str().expect("issuer").to_string();
         validation.set_issuer(&[&issuer]);
         validation.set_audience(auth.api_audiences());
         let claims =
@@ -1049,7 +1067,7 @@ mod tests {
         // Another key's set does not.
         let other = authenticator();
         let set: jsonwebtoken::jwk::JwkSet =
-            serde_json::from_value(other.jwks().clone()).expect("a JWK Set");
+            serde_json::from_slice(&other.jwks()).expect("a JWK Set");
         let key = DecodingKey::from_jwk(&set.keys[0]).expect("a key");
         assert!(jsonwebtoken::decode::<Value>(&token.token, &key, &validation).is_err());
     }

@@ -532,7 +532,7 @@ fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBo
         "/.well-known/openid-configuration" => {
             Some((state.auth.openid_configuration(), "application/json"))
         }
-        "/openid/v1/jwks" => Some((state.auth.jwks().clone(), "application/jwk-set+json")),
+        "/openid/v1/jwks" => Some((state.auth.jwks(), "application/jwk-set+json")),
         _ => None,
     };
     if let Some((document, content_type)) = document {
@@ -546,14 +546,13 @@ fn non_resource(state: &State, req: &Request<Incoming>) -> Option<Response<ResBo
         if !restful_accepts(accept, content_type) {
             return Some(text(StatusCode::NOT_ACCEPTABLE, "406: Not Acceptable"));
         }
-        let mut resp = Response::new(full(document.to_string()));
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        let mut resp = discovery::bytes_response(StatusCode::OK, content_type, document);
+        // The apiserver lets these be cached (openidmetadata.go).
         resp.headers_mut().insert(
             http::header::CACHE_CONTROL,
             HeaderValue::from_static("public, max-age=3600"),
         );
-        return Some(resp);
+        return Some(bytes_response(resp));
     }
     openapi::serve(path, req.uri().query(), req.headers()).map(bytes_response)
 }
