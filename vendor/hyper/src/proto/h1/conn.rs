@@ -276,10 +276,19 @@ where
             }
         };
 
+        // breakwater patch (see vendor/README.md): the timer is kept, not
+        // dropped, and the next head's read resets it. A reset to a later
+        // deadline only moves the registered entry's expiry (no timer-wheel
+        // insert or remove, no allocation). A new timer, earlier than what
+        // the runtime's driver last planned to wake for, made tokio write to
+        // its eventfd to wake that driver, once per request on a quiet
+        // connection, although the driver was the thread doing the insert.
+        // Until then the kept timer is not polled; if its deadline passes
+        // meanwhile (a request served for longer), it wakes the connection
+        // once, for nothing.
         #[cfg(feature = "server")]
         {
             self.state.h1_header_read_timeout_running = false;
-            self.state.h1_header_read_timeout_fut = None;
         }
 
         // Note: don't deconstruct `msg` into local variables, it appears
