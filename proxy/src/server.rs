@@ -667,9 +667,12 @@ where
     C: Future<Output = Result<(), E>> + Unpin,
 {
     let mut conn = conn;
+    // Polled with the connection each time its task wakes (per request,
+    // per watch event delivered): behind `OnWake` that is one atomic read,
+    // not the shared token's two mutexes.
     tokio::select! {
         res = &mut conn => return res,
-        _ = stop.cancelled() => {}
+        _ = crate::tasks::OnWake::new(stop.cancelled()) => {}
     }
     graceful_shutdown(&mut conn);
     conn.await

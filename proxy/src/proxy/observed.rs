@@ -13,6 +13,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::AccessLog;
 use crate::brake::{Ending, Framing, Registration};
 use crate::error::Chain;
+use crate::tasks::OnWake;
 use crate::upstream::{Body, BoxError};
 use breakwater_limits::Permit;
 
@@ -36,7 +37,8 @@ pub struct Observed<B: http_body::Body = Body> {
 }
 
 struct Ender {
-    fired: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Polled with every frame: behind `OnWake`, one atomic read.
+    fired: OnWake<WaitForCancellationFutureOwned>,
     /// Set once the token fired: the stream ends at the next boundary.
     ending: bool,
     at: Ending,
@@ -50,7 +52,7 @@ impl<B: http_body::Body> Observed<B> {
             inner,
             log: Some(log),
             end: stop.map(|s| Ender {
-                fired: Box::pin(s.registration.token().clone().cancelled_owned()),
+                fired: OnWake::new(s.registration.token().clone().cancelled_owned()),
                 ending: false,
                 at: Ending::new(s.framing),
                 registration: s.registration,
@@ -92,7 +94,7 @@ where
                 .map(|f| f.map(|r| r.map_err(Into::into)))
         };
         if let Some(end) = this.end.as_mut()
-            && (end.ending || end.fired.as_mut().poll(cx).is_ready())
+            && (end.ending || Pin::new(&mut end.fired).poll(cx).is_ready())
         {
             end.ending = true;
             if end.at.can_end_now() {
