@@ -67,6 +67,16 @@ async fn get(tcp: &mut TcpStream, path: &str) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// Sends half a head; the server must close the connection, and not
+/// before the timeout.
+async fn stall_closes(tcp: &mut TcpStream) {
+    let took = stall(tcp).await;
+    assert!(
+        took >= TIMEOUT,
+        "closed {took:?} after a stalled head, before the timeout"
+    );
+}
+
 /// Sends half a head and returns how long the server took to close.
 async fn stall(tcp: &mut TcpStream) -> Duration {
     let start = Instant::now();
@@ -96,11 +106,7 @@ async fn later_heads_on_a_connection_are_timed_from_their_own_start() {
         tokio::time::sleep(TIMEOUT * 2 / 3).await;
         assert!(get(&mut tcp, "/").await.starts_with("HTTP/1.1 200"));
     }
-    let took = stall(&mut tcp).await;
-    assert!(
-        took >= TIMEOUT,
-        "closed {took:?} after a stalled head, before the timeout"
-    );
+    stall_closes(&mut tcp).await;
 }
 
 #[tokio::test]
@@ -110,20 +116,12 @@ async fn a_request_served_longer_than_the_timeout_leaves_the_next_head_timed() {
     // The kept timer's deadline passes while /slow is served.
     assert!(get(&mut tcp, "/slow").await.starts_with("HTTP/1.1 200"));
     assert!(get(&mut tcp, "/").await.starts_with("HTTP/1.1 200"));
-    let took = stall(&mut tcp).await;
-    assert!(
-        took >= TIMEOUT,
-        "closed {took:?} after a stalled head, before the timeout"
-    );
+    stall_closes(&mut tcp).await;
 }
 
 #[tokio::test]
 async fn a_first_head_that_stalls_is_closed() {
     let addr = server().await;
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    let took = stall(&mut tcp).await;
-    assert!(
-        took >= TIMEOUT,
-        "closed {took:?} after a stalled head, before the timeout"
-    );
+    stall_closes(&mut tcp).await;
 }
