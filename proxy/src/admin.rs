@@ -46,29 +46,15 @@ use crate::upstream::Upstream;
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process-wide Prometheus recorder. The first proxy in a process
-/// installs it; later ones (tests run several) share it.
+/// installs it; later ones (tests run several) share it. What `/metrics`
+/// serves is [`render_metrics`]: this recorder's metrics and the SLO
+/// histograms.
 pub fn prometheus() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
-        // The SLO histograms get the apiserver's own buckets, so the same
-        // queries and thresholds apply on both sides of the proxy; other
-        // histograms stay summaries (their quantiles are documented).
-        let builder = [crate::slo::UPSTREAM_METRIC, crate::slo::ADDED_METRIC]
-            .into_iter()
-            .try_fold(PrometheusBuilder::new(), |b, name| {
-                b.set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full(name.to_string()),
-                    &crate::slo::APISERVER_BUCKETS,
-                )
-            });
-        let builder = match builder {
-            Ok(b) => b,
-            Err(err) => {
-                // Only for an empty bucket list, which ours is not.
-                tracing::warn!(error = %Chain(&err), "histogram buckets refused");
-                PrometheusBuilder::new()
-            }
-        };
-        let recorder = builder.build_recorder();
+        // The SLO histograms are not in this recorder (`crate::slo::render`
+        // adds them); the histograms here stay summaries (their quantiles
+        // are documented).
+        let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("another metrics recorder is installed; /metrics will be empty");
@@ -76,6 +62,17 @@ pub fn prometheus() -> &'static PrometheusHandle {
         crate::slo::RECORDER_INSTALLED.store(true, std::sync::atomic::Ordering::Relaxed);
         handle
     })
+}
+
+/// The text `/metrics` serves: the recorder's metrics, then the SLO
+/// histograms with the apiserver's buckets ([`crate::slo::render`]).
+pub fn render_metrics() -> String {
+    let mut text = prometheus().render();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    crate::slo::render(&mut text);
+    text
 }
 
 /// What the admin endpoints read.
@@ -183,7 +180,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             json(StatusCode::OK, &state.top.view(&sources))
         }
         "/metrics" => {
-            let mut resp = Response::new(Full::new(Bytes::from(prometheus().render())));
+            let mut resp = Response::new(Full::new(Bytes::from(render_metrics())));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -16,8 +16,11 @@
 //! names, never a resource or an identity.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+mod striped;
+use striped::Striped;
 
 /// kube-apiserver's `apiserver_request_duration_seconds` buckets.
 pub const APISERVER_BUCKETS: [f64; 23] = [
@@ -102,6 +105,13 @@ pub enum ResourceClass {
 }
 
 impl ResourceClass {
+    pub const ALL: [ResourceClass; 4] = [
+        ResourceClass::Resource,
+        ResourceClass::Namespace,
+        ResourceClass::Cluster,
+        ResourceClass::None,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ResourceClass::Resource => "resource",
@@ -163,25 +173,6 @@ impl Class {
     }
 }
 
-/// Bucket counters of one verb class (one more than the boundaries: +Inf).
-struct Buckets([AtomicU64; APISERVER_BUCKETS.len() + 1]);
-
-impl Buckets {
-    fn new() -> Buckets {
-        Buckets(std::array::from_fn(|_| AtomicU64::new(0)))
-    }
-
-    fn observe(&self, seconds: f64) {
-        let i = APISERVER_BUCKETS.partition_point(|&b| b < seconds);
-        // Relaxed: a counter; readers only need each increment once.
-        self.0[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn load(&self) -> Counts {
-        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
-    }
-}
-
 type Counts = [u64; APISERVER_BUCKETS.len() + 1];
 
 /// Quantiles of one verb class over the recent window.
@@ -196,10 +187,11 @@ pub struct Quantiles {
 }
 
 /// The upstream latency recorder (one per proxy, shared by its upstream
-/// client). Recording is a few relaxed atomic adds plus the Prometheus
-/// histogram's own.
+/// client). Recording is a few relaxed atomic adds, on the recording
+/// thread's own cache lines, here and in the Prometheus histogram.
 pub struct Latency {
-    classes: [Buckets; 5],
+    /// By verb class.
+    classes: Box<Striped<5>>,
     /// Bucket counts at each of the last ticks, oldest first, with when.
     ring: Mutex<std::collections::VecDeque<(Instant, [Counts; 5])>>,
 }
@@ -219,35 +211,26 @@ impl std::fmt::Debug for Latency {
 impl Latency {
     pub fn new() -> Latency {
         Latency {
-            classes: std::array::from_fn(|_| Buckets::new()),
+            classes: Box::new(Striped::new()),
             ring: Mutex::new(std::collections::VecDeque::with_capacity(WINDOW_TICKS + 1)),
         }
     }
 
     /// One upstream answer (response headers) after `took`.
     pub fn observe_upstream(&self, class: Class, took: Duration) {
-        let secs = took.as_secs_f64();
-        self.classes[class.verb.index()].observe(secs);
-        let (verb, resource) = (class.verb, class.resource);
-        UPSTREAM_HANDLES.record(verb.index() * 4 + resource.index(), secs, || {
-            metrics::histogram!(UPSTREAM_METRIC,
-                "verb_class" => verb.as_str(), "resource_class" => resource.as_str())
-        });
+        self.classes.observe(class.verb.index(), took);
+        UPSTREAM.observe(upstream_series(class), took);
     }
 
     /// The time the proxy added to a forwarded request: everything from its
     /// arrival to its response headers except the apiserver's part.
     pub fn observe_added(&self, verb: VerbClass, took: Duration) {
-        ADDED_HANDLES.record(
-            verb.index(),
-            took.as_secs_f64(),
-            || metrics::histogram!(ADDED_METRIC, "verb_class" => verb.as_str()),
-        );
+        ADDED.observe(verb.index(), took);
     }
 
     /// Copies the counters into the window's ring (call once a second).
     pub fn tick(&self, now: Instant) {
-        let counts: [Counts; 5] = std::array::from_fn(|i| self.classes[i].load());
+        let counts: [Counts; 5] = std::array::from_fn(|i| self.classes.load(i).0);
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         if ring.len() > WINDOW_TICKS {
             ring.pop_front();
@@ -265,7 +248,7 @@ impl Latency {
         VerbClass::ALL
             .iter()
             .map(|&class| {
-                let now = self.classes[class.index()].load();
+                let now = self.classes.load(class.index()).0;
                 let mut window = now;
                 if let Some(base) = &base {
                     for (w, b) in window.iter_mut().zip(base[class.index()]) {
@@ -318,31 +301,35 @@ pub fn quantile(q: f64, counts: &Counts) -> Option<f64> {
 pub static RECORDER_INSTALLED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// Histogram handles by label index, each registered on its first use once
-/// the recorder is installed: a request then formats no label and looks
-/// nothing up in the recorder's registry (which copies the key's labels into
-/// a new allocation on every lookup). Before, through the macro each time, as
-/// in [`count_request`].
-struct HistogramHandles<const N: usize>([std::sync::OnceLock<metrics::Histogram>; N]);
+/// [`UPSTREAM_METRIC`] by verb class × resource class ([`upstream_series`]),
+/// process-wide as the Prometheus recorder is.
+static UPSTREAM: Striped<20> = Striped::new();
+/// [`ADDED_METRIC`] by verb class.
+static ADDED: Striped<5> = Striped::new();
 
-impl<const N: usize> HistogramHandles<N> {
-    const fn new() -> Self {
-        HistogramHandles([const { std::sync::OnceLock::new() }; N])
-    }
-
-    fn record(&self, index: usize, value: f64, register: impl FnOnce() -> metrics::Histogram) {
-        if !RECORDER_INSTALLED.load(Ordering::Relaxed) {
-            return register().record(value);
-        }
-        self.0[index].get_or_init(register).record(value);
-    }
+fn upstream_series(class: Class) -> usize {
+    class.verb.index() * ResourceClass::ALL.len() + class.resource.index()
 }
 
-/// [`UPSTREAM_METRIC`] by verb class × resource class (index `verb * 4 +
-/// resource`).
-static UPSTREAM_HANDLES: HistogramHandles<20> = HistogramHandles::new();
-/// [`ADDED_METRIC`] by verb class.
-static ADDED_HANDLES: HistogramHandles<5> = HistogramHandles::new();
+/// Appends the SLO histograms ([`UPSTREAM_METRIC`], [`ADDED_METRIC`]) to a
+/// Prometheus text exposition, with the apiserver's buckets; they are kept
+/// here, not in the `metrics` recorder (`slo/striped.rs` says why).
+pub fn render(out: &mut String) {
+    UPSTREAM.render(out, UPSTREAM_METRIC, |i| {
+        let (verb, resource) = (
+            VerbClass::ALL[i / ResourceClass::ALL.len()],
+            ResourceClass::ALL[i % ResourceClass::ALL.len()],
+        );
+        format!(
+            "verb_class=\"{}\",resource_class=\"{}\"",
+            verb.as_str(),
+            resource.as_str()
+        )
+    });
+    ADDED.render(out, ADDED_METRIC, |i| {
+        format!("verb_class=\"{}\"", VerbClass::ALL[i].as_str())
+    });
+}
 
 /// A thread's metric handles by label set, for [`with_handle`].
 pub(crate) type Handles<K, H> = std::cell::RefCell<std::collections::HashMap<K, H>>;

@@ -270,6 +270,37 @@ async fn the_dashboard_and_the_alerts_name_only_metrics_a_live_proxy_exports() {
             "no le={le} bucket"
         );
     }
+    // And the whole exposition parses as Prometheus parses it (exit 1 is a
+    // parse error; 3 is lint only, e.g. metrics without HELP text).
+    if let Some(promtool) = promtool() {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(
+                text.split_once("\r\n\r\n")
+                    .expect("an HTTP answer")
+                    .1
+                    .as_bytes(),
+            )
+            .expect("write the scrape");
+        let out = child.wait_with_output().expect("promtool ends");
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)),
+            "promtool check metrics: {:?}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     env.demo.shutdown().await;
 }
 

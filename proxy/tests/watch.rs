@@ -127,7 +127,7 @@ async fn a_thousand_identical_watches_cost_one_upstream_watch_and_see_what_a_dir
         "one direct + one shared"
     );
     assert_eq!(env.demo.proxy.watch_hub().stats().streams, 1);
-    let metrics = breakwater::admin::prometheus().render();
+    let metrics = breakwater::admin::render_metrics();
     for name in [
         "breakwater_watch_shared_ratio",
         "breakwater_watch_subscribers",

@@ -191,7 +191,7 @@ async fn two_allowed_identities_share_one_upstream_watch_and_see_the_same_events
     assert_eq!(from_a, from_v, "the same event bytes");
     assert!(from_a.starts_with("{\"type\":\"ADDED\""), "{from_a}");
     assert_eq!(env.demo.sim.open_watches("pods"), 1);
-    let metrics = breakwater::admin::prometheus().render();
+    let metrics = breakwater::admin::render_metrics();
     assert!(
         metrics.contains("breakwater_watch_sar_total{result=\"allowed\"}"),
         "{metrics}"
@@ -235,7 +235,7 @@ async fn a_denied_identity_gets_the_apiservers_403_and_never_sees_a_shared_event
     create_pod(&env, "secret-ish");
     until_pod(&mut a, "secret-ish").await;
     assert_eq!(env.demo.proxy.watch_hub().stats().subscribers, 1);
-    let metrics = breakwater::admin::prometheus().render();
+    let metrics = breakwater::admin::render_metrics();
     assert!(
         metrics.contains("breakwater_watch_sar_total{result=\"denied\"}"),
         "{metrics}"
