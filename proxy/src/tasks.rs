@@ -100,22 +100,18 @@ impl<F: Future> Future for OnWake<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
         let signal = &this.signal;
-        if !signal.woken.load(Ordering::Acquire) {
-            if this.outer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                return Poll::Pending;
-            }
-            // Another task's waker (tokio's never changes for one task):
-            // register it, then look again, since a wake in between went
-            // to the old one.
-            signal.task.register(cx.waker());
-            this.outer = Some(cx.waker().clone());
-            if !signal.woken.load(Ordering::Acquire) {
-                return Poll::Pending;
-            }
-        } else {
-            // A wake takes the registered waker: register again.
-            signal.task.register(cx.waker());
-            this.outer = Some(cx.waker().clone());
+        let woken = signal.woken.load(Ordering::Acquire);
+        if !woken && this.outer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        // Woken (a wake takes the registered waker), or polled by another
+        // task's waker (tokio's never changes for one task): register.
+        signal.task.register(cx.waker());
+        this.outer = Some(cx.waker().clone());
+        // Not woken before: look again, since a wake before the register
+        // went to the old waker.
+        if !woken && !signal.woken.load(Ordering::Acquire) {
+            return Poll::Pending;
         }
         // Cleared before `fut` is polled: a wake from that poll on is kept.
         signal.woken.store(false, Ordering::Relaxed);

@@ -88,14 +88,11 @@ impl<const N: usize> Striped<N> {
             let mut cumulative = 0;
             for (i, c) in counts.iter().enumerate() {
                 cumulative += c;
-                match APISERVER_BUCKETS.get(i) {
-                    Some(le) => {
-                        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-                    }
-                    None => {
-                        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
-                    }
-                }
+                let le: &dyn std::fmt::Display = match APISERVER_BUCKETS.get(i) {
+                    Some(bound) => bound,
+                    None => &"+Inf",
+                };
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
             }
             let secs = Duration::from_nanos(sum).as_secs_f64();
             let _ = writeln!(out, "{name}_sum{{{labels}}} {secs}");
