@@ -51,9 +51,8 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// histograms.
 pub fn prometheus() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
-        // The SLO histograms are not in this recorder (`crate::slo::render`
-        // adds them); the histograms here stay summaries (their quantiles
-        // are documented).
+        // The SLO histograms and the request-duration summary are not in
+        // this recorder (`crate::slo::render` adds them).
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
@@ -65,7 +64,8 @@ pub fn prometheus() -> &'static PrometheusHandle {
 }
 
 /// The text `/metrics` serves: the recorder's metrics, then the SLO
-/// histograms with the apiserver's buckets ([`crate::slo::render`]).
+/// histograms with the apiserver's buckets and the request-duration
+/// summary ([`crate::slo::render`]).
 pub fn render_metrics() -> String {
     let mut text = prometheus().render();
     if !text.is_empty() && !text.ends_with('\n') {
@@ -102,7 +102,8 @@ pub async fn serve(
         let stop = stop.clone();
         let upstream = state.upstream.clone();
         async move {
-            // Histograms are drained into their summaries by upkeep. The
+            // Upkeep drains any histogram recorded through `metrics` (none
+            // of the proxy's own: `crate::slo` keeps those). The
             // apiserver is probed as /readyz does, so that
             // `breakwater_upstream_up` stays current without a kubelet
             // probing us (one GET /readyz per 5 s).

@@ -20,7 +20,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 mod striped;
+mod summary;
 use striped::Striped;
+use summary::StripedSummary;
 
 /// kube-apiserver's `apiserver_request_duration_seconds` buckets.
 pub const APISERVER_BUCKETS: [f64; 23] = [
@@ -32,6 +34,9 @@ pub const APISERVER_BUCKETS: [f64; 23] = [
 pub const UPSTREAM_METRIC: &str = "breakwater_upstream_request_duration_seconds";
 /// The histogram of the time the proxy adds to a forwarded request.
 pub const ADDED_METRIC: &str = "breakwater_proxy_added_seconds";
+/// The summary of how long requests take through the proxy, by verb (a
+/// watch's whole stream).
+pub const DURATION_METRIC: &str = "breakwater_request_duration_seconds";
 
 /// How many one-second ticks the in-process quantiles look back over.
 pub const WINDOW_TICKS: usize = 10;
@@ -306,14 +311,18 @@ pub static RECORDER_INSTALLED: std::sync::atomic::AtomicBool =
 static UPSTREAM: Striped<20> = Striped::new();
 /// [`ADDED_METRIC`] by verb class.
 static ADDED: Striped<5> = Striped::new();
+/// [`DURATION_METRIC`] by verb.
+static DURATIONS: StripedSummary = StripedSummary::new();
 
 fn upstream_series(class: Class) -> usize {
     class.verb.index() * ResourceClass::ALL.len() + class.resource.index()
 }
 
-/// Appends the SLO histograms ([`UPSTREAM_METRIC`], [`ADDED_METRIC`]) to a
-/// Prometheus text exposition, with the apiserver's buckets; they are kept
-/// here, not in the `metrics` recorder (`slo/striped.rs` says why).
+/// Appends the SLO histograms ([`UPSTREAM_METRIC`], [`ADDED_METRIC`], with
+/// the apiserver's buckets) and the request-duration summary
+/// ([`DURATION_METRIC`]) to a Prometheus text exposition; they are kept
+/// here, not in the `metrics` recorder (`slo/striped.rs` and
+/// `slo/summary.rs` say why).
 pub fn render(out: &mut String) {
     UPSTREAM.render(out, UPSTREAM_METRIC, |i| {
         let (verb, resource) = (
@@ -329,6 +338,7 @@ pub fn render(out: &mut String) {
     ADDED.render(out, ADDED_METRIC, |i| {
         format!("verb_class=\"{}\"", VerbClass::ALL[i].as_str())
     });
+    DURATIONS.render(out, DURATION_METRIC, Instant::now());
 }
 
 /// A thread's metric handles by label set, for [`with_handle`].
@@ -365,28 +375,27 @@ pub(crate) fn with_handle<K: Eq + std::hash::Hash, H>(
     });
 }
 
-/// `breakwater_requests_total{verb,code}` and
-/// `breakwater_request_duration_seconds{verb}` for one ended request,
-/// through handles each thread keeps per (verb, code) ([`with_handle`]).
+/// `breakwater_requests_total{verb,code}` (through handles each thread
+/// keeps per (verb, code), [`with_handle`]) and
+/// [`DURATION_METRIC`]`{verb}` for one ended request.
 pub fn count_request(verb: &'static str, status: u16, elapsed: Duration) {
-    type Pair = (metrics::Counter, metrics::Histogram);
     thread_local! {
-        static HANDLES: Handles<(&'static str, u16), Pair> = Handles::default();
+        static HANDLES: Handles<(&'static str, u16), metrics::Counter> = Handles::default();
     }
     with_handle(
         &HANDLES,
         (verb, status),
-        |_| -> Pair {
-            (
-                metrics::counter!("breakwater_requests_total", "verb" => verb, "code" => status.to_string()),
-                metrics::histogram!("breakwater_request_duration_seconds", "verb" => verb),
-            )
-        },
-        |(count, duration)| {
-            count.increment(1);
-            duration.record(elapsed.as_secs_f64());
-        },
+        |_| metrics::counter!("breakwater_requests_total", "verb" => verb, "code" => status.to_string()),
+        |count| count.increment(1),
     );
+    DURATIONS.record(verb, elapsed.as_secs_f64());
+}
+
+/// Folds the request durations buffered per thread into the summary's
+/// windows (the `/debug/top` ticker calls it once a second; a scrape folds
+/// too).
+pub fn fold_durations(now: Instant) {
+    DURATIONS.fold(now);
 }
 
 #[cfg(test)]

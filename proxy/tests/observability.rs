@@ -305,8 +305,9 @@ async fn the_dashboard_and_the_alerts_name_only_metrics_a_live_proxy_exports() {
 }
 
 /// The per-request metrics go through handles registered once per label set
-/// (proxy/src/slo.rs, admit.rs): each request must still count once, on the
-/// recorder the exporter reads, on whichever worker thread serves it.
+/// (proxy/src/slo.rs, admit.rs) or per-thread stripes (the SLO histograms,
+/// the request-duration summary): each request must still count once in
+/// what `/metrics` serves, on whichever thread serves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_forwarded_request_counts_once_in_the_per_request_metrics() {
     let env = demo_env().await;
@@ -337,7 +338,27 @@ async fn every_forwarded_request_counts_once_in_the_per_request_metrics() {
         .await
         .expect("get");
     assert_eq!(resp.status(), 404);
-    let before = figures(&scrape(admin).await);
+    let (before, before_ended, before_durations) = {
+        // The first request's own counts, once its response has ended.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let text = scrape(admin).await;
+            let ended = counter_sum(
+                &text,
+                "breakwater_requests_total",
+                &["verb=\"get\"", "code=\"404\""],
+            );
+            if ended >= 1.0 || tokio::time::Instant::now() > deadline {
+                let durations = counter_sum(
+                    &text,
+                    "breakwater_request_duration_seconds_count",
+                    &["verb=\"get\""],
+                );
+                break (figures(&text), ended, durations);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
     const REQUESTS: usize = 40;
     let answers = futures_util::future::join_all(
         (0..REQUESTS).map(|_| client.request(get(&url, &env.demo.token))),
@@ -357,6 +378,48 @@ async fn every_forwarded_request_counts_once_in_the_per_request_metrics() {
             "{name}: {before:?} -> {after:?}"
         );
     }
+    // A request's total and duration are counted when its response ends,
+    // which may be after the client has read it: wait for the count.
+    let ended = |text: &str| {
+        counter_sum(
+            text,
+            "breakwater_requests_total",
+            &["verb=\"get\"", "code=\"404\""],
+        )
+    };
+    let durations = |text: &str| {
+        counter_sum(
+            text,
+            "breakwater_request_duration_seconds_count",
+            &["verb=\"get\""],
+        )
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = scrape(admin).await;
+        if ended(&text) - before_ended >= REQUESTS as f64 || tokio::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(ended(&text) - before_ended, REQUESTS as f64, "{text}");
+    // The summary counts every request of the verb (this process's other
+    // tests may add their own GETs).
+    assert!(
+        durations(&text) - before_durations >= REQUESTS as f64,
+        "{text}"
+    );
+    let p50 = counter_sum(
+        &text,
+        "breakwater_request_duration_seconds",
+        &["verb=\"get\"", "quantile=\"0.5\""],
+    );
+    assert!(p50 > 0.0 && p50 < 10.0, "p50 {p50}:\n{text}");
+    assert!(
+        text.contains("# TYPE breakwater_request_duration_seconds summary"),
+        "{text}"
+    );
     env.demo.shutdown().await;
 }
 

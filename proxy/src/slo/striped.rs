@@ -23,7 +23,7 @@ const SUM: usize = APISERVER_BUCKETS.len() + 1;
 /// More than the threads that record at once on most machines (one per
 /// core serves connections); threads beyond share stripes, which is only
 /// slower.
-const STRIPES: usize = 16;
+pub(super) const STRIPES: usize = 16;
 
 /// One thread's counters for all `N` series, on cache lines of its own.
 #[repr(align(128))]
@@ -105,7 +105,7 @@ impl<const N: usize> Striped<N> {
 }
 
 /// This thread's stripe, assigned round-robin on its first observation.
-fn stripe() -> usize {
+pub(super) fn stripe() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;

@@ -276,8 +276,8 @@ impl Drop for Ticket {
     }
 }
 
-/// Ticks the tables and the upstream latency window once a second until
-/// `stop`.
+/// Ticks the tables and the upstream latency window, and folds the
+/// buffered request durations, once a second until `stop`.
 pub async fn ticker(top: Arc<Top>, latency: Arc<crate::slo::Latency>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -287,6 +287,7 @@ pub async fn ticker(top: Arc<Top>, latency: Arc<crate::slo::Latency>, stop: Canc
                 let now = Instant::now();
                 top.tick(now);
                 latency.tick(now);
+                crate::slo::fold_durations(now);
             }
         }
     }
