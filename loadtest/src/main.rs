@@ -337,6 +337,12 @@ struct OverheadArgs {
     /// and past 2048 the Go-like upstreams answer HTTP/1.1 chunked.
     #[arg(long, default_value_t = breakwater_loadtest::bench::overhead::DEFAULT_OBJECT_BYTES)]
     object_bytes: usize,
+    /// kube-sim's worker threads: it runs on a runtime of its own, as an
+    /// apiserver is a process of its own (Go: one thread per core). 0 runs
+    /// it on the clients' runtime, as every run before session 20 did
+    /// (their figures, docs/benchmarks.md §1m). [default: the cores]
+    #[arg(long, conflicts_with = "upstream_url")]
+    sim_threads: Option<usize>,
     /// Measure against an apiserver of yours instead of kube-sim:
     /// `https://host[:port]`, with --upstream-ca, --token-file and --path.
     /// breakwater and nginx run on this machine in front of it, bound to
@@ -582,6 +588,9 @@ async fn overhead(a: OverheadArgs) -> anyhow::Result<()> {
         breakwater_args: a.breakwater_arg,
         load_generator: a.load_generator,
         object_bytes: a.object_bytes,
+        sim_threads: a
+            .sim_threads
+            .unwrap_or_else(breakwater_loadtest::bench::overhead::default_sim_threads),
     };
     let report = run_overhead(opts).await?;
     println!("{}", report.table());

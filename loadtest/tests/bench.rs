@@ -2,7 +2,8 @@
 //! the real check as one command), with kube-sim playing the
 //! operator's apiserver: the real `breakwater` binary and nginx (required:
 //! CI installs nginx-light) in front of it, for both protocols. kube-sim's
-//! own counters prove each target's requests reached it.
+//! own counters prove each target's requests reached it. And the bench with
+//! its own kube-sim, on threads of its own or the clients'.
 
 mod common;
 
@@ -115,4 +116,40 @@ async fn bench_overhead_measures_an_apiserver_given_by_url() {
         );
     }
     sim.shutdown().await;
+}
+
+/// The bench's own kube-sim, on a runtime of its own (as an apiserver is a
+/// process of its own) or on the clients' (`--sim-threads 0`, the shape of
+/// the figures before session 20): both serve every phase, count every
+/// GET, and shut down cleanly from inside the clients' runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_overhead_runs_kube_sim_on_threads_of_its_own_or_the_clients() {
+    for sim_threads in [1, 0] {
+        let opts = OverheadOpts {
+            clients: 4,
+            duration: Duration::from_millis(300),
+            warmup: Duration::from_millis(50),
+            protocol: Protocol::Http1,
+            rounds: 1,
+            breakwater: Some(common::breakwater_bin()),
+            sim_threads,
+            ..OverheadOpts::default()
+        };
+        let report = run_overhead(opts)
+            .await
+            .unwrap_or_else(|e| panic!("--sim-threads {sim_threads}: {e:#}"));
+        report.check().expect("no errors");
+        assert_eq!(report.sim_threads, Some(sim_threads));
+        let targets: Vec<&str> = report.phases.iter().map(|f| f.target.as_str()).collect();
+        assert_eq!(targets, ["direct", "breakwater"]);
+        let requests: u64 = report.phases.iter().map(|f| f.requests).sum();
+        assert!(
+            report
+                .phases
+                .iter()
+                .all(|f| f.requests > 10 && f.errors == 0)
+        );
+        let gets = report.upstream_gets.expect("kube-sim counts its GETs");
+        assert!(gets >= requests, "{gets} GETs for {requests} requests");
+    }
 }

@@ -11,6 +11,13 @@
 //! proxy/direct. Each phase connects all clients first, then runs a warm-up
 //! whose requests are not recorded, then the measured window.
 //!
+//! kube-sim runs on a runtime of its own, one worker per core
+//! ([`OverheadOpts::sim_threads`]), as an apiserver is a process of its
+//! own. On the clients' runtime (`--sim-threads 0`, every figure before
+//! session 20) one worker ended up running both the clients' and kube-sim's
+//! chains while the other slept, and a proxy that answered from the other
+//! core found the bench idle a sixth of the time (docs/benchmarks.md §1m).
+//!
 //! HTTP/1.1: one connection per client, one request at a time (like wrk).
 //! HTTP/2: a few connections, the clients' requests multiplexed over them
 //! (like h2load, or client-go sharing one connection).
@@ -154,6 +161,11 @@ pub struct OverheadOpts {
     /// KiB, and past 2 KiB Go's HTTP/1.1 server (so the apiserver, the Go
     /// stand-in and kube-sim) answers chunked.
     pub object_bytes: usize,
+    /// kube-sim's own worker threads: it runs on a runtime of its own, as
+    /// an apiserver is a process of its own (Go runs one thread per core).
+    /// 0: on the clients' runtime, the shape of every figure before
+    /// session 20 (docs/benchmarks.md §1m).
+    pub sim_threads: usize,
 }
 
 impl Default for OverheadOpts {
@@ -176,8 +188,15 @@ impl Default for OverheadOpts {
             breakwater_args: Vec::new(),
             load_generator: LoadGenerator::Loadtest,
             object_bytes: DEFAULT_OBJECT_BYTES,
+            sim_threads: default_sim_threads(),
         }
     }
+}
+
+/// kube-sim's worker threads by default: one per core, as Go runs an
+/// apiserver (GOMAXPROCS).
+pub fn default_sim_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// The bench ConfigMap's size before `--object-bytes` existed.
@@ -249,6 +268,11 @@ pub struct OverheadReport {
     pub load_generator: LoadGenerator,
     /// `--object-bytes`: about how large each answer was.
     pub object_bytes: usize,
+    /// kube-sim's own worker threads (0: it ran on the clients' runtime;
+    /// absent: not kube-sim, or a run before session 20, when it always
+    /// did).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sim_threads: Option<usize>,
     /// Every phase in the order run: direct, breakwater (, nginx), direct, …
     pub phases: Vec<Figures>,
     /// The direct phase with the highest req/s.
@@ -408,17 +432,41 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
         return Ok(report(&opts, measured, None, &target.path, &bin));
     }
     let pki = SimPki::generate(&["127.0.0.1", "localhost"]).context("kube-sim PKI")?;
-    let sim = KubeSim::start(
-        SimConfig {
-            go_like_transport: opts.upstream != UpstreamKind::KubeSimHyper,
-            ..SimConfig::default()
-        },
-        pki,
-    )
-    .await
+    let config = SimConfig {
+        go_like_transport: opts.upstream != UpstreamKind::KubeSimHyper,
+        ..SimConfig::default()
+    };
+    // kube-sim's tasks run where it is started: on a runtime of its own
+    // unless asked to share the clients'.
+    let own = match opts.sim_threads {
+        0 => None,
+        n => Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .thread_name("kube-sim")
+                .enable_all()
+                .build()
+                .context("kube-sim's runtime")?,
+        ),
+    };
+    let sim = match &own {
+        None => KubeSim::start(config, pki).await,
+        Some(rt) => rt
+            .spawn(KubeSim::start(config, pki))
+            .await
+            .context("kube-sim's start")?,
+    }
     .context("start kube-sim")?;
     let result = with_sim(&sim, &bin, tool.as_deref(), &opts).await;
-    sim.shutdown().await;
+    match &own {
+        None => sim.shutdown().await,
+        Some(rt) => {
+            let _ = rt.spawn(sim.shutdown()).await;
+        }
+    }
+    if let Some(rt) = own {
+        rt.shutdown_background();
+    }
     result
 }
 
@@ -810,6 +858,11 @@ fn report(
         rounds: opts.rounds,
         load_generator: opts.load_generator,
         object_bytes: opts.object_bytes,
+        sim_threads: matches!(
+            opts.upstream,
+            UpstreamKind::KubeSim | UpstreamKind::KubeSimHyper
+        )
+        .then_some(opts.sim_threads),
         nginx_ratios: nginx_best.as_ref().map(|n| Ratios::of(n, &direct)),
         breakwater_vs_nginx: nginx_best.as_ref().map(|n| Ratios::of(&proxy, n)),
         nginx: nginx_best,
@@ -1612,6 +1665,7 @@ mod tests {
             rounds: 1,
             load_generator: LoadGenerator::Loadtest,
             object_bytes: DEFAULT_OBJECT_BYTES,
+            sim_threads: Some(2),
             phases: vec![f.clone()],
             direct: f.clone(),
             proxy: f,
