@@ -95,7 +95,7 @@ pub async fn handle(
     let memo = (!long_running).then_some(&*memo);
     let identity = match shared
         .auth
-        .authenticate_on(memo, cert.as_ref(), req.headers())
+        .authenticate_on(memo, cert.as_ref(), req.headers(), log.start)
         .await
     {
         Ok(identity) => identity,
@@ -219,17 +219,13 @@ pub async fn handle(
     );
     let route = Route::client(class, long_running, upgrade, permit.is_exempt(), anonymous);
     let sent = Instant::now();
-    let resp = match forward(&shared.upstream, req, route).await {
+    let resp = match forward(&shared.upstream, req, route, sent).await {
         Ok(resp) => {
             // What the proxy added: everything before the request left
-            // (authentication, admission, the hub's look) and after its
-            // headers came back; the apiserver's part is its own histogram.
+            // (authentication, admission, the hub's look); from then to
+            // its headers is the apiserver's part, its own histogram.
             if !upgrade {
-                let now = Instant::now();
-                let upstream = now.saturating_duration_since(sent);
-                let added = now
-                    .saturating_duration_since(log.start)
-                    .saturating_sub(upstream);
+                let added = sent.saturating_duration_since(log.start);
                 shared.upstream.latency().observe_added(verb_class, added);
             }
             resp
@@ -294,11 +290,12 @@ fn forward<'a>(
     upstream: &'a Upstream,
     req: Request<Incoming>,
     route: Route,
+    sent: Instant,
 ) -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> + 'a {
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream.uri_for(parts.uri.path_and_query());
     let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
-    upstream.send(req, route)
+    upstream.send_from(req, route, sent)
 }
 
 /// Streams the upstream response back to the client.

@@ -370,11 +370,14 @@ impl Authenticator {
     /// [`Authenticator::authenticate`] for a request of the connection whose
     /// memo is `memo`: a bearer token that connection presented under a
     /// second ago names the same identity without hashing or a cache lookup.
+    /// `now`: the request's arrival, the memo's clock (the caller has read
+    /// it already).
     pub async fn authenticate_on(
         &self,
         memo: Option<&TokenMemo>,
         cert: Option<&Arc<Identity>>,
         headers: &http::HeaderMap,
+        now: std::time::Instant,
     ) -> Result<Arc<Identity>, AuthError> {
         if let Some(cert) = cert {
             return Ok(cert.clone());
@@ -390,7 +393,6 @@ impl Authenticator {
             _ => return Box::pin(self.authenticate(None, headers)).await,
         };
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
-        let now = std::time::Instant::now();
         if let Some(identity) = memo.get(header, generation, now) {
             return Ok(identity);
         }

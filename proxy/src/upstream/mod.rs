@@ -534,10 +534,22 @@ impl Upstream {
     ///
     /// Long-running requests wait for their response headers without a
     /// timeout; upgrades go over an HTTP/1.1 connection of their own.
-    pub async fn send(
+    pub fn send(
         &self,
         req: Request<Body>,
         route: Route,
+    ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, UpstreamError>> + '_ {
+        self.send_from(req, route, std::time::Instant::now())
+    }
+
+    /// [`Upstream::send`] of a request that left its caller at `sent`: the
+    /// apiserver's answer time and the response timeout count from there
+    /// (the caller's clock read serves both).
+    pub async fn send_from(
+        &self,
+        req: Request<Body>,
+        route: Route,
+        sent: std::time::Instant,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let forward = match &self.plain {
             Some(plain) if !self.presents_certificate(&route, req.headers()) => plain,
@@ -547,17 +559,18 @@ impl Upstream {
             // Boxed: rare, and every other request would carry room for it.
             return Box::pin(self.with_timeout(
                 Self::send_upgrade(forward.upgrades.clone(), req, &self.authority, &self.tasks),
-                false,
+                None,
             ))
             .await;
         }
         let pool = forward.pool(route.lane);
-        let start = std::time::Instant::now();
-        let res = self.with_timeout(pool.send(req), !route.long_running).await;
+        let res = self
+            .with_timeout(pool.send(req), (!route.long_running).then_some(sent))
+            .await;
         // Any answer counts (a 429 or 500 took the apiserver's time too);
         // a request that never got one (refused, unreachable) does not.
         if res.is_ok() {
-            self.latency.observe_upstream(route.class, start.elapsed());
+            self.latency.observe_upstream(route.class, sent.elapsed());
         }
         res
     }
@@ -595,7 +608,8 @@ impl Upstream {
         if self.mode.uses_front_proxy() {
             headers.insert(REMOTE_USER, self.proxy_user.clone());
         }
-        self.with_timeout(self.own.send(req), true).await
+        self.with_timeout(self.own.send(req), Some(std::time::Instant::now()))
+            .await
     }
 
     /// Closes every lane (the proxy's shutdown, once clients and the watch
@@ -632,7 +646,8 @@ impl Upstream {
         }
     }
 
-    /// `fut`, under the response timeout if `timeout`.
+    /// `fut`, under the response timeout counted from `from` if there is
+    /// one.
     ///
     /// Not an `async fn`: one would keep `fut` twice in its state (the
     /// argument, and what it awaits), and every request's handler future
@@ -640,7 +655,7 @@ impl Upstream {
     fn with_timeout<F>(
         &self,
         fut: F,
-        timeout: bool,
+        from: Option<std::time::Instant>,
     ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, UpstreamError>> + use<F>
     where
         F: std::future::Future<Output = Result<Response<ResponseBody>, PoolError>>,
@@ -648,8 +663,9 @@ impl Upstream {
         use futures_util::FutureExt as _;
         use futures_util::future::Either;
         let limit = self.timeouts.response;
-        let fut = if timeout {
-            Either::Left(tokio::time::timeout(limit, fut))
+        let fut = if let Some(from) = from {
+            let deadline = tokio::time::Instant::from_std(from) + limit;
+            Either::Left(tokio::time::timeout_at(deadline, fut))
         } else {
             Either::Right(fut.map(Ok))
         };

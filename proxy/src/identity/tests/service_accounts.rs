@@ -488,11 +488,21 @@ async fn a_connection_memo_answers_its_last_token_until_the_keys_reload() {
     let memo = TokenMemo::default();
     let token = old.sign(&fixture_claims());
     let first = auth
-        .authenticate_on(Some(&memo), None, &bearer(&token))
+        .authenticate_on(
+            Some(&memo),
+            None,
+            &bearer(&token),
+            std::time::Instant::now(),
+        )
         .await
         .expect("valid token");
     let again = auth
-        .authenticate_on(Some(&memo), None, &bearer(&token))
+        .authenticate_on(
+            Some(&memo),
+            None,
+            &bearer(&token),
+            std::time::Instant::now(),
+        )
         .await
         .expect("memo");
     assert!(
@@ -502,19 +512,34 @@ async fn a_connection_memo_answers_its_last_token_until_the_keys_reload() {
     // Another token on the same connection is verified on its own.
     let other = old.sign(&pod_claims());
     let got = auth
-        .authenticate_on(Some(&memo), None, &bearer(&other))
+        .authenticate_on(
+            Some(&memo),
+            None,
+            &bearer(&other),
+            std::time::Instant::now(),
+        )
         .await
         .expect("valid token");
     assert_ne!(*got, *first);
     // A withdrawn key stops the memo's answer at once, as it does the cache's.
-    auth.authenticate_on(Some(&memo), None, &bearer(&token))
-        .await
-        .expect("valid token");
+    auth.authenticate_on(
+        Some(&memo),
+        None,
+        &bearer(&token),
+        std::time::Instant::now(),
+    )
+    .await
+    .expect("valid token");
     write(dir.path(), "sa.pub", &new_pub);
     auth.reload_keys().expect("reload");
     let reason = invalid_reason(
-        auth.authenticate_on(Some(&memo), None, &bearer(&token))
-            .await,
+        auth.authenticate_on(
+            Some(&memo),
+            None,
+            &bearer(&token),
+            std::time::Instant::now(),
+        )
+        .await,
     );
     assert!(reason.contains("signature"), "{reason}");
     assert_eq!(reviewer.calls(), 0, "local tokens never reach TokenReview");
