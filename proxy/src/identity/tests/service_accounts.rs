@@ -487,62 +487,33 @@ async fn a_connection_memo_answers_its_last_token_until_the_keys_reload() {
     );
     let memo = TokenMemo::default();
     let token = old.sign(&fixture_claims());
-    let first = auth
-        .authenticate_on(
-            Some(&memo),
-            None,
-            &bearer(&token),
-            std::time::Instant::now(),
-        )
-        .await
-        .expect("valid token");
-    let again = auth
-        .authenticate_on(
-            Some(&memo),
-            None,
-            &bearer(&token),
-            std::time::Instant::now(),
-        )
-        .await
-        .expect("memo");
+    let first = on_memo(&auth, &memo, &token).await.expect("valid token");
+    let again = on_memo(&auth, &memo, &token).await.expect("memo");
     assert!(
         Arc::ptr_eq(&first, &again),
         "the memo answers with the same identity"
     );
     // Another token on the same connection is verified on its own.
     let other = old.sign(&pod_claims());
-    let got = auth
-        .authenticate_on(
-            Some(&memo),
-            None,
-            &bearer(&other),
-            std::time::Instant::now(),
-        )
-        .await
-        .expect("valid token");
+    let got = on_memo(&auth, &memo, &other).await.expect("valid token");
     assert_ne!(*got, *first);
     // A withdrawn key stops the memo's answer at once, as it does the cache's.
-    auth.authenticate_on(
-        Some(&memo),
-        None,
-        &bearer(&token),
-        std::time::Instant::now(),
-    )
-    .await
-    .expect("valid token");
+    on_memo(&auth, &memo, &token).await.expect("valid token");
     write(dir.path(), "sa.pub", &new_pub);
     auth.reload_keys().expect("reload");
-    let reason = invalid_reason(
-        auth.authenticate_on(
-            Some(&memo),
-            None,
-            &bearer(&token),
-            std::time::Instant::now(),
-        )
-        .await,
-    );
+    let reason = invalid_reason(on_memo(&auth, &memo, &token).await);
     assert!(reason.contains("signature"), "{reason}");
     assert_eq!(reviewer.calls(), 0, "local tokens never reach TokenReview");
+}
+
+/// A request on the connection whose memo is `memo`, arriving now.
+async fn on_memo(
+    auth: &Authenticator,
+    memo: &TokenMemo,
+    token: &str,
+) -> Result<Arc<Identity>, AuthError> {
+    auth.authenticate_on(Some(memo), None, &bearer(token), std::time::Instant::now())
+        .await
 }
 
 fn short_rsa_signer(kid: Option<String>) -> Signer {
