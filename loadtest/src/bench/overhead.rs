@@ -458,14 +458,12 @@ pub async fn run_overhead(opts: OverheadOpts) -> anyhow::Result<OverheadReport> 
     }
     .context("start kube-sim")?;
     let result = with_sim(&sim, &bin, tool.as_deref(), &opts).await;
-    match &own {
+    match own {
         None => sim.shutdown().await,
         Some(rt) => {
             let _ = rt.spawn(sim.shutdown()).await;
+            rt.shutdown_background();
         }
-    }
-    if let Some(rt) = own {
-        rt.shutdown_background();
     }
     result
 }

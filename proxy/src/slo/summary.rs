@@ -33,7 +33,6 @@ const WINDOW: Duration = Duration::from_secs(20);
 const FOLD_AT: usize = 8192;
 
 /// One thread's samples, not folded yet, by verb.
-#[derive(Default)]
 #[repr(align(128))]
 struct Stripe(Mutex<Vec<(&'static str, Vec<f64>)>>);
 
@@ -84,7 +83,6 @@ impl Series {
 }
 
 /// The folded series, and a spare buffer that circulates with the stripes'.
-#[derive(Default)]
 struct Folded {
     series: Vec<Series>,
     spare: Vec<f64>,
@@ -145,8 +143,7 @@ impl StripedSummary {
         let mut folded = locked(&self.folded);
         let Folded { series, spare } = &mut *folded;
         for stripe in &self.stripes {
-            let mut i = 0;
-            loop {
+            for i in 0.. {
                 // Swap the buffer out under the stripe's lock (no copy), and
                 // fold it with the stripe free again.
                 let verb = {
@@ -154,13 +151,12 @@ impl StripedSummary {
                     let Some((verb, samples)) = pending.get_mut(i) else {
                         break;
                     };
-                    if samples.is_empty() {
-                        i += 1;
-                        continue;
-                    }
                     std::mem::swap(samples, spare);
                     *verb
                 };
+                if spare.is_empty() {
+                    continue;
+                }
                 let at = match series.iter().position(|s| s.verb == verb) {
                     Some(at) => at,
                     None => {
@@ -170,7 +166,6 @@ impl StripedSummary {
                 };
                 series[at].add(spare, window);
                 spare.clear();
-                i += 1;
             }
         }
     }
